@@ -1,0 +1,60 @@
+"""Fields shared by every trainable model (flow model, VQ-VAE): optimization, precision, I/O.
+
+`training/trainer.py` reads only these fields, so any config that subclasses `TrainConfig` can be
+trained by the one trainer.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class TrainConfig:
+    # Optimization
+    batch_size: int = field(default=128, metadata={"help": "global batch per optimizer step (all ranks, all micro-batches)"})
+    micro_batch_size: int = field(default=0, metadata={"help": "images per forward pass on one rank (gradient accumulation); 0 = the whole per-rank batch"})
+    optimizer: Literal["adamw", "muon"] = field(default="adamw", metadata={"help": "optimizer"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW; the AdamW side of Muon)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (decoupled)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    warmup_steps: int = field(default=1000, metadata={"help": "linear LR warmup steps"})
+    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={"help": "LR after warmup"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine schedule ends at lr * min_lr_ratio"})
+    train_steps: int = field(default=100_000, metadata={"help": "optimizer steps in the whole run"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm; 0 disables clipping"})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step (sampling uses the EMA)"})
+    # Precision and speed
+    mixed_precision: Literal["bf16", "fp16", "no"] = field(default="bf16", metadata={"help": "autocast dtype; fp16 adds a GradScaler; no = fp32"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in backward to save memory"})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, noise, time and label dropout"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto = cuda when available"})
+    # Logging and checkpoints
+    log_every: int = field(default=100, metadata={"help": "steps between log lines (stdout and metrics.jsonl)"})
+    save_every: int = field(default=5000, metadata={"help": "steps between checkpoints"})
+    sample_every: int = field(default=1000, metadata={"help": "steps between sample grids from the EMA model; 0 disables"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "periodic checkpoints kept (the final one is always kept)"})
+    checkpoint_dir: str = field(default="checkpoints", metadata={"help": "where checkpoints, config.json and metrics.jsonl go"})
+    sample_dir: str = field(default="samples", metadata={"help": "where sample grids go"})
+    resume: Optional[str] = field(default=None, metadata={"help": "checkpoint path to resume from, or 'latest' (newest in checkpoint_dir)"})
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag for values that cannot work."""
+        positive = ["batch_size", "train_steps", "log_every", "save_every", "keep_checkpoints"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        non_negative = ["micro_batch_size", "warmup_steps", "grad_clip", "weight_decay",
+                        "num_workers", "sample_every", "lr"]
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"--batch_size {self.batch_size} is not divisible by "
+                             f"--micro_batch_size {self.micro_batch_size}")

@@ -1,0 +1,158 @@
+"""Image datasets and the resumable, distributed-ready training loader.
+
+`get_flow_matching_dataloader(config)` yields batches (x, y): x float (B, C, H, W) in [-1, 1],
+y int64 (B,). Sources: torchvision's CIFAR10 (downloaded into data_dir when missing) or an
+ImageFolder (a class per subfolder). The sampler shuffles per epoch from (seed, epoch), shards
+across ranks like DistributedSampler, decides horizontal flips from the same seed, and can start
+mid-epoch, so a resumed run sees exactly the batches the uninterrupted run would have seen.
+
+Any Dataset that returns (image tensor in [-1, 1] shaped (C, H, W), int label) plugs in through
+`make_loader(dataset, config)`.
+"""
+
+import math
+import os
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import datasets, transforms
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def image_transform(image_size: int, in_channels: int) -> transforms.Compose:
+    """PIL image -> float tensor (C, H, W) in [-1, 1], resized and center-cropped."""
+    if in_channels not in (1, 3):
+        raise ValueError(f"image datasets have 1 (grayscale) or 3 (RGB) channels, got in_channels={in_channels}")
+    steps = [transforms.Grayscale(1)] if in_channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
+    steps += [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
+              transforms.Normalize([0.5] * in_channels, [0.5] * in_channels)]
+    return transforms.Compose(steps)
+
+
+def _cifar10(data_dir: str, train: bool, transform) -> Dataset:
+    present = os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py"))
+    try:
+        return datasets.CIFAR10(data_dir, train=train, transform=transform, download=not present)
+    except Exception as err:  # torchvision raises URLError, OSError or RuntimeError offline
+        raise FileNotFoundError(
+            f"CIFAR-10 is not in {os.path.abspath(data_dir)} and could not be downloaded ({err}). "
+            f"Put the extracted 'cifar-10-batches-py' folder there, or train on images on disk with "
+            f"--dataset imagefolder --data_dir PATH (a subfolder per class)") from None
+
+
+def _image_folder(data_dir: str, transform) -> Dataset:
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data_dir {data_dir} is not a folder; an ImageFolder needs "
+                                f"one subfolder of images per class")
+    try:
+        return datasets.ImageFolder(data_dir, transform=transform)
+    except (FileNotFoundError, OSError) as err:
+        raise FileNotFoundError(f"--data_dir {data_dir} is not a readable ImageFolder ({err}); it "
+                                f"needs one subfolder per class holding {'/'.join(IMAGE_EXTENSIONS)} files") from None
+
+
+def build_image_dataset(dataset: str, data_dir: str, image_size: int, in_channels: int,
+                        train: bool = True) -> Tuple[Dataset, int]:
+    """The dataset and its number of classes."""
+    transform = image_transform(image_size, in_channels)
+    if dataset == "cifar10":
+        return _cifar10(data_dir, train, transform), 10
+    if dataset == "imagefolder":
+        folder = _image_folder(data_dir, transform)
+        return folder, len(folder.classes)
+    raise ValueError(f"unknown dataset {dataset!r}; choose cifar10 or imagefolder")
+
+
+def resolve_num_classes(config, found: int) -> None:
+    """Fill config.num_classes from the dataset when unset; else check it fits."""
+    if config.num_classes is None:
+        config.num_classes = found
+        print(f"num_classes = {found} (taken from the dataset)")
+    elif config.num_classes not in (0, found):
+        raise ValueError(f"--num_classes {config.num_classes} does not match the {found} classes "
+                         f"found in the dataset; pass --num_classes {found} (or 0 for unconditional)")
+
+
+class FlipByIndex(Dataset):
+    """Wraps a dataset; an index (i, flip) returns item i, mirrored left-right when flip is set."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, flip = key
+        x, y = self.base[index]
+        return (x.flip(-1) if flip else x), y
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch order, flips and start position are all reproducible.
+
+    Epoch e's permutation and flip bits come from a generator seeded with (seed, e); each rank
+    takes every world_size-th index (the tail is padded, as DistributedSampler does); the first
+    `start` entries of this rank's share are skipped once, to resume mid-epoch.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 hflip: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.hflip = hflip
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[Tuple[int, bool]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        total = self.num_samples * self.num_replicas
+        order = torch.cat([order, order[: total - n]]) if total > n else order
+        mine = order[self.rank:total:self.num_replicas][self.start:]
+        self.start = 0
+        return iter([(i, bool(flips[i])) for i in mine.tolist()])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, seed: int, hflip: bool, num_workers: int,
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """The training loader over any (image, label) dataset: per-rank batches, drop_last."""
+    if len(dataset) < batch_size * world_size:
+        raise ValueError(f"the dataset has {len(dataset)} items, fewer than one batch of "
+                         f"{batch_size} per rank x {world_size} ranks; lower --batch_size")
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, hflip=hflip)
+    return DataLoader(FlipByIndex(dataset), batch_size=batch_size, sampler=sampler,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
+                      persistent_workers=num_workers > 0,
+                      # Its own generator: building iterators never touches the global RNG.
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Optional[int] = None,
+                                 rank: int = 0, world_size: int = 1) -> DataLoader:
+    """The training loader a FlowMatchingConfig describes (fills config.num_classes if unset).
+
+    batch_size is the per-forward batch on this rank; by default the config's whole global batch.
+    """
+    if vqvae_encoder is not None:
+        raise NotImplementedError("latent flow matching (vqvae_encoder) is not built yet: it comes "
+                                  "with the VQ-VAE work; train in pixel space for now")
+    dataset, found = build_image_dataset(config.dataset, config.data_dir, config.image_size,
+                                         config.in_channels, train=True)
+    resolve_num_classes(config, found)
+    return make_loader(dataset, batch_size or config.batch_size, seed=config.seed, hflip=config.hflip,
+                       num_workers=config.num_workers, rank=rank, world_size=world_size,
+                       pin_memory=torch.cuda.is_available())
+
+
+def steps_per_epoch(loader: DataLoader) -> int:
+    return math.floor(len(loader.sampler) / loader.batch_size)

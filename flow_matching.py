@@ -1,0 +1,192 @@
+"""Flow matching: the probability path, the training loss, time sampling, ODE samplers and CFG.
+
+The one convention of this repo, used everywhere:
+
+    t = 0 is noise, t = 1 is data;   x_t = (1 - t) * noise + t * data;   v = dx_t/dt = data - noise.
+
+The model learns v(x_t, t, y) by regressing data - noise (MSE); sampling integrates dx/dt = v from
+t = 0 (Gaussian noise) to t = 1 (data). Training, generation, evaluation and benchmarks all import
+this module; nothing else carries a sampling loop.
+"""
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+SAMPLERS = ("euler", "heun", "midpoint")
+
+VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- the path
+
+def interpolate(noise: torch.Tensor, data: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) * noise + t * data, with t (B,) broadcast over the other dimensions."""
+    t = t.reshape(-1, *([1] * (data.dim() - 1))).to(data.dtype)
+    return (1 - t) * noise + t * data
+
+
+def target_velocity(noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """The conditional velocity of the straight path: data - noise."""
+    return data - noise
+
+
+def sample_time(batch: int, device, scheme: str = "uniform", mean: float = 0.0, std: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Training times t (batch,): U(0, 1), or logit-normal (sigmoid of N(mean, std^2), SD3)."""
+    if scheme == "uniform":
+        return torch.rand(batch, device=device, generator=generator)
+    if scheme == "logit_normal":
+        return torch.sigmoid(mean + std * torch.randn(batch, device=device, generator=generator))
+    raise ValueError(f"unknown time sampling {scheme!r}; choose from {', '.join(TIME_SAMPLINGS)}")
+
+
+def drop_labels(y: torch.Tensor, prob: float, null_label: int,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Replace each label by the null label with probability `prob` (trains the CFG branch)."""
+    if prob <= 0:
+        return y
+    drop = torch.rand(y.shape, device=y.device, generator=generator) < prob
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor], *,
+                       num_classes: int, class_dropout_prob: float = 0.1,
+                       time_sampling: str = "uniform", logit_normal_mean: float = 0.0,
+                       logit_normal_std: float = 1.0,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """MSE between model(x_t, t, y') and data - noise, averaged over every element.
+
+    y' is y with labels dropped to the null label (`num_classes`) with probability
+    `class_dropout_prob`; an unconditional model (num_classes = 0) gets y = None. All randomness
+    (t, noise, dropout) comes from `generator`, so a step is a pure function of its seed.
+    """
+    B = data.shape[0]
+    t = sample_time(B, data.device, time_sampling, logit_normal_mean, logit_normal_std, generator)
+    noise = torch.randn(data.shape, device=data.device, dtype=data.dtype, generator=generator)
+    if num_classes > 0:
+        y = drop_labels(y, class_dropout_prob, num_classes, generator)
+    else:
+        y = None
+    v = model(interpolate(noise, data, t), t, y)
+    return F.mse_loss(v.float(), target_velocity(noise, data).float())
+
+
+# ----------------------------------------------------------------------------- guidance
+
+def guided_velocity(model: Callable, y: Optional[torch.Tensor], *, num_classes: int,
+                    cfg_scale: float = 1.0,
+                    guidance_interval: Optional[Sequence[float]] = None) -> VelocityFn:
+    """The velocity field v(x, t) the ODE solvers integrate, with classifier-free guidance.
+
+    v = v_u + s * (v_c - v_u), cond and uncond in one batched forward. s == 1 (or an
+    unconditional model) runs the conditional pass alone. With `guidance_interval` (a, b),
+    guidance applies only while a <= t <= b; outside it the conditional velocity is used.
+    The returned function takes x (B, ...) and t as a Python float.
+    """
+    if num_classes == 0 and cfg_scale != 1.0:
+        raise ValueError(f"cfg_scale {cfg_scale} needs a class-conditional model; this one is "
+                         "unconditional (num_classes=0): use cfg_scale 1")
+    if guidance_interval is not None:
+        lo, hi = guidance_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"guidance interval must satisfy 0 <= a <= b <= 1, got ({lo}, {hi})")
+    y_both = None if cfg_scale == 1.0 else torch.cat([y, torch.full_like(y, num_classes)])
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        B = x.shape[0]
+        guided = y_both is not None and (guidance_interval is None
+                                         or guidance_interval[0] <= t <= guidance_interval[1])
+        if not guided:
+            return model(x, torch.full((B,), t, device=x.device), y)
+        t_both = torch.full((2 * B,), t, device=x.device)
+        v_c, v_u = model(torch.cat([x, x]), t_both, y_both).chunk(2)      # each (B, C, H, W)
+        return v_u + cfg_scale * (v_c - v_u)
+
+    return velocity
+
+
+# ----------------------------------------------------------------------------- ODE solvers
+
+def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int,
+              sampler: str = "euler") -> Tuple[torch.Tensor, int]:
+    """Integrate dx/dt = velocity(x, t) from t = 0 to t = 1 on a uniform grid of num_steps steps.
+
+    Returns (x at t = 1, NFE): the number of velocity evaluations per sample (a CFG evaluation is
+    one batched forward and counts once). Euler is first order with 1 NFE per step; Heun
+    (trapezoidal predictor-corrector) and midpoint are second order with 2 NFE per step.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    ts = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64).tolist()
+    nfe = 0
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        dt = t1 - t0
+        if sampler == "euler":
+            x = x + dt * velocity(x, t0)
+            nfe += 1
+        elif sampler == "heun":
+            v0 = velocity(x, t0)
+            v1 = velocity(x + dt * v0, t1)
+            x = x + 0.5 * dt * (v0 + v1)
+            nfe += 2
+        else:
+            v0 = velocity(x, t0)
+            x = x + dt * velocity(x + 0.5 * dt * v0, t0 + 0.5 * dt)
+            nfe += 2
+    return x, nfe
+
+
+@torch.no_grad()
+def sample(model: Callable, noise: torch.Tensor, y: Optional[torch.Tensor], *, num_classes: int,
+           num_steps: int = 50, sampler: str = "euler", cfg_scale: float = 1.0,
+           guidance_interval: Optional[Sequence[float]] = None,
+           autocast_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, int]:
+    """Generate from noise (t = 0) to data (t = 1). Returns (samples, NFE per sample).
+
+    The state is integrated in float32; `autocast_dtype` (e.g. torch.bfloat16) applies to the
+    model's forward passes only.
+    """
+    if num_classes > 0:
+        if y is None or y.shape[0] != noise.shape[0]:
+            raise ValueError("a class-conditional model needs one label per sample")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"class labels must lie in [0, {num_classes - 1}], got min "
+                             f"{int(y.min())}, max {int(y.max())}")
+    else:
+        y = None
+
+    def forward(x, t, labels):
+        with torch.autocast(noise.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            return model(x, t, labels).float()
+
+    field = guided_velocity(forward, y, num_classes=num_classes, cfg_scale=cfg_scale,
+                            guidance_interval=guidance_interval)
+    return integrate(field, noise.float(), num_steps, sampler)
+
+
+# ----------------------------------------------------------------------------- noise
+
+def sample_seed(seed: int, index: int) -> int:
+    """A distinct 63-bit seed for each (seed, sample index) pair."""
+    assert 0 <= index < 2 ** 31
+    return ((seed % 2 ** 32) << 31) | index
+
+
+def per_sample_noise(seed: int, indices: Sequence[int], shape: Sequence[int],
+                     device="cpu") -> torch.Tensor:
+    """Starting noise (len(indices), *shape): sample i depends only on (seed, i).
+
+    Drawn on the CPU, so a sample is the same whatever the batch, rank or device that makes it.
+    """
+    out = torch.empty(len(indices), *shape)
+    gen = torch.Generator()
+    for row, index in enumerate(indices):
+        gen.manual_seed(sample_seed(seed, int(index)))
+        out[row] = torch.randn(*shape, generator=gen)
+    return out.to(device)

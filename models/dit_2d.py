@@ -1,0 +1,115 @@
+"""DiT2D: a Diffusion Transformer over 2D patches that predicts the flow-matching velocity.
+
+    v = DiT2D(...)(x_t, t, y)    x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int64 -> v (B, C, H, W)
+
+Labels are 0..num_classes-1; label `num_classes` is the null label used for classifier-free
+guidance; num_classes=0 builds an unconditional model (y is ignored and may be None). The model
+only predicts: the loss and the samplers live in flow_matching.py.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from models.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+
+
+class DiT2D(nn.Module):
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 3,
+                 hidden_size: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, num_classes: int = 10, class_dropout_prob: float = 0.1):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        # Kept so a checkpoint's config rebuilds the same model; the loss applies the dropout.
+        self.class_dropout_prob = class_dropout_prob
+        self.gradient_checkpointing = False
+        grid = input_size // patch_size
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.register_buffer("pos_embed", sincos_2d(hidden_size, grid).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialization.
+
+        Xavier for every Linear, N(0, 0.02) for the label table and the timestep MLP (as in DiT).
+        The adaLN modulations of every block are zeroed, so every gate is 0 and each block starts
+        as the identity (the residual stream passes through untouched); the final layer's
+        modulation and projection are zeroed too, so a fresh model predicts exactly v = 0.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def check_labels(self, y: Optional[torch.Tensor]) -> None:
+        """ValueError unless every label is in [0, num_classes] (num_classes = null label)."""
+        if self.num_classes == 0:
+            return
+        if y is None:
+            raise ValueError(f"this model is class-conditional ({self.num_classes} classes): pass labels y")
+        if y.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null "
+                             f"label), got min {int(y.min())}, max {int(y.max())}")
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W), the inverse of PatchEmbed's layout."""
+        B, N, _ = x.shape
+        p, C = self.patch_size, self.in_channels
+        h = w = int(N ** 0.5)
+        x = x.reshape(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5)          # (B, C, h, p, w, p)
+        return x.reshape(B, C, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Label checks read values back to the host; on CUDA that would stall every step, and the
+        # loaders and samplers there validate labels where they enter.
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            self.check_labels(y)
+        x = self.x_embedder(x) + self.pos_embed                            # (B, N, D)
+        c = self.t_embedder(t)                                             # (B, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y)                                     # (B, D)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if checkpointing:
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)                                            # (B, N, D)
+        x = self.final_layer(x, c)                                         # (B, N, p*p*C)
+        return self.unpatchify(x)                                          # (B, C, H, W)
+
+
+def dit_from_config(config) -> DiT2D:
+    """Build the DiT2D a (flow-matching) config or its checkpointed dict describes."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    return DiT2D(input_size=get("image_size"), patch_size=get("patch_size"),
+                 in_channels=get("in_channels"), hidden_size=get("hidden_size"),
+                 depth=get("depth"), num_heads=get("num_heads"), mlp_ratio=get("mlp_ratio"),
+                 num_classes=get("num_classes"), class_dropout_prob=get("class_dropout_prob"))

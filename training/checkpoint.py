@@ -1,0 +1,124 @@
+"""The one checkpoint format of the repo: atomic save, validated load, resume lookup, RNG state.
+
+A checkpoint is a plain dict that `torch.load(weights_only=True)` reads:
+    kind       "flow_matching" | "vqvae"   (which script wrote it)
+    model, ema state dicts of the unwrapped modules (no `module.` / `_orig_mod.` prefixes)
+    optimizer, scaler (or None), step, config (dataclasses.asdict), rng, data {epoch, index}
+    plus any extras the objective adds (e.g. latent statistics).
+"""
+
+import glob
+import os
+import random
+import re
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+CHECKPOINT_PATTERN = "checkpoint_{step:07d}.pt"
+FINAL_NAMES = {"flow_matching": "flow_matching_final.pt", "vqvae": "vqvae.pt"}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, NumPy, torch and CUDA generator states, as types weights_only can load."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *map(float, np_state[2:])],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then os.replace.
+
+    A crash, a SIGKILL or a full disk mid-write leaves the previous file at `path` untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str, map_location="cpu", kind: Optional[str] = None) -> Dict[str, Any]:
+    """Load with weights_only=True; FileNotFoundError / ValueError name the path and the fix."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file "
+                                f"written by training (e.g. checkpoints/flow_matching_final.pt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, wrong format, unpickling refused
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); it is truncated or "
+                         f"not a checkpoint of this repo") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint of this repo (no 'model' and 'config' keys)")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise ValueError(f"{path} is a {ckpt.get('kind')!r} checkpoint, not a {kind!r} one")
+    return ckpt
+
+
+def checkpoint_step(path: str) -> int:
+    """The step of a checkpoint, read from its name or, for a final one, from the file."""
+    match = re.search(r"checkpoint_(\d+)\.pt$", path)
+    if match:
+        return int(match.group(1))
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+
+
+def find_latest(checkpoint_dir: str, kind: str) -> Optional[str]:
+    """The newest checkpoint (highest step) of this kind in the folder, or None."""
+    candidates = glob.glob(os.path.join(checkpoint_dir, "checkpoint_*.pt"))
+    final = os.path.join(checkpoint_dir, FINAL_NAMES[kind])
+    if os.path.isfile(final):
+        candidates.append(final)
+    if not candidates:
+        return None
+    return max(candidates, key=checkpoint_step)
+
+
+def prune_checkpoints(checkpoint_dir: str, keep: int) -> None:
+    """Delete all but the `keep` newest periodic checkpoints (final ones are never pruned)."""
+    periodic = sorted(glob.glob(os.path.join(checkpoint_dir, "checkpoint_*.pt")), key=checkpoint_step)
+    for path in periodic[:-keep]:
+        os.remove(path)
+
+
+def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, path: str) -> None:
+    """ValueError listing every architecture field on which the two configs disagree."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+             for k in fields if saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError(f"the config does not fit checkpoint {path}: " + "; ".join(diffs)
+                         + ". Drop these flags (or pass the checkpoint's values) to resume it")

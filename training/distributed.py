@@ -1,0 +1,78 @@
+"""Process-group set-up for torchrun (one process per GPU; gloo on CPU) and small collectives.
+
+A plain `python script.py` run is a world of one and touches no process group. Under torchrun
+(RANK, WORLD_SIZE, LOCAL_RANK set) each process joins the group, picks its GPU, and rank 0 alone
+logs and writes files.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    # A gloo group for tiny host-side agreements (stop flags) that must not sync the GPU.
+    cpu_group: Optional[object] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def setup_distributed(device_name: str) -> DistInfo:
+    """Join the torchrun process group if there is one; return rank, world size and device."""
+    device = resolve_device(device_name)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        return DistInfo(0, 0, 1, device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        cpu_group = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+        cpu_group = dist.group.WORLD
+    return DistInfo(rank, local_rank, world_size, device, cpu_group)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when `flag` is set on any rank (a host-only all-reduce)."""
+    if not info.distributed:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=info.cpu_group)
+    return bool(value.item())
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier(group=info.cpu_group)

@@ -1,0 +1,274 @@
+"""The training loop shared by every model of the repo (flow model, VQ-VAE).
+
+What differs between models is an *objective* with three members:
+    kind                                 "flow_matching" | "vqvae" (checkpoint kind, final file name)
+    loss(model, batch, generator)        -> (scalar loss, {name: scalar tensor} extra metrics)
+    sample(ema_model, path)              writes an image grid (class samples, reconstructions)
+    checkpoint_extras()                  -> dict stored in every checkpoint (may be empty)
+Everything else lives here: devices and torchrun, AMP, gradient accumulation, clipping, the LR
+schedule, EMA, logging to stdout and metrics.jsonl, sample grids, atomic checkpoints, exact resume,
+SIGTERM/SIGINT, and a stop on a non-finite loss.
+
+Randomness in a step (noise, t, label dropout) comes from a generator seeded by
+(seed, step, rank, micro-step) and the data order from (seed, epoch): a resumed run replays
+exactly the steps the uninterrupted run would have taken.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from training.checkpoint import (FINAL_NAMES, CHECKPOINT_PATTERN, check_config_fits, find_latest,
+                                 load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
+                                 set_rng_state)
+from training.distributed import DistInfo, any_rank
+from training.optim import build_optimizer, lr_factor, set_lr
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model for parameters; buffers are copied."""
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """The generator seed of one micro-step; Python's hash of an int tuple is not salted."""
+    return hash((seed, step, rank, micro)) & (2 ** 63 - 1)
+
+
+def micro_batch_size(config, world_size: int) -> int:
+    """Images per forward on one rank; batch_size must split into ranks x micro-batches."""
+    micro = config.micro_batch_size or config.batch_size // world_size
+    if micro < 1 or config.batch_size % (micro * world_size):
+        raise ValueError(f"--batch_size {config.batch_size} must be a multiple of --micro_batch_size "
+                         f"{config.micro_batch_size or micro} x {world_size} ranks")
+    return micro
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB on Linux
+
+
+class Trainer:
+    def __init__(self, config, model: torch.nn.Module, objective, loader, dist: DistInfo,
+                 architecture_fields: Sequence[str] = ()):
+        self.config, self.objective, self.loader, self.dist = config, objective, loader, dist
+        self.device = dist.device
+        self.architecture_fields = architecture_fields
+        self.micro_batch = micro_batch_size(config, dist.world_size)
+        self.accum_steps = config.batch_size // (self.micro_batch * dist.world_size)
+        assert loader.batch_size == self.micro_batch, (loader.batch_size, self.micro_batch)
+
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.raw_model = model.to(self.device)
+        self.ema = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+        self.optimizer = build_optimizer(self.raw_model, config, self.device)
+        self.autocast_dtype = AUTOCAST_DTYPES[config.mixed_precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
+        self.model = torch.compile(self.raw_model) if config.compile else self.raw_model
+        if dist.distributed:
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.generator = torch.Generator(device=self.device)
+        self.step, self.epoch, self.index = 0, 0, 0
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.stop_signal: Optional[int] = None
+        self.last_checkpoint: Optional[str] = None
+        self.final_path = os.path.join(config.checkpoint_dir, FINAL_NAMES[objective.kind])
+        self.metrics_path = os.path.join(config.checkpoint_dir, "metrics.jsonl")
+        if config.resume:
+            self._resume(config.resume)
+
+    # ------------------------------------------------------------------------- the loop
+
+    def fit(self) -> str:
+        """Train to config.train_steps; returns the final checkpoint's path."""
+        c, main = self.config, self.dist.is_main
+        batches = self._batches()
+        handlers = self._install_signal_handlers()
+        bar = tqdm(total=c.train_steps, initial=self.step, disable=not main, dynamic_ncols=True)
+        loss_sum, steps_in_window, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+        try:
+            while self.step < c.train_steps:
+                set_lr(self.optimizer, lr_factor(self.step, c))
+                for micro in range(self.accum_steps):
+                    x, y = (t.to(self.device, non_blocking=True) for t in next(batches))
+                    self.generator.manual_seed(step_seed(c.seed, self.step, self.dist.rank, micro))
+                    last = micro == self.accum_steps - 1
+                    sync = contextlib.nullcontext() if last or not self.dist.distributed else self.model.no_sync()
+                    with sync:
+                        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                            enabled=self.autocast_dtype is not None):
+                            loss, extras = self.objective.loss(self.model, (x, y), self.generator)
+                        self.scaler.scale(loss / self.accum_steps).backward()
+                    loss_sum += loss.detach() / self.accum_steps
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), c.grad_clip or math.inf)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                update_ema(self.ema, self.raw_model, c.ema_decay)
+                self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                                  self.step, self.first_bad_step)
+                self.step += 1
+                steps_in_window += 1
+                bar.update(1)
+
+                if self.step % c.log_every == 0 or self.step == c.train_steps:
+                    self._log(loss_sum, grad_norm, extras, steps_in_window, time.perf_counter() - window_start, bar)
+                    loss_sum, steps_in_window = torch.zeros((), device=self.device), 0
+                    window_start = time.perf_counter()
+                if main and c.sample_every and self.step % c.sample_every == 0:
+                    self._check_finite()
+                    self.objective.sample(self.ema, os.path.join(c.sample_dir, f"step_{self.step:07d}.png"))
+                    window_start = time.perf_counter()
+                if self.step % c.save_every == 0 and self.step < c.train_steps:
+                    self._save(os.path.join(c.checkpoint_dir, CHECKPOINT_PATTERN.format(step=self.step)))
+                    window_start = time.perf_counter()
+                if any_rank(self.stop_signal is not None, self.dist):
+                    self._stop_on_signal()
+            self._save(self.final_path)
+            return self.final_path
+        finally:
+            bar.close()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+    # ------------------------------------------------------------------------- data
+
+    def _batches(self) -> Iterator:
+        """Endless micro-batches; self.epoch / self.index always name the next one to read."""
+        while True:
+            self.loader.sampler.set_position(self.epoch, self.index * self.micro_batch)
+            for batch in self.loader:
+                self.index += 1
+                yield batch
+            self.epoch, self.index = self.epoch + 1, 0
+
+    # ------------------------------------------------------------------------- logging
+
+    def _log(self, loss_sum, grad_norm, extras: Dict[str, torch.Tensor], steps: int, seconds: float, bar) -> None:
+        self._check_finite()
+        values = torch.stack([loss_sum / max(steps, 1), grad_norm.float(), *[v.detach().float() for v in extras.values()]])
+        if self.dist.distributed:  # gloo has no AVG
+            torch.distributed.all_reduce(values)
+            values /= self.dist.world_size
+        values = values.tolist()
+        record = {"step": self.step, "loss": values[0], "lr": self.optimizer.param_groups[0]["lr"],
+                  "grad_norm": values[1],
+                  **{k: v for k, v in zip(extras, values[2:])},
+                  "images_per_sec": steps * self.config.batch_size / max(seconds, 1e-9),
+                  "peak_mem_gb": peak_memory_gb(self.device)}
+        if not self.dist.is_main:
+            return
+        line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        bar.write(line)
+        os.makedirs(self.config.checkpoint_dir, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _check_finite(self) -> None:
+        bad = int(self.first_bad_step)
+        if bad >= 0:
+            kept = self.last_checkpoint or "none was written yet"
+            raise NonFiniteLoss(f"the loss became non-finite at step {bad + 1}; stopping without saving. "
+                                f"Last good checkpoint: {kept}. Try a lower --lr, --grad_clip 1, or "
+                                f"--mixed_precision bf16")
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": self.objective.kind,
+                "model": self.raw_model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "step": self.step,
+                "config": dataclasses.asdict(self.config),
+                "rng": rng_state(),
+                "data": {"epoch": self.epoch,
+                         "samples": self.index * self.micro_batch * self.dist.world_size},
+                **self.objective.checkpoint_extras()}
+
+    def _save(self, path: str) -> None:
+        self._check_finite()
+        if self.dist.is_main:
+            try:
+                save_checkpoint(self.state_dict(), path)
+            except OSError as err:
+                if path == self.final_path:
+                    raise
+                tqdm.write(f"WARNING: could not write checkpoint {path} ({err}); keeping "
+                           f"{self.last_checkpoint}; training goes on and tries again at the next save")
+                return
+            prune_checkpoints(self.config.checkpoint_dir, self.config.keep_checkpoints)
+            tqdm.write(f"saved {path} (step {self.step})")
+        self.last_checkpoint = path
+
+    def _resume(self, resume: str) -> None:
+        path = resume
+        if resume == "latest":
+            path = find_latest(self.config.checkpoint_dir, self.objective.kind)
+            if path is None:
+                if self.dist.is_main:
+                    print(f"--resume latest: no checkpoint in {self.config.checkpoint_dir}; starting from scratch")
+                return
+        ckpt = load_checkpoint(path, kind=self.objective.kind)
+        check_config_fits(ckpt["config"], dataclasses.asdict(self.config), self.architecture_fields, path)
+        self.raw_model.load_state_dict(ckpt["model"], strict=True)
+        self.ema.load_state_dict(ckpt["ema"], strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"] is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = ckpt["step"]
+        self.epoch = ckpt["data"]["epoch"]
+        self.index = ckpt["data"]["samples"] // (self.micro_batch * self.dist.world_size)
+        set_rng_state(ckpt["rng"])
+        self.last_checkpoint = path
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.index})")
+
+    # ------------------------------------------------------------------------- signals
+
+    def _install_signal_handlers(self) -> Dict[int, Any]:
+        def request_stop(signum, _frame):
+            self.stop_signal = signum
+
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, request_stop)
+        return previous
+
+    def _stop_on_signal(self) -> None:
+        path = os.path.join(self.config.checkpoint_dir, CHECKPOINT_PATTERN.format(step=self.step))
+        self._save(path)
+        signum = self.stop_signal or signal.SIGTERM
+        if self.dist.is_main:
+            tqdm.write(f"stopped by {signal.Signals(signum).name} after step {self.step}; checkpoint {path}. "
+                       f"Resume with the same command plus --resume latest (or --resume {path})")
+        sys.exit(128 + signum)
