@@ -16,6 +16,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from models.dit_2d import dit_from_config
+
 CHECKPOINT_PATTERN = "checkpoint_{step:07d}.pt"
 FINAL_NAMES = {"flow_matching": "flow_matching_final.pt", "vqvae": "vqvae.pt"}
 
@@ -79,9 +81,8 @@ def load_checkpoint(path: str, map_location="cpu", kind: Optional[str] = None) -
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, wrong format, unpickling refused
-        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); it is truncated or "
-                         f"not a checkpoint of this repo") from None
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}); it is "
+                         f"truncated or not a checkpoint of this repo") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of this repo (no 'model' and 'config' keys)")
     if kind is not None and ckpt.get("kind") != kind:
@@ -122,3 +123,17 @@ def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, pa
     if diffs:
         raise ValueError(f"the config does not fit checkpoint {path}: " + "; ".join(diffs)
                          + ". Drop these flags (or pass the checkpoint's values) to resume it")
+
+
+def load_flow_model(path: str, weights: str = "ema", device="cpu"):
+    """Rebuild the DiT2D a flow-matching checkpoint describes and load its weights.
+
+    Returns (model in eval mode on `device`, checkpoint dict). The architecture comes from the
+    checkpoint's own config, never from flags.
+    """
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    ckpt = load_checkpoint(path, kind="flow_matching")
+    model = dit_from_config(ckpt["config"])
+    model.load_state_dict(ckpt[weights], strict=True)
+    return model.to(device).eval().requires_grad_(False), ckpt

@@ -1,0 +1,181 @@
+"""Sample images from a flow-matching checkpoint (EMA weights by default).
+
+    python generate_flow_matching.py --checkpoint checkpoints/flow_matching_final.pt --num_samples 16
+    python generate_flow_matching.py --checkpoint ... --num_samples 16 --class_label 5
+    python generate_flow_matching.py --checkpoint ... --class_grid --samples_per_class 8
+    python generate_flow_matching.py --checkpoint ... --num_samples 16 --num_steps 100 --cfg_scale 4.0
+    torchrun --nproc_per_node 8 generate_flow_matching.py --checkpoint ... --num_samples 50000 --save_npz
+
+Writes to --output_dir:
+    grid.png                 the samples in index order (a row per class with --class_grid; at
+                             most the first 256 samples otherwise)
+    images/NNNNNN.png        every sample, NNNNNN its index (also _classK for conditional models)
+    samples.npz              with --save_npz: images uint8 (N, H, W, C), labels int64 (N,)
+
+Sample i starts from noise seeded by (--seed, i), and batches are dealt to ranks whole, so the
+same seed gives the same images whatever --batch_size or the number of ranks.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+import flow_matching
+from data.images import make_grid, save_image, to_uint8
+from training.checkpoint import load_flow_model
+from training.distributed import cleanup_distributed, setup_distributed
+
+MAX_GRID_IMAGES = 256
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="flow-matching checkpoint (.pt) written by training")
+    p.add_argument("--num_samples", type=int, default=16, help="samples to draw (ignored with --class_grid)")
+    p.add_argument("--class_label", type=int, default=None, help="draw every sample from class K (default: random classes)")
+    p.add_argument("--class_grid", action="store_true", help="a row per class, --samples_per_class columns")
+    p.add_argument("--samples_per_class", type=int, default=8, help="columns of --class_grid")
+    p.add_argument("--num_steps", type=int, default=None, help="ODE steps (default: the checkpoint's num_sampling_steps)")
+    p.add_argument("--cfg_scale", type=float, default=None, help="guidance scale (default: the checkpoint's); 1 = none")
+    p.add_argument("--sampler", default=None, choices=flow_matching.SAMPLERS, help="ODE solver (default: the checkpoint's)")
+    p.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("A", "B"),
+                   help="apply CFG only while A <= t <= B (t=0 noise, t=1 data)")
+    p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i)")
+    p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank)")
+    p.add_argument("--output_dir", default="generated", help="where images (and samples.npz) go")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA or raw training weights")
+    p.add_argument("--save_npz", action="store_true", help="also write samples.npz (the input of FID tools)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="model forward precision; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    return p
+
+
+def check_writable(folder: str) -> None:
+    """ValueError unless `folder` exists writable or could be created (nothing is created)."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise ValueError(f"--output_dir {folder} cannot be written ({probe} is not a writable folder)")
+
+
+def plan_labels(args, num_classes: int) -> torch.Tensor:
+    """The label of every sample, in index order (empty labels -1 for unconditional models)."""
+    if num_classes == 0:
+        if args.class_label is not None or args.class_grid:
+            raise ValueError("--class_label / --class_grid need a class-conditional model; this "
+                             "checkpoint is unconditional (num_classes=0)")
+        return torch.full((args.num_samples,), -1, dtype=torch.long)
+    if args.class_grid:
+        if args.samples_per_class < 1:
+            raise ValueError(f"--samples_per_class must be >= 1, got {args.samples_per_class}")
+        return torch.arange(num_classes).repeat_interleave(args.samples_per_class)
+    if args.class_label is not None:
+        if not 0 <= args.class_label < num_classes:
+            raise ValueError(f"--class_label {args.class_label} is out of range: this model has "
+                             f"{num_classes} classes (0..{num_classes - 1})")
+        return torch.full((args.num_samples,), args.class_label, dtype=torch.long)
+    generator = torch.Generator().manual_seed(args.seed)
+    return torch.randint(num_classes, (args.num_samples,), generator=generator)
+
+
+def validate(args) -> None:
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.num_steps is not None and args.num_steps < 1:
+        raise ValueError(f"--num_steps must be >= 1, got {args.num_steps}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    check_writable(args.output_dir)
+
+
+def generate(args, dist) -> None:
+    device = dist.device
+    model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
+    config = ckpt["config"]
+    num_classes = config["num_classes"]
+    num_steps = args.num_steps or config["num_sampling_steps"]
+    sampler = args.sampler or config["sampler"]
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (config["cfg_scale"] if num_classes else 1.0)
+    if num_classes == 0 and cfg_scale != 1.0:
+        raise ValueError(f"--cfg_scale {cfg_scale} needs a class-conditional model; this checkpoint "
+                         f"is unconditional (num_classes=0): use --cfg_scale 1")
+    labels = plan_labels(args, num_classes)
+    n = len(labels)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    shape = (config["in_channels"], config["image_size"], config["image_size"])
+
+    # Batches are dealt to ranks whole: every batch is the same tensor whatever the world size.
+    batches = list(range(0, n, args.batch_size))[dist.rank::dist.world_size]
+    start, nfe, mine = time.perf_counter(), 0, {}
+    for first in tqdm(batches, disable=not dist.is_main, desc="sampling"):
+        index = range(first, min(first + args.batch_size, n))
+        noise = flow_matching.per_sample_noise(args.seed, index, shape, device)
+        y = labels[first:index.stop].to(device) if num_classes else None
+        x, nfe = flow_matching.sample(model, noise, y, num_classes=num_classes, num_steps=num_steps,
+                                      sampler=sampler, cfg_scale=cfg_scale,
+                                      guidance_interval=args.guidance_interval,
+                                      autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+        mine[first] = to_uint8(x)
+        write_images(args.output_dir, mine[first], labels[first:index.stop], first, num_classes)
+    images = gather_images(mine, dist)
+    if not dist.is_main:
+        return
+    images = np.concatenate([images[k] for k in sorted(images)])
+    assert images.shape[0] == n
+    nrow = args.samples_per_class if args.class_grid else math.ceil(math.sqrt(min(n, MAX_GRID_IMAGES)))
+    shown = images if args.class_grid else images[:MAX_GRID_IMAGES]
+    save_image(make_grid(shown, nrow), os.path.join(args.output_dir, "grid.png"))
+    if args.save_npz:
+        np.savez(os.path.join(args.output_dir, "samples.npz"), images=images, labels=labels.numpy())
+    seconds = time.perf_counter() - start
+    print(f"{n} samples, {nfe} NFE per sample ({sampler}, {num_steps} steps, cfg_scale {cfg_scale}), "
+          f"{seconds:.1f}s ({n / seconds:.1f} images/s on {dist.world_size} rank(s)); wrote "
+          f"{os.path.join(args.output_dir, 'grid.png')}, {os.path.join(args.output_dir, 'images')}/"
+          + (f", {os.path.join(args.output_dir, 'samples.npz')}" if args.save_npz else ""))
+
+
+def write_images(output_dir: str, images: np.ndarray, labels: torch.Tensor, first: int, num_classes: int) -> None:
+    for offset, (image, label) in enumerate(zip(images, labels.tolist())):
+        suffix = f"_class{label}" if num_classes else ""
+        save_image(image, os.path.join(output_dir, "images", f"{first + offset:06d}{suffix}.png"))
+
+
+def gather_images(mine: dict, dist) -> dict:
+    """Every rank's {first index: uint8 batch} merged on rank 0."""
+    if not dist.distributed:
+        return mine
+    parts = [None] * dist.world_size if dist.is_main else None
+    tdist.gather_object(mine, parts, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if dist.is_main else {}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate(args)
+        dist = setup_distributed(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        generate(args, dist)
+        return 0
+    except (ValueError, OSError) as err:  # OSError: the output folder turned out unwritable
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""DiT2D: zero output at init, shapes, gradients, determinism, input checks."""
+
+import pytest
+import torch
+
+from models.dit_2d import DiT2D
+
+
+def tiny(**kw):
+    args = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    args.update(kw)
+    return DiT2D(**args)
+
+
+def test_fresh_model_outputs_exact_zeros():
+    model = tiny()
+    out = model(torch.randn(4, 3, 8, 8), torch.rand(4), torch.tensor([0, 3, 9, 10]))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("size,channels", [(32, 3), (8, 1), (16, 4)])
+def test_output_shape_matches_input(size, channels):
+    model = tiny(input_size=size, in_channels=channels)
+    x = torch.randn(2, channels, size, size)
+    assert model(x, torch.rand(2), torch.tensor([1, 2])).shape == x.shape
+
+
+def test_unpatchify_inverts_patch_layout():
+    model = tiny(input_size=8, in_channels=3)
+    x = torch.randn(2, 3, 8, 8)
+    p = model.patch_size
+    tokens = x.reshape(2, 3, 4, p, 4, p).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 3 * p * p)
+    assert torch.equal(model.unpatchify(tokens), x)
+
+
+def test_every_parameter_gets_a_gradient_once_the_zero_init_opens():
+    """adaLN-Zero: step 1 moves the output layer off zero, step 2 the gates; from the third
+    backward on every parameter receives a gradient."""
+    torch.manual_seed(0)
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, t, y = torch.randn(4, 3, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 10])
+    for step in range(3):
+        opt.zero_grad()
+        (model(x, t, y) - x).square().mean().backward()
+        if step < 2:
+            opt.step()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_same_seed_same_model_and_output():
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        model = tiny()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        torch.manual_seed(7)
+        outs.append(model(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([4, 5])))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_positions_are_a_non_persistent_buffer():
+    model = tiny()
+    assert "pos_embed" not in model.state_dict()
+    assert model.pos_embed.shape == (1, 16, 32)
+
+
+def test_unconditional_model_ignores_labels():
+    model = tiny(num_classes=0)
+    assert model.y_embedder is None
+    assert model(torch.randn(2, 3, 8, 8), torch.rand(2), None).shape == (2, 3, 8, 8)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        model(x, t, y).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_sizes_name_both_numbers():
+    with pytest.raises(ValueError, match="30.*4"):
+        tiny(input_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="100.*3"):
+        tiny(hidden_size=100, num_heads=3)
+
+
+@pytest.mark.parametrize("label", [-1, 11])
+def test_labels_out_of_range_are_an_error(label):
+    with pytest.raises(ValueError, match=r"\[0, 10\]"):
+        tiny()(torch.randn(1, 3, 8, 8), torch.rand(1), torch.tensor([label]))
+
+
+def test_missing_labels_for_conditional_model():
+    with pytest.raises(ValueError, match="labels"):
+        tiny()(torch.randn(1, 3, 8, 8), torch.rand(1), None)
