@@ -28,6 +28,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 import flow_matching
+from configs.cli import ArgumentParser
 from data.images import make_grid, save_image, to_uint8
 from training.checkpoint import load_flow_model
 from training.distributed import cleanup_distributed, setup_distributed
@@ -36,8 +37,8 @@ MAX_GRID_IMAGES = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="flow-matching checkpoint (.pt) written by training")
     p.add_argument("--num_samples", type=int, default=16, help="samples to draw (ignored with --class_grid)")
     p.add_argument("--class_label", type=int, default=None, help="draw every sample from class K (default: random classes)")

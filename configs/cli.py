@@ -18,6 +18,13 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line (no usage dump) and exits with code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in _TRUE:
@@ -73,8 +80,8 @@ def field_choices(config_cls: Type, name: str) -> Optional[list]:
 
 def build_parser(config_cls: Type, presets: Mapping[str, Mapping[str, Any]],
                  description: str, default_preset: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=default_preset, choices=sorted(presets),
                         help="named set of defaults applied before the other flags")
     hints = typing.get_type_hints(config_cls)

@@ -116,24 +116,15 @@ class Trainer:
         try:
             while self.step < c.train_steps:
                 set_lr(self.optimizer, lr_factor(self.step, c))
-                for micro in range(self.accum_steps):
-                    x, y = (t.to(self.device, non_blocking=True) for t in next(batches))
-                    self.generator.manual_seed(step_seed(c.seed, self.step, self.dist.rank, micro))
-                    last = micro == self.accum_steps - 1
-                    sync = contextlib.nullcontext() if last or not self.dist.distributed else self.model.no_sync()
-                    with sync:
-                        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                            enabled=self.autocast_dtype is not None):
-                            loss, extras = self.objective.loss(self.model, (x, y), self.generator)
-                        self.scaler.scale(loss / self.accum_steps).backward()
-                    loss_sum += loss.detach() / self.accum_steps
+                loss, extras = self.forward_backward(next(batches) for _ in range(self.accum_steps))
+                loss_sum += loss
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), c.grad_clip or math.inf)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 update_ema(self.ema, self.raw_model, c.ema_decay)
-                self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
                                                   self.step, self.first_bad_step)
                 self.step += 1
                 steps_in_window += 1
@@ -158,6 +149,26 @@ class Trainer:
             bar.close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+
+    def forward_backward(self, micro_batches):
+        """Accumulate the gradient of the mean loss over this step's micro-batches.
+
+        Returns (mean loss, the last micro-batch's extra metrics), both detached. DDP's gradient
+        all-reduce runs only on the last micro-batch.
+        """
+        loss_sum, extras = torch.zeros((), device=self.device), {}
+        for micro, batch in enumerate(micro_batches):
+            x, y = (t.to(self.device, non_blocking=True) for t in batch)
+            self.generator.manual_seed(step_seed(self.config.seed, self.step, self.dist.rank, micro))
+            last = micro == self.accum_steps - 1
+            sync = contextlib.nullcontext() if last or not self.dist.distributed else self.model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                    enabled=self.autocast_dtype is not None):
+                    loss, extras = self.objective.loss(self.model, (x, y), self.generator)
+                self.scaler.scale(loss / self.accum_steps).backward()
+            loss_sum += loss.detach()
+        return loss_sum / self.accum_steps, {k: v.detach() for k, v in extras.items()}
 
     # ------------------------------------------------------------------------- data
 

@@ -1,0 +1,156 @@
+"""generate_flow_matching.py: every flag and every bad input against tiny checkpoints."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import generate_flow_matching
+import train_flow_matching
+from tests.conftest import TINY_FLAGS, write_image_folder
+from training.checkpoint import save_checkpoint
+
+
+def _train(tmp_path_factory, name, extra):
+    root = tmp_path_factory.mktemp(name)
+    data = write_image_folder(root / "images", classes=3, per_class=4)
+    ckpt_dir = root / "ckpt"
+    flags = TINY_FLAGS + ["--data_dir", data, "--checkpoint_dir", str(ckpt_dir), "--train_steps", "3",
+                          "--lr", "0.01", "--warmup_steps", "0"] + extra
+    assert train_flow_matching.main(flags) == 0
+    return str(ckpt_dir / "flow_matching_final.pt")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _train(tmp_path_factory, "cond", [])
+
+
+@pytest.fixture(scope="module")
+def uncond_checkpoint(tmp_path_factory):
+    return _train(tmp_path_factory, "uncond", ["--num_classes", "0"])
+
+
+def run(checkpoint, out, *flags):
+    return generate_flow_matching.main(["--checkpoint", checkpoint, "--output_dir", str(out), "--device", "cpu",
+                                        "--num_steps", "2", *flags])
+
+
+def npz(out):
+    data = np.load(os.path.join(out, "samples.npz"))
+    return data["images"], data["labels"]
+
+
+def test_random_samples_write_grid_images_and_npz(checkpoint, tmp_path, capsys):
+    assert run(checkpoint, tmp_path, "--num_samples", "5", "--save_npz", "--batch_size", "2") == 0
+    images, labels = npz(tmp_path)
+    assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8
+    assert labels.shape == (5,) and labels.dtype == np.int64 and set(labels) <= {0, 1, 2}
+    names = sorted(os.listdir(tmp_path / "images"))
+    assert names == [f"{i:06d}_class{label}.png" for i, label in enumerate(labels)]
+    assert np.array_equal(np.array(Image.open(tmp_path / "images" / names[3])), images[3])
+    assert Image.open(tmp_path / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)  # 5 images, 3 a row, 2px padding
+    out = capsys.readouterr().out
+    assert "2 NFE per sample" in out and "samples.npz" in out
+
+
+def test_class_label(checkpoint, tmp_path):
+    assert run(checkpoint, tmp_path, "--num_samples", "4", "--class_label", "2", "--save_npz") == 0
+    assert npz(tmp_path)[1].tolist() == [2, 2, 2, 2]
+
+
+def test_class_grid_has_a_row_per_class(checkpoint, tmp_path):
+    assert run(checkpoint, tmp_path, "--class_grid", "--samples_per_class", "4", "--save_npz") == 0
+    images, labels = npz(tmp_path)
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    grid = np.array(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (3 * 10 + 2, 4 * 10 + 2, 3)
+    assert np.array_equal(grid[12:20, 32:40], images[7])  # row 1 (class 1), column 3
+
+
+def test_same_seed_same_images_whatever_the_batch_size(checkpoint, tmp_path):
+    assert run(checkpoint, tmp_path / "a", "--num_samples", "5", "--save_npz", "--batch_size", "5", "--cfg_scale", "2") == 0
+    assert run(checkpoint, tmp_path / "b", "--num_samples", "5", "--save_npz", "--batch_size", "2", "--cfg_scale", "2") == 0
+    (a, la), (b, lb) = npz(tmp_path / "a"), npz(tmp_path / "b")
+    assert np.array_equal(la, lb)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float summation order only
+    assert run(checkpoint, tmp_path / "c", "--num_samples", "5", "--save_npz", "--seed", "1", "--cfg_scale", "2") == 0
+    assert not np.array_equal(npz(tmp_path / "c")[0], a)
+
+
+@pytest.mark.parametrize("flags,nfe", [
+    (["--sampler", "heun"], 4), (["--sampler", "midpoint", "--num_steps", "3"], 6),
+    (["--cfg_scale", "4.0"], 2), (["--guidance_interval", "0.2", "0.8"], 2), (["--weights", "model"], 2),
+    (["--precision", "bf16"], 2)])
+def test_solver_and_guidance_flags(checkpoint, tmp_path, capsys, flags, nfe):
+    assert run(checkpoint, tmp_path, "--num_samples", "2", *flags) == 0
+    assert f"{nfe} NFE per sample" in capsys.readouterr().out
+
+
+def test_weights_flag_selects_the_weights(checkpoint, tmp_path):
+    assert run(checkpoint, tmp_path / "ema", "--num_samples", "3", "--save_npz") == 0
+    assert run(checkpoint, tmp_path / "raw", "--num_samples", "3", "--save_npz", "--weights", "model") == 0
+    assert not np.array_equal(npz(tmp_path / "ema")[0], npz(tmp_path / "raw")[0])
+
+
+def test_unconditional_checkpoint(uncond_checkpoint, tmp_path):
+    assert run(uncond_checkpoint, tmp_path, "--num_samples", "3", "--save_npz") == 0
+    images, labels = npz(tmp_path)
+    assert images.shape == (3, 8, 8, 3) and labels.tolist() == [-1, -1, -1]
+    assert sorted(os.listdir(tmp_path / "images")) == ["000000.png", "000001.png", "000002.png"]
+
+
+def not_a_flow_checkpoint(tmp_path):
+    path = str(tmp_path / "other.pt")
+    save_checkpoint({"kind": "vqvae", "model": {}, "config": {}}, path)
+    return path
+
+
+def truncated(checkpoint, tmp_path):
+    path = str(tmp_path / "cut.pt")
+    with open(checkpoint, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read()[:3000])
+    return path
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "does not exist"),
+    ("truncated", "truncated"),
+    ("other_kind", "not a 'flow_matching'"),
+    ("label_range", "--class_label 3 is out of range"),
+    ("uncond_label", "unconditional"),
+    ("uncond_grid", "unconditional"),
+    ("uncond_cfg", "--cfg_scale 2.0 needs a class-conditional model"),
+    ("steps", "--num_steps must be >= 1"),
+    ("samples", "--num_samples must be >= 1"),
+    ("sampler", "invalid choice: 'rk4'"),
+    ("output", "cannot be written"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpoint, tmp_path, capsys, case, needle):
+    out = tmp_path / "out"
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    argv = {
+        "missing": ["--checkpoint", str(tmp_path / "nope.pt")],
+        "truncated": ["--checkpoint", truncated(checkpoint, tmp_path)],
+        "other_kind": ["--checkpoint", not_a_flow_checkpoint(tmp_path)],
+        "label_range": ["--checkpoint", checkpoint, "--class_label", "3"],
+        "uncond_label": ["--checkpoint", uncond_checkpoint, "--class_label", "0"],
+        "uncond_grid": ["--checkpoint", uncond_checkpoint, "--class_grid"],
+        "uncond_cfg": ["--checkpoint", uncond_checkpoint, "--cfg_scale", "2.0"],
+        "steps": ["--checkpoint", checkpoint, "--num_steps", "0"],
+        "samples": ["--checkpoint", checkpoint, "--num_samples", "0"],
+        "sampler": ["--checkpoint", checkpoint, "--sampler", "rk4"],
+        "output": ["--checkpoint", checkpoint, "--output_dir", str(blocker / "sub")],
+    }[case]
+    if case != "output":
+        argv += ["--output_dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        code = generate_flow_matching.main(argv + ["--device", "cpu"])
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

@@ -1,0 +1,274 @@
+"""The trainer and train_flow_matching.py: exact resume, atomic saves, signals, data, accumulation."""
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+
+import pytest
+import torch
+
+import train_flow_matching
+from configs.cli import make_config
+from configs.flow_matching_config import FlowMatchingConfig
+from data.flow_matching_dataset import get_flow_matching_dataloader
+from models.dit_2d import dit_from_config
+from tests.conftest import ROOT, write_image_folder
+from training import checkpoint as ckpt_lib
+from training.distributed import DistInfo
+from training.trainer import NonFiniteLoss, Trainer
+
+
+def flag_value(flags, name):
+    return flags[flags.index(name) + 1]
+
+
+def load(path):
+    return ckpt_lib.load_checkpoint(path)
+
+
+def assert_same_state(a, b):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert a["step"] == b["step"] and a["data"] == b["data"]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for index in sa:
+        for name in sa[index]:
+            assert torch.equal(torch.as_tensor(sa[index][name]), torch.as_tensor(sb[index][name])), (index, name)
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_is_bit_exact(tiny_flags, tmp_path):
+    """2N steps in one go == N steps, then resume for N more (model, EMA, optimizer, data position)."""
+    common = tiny_flags + ["--micro_batch_size", "2", "--save_every", "100"]
+    full_dir, half_dir = str(tmp_path / "full"), str(tmp_path / "half")
+    assert train_flow_matching.main(common + ["--train_steps", "6", "--checkpoint_dir", full_dir]) == 0
+    assert train_flow_matching.main(common + ["--train_steps", "3", "--checkpoint_dir", half_dir]) == 0
+    half_final = os.path.join(half_dir, "flow_matching_final.pt")
+    assert load(half_final)["step"] == 3
+    assert train_flow_matching.main(common + ["--train_steps", "6", "--checkpoint_dir", half_dir,
+                                              "--resume", "latest"]) == 0
+    assert_same_state(load(os.path.join(full_dir, "flow_matching_final.pt")),
+                      load(os.path.join(half_dir, "flow_matching_final.pt")))
+
+
+def test_resume_with_a_different_architecture_is_a_clear_error(tiny_flags, tmp_path, capsys):
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1"]) == 0
+    code = train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--depth", "3", "--resume", "latest"])
+    assert code == 2
+    assert "depth: checkpoint 2 vs now 3" in capsys.readouterr().err
+
+
+def test_resume_missing_checkpoint_is_a_clear_error(tiny_flags, capsys):
+    assert train_flow_matching.main(tiny_flags + ["--resume", "/no/such.pt"]) == 2
+    assert "/no/such.pt does not exist" in capsys.readouterr().err
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(tiny_flags, capsys):
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1", "--resume", "latest"]) == 0
+    assert "starting from scratch" in capsys.readouterr().out
+
+
+def test_latest_picks_the_highest_step(tmp_path):
+    for step in (5, 10):
+        ckpt_lib.save_checkpoint({"step": step}, str(tmp_path / ckpt_lib.CHECKPOINT_PATTERN.format(step=step)))
+    assert ckpt_lib.find_latest(str(tmp_path), "flow_matching").endswith("checkpoint_0000010.pt")
+    ckpt_lib.save_checkpoint({"step": 12}, str(tmp_path / "flow_matching_final.pt"))
+    assert ckpt_lib.find_latest(str(tmp_path), "flow_matching").endswith("flow_matching_final.pt")
+
+
+# ----------------------------------------------------------------------------- saving
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    ckpt_lib.save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}, "step": 1}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        ckpt_lib.save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}, "step": 2}, path)
+    monkeypatch.undo()
+    assert load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "c.pt")
+    ckpt_lib.save_checkpoint({"model": {"w": torch.ones(1000)}, "config": {}, "step": 1}, path)
+    with open(path, "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(ValueError, match="truncated"):
+        load(path)
+
+
+def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_flags, tmp_path):
+    ckpt_dir = flag_value(tiny_flags, "--checkpoint_dir")
+    proc = subprocess.Popen([sys.executable, "train_flow_matching.py", *tiny_flags, "--train_steps", "100000",
+                             "--log_every", "1", "--save_every", "100000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(ckpt_dir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while not os.path.exists(metrics) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "--resume latest" in out
+    latest = ckpt_lib.find_latest(ckpt_dir, "flow_matching")
+    assert latest is not None and load(latest)["step"] >= 1
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
+    config = make_config(FlowMatchingConfig, {
+        "dataset": "imagefolder", "data_dir": flag_value(tiny_flags, "--data_dir"), "image_size": 8,
+        "hidden_size": 32, "depth": 1, "num_heads": 2, "batch_size": 4, "num_workers": 0,
+        "mixed_precision": "no", "device": "cpu", "train_steps": 10, "save_every": 2, "log_every": 100,
+        "sample_every": 0, "checkpoint_dir": str(tmp_path / "nan")})
+    loader = get_flow_matching_dataloader(config)
+
+    class ExplodesAtStep5:
+        kind = "flow_matching"
+        calls = 0
+
+        def loss(self, model, batch, generator):
+            self.calls += 1
+            loss = model(batch[0], torch.full((4,), 0.5), batch[1]).square().mean()
+            return (loss * float("nan") if self.calls == 5 else loss), {}
+
+        def checkpoint_extras(self):
+            return {}
+
+    trainer = Trainer(config, dit_from_config(config), ExplodesAtStep5(), loader,
+                      DistInfo(0, 0, 1, torch.device("cpu")))
+    with pytest.raises(NonFiniteLoss, match="step 5"):
+        trainer.fit()
+    last = ckpt_lib.find_latest(config.checkpoint_dir, "flow_matching")
+    assert last.endswith("checkpoint_0000004.pt") and load(last)["step"] == 4
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+def test_micro_batches_give_the_full_batch_gradient(tiny_flags):
+    """fp32 CPU: 4 micro-batches of 2 accumulate the gradient of one batch of 8 (1e-6)."""
+    grads = []
+    for micro in (8, 2):
+        config = make_config(FlowMatchingConfig, {
+            "dataset": "imagefolder", "data_dir": flag_value(tiny_flags, "--data_dir"), "image_size": 8,
+            "hidden_size": 32, "depth": 2, "num_heads": 2, "batch_size": 8, "micro_batch_size": micro,
+            "num_workers": 0, "mixed_precision": "no", "device": "cpu", "hflip": False})
+        loader = get_flow_matching_dataloader(config, batch_size=micro)
+        torch.manual_seed(0)
+        model = dit_from_config(config)
+        with torch.no_grad():  # open the zero-initialized gates so every weight has a gradient
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+
+        class FixedNoise:
+            """The flow loss with t and noise fixed per image, so the two splits see the same draws."""
+            kind = "flow_matching"
+
+            def loss(self, model, batch, generator):
+                x, y = batch
+                t = x.flatten(1)[:, 0].abs().clamp(max=1)
+                noise = x.flip(-1) * 0.5
+                xt = (1 - t.view(-1, 1, 1, 1)) * noise + t.view(-1, 1, 1, 1) * x
+                return (model(xt, t, y) - (x - noise)).square().mean(), {}
+
+            def checkpoint_extras(self):
+                return {}
+
+        trainer = Trainer(config, model, FixedNoise(), loader, DistInfo(0, 0, 1, torch.device("cpu")))
+        trainer.forward_backward(itertools.islice(iter(loader), 8 // micro))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for full, accumulated in zip(*grads):
+        torch.testing.assert_close(accumulated, full, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- data
+
+@pytest.mark.parametrize("mode,channels,size", [("RGB", 3, 12), ("L", 1, 8)])
+def test_image_folder_loader(tmp_path, mode, channels, size):
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=5, size=(20, 14), mode=mode)
+    config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": size,
+                                              "in_channels": channels, "batch_size": 4, "num_workers": 0,
+                                              "patch_size": 2})
+    loader = get_flow_matching_dataloader(config)
+    assert config.num_classes == 2
+    x, y = next(iter(loader))
+    assert x.shape == (4, channels, size, size) and x.dtype == torch.float32
+    assert -1 <= x.min() and x.max() <= 1 and x.min() < -0.5 and x.max() > 0.5
+    assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
+
+
+def test_flips_and_order_are_reproducible_and_resumable(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=6)
+    config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": 8,
+                                              "batch_size": 3, "num_workers": 0})
+    loader = get_flow_matching_dataloader(config)
+    loader.sampler.set_position(1, 0)
+    epoch = [x for x, _ in loader]
+    loader.sampler.set_position(1, 6)
+    resumed = [x for x, _ in loader]
+    assert len(epoch) == 4 and len(resumed) == 2
+    assert torch.equal(epoch[2], resumed[0]) and torch.equal(epoch[3], resumed[1])
+    loader.sampler.set_position(2, 0)
+    assert not torch.equal(torch.cat(epoch), torch.cat([x for x, _ in loader]))
+
+
+def test_image_folder_errors(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=2)
+    base = {"dataset": "imagefolder", "image_size": 8, "batch_size": 2, "num_workers": 0}
+    with pytest.raises(ValueError, match="--num_classes 5 does not match the 3 classes"):
+        get_flow_matching_dataloader(make_config(FlowMatchingConfig, {**base, "data_dir": root, "num_classes": 5}))
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        get_flow_matching_dataloader(make_config(FlowMatchingConfig, {**base, "data_dir": str(tmp_path / "none")}))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not a readable ImageFolder"):
+        get_flow_matching_dataloader(make_config(FlowMatchingConfig, {**base, "data_dir": str(tmp_path / "empty")}))
+    with pytest.raises(NotImplementedError):
+        get_flow_matching_dataloader(make_config(FlowMatchingConfig, {**base, "data_dir": root}), vqvae_encoder=object())
+
+
+def test_cifar10_offline_without_a_copy_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", offline)
+    code = train_flow_matching.main(["--data_dir", str(tmp_path / "empty"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "CIFAR-10 is not in" in err and "--dataset imagefolder --data_dir PATH" in err
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_train_script_end_to_end(tiny_flags, tmp_path):
+    """A real subprocess run of the tiny preset writes the final checkpoint, grids and metrics."""
+    result = subprocess.run([sys.executable, "train_flow_matching.py", *tiny_flags, "--train_steps", "4",
+                             "--sample_every", "2", "--save_every", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    ckpt_dir, sample_dir = flag_value(tiny_flags, "--checkpoint_dir"), flag_value(tiny_flags, "--sample_dir")
+    final = load(os.path.join(ckpt_dir, "flow_matching_final.pt"))
+    assert final["step"] == 4 and final["kind"] == "flow_matching"
+    assert set(final) >= {"model", "ema", "optimizer", "scaler", "step", "config", "rng", "data"}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in final["model"])
+    assert final["config"]["num_classes"] == 3
+    assert sorted(os.listdir(sample_dir)) == ["step_0000002.png", "step_0000004.png"]
+    records = [json.loads(line) for line in open(os.path.join(ckpt_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"loss", "lr", "grad_norm", "images_per_sec", "peak_mem_gb"} <= set(records[0])
+    assert json.load(open(os.path.join(ckpt_dir, "config.json")))["hidden_size"] == 32
+    assert "config:" in result.stdout
