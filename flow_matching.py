@@ -43,32 +43,32 @@ def sample_time(batch: int, device, scheme: str = "uniform", mean: float = 0.0, 
     raise ValueError(f"unknown time sampling {scheme!r}; choose from {', '.join(TIME_SAMPLINGS)}")
 
 
-def drop_labels(y: torch.Tensor, prob: float, null_label: int,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Replace each label by the null label with probability `prob` (trains the CFG branch)."""
-    if prob <= 0:
-        return y
-    drop = torch.rand(y.shape, device=y.device, generator=generator) < prob
-    return torch.where(drop, torch.full_like(y, null_label), y)
-
-
 def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor], *,
                        num_classes: int, class_dropout_prob: float = 0.1,
                        time_sampling: str = "uniform", logit_normal_mean: float = 0.0,
-                       logit_normal_std: float = 1.0,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                       logit_normal_std: float = 1.0, generator: Optional[torch.Generator] = None,
+                       rows: Optional[torch.Tensor] = None, num_rows: Optional[int] = None) -> torch.Tensor:
     """MSE between model(x_t, t, y') and data - noise, averaged over every element.
 
     y' is y with labels dropped to the null label (`num_classes`) with probability
-    `class_dropout_prob`; an unconditional model (num_classes = 0) gets y = None. All randomness
-    (t, noise, dropout) comes from `generator`, so a step is a pure function of its seed.
+    `class_dropout_prob`; an unconditional model (num_classes = 0) gets y = None.
+
+    All randomness (t, noise, dropout) comes from `generator`. With `rows`, the draws are made
+    for a whole batch of `num_rows` samples and rows `rows` are kept: every split of one global
+    batch over ranks and micro-batches then gives each sample the same t, noise and dropout.
     """
     B = data.shape[0]
-    t = sample_time(B, data.device, time_sampling, logit_normal_mean, logit_normal_std, generator)
-    noise = torch.randn(data.shape, device=data.device, dtype=data.dtype, generator=generator)
-    if num_classes > 0:
-        y = drop_labels(y, class_dropout_prob, num_classes, generator)
-    else:
+    n = B if rows is None else num_rows
+
+    def keep(drawn: torch.Tensor) -> torch.Tensor:
+        return drawn if rows is None else drawn[rows]
+
+    t = keep(sample_time(n, data.device, time_sampling, logit_normal_mean, logit_normal_std, generator))
+    noise = keep(torch.randn((n, *data.shape[1:]), device=data.device, dtype=data.dtype, generator=generator))
+    if num_classes > 0 and class_dropout_prob > 0:
+        drop = keep(torch.rand(n, device=data.device, generator=generator)) < class_dropout_prob
+        y = torch.where(drop, torch.full_like(y, num_classes), y)
+    elif num_classes == 0:
         y = None
     v = model(interpolate(noise, data, t), t, y)
     return F.mse_loss(v.float(), target_velocity(noise, data).float())

@@ -65,11 +65,12 @@ def build_image_dataset(dataset: str, data_dir: str, image_size: int, in_channel
     raise ValueError(f"unknown dataset {dataset!r}; choose cifar10 or imagefolder")
 
 
-def resolve_num_classes(config, found: int) -> None:
+def resolve_num_classes(config, found: int, verbose: bool = True) -> None:
     """Fill config.num_classes from the dataset when unset; else check it fits."""
     if config.num_classes is None:
         config.num_classes = found
-        print(f"num_classes = {found} (taken from the dataset)")
+        if verbose:
+            print(f"num_classes = {found} (taken from the dataset)")
     elif config.num_classes not in (0, found):
         raise ValueError(f"--num_classes {config.num_classes} does not match the {found} classes "
                          f"found in the dataset; pass --num_classes {found} (or 0 for unconditional)")
@@ -148,7 +149,7 @@ def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Opti
                                   "with the VQ-VAE work; train in pixel space for now")
     dataset, found = build_image_dataset(config.dataset, config.data_dir, config.image_size,
                                          config.in_channels, train=True)
-    resolve_num_classes(config, found)
+    resolve_num_classes(config, found, verbose=rank == 0)
     return make_loader(dataset, batch_size or config.batch_size, seed=config.seed, hflip=config.hflip,
                        num_workers=config.num_workers, rank=rank, world_size=world_size,
                        pin_memory=torch.cuda.is_available())

@@ -42,15 +42,43 @@ def test_loss_target_is_data_minus_noise():
     assert fm.flow_matching_loss(perfect, data, None, num_classes=0, generator=gen) == 0
 
 
+class Recorder:
+    """A stand-in model that records its inputs and predicts v = 0."""
+
+    def __call__(self, x_t, t, y):
+        self.x_t, self.t, self.y = x_t, t, y
+        return torch.zeros_like(x_t)
+
+
 def test_label_dropout_rate():
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 10, (100_000,), generator=gen)
-    dropped = fm.drop_labels(y, 0.1, 10, generator=gen)
-    rate = (dropped == 10).float().mean().item()
-    assert abs(rate - 0.1) < 0.005
-    kept = dropped != 10
-    assert torch.equal(dropped[kept], y[kept])
-    assert torch.equal(fm.drop_labels(y, 0.0, 10), y)
+    y = torch.randint(0, 10, (100_000,), generator=torch.Generator().manual_seed(0))
+    model = Recorder()
+    fm.flow_matching_loss(model, torch.zeros(100_000, 1, 1, 1), y, num_classes=10, class_dropout_prob=0.1,
+                          generator=torch.Generator().manual_seed(1))
+    dropped = model.y == 10
+    assert abs(dropped.float().mean().item() - 0.1) < 0.005
+    assert torch.equal(model.y[~dropped], y[~dropped])
+    fm.flow_matching_loss(model, torch.zeros(1000, 1, 1, 1), y[:1000], num_classes=10, class_dropout_prob=0.0)
+    assert torch.equal(model.y, y[:1000])
+
+
+def test_any_split_of_a_batch_gets_the_same_draws():
+    """Rows of a global batch, drawn in two interleaved halves, see the same t, noise and dropout
+    as in one piece, so the loss of the whole equals the mean of the halves."""
+    data, y = torch.randn(8, 2, 2, 2), torch.arange(8) % 3
+    seed = 5
+    full = Recorder()
+    whole = fm.flow_matching_loss(full, data, y, num_classes=3, class_dropout_prob=0.5,
+                                  generator=torch.Generator().manual_seed(seed))
+    halves = []
+    for start in (0, 1):
+        rows = torch.arange(start, 8, 2)
+        part = Recorder()
+        halves.append(fm.flow_matching_loss(part, data[rows], y[rows], num_classes=3, class_dropout_prob=0.5,
+                                            generator=torch.Generator().manual_seed(seed), rows=rows, num_rows=8))
+        assert torch.equal(part.t, full.t[rows]) and torch.equal(part.x_t, full.x_t[rows])
+        assert torch.equal(part.y, full.y[rows])
+    torch.testing.assert_close(whole, (halves[0] + halves[1]) / 2)
 
 
 def test_logit_normal_time_lies_in_unit_interval_and_centres():

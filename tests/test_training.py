@@ -141,7 +141,7 @@ def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
         kind = "flow_matching"
         calls = 0
 
-        def loss(self, model, batch, generator):
+        def loss(self, model, batch, draws):
             self.calls += 1
             loss = model(batch[0], torch.full((4,), 0.5), batch[1]).square().mean()
             return (loss * float("nan") if self.calls == 5 else loss), {}
@@ -178,7 +178,7 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_flags):
             """The flow loss with t and noise fixed per image, so the two splits see the same draws."""
             kind = "flow_matching"
 
-            def loss(self, model, batch, generator):
+            def loss(self, model, batch, draws):
                 x, y = batch
                 t = x.flatten(1)[:, 0].abs().clamp(max=1)
                 noise = x.flip(-1) * 0.5

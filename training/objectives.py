@@ -17,13 +17,14 @@ class FlowMatchingObjective:
     def __init__(self, config, device: torch.device, autocast_dtype=None):
         self.config, self.device, self.autocast_dtype = config, device, autocast_dtype
 
-    def loss(self, model, batch, generator):
+    def loss(self, model, batch, draws):
         x, y = batch
         c = self.config
         loss = flow_matching.flow_matching_loss(
             model, x, y, num_classes=c.num_classes, class_dropout_prob=c.class_dropout_prob,
             time_sampling=c.time_sampling, logit_normal_mean=c.logit_normal_mean,
-            logit_normal_std=c.logit_normal_std, generator=generator)
+            logit_normal_std=c.logit_normal_std, generator=draws.generator, rows=draws.rows,
+            num_rows=draws.total)
         return loss, {}
 
     def grid_labels(self):

@@ -2,22 +2,25 @@
 
 What differs between models is an *objective* with three members:
     kind                                 "flow_matching" | "vqvae" (checkpoint kind, final file name)
-    loss(model, batch, generator)        -> (scalar loss, {name: scalar tensor} extra metrics)
+    loss(model, batch, draws)            -> (scalar loss, {name: scalar tensor} extra metrics)
     sample(ema_model, path)              writes an image grid (class samples, reconstructions)
     checkpoint_extras()                  -> dict stored in every checkpoint (may be empty)
 Everything else lives here: devices and torchrun, AMP, gradient accumulation, clipping, the LR
 schedule, EMA, logging to stdout and metrics.jsonl, sample grids, atomic checkpoints, exact resume,
 SIGTERM/SIGINT, and a stop on a non-finite loss.
 
-Randomness in a step (noise, t, label dropout) comes from a generator seeded by
-(seed, step, rank, micro-step) and the data order from (seed, epoch): a resumed run replays
-exactly the steps the uninterrupted run would have taken.
+Randomness in a step (noise, t, label dropout) is drawn for the whole global batch from a
+generator seeded by (seed, step), and each micro-batch keeps the rows of its own samples
+(`Draws`); the data order comes from (seed, epoch). So a resumed run replays exactly the steps
+of the uninterrupted one, and one global batch gets the same draws whether it is split over
+8 ranks or over 8 micro-batches on one.
 """
 
 import contextlib
 import copy
 import dataclasses
 import json
+from dataclasses import dataclass
 import math
 import os
 import resource
@@ -43,6 +46,15 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+@dataclass
+class Draws:
+    """How a micro-batch draws its randomness: draw for all `total` samples of the global batch
+    from `generator`, keep `rows` (this micro-batch's positions in it)."""
+    generator: torch.Generator
+    rows: torch.Tensor
+    total: int
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model for parameters; buffers are copied."""
@@ -52,9 +64,9 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         ema_buffer.copy_(buffer)
 
 
-def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """The generator seed of one micro-step; Python's hash of an int tuple is not salted."""
-    return hash((seed, step, rank, micro)) & (2 ** 63 - 1)
+def step_seed(seed: int, step: int) -> int:
+    """The generator seed of one optimizer step; Python's hash of an int tuple is not salted."""
+    return hash((seed, step)) & (2 ** 63 - 1)
 
 
 def micro_batch_size(config, world_size: int) -> int:
@@ -157,15 +169,20 @@ class Trainer:
         all-reduce runs only on the last micro-batch.
         """
         loss_sum, extras = torch.zeros((), device=self.device), {}
+        world, positions = self.dist.world_size, torch.arange(self.micro_batch, device=self.device)
         for micro, batch in enumerate(micro_batches):
             x, y = (t.to(self.device, non_blocking=True) for t in batch)
-            self.generator.manual_seed(step_seed(self.config.seed, self.step, self.dist.rank, micro))
+            self.generator.manual_seed(step_seed(self.config.seed, self.step))
+            # The sampler deals samples to ranks round-robin: local sample k of this step on rank
+            # r is sample r + world * k of the global batch.
+            rows = self.dist.rank + world * (micro * self.micro_batch + positions)
+            draws = Draws(self.generator, rows, self.config.batch_size)
             last = micro == self.accum_steps - 1
             sync = contextlib.nullcontext() if last or not self.dist.distributed else self.model.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
-                    loss, extras = self.objective.loss(self.model, (x, y), self.generator)
+                    loss, extras = self.objective.loss(self.model, (x, y), draws)
                 self.scaler.scale(loss / self.accum_steps).backward()
             loss_sum += loss.detach()
         return loss_sum / self.accum_steps, {k: v.detach() for k, v in extras.items()}
