@@ -95,8 +95,7 @@ class Trainer:
         assert loader.batch_size == self.micro_batch, (loader.batch_size, self.micro_batch)
 
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
         self.raw_model = model.to(self.device)
         self.ema = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
         self.optimizer = build_optimizer(self.raw_model, config, self.device)
