@@ -5,10 +5,12 @@
     torchrun --nproc_per_node 8 train_vqvae.py             # batch_size stays the global batch
 
 The same trainer as the flow model (AMP, accumulation, atomic checkpoints, exact resume with
---resume latest, SIGTERM, metrics.jsonl). Logs reconstruction MSE and PSNR, commitment, perplexity
-and the share of codes used; writes reconstruction grids (originals above, reconstructions below)
-to --sample_dir and the final checkpoint to --checkpoint_dir/vqvae.pt. At the end it reports PSNR
-and code usage on --eval_images held-out images (--eval_data_dir) and appends them to metrics.jsonl.
+--resume latest, SIGTERM, metrics). Logs reconstruction MSE and PSNR, commitment, perplexity and
+the share of codes used; writes reconstruction grids (originals above, reconstructions below) to
+--sample_dir and the final checkpoint to --checkpoint_dir/vqvae.pt. At the end it reports PSNR and
+code usage on --eval_images held-out images (--eval_data_dir) and appends them to the metrics.
+Every file of the run is prefixed vqvae_ (vqvae_checkpoint_*.pt, vqvae_metrics.jsonl,
+vqvae_config.json, vqvae_step_*.png), so the flow run can share checkpoints/ and samples/.
 """
 
 import json
@@ -21,6 +23,7 @@ from configs.cli import format_config
 from configs.vqvae_config import parse_vqvae_config
 from data.vqvae_dataset import get_vqvae_dataloader, get_vqvae_eval_loader, grid_images
 from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, evaluate_reconstruction, vqvae_from_config
+from training.checkpoint import run_file
 from training.distributed import cleanup_distributed, setup_distributed
 from training.objectives import VQVAEObjective
 from training.trainer import NonFiniteLoss, Trainer, micro_batch_size
@@ -34,7 +37,7 @@ def report(config, model, eval_loader, device, step: int) -> None:
           f"{' (test split)' if config.dataset == 'cifar10' else ''}: PSNR {metrics['psnr']:.2f} dB, "
           f"MSE {metrics['mse']:.5f}, perplexity {metrics['perplexity']:.1f} of {config.codebook_size} codes, "
           f"code usage {100 * metrics['code_usage']:.1f}%")
-    with open(os.path.join(config.checkpoint_dir, "metrics.jsonl"), "a") as f:
+    with open(run_file(config.checkpoint_dir, "vqvae", "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}) + "\n")
 
 
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
                   f"{dist.world_size} rank(s) on {dist.device}; micro-batch {micro}, "
                   f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
             os.makedirs(config.checkpoint_dir, exist_ok=True)
-            with open(os.path.join(config.checkpoint_dir, "config.json"), "w") as f:
+            with open(run_file(config.checkpoint_dir, "vqvae", "config.json"), "w") as f:
                 json.dump(vars(config), f, indent=2)
         objective = VQVAEObjective(config, model, grid_images(loader, config.grid_images))
         trainer = Trainer(config, model, objective, loader, dist, VQVAE_ARCHITECTURE_FIELDS)

@@ -56,7 +56,7 @@ class VQVAEConfig(TrainConfig):
 
 PRESETS = {
     "cifar10": {},
-    "tiny": dict(hidden_channels=32, num_res_blocks=1, codebook_size=128, batch_size=32, lr=1e-3,
+    "tiny": dict(hidden_channels=64, num_res_blocks=2, codebook_size=128, batch_size=32, lr=1e-3,
                  warmup_steps=20, train_steps=300, ema_decay=0.99, mixed_precision="no", num_workers=2,
                  log_every=25, save_every=100, sample_every=100, eval_images=500),
 }

@@ -54,14 +54,15 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """(B, C, H, W) -> (B, D, H/f, W/f): residual blocks, then a stride-2 conv, log2(f) times."""
+    """(B, C, H, W) -> (B, D, H/f, W/f): log2(f) stride-2 4x4 convs, then residual blocks at the
+    latent resolution (the VQ-VAE paper's layout: the costly blocks never run at full size)."""
 
     def __init__(self, in_channels: int, hidden: int, num_res_blocks: int, levels: int, latent_channels: int):
         super().__init__()
-        layers = [nn.Conv2d(in_channels, hidden, 3, padding=1)]
-        for _ in range(levels):
-            layers += [ResBlock(hidden) for _ in range(num_res_blocks)]
-            layers.append(nn.Conv2d(hidden, hidden, 4, stride=2, padding=1))
+        layers = []
+        for level in range(levels):
+            layers += [nn.Conv2d(in_channels if level == 0 else hidden, hidden, 4, stride=2, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(in_channels if levels == 0 else hidden, hidden, 3, padding=1))
         layers += [ResBlock(hidden) for _ in range(num_res_blocks)]
         layers += [_norm(hidden), nn.SiLU(), nn.Conv2d(hidden, latent_channels, 1)]
         self.net = nn.Sequential(*layers)
@@ -71,16 +72,16 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, D, h, w) -> (B, C, h*f, w*f): the encoder's mirror, nearest upsampling then a conv."""
+    """(B, D, h, w) -> (B, C, h*f, w*f): the encoder's mirror, with stride-2 transposed convs."""
 
     def __init__(self, out_channels: int, hidden: int, num_res_blocks: int, levels: int, latent_channels: int):
         super().__init__()
         layers = [nn.Conv2d(latent_channels, hidden, 3, padding=1)]
         layers += [ResBlock(hidden) for _ in range(num_res_blocks)]
+        layers += [_norm(hidden), nn.SiLU()]
         for _ in range(levels):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(hidden, hidden, 3, padding=1)]
-            layers += [ResBlock(hidden) for _ in range(num_res_blocks)]
-        layers += [_norm(hidden), nn.SiLU(), nn.Conv2d(hidden, out_channels, 3, padding=1)]
+            layers += [nn.ConvTranspose2d(hidden, hidden, 4, stride=2, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(hidden, out_channels, 3, padding=1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
