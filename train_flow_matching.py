@@ -25,6 +25,14 @@ from training.objectives import FlowMatchingObjective
 from training.trainer import AUTOCAST_DTYPES, NonFiniteLoss, Trainer, micro_batch_size
 
 
+def check_same_vqvae(path: str, fingerprint: str) -> None:
+    """A latent run resumes only on the latents of the VQ-VAE it was trained with."""
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("latent", {})
+    if saved.get("vqvae_fingerprint") != fingerprint:
+        raise ValueError(f"{path} was trained on the latents of another VQ-VAE than --vqvae_checkpoint; "
+                         f"pass the VQ-VAE it was trained with")
+
+
 def main(argv=None) -> int:
     config = parse_flow_matching_config(argv)
     dist = setup_distributed(config.device)
@@ -49,6 +57,8 @@ def main(argv=None) -> int:
         objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
                                           latent_space=getattr(loader.dataset, "latent_space", None))
         trainer = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS)
+        if trainer.last_checkpoint and objective.latent_space is not None:
+            check_same_vqvae(trainer.last_checkpoint, objective.latent_space.fingerprint)
         path = trainer.fit()
         if dist.is_main:
             print(f"done: {path}")

@@ -22,7 +22,7 @@ class VQVAEConfig(TrainConfig):
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
     # Model
     hidden_channels: int = field(default=128, metadata={"help": "width of every encoder/decoder conv"})
-    num_res_blocks: int = field(default=2, metadata={"help": "residual blocks per resolution"})
+    num_res_blocks: int = field(default=2, metadata={"help": "residual blocks in the encoder and in the decoder, at the latent resolution"})
     downsample_factor: int = field(default=4, metadata={"help": "image side / latent side, a power of 2 (4: 32x32 -> 8x8)"})
     latent_channels: int = field(default=4, metadata={"help": "channels of the latent (the codebook vectors' size)"})
     codebook_size: int = field(default=512, metadata={"help": "number of codes K"})

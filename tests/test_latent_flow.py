@@ -153,6 +153,8 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
         assert generate_flow_matching.main(argv) == 2
         assert "is not the one this flow model was trained with" in capsys.readouterr().err
         assert generate_flow_matching.main(argv + ["--vqvae_checkpoint", original]) == 0
+        assert train_flow_matching.main(flags + ["--train_steps", "5", "--resume", final]) == 2
+        assert "trained on the latents of another VQ-VAE" in capsys.readouterr().err
     finally:
         shutil.copy(original, path)
 
