@@ -142,20 +142,21 @@ def test_psnr_of_images_in_minus_one_to_one():
 
 def test_training_lowers_reconstruction_error_and_writes_everything(tmp_path):
     data = write_smooth_folder(tmp_path / "images")
-    flags = vq_flags(data, tmp_path) + ["--train_steps", "40", "--lr", "3e-3", "--sample_every", "40",
+    flags = vq_flags(data, tmp_path) + ["--train_steps", "20", "--lr", "5e-3", "--sample_every", "20",
                                          "--grid_images", "3"]
     assert train_vqvae.main(flags) == 0
     records = read_metrics(tmp_path / "ckpt")
     train = [r for r in records if "mse" in r]
-    assert train[-1]["mse"] < 0.5 * train[0]["mse"], (train[0]["mse"], train[-1]["mse"])
     for key in ("psnr", "perplexity", "code_usage", "commitment"):
         assert key in train[-1]
-    final = records[-1]
-    assert final["step"] == 40 and final["eval_images"] == 6 and final["eval_psnr"] > train[0]["psnr"]
+    final = records[-1]  # the final report, on all 6 images
+    assert final["step"] == 20 and final["eval_images"] == 6
+    assert final["eval_mse"] < 0.5 * train[0]["mse"], (train[0]["mse"], final["eval_mse"])
+    assert final["eval_psnr"] > train[0]["psnr"] + 3
     assert 0 < final["eval_code_usage"] <= 1
     ckpt = load_checkpoint(str(tmp_path / "ckpt" / "vqvae.pt"), kind="vqvae")
-    assert ckpt["step"] == 40
-    grid = Image.open(tmp_path / "samples" / "vqvae_step_0000040.png")
+    assert ckpt["step"] == 20
+    grid = Image.open(tmp_path / "samples" / "vqvae_step_0000020.png")
     assert grid.size == (3 * 10 + 2, 2 * 10 + 2)       # 3 originals above their reconstructions
 
 
