@@ -6,6 +6,10 @@
     python generate_flow_matching.py --checkpoint ... --num_samples 16 --num_steps 100 --cfg_scale 4.0
     torchrun --nproc_per_node 8 generate_flow_matching.py --checkpoint ... --num_samples 50000 --save_npz
 
+A latent checkpoint (trained with --vqvae_checkpoint) is decoded to pixels through the VQ-VAE it
+records (or --vqvae_checkpoint PATH when that file moved); its weights must be the ones it was
+trained with.
+
 Writes to --output_dir:
     grid.png                 the samples in index order (a row per class with --class_grid; at
                              most the first 256 samples otherwise)
@@ -30,6 +34,8 @@ from tqdm import tqdm
 import flow_matching
 from configs.cli import ArgumentParser
 from data.images import make_grid, save_image, to_uint8
+from models.dit_2d import input_shape
+from models.vqvae import LatentSpace
 from training.checkpoint import load_flow_model
 from training.distributed import cleanup_distributed, setup_distributed
 
@@ -53,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank)")
     p.add_argument("--output_dir", default="generated", help="where images (and samples.npz) go")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA or raw training weights")
+    p.add_argument("--vqvae_checkpoint", default=None,
+                   help="latent checkpoints: the VQ-VAE to decode with (default: the path it records)")
     p.add_argument("--save_npz", action="store_true", help="also write samples.npz (the input of FID tools)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="model forward precision; auto = bf16 on CUDA, fp32 on CPU")
@@ -102,6 +110,7 @@ def validate(args) -> None:
 def generate(args, dist) -> None:
     device = dist.device
     model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
+    latent_space = LatentSpace.from_flow_checkpoint(ckpt, args.vqvae_checkpoint, device)
     config = ckpt["config"]
     num_classes = config["num_classes"]
     num_steps = args.num_steps or config["num_sampling_steps"]
@@ -113,7 +122,7 @@ def generate(args, dist) -> None:
     labels = plan_labels(args, num_classes)
     n = len(labels)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    shape = (config["in_channels"], config["image_size"], config["image_size"])
+    shape = input_shape(config)
 
     # Batches are dealt to ranks whole: every batch is the same tensor whatever the world size.
     batches = list(range(0, n, args.batch_size))[dist.rank::dist.world_size]
@@ -126,6 +135,8 @@ def generate(args, dist) -> None:
                                       sampler=sampler, cfg_scale=cfg_scale,
                                       guidance_interval=args.guidance_interval,
                                       autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+        if latent_space is not None:
+            x = latent_space.decode(x)
         mine[first] = to_uint8(x)
         write_images(args.output_dir, mine[first], labels[first:index.stop], first, num_classes)
     images = gather_images(mine, dist)

@@ -3,6 +3,7 @@
     python train_flow_matching.py                       # the seed's CIFAR-10 run (DiT-B/2)
     python train_flow_matching.py --preset tiny --dataset imagefolder --data_dir PATH --device cpu
     torchrun --nproc_per_node 8 train_flow_matching.py  # batch_size stays the global batch
+    python train_flow_matching.py --vqvae_checkpoint checkpoints/vqvae.pt   # on VQ-VAE latents
 
 Every config field is a flag (`--help` lists them). Writes checkpoints, config.json and
 metrics.jsonl to --checkpoint_dir and EMA sample grids to --sample_dir.
@@ -18,9 +19,18 @@ from configs.cli import format_config
 from configs.flow_matching_config import ARCHITECTURE_FIELDS, parse_flow_matching_config
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
+from models.vqvae import VQVAE
 from training.distributed import cleanup_distributed, setup_distributed
 from training.objectives import FlowMatchingObjective
 from training.trainer import AUTOCAST_DTYPES, NonFiniteLoss, Trainer, micro_batch_size
+
+
+def check_same_vqvae(path: str, fingerprint: str) -> None:
+    """A latent run resumes only on the latents of the VQ-VAE it was trained with."""
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("latent", {})
+    if saved.get("vqvae_fingerprint") != fingerprint:
+        raise ValueError(f"{path} was trained on the latents of another VQ-VAE than --vqvae_checkpoint; "
+                         f"pass the VQ-VAE it was trained with")
 
 
 def main(argv=None) -> int:
@@ -28,8 +38,10 @@ def main(argv=None) -> int:
     dist = setup_distributed(config.device)
     try:
         micro = micro_batch_size(config, dist.world_size)
-        loader = get_flow_matching_dataloader(config, batch_size=micro, rank=dist.rank,
-                                              world_size=dist.world_size)
+        vqvae = (VQVAE.load_from_checkpoint(config.vqvae_checkpoint, device=dist.device)
+                 if config.vqvae_checkpoint else None)
+        loader = get_flow_matching_dataloader(config, vqvae_encoder=vqvae, batch_size=micro,
+                                              rank=dist.rank, world_size=dist.world_size)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         model = dit_from_config(config)
         model.gradient_checkpointing = config.gradient_checkpointing
@@ -41,8 +53,12 @@ def main(argv=None) -> int:
             os.makedirs(config.checkpoint_dir, exist_ok=True)
             with open(os.path.join(config.checkpoint_dir, "config.json"), "w") as f:
                 json.dump(vars(config), f, indent=2)
-        objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision])
+        # A latent run's dataset carries the normalization and decoder its grids and checkpoints need.
+        objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
+                                          latent_space=getattr(loader.dataset, "latent_space", None))
         trainer = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS)
+        if trainer.last_checkpoint and objective.latent_space is not None:
+            check_same_vqvae(trainer.last_checkpoint, objective.latent_space.fingerprint)
         path = trainer.fit()
         if dist.is_main:
             print(f"done: {path}")

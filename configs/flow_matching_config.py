@@ -4,6 +4,7 @@ Presets are applied before command-line flags: `cifar10` (the defaults) and `tin
 run that finishes in a few minutes on 2 cores and still shows a falling loss).
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -12,7 +13,8 @@ from configs.train_config import TrainConfig
 
 # Fields that fix the network's shape: a checkpoint only loads into a config that agrees on them.
 ARCHITECTURE_FIELDS = ("image_size", "in_channels", "num_classes", "patch_size", "hidden_size",
-                       "depth", "num_heads", "mlp_ratio", "class_dropout_prob")
+                       "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "latent_size",
+                       "latent_channels")
 
 
 @dataclass
@@ -25,6 +27,11 @@ class FlowMatchingConfig(TrainConfig):
     in_channels: int = field(default=3, metadata={"help": "3 = RGB, 1 = grayscale"})
     num_classes: Optional[int] = field(default=None, metadata={"help": "classes; none = from the dataset (10 for CIFAR-10); 0 = unconditional"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
+    # Latent flow matching (a VQ-VAE from train_vqvae.py)
+    vqvae_checkpoint: Optional[str] = field(default=None, metadata={"help": "train on the latents of this VQ-VAE checkpoint (e.g. checkpoints/vqvae.pt); none = pixel space"})
+    latent_cache_dir: str = field(default="data_cache", metadata={"help": "where the encoded dataset is cached (keyed by VQ-VAE weights and data)"})
+    latent_size: Optional[int] = field(default=None, metadata={"help": "latent side the DiT sees; filled from the VQ-VAE, leave unset"})
+    latent_channels: Optional[int] = field(default=None, metadata={"help": "latent channels the DiT sees; filled from the VQ-VAE, leave unset"})
     # Model (DiT2D)
     patch_size: int = field(default=2, metadata={"help": "patch side in pixels"})
     hidden_size: int = field(default=768, metadata={"help": "transformer width"})
@@ -48,8 +55,17 @@ class FlowMatchingConfig(TrainConfig):
                      "num_heads", "num_sampling_steps", "grid_samples_per_class"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"--image_size {self.image_size} is not divisible by --patch_size {self.patch_size}")
+        if self.vqvae_checkpoint is None:
+            if self.latent_size is not None or self.latent_channels is not None:
+                raise ValueError("--latent_size / --latent_channels are filled from --vqvae_checkpoint; "
+                                 "drop them or pass --vqvae_checkpoint PATH")
+            if self.image_size % self.patch_size:
+                raise ValueError(f"--image_size {self.image_size} is not divisible by --patch_size {self.patch_size}")
+        elif not os.path.isfile(self.vqvae_checkpoint):
+            raise ValueError(f"--vqvae_checkpoint {self.vqvae_checkpoint} does not exist; train one with "
+                             f"train_vqvae.py (it writes checkpoints/vqvae.pt) or pass its path")
+        if self.latent_size is not None and self.latent_size % self.patch_size:
+            raise ValueError(f"--latent_size {self.latent_size} is not divisible by --patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"--hidden_size {self.hidden_size} is not divisible by --num_heads {self.num_heads}")
         if self.num_classes is not None and self.num_classes < 0:

@@ -8,6 +8,9 @@ mid-epoch, so a resumed run sees exactly the batches the uninterrupted run would
 
 Any Dataset that returns (image tensor in [-1, 1] shaped (C, H, W), int label) plugs in through
 `make_loader(dataset, config)`.
+
+With a VQ-VAE (`vqvae_encoder`, or config.vqvae_checkpoint) the items are instead the dataset's
+normalized VQ-VAE latents, encoded once and cached on disk (data/latent_cache.py).
 """
 
 import math
@@ -77,7 +80,11 @@ def resolve_num_classes(config, found: int, verbose: bool = True) -> None:
 
 
 class FlipByIndex(Dataset):
-    """Wraps a dataset; an index (i, flip) returns item i, mirrored left-right when flip is set."""
+    """Wraps a dataset; an index (i, flip) returns item i, mirrored left-right when flip is set.
+
+    A subclass that mirrors items its own way (cached latents, whose mirror images were encoded
+    separately) overrides __getitem__, and make_loader uses it as it is.
+    """
 
     def __init__(self, base: Dataset):
         self.base = base
@@ -131,7 +138,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, seed: int, hflip: bool, nu
         raise ValueError(f"the dataset has {len(dataset)} items, fewer than one batch of "
                          f"{batch_size} per rank x {world_size} ranks; lower --batch_size")
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, hflip=hflip)
-    return DataLoader(FlipByIndex(dataset), batch_size=batch_size, sampler=sampler,
+    keyed = dataset if isinstance(dataset, FlipByIndex) else FlipByIndex(dataset)
+    return DataLoader(keyed, batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
                       persistent_workers=num_workers > 0,
                       # Its own generator: building iterators never touches the global RNG.
@@ -143,13 +151,18 @@ def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Opti
     """The training loader a FlowMatchingConfig describes (fills config.num_classes if unset).
 
     batch_size is the per-forward batch on this rank; by default the config's whole global batch.
+    With `vqvae_encoder` (a models.vqvae.VQVAE), or else config.vqvae_checkpoint, it yields
+    normalized latents instead of images and fills config.latent_size / latent_channels (and
+    config.vqvae_checkpoint from the encoder's checkpoint when unset); `loader.dataset.latent_space`
+    then holds the normalization and the decoder.
     """
-    if vqvae_encoder is not None:
-        raise NotImplementedError("latent flow matching (vqvae_encoder) is not built yet: it comes "
-                                  "with the VQ-VAE work; train in pixel space for now")
     dataset, found = build_image_dataset(config.dataset, config.data_dir, config.image_size,
                                          config.in_channels, train=True)
     resolve_num_classes(config, found, verbose=rank == 0)
+    if vqvae_encoder is not None or config.vqvae_checkpoint is not None:
+        from data.latent_cache import latent_dataset  # it builds on this module
+
+        dataset = latent_dataset(config, dataset, vqvae_encoder, rank)
     return make_loader(dataset, batch_size or config.batch_size, seed=config.seed, hflip=config.hflip,
                        num_workers=config.num_workers, rank=rank, world_size=world_size,
                        pin_memory=torch.cuda.is_available())

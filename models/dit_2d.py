@@ -7,7 +7,7 @@ guidance; num_classes=0 builds an unconditional model (y is ignored and may be N
 only predicts: the loss and the samplers live in flow_matching.py.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -106,10 +106,20 @@ class DiT2D(nn.Module):
         return self.unpatchify(x)                                          # (B, C, H, W)
 
 
+def input_shape(config) -> Tuple[int, int, int]:
+    """(C, H, W) of what the DiT2D of a config (or its checkpointed dict) sees: VQ-VAE latents
+    when latent_size is set (a latent run), else images."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    if get("latent_size") is not None:
+        return get("latent_channels"), get("latent_size"), get("latent_size")
+    return get("in_channels"), get("image_size"), get("image_size")
+
+
 def dit_from_config(config) -> DiT2D:
     """Build the DiT2D a (flow-matching) config or its checkpointed dict describes."""
     get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
-    return DiT2D(input_size=get("image_size"), patch_size=get("patch_size"),
-                 in_channels=get("in_channels"), hidden_size=get("hidden_size"),
+    channels, size, _ = input_shape(config)
+    return DiT2D(input_size=size, patch_size=get("patch_size"),
+                 in_channels=channels, hidden_size=get("hidden_size"),
                  depth=get("depth"), num_heads=get("num_heads"), mlp_ratio=get("mlp_ratio"),
                  num_classes=get("num_classes"), class_dropout_prob=get("class_dropout_prob"))

@@ -236,8 +236,6 @@ def test_image_folder_errors(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="not a readable ImageFolder"):
         get_flow_matching_dataloader(make_config(FlowMatchingConfig, {**base, "data_dir": str(tmp_path / "empty")}))
-    with pytest.raises(NotImplementedError):
-        get_flow_matching_dataloader(make_config(FlowMatchingConfig, {**base, "data_dir": root}), vqvae_encoder=object())
 
 
 def test_cifar10_offline_without_a_copy_is_one_clear_error(tmp_path, monkeypatch, capsys):

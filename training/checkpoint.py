@@ -20,6 +20,20 @@ from models.dit_2d import dit_from_config
 
 CHECKPOINT_PATTERN = "checkpoint_{step:07d}.pt"
 FINAL_NAMES = {"flow_matching": "flow_matching_final.pt", "vqvae": "vqvae.pt"}
+# The files of a run (periodic checkpoints, metrics.jsonl, config.json, sample grids) are prefixed
+# by its kind, so a VQ-VAE run and a flow run can share one folder (the seed's layout:
+# checkpoints/vqvae.pt beside the flow model's files) without overwriting, pruning or resuming
+# each other's files.
+RUN_PREFIXES = {"flow_matching": "", "vqvae": "vqvae_"}
+
+
+def run_file(folder: str, kind: str, name: str) -> str:
+    """The path of file `name` of a run of this kind in `folder`."""
+    return os.path.join(folder, RUN_PREFIXES[kind] + name)
+
+
+def periodic_checkpoint(checkpoint_dir: str, kind: str, step: int) -> str:
+    return run_file(checkpoint_dir, kind, CHECKPOINT_PATTERN.format(step=step))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -100,7 +114,7 @@ def checkpoint_step(path: str) -> int:
 
 def find_latest(checkpoint_dir: str, kind: str) -> Optional[str]:
     """The newest checkpoint (highest step) of this kind in the folder, or None."""
-    candidates = glob.glob(os.path.join(checkpoint_dir, "checkpoint_*.pt"))
+    candidates = glob.glob(run_file(checkpoint_dir, kind, "checkpoint_*.pt"))
     final = os.path.join(checkpoint_dir, FINAL_NAMES[kind])
     if os.path.isfile(final):
         candidates.append(final)
@@ -109,9 +123,9 @@ def find_latest(checkpoint_dir: str, kind: str) -> Optional[str]:
     return max(candidates, key=checkpoint_step)
 
 
-def prune_checkpoints(checkpoint_dir: str, keep: int) -> None:
-    """Delete all but the `keep` newest periodic checkpoints (final ones are never pruned)."""
-    periodic = sorted(glob.glob(os.path.join(checkpoint_dir, "checkpoint_*.pt")), key=checkpoint_step)
+def prune_checkpoints(checkpoint_dir: str, keep: int, kind: str = "flow_matching") -> None:
+    """Delete all but the `keep` newest periodic checkpoints of this kind (final ones are never pruned)."""
+    periodic = sorted(glob.glob(run_file(checkpoint_dir, kind, "checkpoint_*.pt")), key=checkpoint_step)
     for path in periodic[:-keep]:
         os.remove(path)
 

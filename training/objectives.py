@@ -1,21 +1,29 @@
 """What the trainer optimizes for each model: the loss, the sample grid and checkpoint extras."""
 
 import torch
+import torch.nn.functional as F
 
 import flow_matching
 from data.images import save_grid
+from models.dit_2d import input_shape
+from models.vqvae import psnr
 
 # The training grid shows at most this many classes (rows), so a 1000-class run stays readable.
 MAX_GRID_CLASSES = 16
 
 
 class FlowMatchingObjective:
-    """Flow-matching MSE for training; an EMA class grid (a row per class) for monitoring."""
+    """Flow-matching MSE for training; an EMA class grid (a row per class) for monitoring.
+
+    With a `latent_space` (models.vqvae.LatentSpace) the model works on normalized VQ-VAE
+    latents: grids are decoded to pixels and the checkpoint stores the normalization.
+    """
 
     kind = "flow_matching"
 
-    def __init__(self, config, device: torch.device, autocast_dtype=None):
+    def __init__(self, config, device: torch.device, autocast_dtype=None, latent_space=None):
         self.config, self.device, self.autocast_dtype = config, device, autocast_dtype
+        self.latent_space = latent_space
 
     def loss(self, model, batch, draws):
         x, y = batch
@@ -37,13 +45,46 @@ class FlowMatchingObjective:
     def sample(self, ema, path: str) -> None:
         c = self.config
         y = self.grid_labels()
-        noise = flow_matching.per_sample_noise(c.seed, range(len(y)), (c.in_channels, c.image_size, c.image_size),
-                                               self.device)
+        noise = flow_matching.per_sample_noise(c.seed, range(len(y)), input_shape(c), self.device)
         images, _ = flow_matching.sample(
             ema, noise, y.to(self.device) if c.num_classes else None, num_classes=c.num_classes,
             num_steps=c.num_sampling_steps, sampler=c.sampler,
             cfg_scale=c.cfg_scale if c.num_classes else 1.0, autocast_dtype=self.autocast_dtype)
+        if self.latent_space is not None:
+            images = self.latent_space.decode(images)
         save_grid(images, c.grid_samples_per_class, path)
+
+    def checkpoint_extras(self):
+        return {"latent": self.latent_space.state()} if self.latent_space is not None else {}
+
+
+class VQVAEObjective:
+    """Reconstruction MSE + commitment loss; a grid of originals over their reconstructions.
+
+    The grid is drawn with the trained weights (`model`), not the weight EMA the trainer passes:
+    the codebook buffers follow the live encoder (see models/vqvae.py), so those are the weights
+    that encode and decode.
+    """
+
+    kind = "vqvae"
+
+    def __init__(self, config, model, grid_images: torch.Tensor):
+        self.config, self.model, self.grid_images = config, model, grid_images
+
+    def loss(self, model, batch, draws):
+        x, _ = batch
+        recon, stats = model(x, generator=draws.generator)
+        mse = F.mse_loss(recon.float(), x.float())
+        loss = mse + self.config.commitment_weight * stats["commitment"]
+        return loss, {"mse": mse.detach(), "psnr": psnr(mse.detach()), "commitment": stats["commitment"].detach(),
+                      "perplexity": stats["perplexity"], "code_usage": stats["code_usage"]}
+
+    @torch.no_grad()
+    def sample(self, ema, path: str) -> None:
+        device = next(self.model.parameters()).device
+        x = self.grid_images.to(device)
+        recon = self.model.decode(self.model.encode(x))
+        save_grid(torch.cat([x, recon.float()]), len(x), path)
 
     def checkpoint_extras(self):
         return {}

@@ -33,9 +33,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training.checkpoint import (FINAL_NAMES, CHECKPOINT_PATTERN, check_config_fits, find_latest,
-                                 load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
-                                 set_rng_state)
+from training.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, load_checkpoint,
+                                 periodic_checkpoint, prune_checkpoints, rng_state, run_file,
+                                 save_checkpoint, set_rng_state)
 from training.distributed import DistInfo, any_rank
 from training.optim import build_optimizer, lr_factor, set_lr
 
@@ -111,7 +111,7 @@ class Trainer:
         self.stop_signal: Optional[int] = None
         self.last_checkpoint: Optional[str] = None
         self.final_path = os.path.join(config.checkpoint_dir, FINAL_NAMES[objective.kind])
-        self.metrics_path = os.path.join(config.checkpoint_dir, "metrics.jsonl")
+        self.metrics_path = run_file(config.checkpoint_dir, objective.kind, "metrics.jsonl")
         if config.resume:
             self._resume(config.resume)
 
@@ -147,10 +147,10 @@ class Trainer:
                     window_start = time.perf_counter()
                 if main and c.sample_every and self.step % c.sample_every == 0:
                     self._check_finite()
-                    self.objective.sample(self.ema, os.path.join(c.sample_dir, f"step_{self.step:07d}.png"))
+                    self.objective.sample(self.ema, run_file(c.sample_dir, self.objective.kind, f"step_{self.step:07d}.png"))
                     window_start = time.perf_counter()
                 if self.step % c.save_every == 0 and self.step < c.train_steps:
-                    self._save(os.path.join(c.checkpoint_dir, CHECKPOINT_PATTERN.format(step=self.step)))
+                    self._save(periodic_checkpoint(c.checkpoint_dir, self.objective.kind, self.step))
                     window_start = time.perf_counter()
                 if any_rank(self.stop_signal is not None, self.dist):
                     self._stop_on_signal()
@@ -253,7 +253,7 @@ class Trainer:
                 tqdm.write(f"WARNING: could not write checkpoint {path} ({err}); keeping "
                            f"{self.last_checkpoint}; training goes on and tries again at the next save")
                 return
-            prune_checkpoints(self.config.checkpoint_dir, self.config.keep_checkpoints)
+            prune_checkpoints(self.config.checkpoint_dir, self.config.keep_checkpoints, self.objective.kind)
             tqdm.write(f"saved {path} (step {self.step})")
         self.last_checkpoint = path
 
@@ -292,7 +292,7 @@ class Trainer:
         return previous
 
     def _stop_on_signal(self) -> None:
-        path = os.path.join(self.config.checkpoint_dir, CHECKPOINT_PATTERN.format(step=self.step))
+        path = periodic_checkpoint(self.config.checkpoint_dir, self.objective.kind, self.step)
         self._save(path)
         signum = self.stop_signal or signal.SIGTERM
         if self.dist.is_main:

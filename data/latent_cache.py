@@ -1,0 +1,153 @@
+"""The dataset of a latent flow run: the training images encoded once by a VQ-VAE, cached on disk.
+
+The cache holds the VQ-VAE's codes (int16/int32, (N, V, h, w)) and labels. With hflip, V = 2: the
+codes of each image and, separately, of its mirror image. Mirroring a latent is not the latent of
+the mirrored image (the encoder's convolutions are not flip-equivariant), and the codes of both
+cost only 2 x 64 integers per CIFAR image, so the flow model trains on true latents of both.
+
+The cache file is named by a SHA-256 of everything its content depends on: the VQ-VAE's
+fingerprint (every weight and codebook vector), the dataset kind, its absolute path, the list of
+its files with size and modification time (ImageFolder), image_size, in_channels and hflip. Another
+VQ-VAE, another or edited dataset, or other sizes give another file; a stale cache is never read.
+
+Items are the codebook vectors of the codes, normalized per channel with the mean and std of all
+cached latents (exact, from the code histogram); the statistics travel in the flow checkpoint
+through `LatentSpace.state()`.
+"""
+
+import hashlib
+import json
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data.flow_matching_dataset import FlipByIndex
+from models.vqvae import VQVAE, LatentSpace
+from training.checkpoint import save_checkpoint
+
+CACHE_FORMAT = 1
+
+
+class LatentDataset(FlipByIndex):
+    """Cached codes as normalized latents; key (i, flip) returns the latent of image i or of its
+    mirror image, as encoded (never a flipped latent)."""
+
+    def __init__(self, codes: torch.Tensor, labels: torch.Tensor, latent_space: LatentSpace):
+        self.codes, self.labels, self.latent_space = codes, labels, latent_space
+        codebook = latent_space.vqvae.quantizer.embedding.detach().float().cpu()              # (K, D)
+        state = latent_space.state()
+        self.table = (codebook - state["mean"]) / state["std"]                                 # (K, D)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, flip = key
+        return self.table[self.codes[index, int(flip)].long()].permute(2, 0, 1), int(self.labels[index])
+
+
+def cache_key(vqvae: VQVAE, dataset: Dataset, config) -> str:
+    """SHA-256 of everything the cached codes depend on."""
+    files = hashlib.sha256()
+    for path, label in getattr(dataset, "samples", []):
+        stat = os.stat(path)
+        files.update(f"{os.path.relpath(path, config.data_dir)}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    source = {"format": CACHE_FORMAT, "vqvae": vqvae.fingerprint(), "dataset": config.dataset,
+              "data_dir": os.path.abspath(config.data_dir), "items": len(dataset), "files": files.hexdigest(),
+              "image_size": config.image_size, "in_channels": config.in_channels, "hflip": config.hflip}
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def encode_dataset(vqvae: VQVAE, dataset: Dataset, hflip: bool, batch_size: int,
+                   num_workers: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Codes (N, 1 or 2, h, w) of every image (and of its mirror when hflip) and labels (N,)."""
+    device = next(vqvae.parameters()).device
+    dtype = torch.int16 if vqvae.codebook_size <= torch.iinfo(torch.int16).max + 1 else torch.int32
+    codes, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    for x, y in tqdm(loader, desc="encoding the dataset with the VQ-VAE"):
+        x = x.to(device)
+        views = [x, x.flip(-1)] if hflip else [x]
+        codes.append(torch.stack([vqvae.codes(v).to(dtype).cpu() for v in views], 1))
+        labels.append(torch.as_tensor(y, dtype=torch.long))
+    return torch.cat(codes), torch.cat(labels)
+
+
+def channel_stats(codes: torch.Tensor, codebook: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-channel mean and std of codebook[codes] over all cached positions."""
+    counts = torch.bincount(codes.flatten().long(), minlength=codebook.shape[0]).double()
+    weights = counts / counts.sum()
+    codebook = codebook.double().cpu()
+    mean = weights @ codebook
+    std = (weights @ (codebook - mean).square()).sqrt().clamp_min(1e-6)
+    return mean.float(), std.float()
+
+
+def load_latent_dataset(config, vqvae: VQVAE, dataset: Dataset, batch_size: int,
+                        rank: int = 0) -> LatentDataset:
+    """The cached latents of `dataset` under config.latent_cache_dir, encoding them on a miss.
+
+    Under torch.distributed rank 0 encodes and writes while the other ranks wait, then read.
+    """
+    key = cache_key(vqvae, dataset, config)
+    path = os.path.join(config.latent_cache_dir, f"vq_latents_{key[:24]}.pt")
+    distributed = dist.is_available() and dist.is_initialized()
+    if rank == 0 and not os.path.isfile(path):
+        print(f"latent cache miss: encoding {len(dataset)} images{' and their mirrors' if config.hflip else ''} "
+              f"into {path}")
+        codes, labels = encode_dataset(vqvae, dataset, config.hflip, batch_size, config.num_workers)
+        save_checkpoint({"format": CACHE_FORMAT, "key": key, "codes": codes, "labels": labels}, path)
+    elif rank == 0:
+        print(f"latent cache hit: {path}")
+    if distributed:
+        dist.barrier()
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign file
+        raise ValueError(f"latent cache {path} cannot be read ({type(err).__name__}); delete it and "
+                         f"run again to re-encode") from None
+    if not isinstance(cache, dict) or cache.get("key") != key:
+        raise ValueError(f"latent cache {path} does not hold the latents it is named for; delete it "
+                         f"and run again to re-encode")
+    mean, std = channel_stats(cache["codes"], vqvae.quantizer.embedding)
+    return LatentDataset(cache["codes"], cache["labels"], LatentSpace(vqvae, mean, std))
+
+
+def latent_dataset(config, dataset: Dataset, vqvae: Optional[VQVAE] = None, rank: int = 0) -> LatentDataset:
+    """Check the VQ-VAE against the config, fill the config's latent fields, load the cache.
+
+    The VQ-VAE is `vqvae` when given, else loaded from config.vqvae_checkpoint.
+    """
+    if vqvae is None:
+        vqvae = VQVAE.load_from_checkpoint(config.vqvae_checkpoint)
+    recorded = getattr(vqvae, "checkpoint_path", None)
+    if config.vqvae_checkpoint is None:
+        config.vqvae_checkpoint = recorded
+    elif recorded is not None and os.path.abspath(recorded) != os.path.abspath(config.vqvae_checkpoint):
+        raise ValueError(f"--vqvae_checkpoint {config.vqvae_checkpoint} is not the VQ-VAE passed as "
+                         f"vqvae_encoder (loaded from {recorded}); use one VQ-VAE")
+    if vqvae.in_channels != config.in_channels:
+        raise ValueError(f"the VQ-VAE encodes {vqvae.in_channels}-channel images, but --in_channels is "
+                         f"{config.in_channels}; pass --in_channels {vqvae.in_channels}")
+    if vqvae.image_size is not None and vqvae.image_size != config.image_size:
+        raise ValueError(f"the VQ-VAE was trained on {vqvae.image_size}x{vqvae.image_size} images, but "
+                         f"--image_size is {config.image_size}; pass --image_size {vqvae.image_size}")
+    channels, size, _ = vqvae.latent_shape(config.image_size)
+    for name, value in (("latent_size", size), ("latent_channels", channels)):
+        current = getattr(config, name)
+        if current is None:
+            setattr(config, name, value)
+        elif current != value:
+            raise ValueError(f"--{name} {current} does not match the VQ-VAE's latents ({value}); drop --{name}")
+    if size % config.patch_size:
+        raise ValueError(f"the VQ-VAE's {size}x{size} latents are not divisible by --patch_size "
+                         f"{config.patch_size}; pick a --patch_size that divides {size}")
+    if rank == 0:
+        print(f"latent flow matching: {channels}x{size}x{size} latents of VQ-VAE "
+              f"{config.vqvae_checkpoint or '(in memory, not saved)'}")
+    return load_latent_dataset(config, vqvae, dataset, config.batch_size, rank)

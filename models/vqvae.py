@@ -1,0 +1,356 @@
+"""VQ-VAE: a convolutional encoder/decoder with residual blocks around an EMA vector quantizer.
+
+    model = VQVAE.load_from_checkpoint("checkpoints/vqvae.pt")    # eval mode, CPU
+    z = model.encode(x)        # x (B, C, H, W) in [-1, 1] -> quantized latents (B, D, H/f, W/f)
+    codes = model.codes(x)     # (B, H/f, W/f) int64 in [0, codebook_size)
+    x_hat = model.decode(z)    # snaps z to the nearest codes, then decodes to (B, C, H, W)
+
+The codebook is not trained by gradients: each code is an exponential moving average of the
+encoder outputs assigned to it (van den Oord et al. 2017, appendix), the encoder is pulled towards
+its codes by the commitment loss, and codes whose usage falls below a threshold are restarted on
+random encoder outputs of the current batch (Jukebox). The first training step finds every code
+unused, so the codebook starts as a sample of real encoder outputs.
+
+Which latents the flow model sees: the *quantized* ones, z_q = codebook[codes]. The decoder was
+only ever trained on codebook vectors, so z_q is exactly its input distribution, and
+`decode` snaps a generated latent to its nearest codes before decoding, which removes the small
+off-codebook errors of an ODE sample the way rounding to uint8 does for pixels. Pre-quantization
+latents would ask the decoder to map inputs it never saw during training.
+
+Which weights: `load_from_checkpoint` uses the trained weights ('model'), not the trainer's weight
+EMA. The codebook is a buffer that follows the live encoder; an averaged encoder paired with that
+codebook would assign codes the decoder was not trained with.
+"""
+
+import hashlib
+import math
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Fields of a VQVAEConfig that fix the network's shape.
+VQVAE_ARCHITECTURE_FIELDS = ("in_channels", "hidden_channels", "num_res_blocks", "downsample_factor",
+                             "latent_channels", "codebook_size")
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups that divide the width, so any width works."""
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """x + conv(act(norm(conv(act(norm(x)))))), width preserved."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                   _norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class Encoder(nn.Module):
+    """(B, C, H, W) -> (B, D, H/f, W/f): log2(f) stride-2 4x4 convs, then residual blocks at the
+    latent resolution (the VQ-VAE paper's layout: the costly blocks never run at full size)."""
+
+    def __init__(self, in_channels: int, hidden: int, num_res_blocks: int, levels: int, latent_channels: int):
+        super().__init__()
+        layers = []
+        for level in range(levels):
+            layers += [nn.Conv2d(in_channels if level == 0 else hidden, hidden, 4, stride=2, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(in_channels if levels == 0 else hidden, hidden, 3, padding=1))
+        layers += [ResBlock(hidden) for _ in range(num_res_blocks)]
+        layers += [_norm(hidden), nn.SiLU(), nn.Conv2d(hidden, latent_channels, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(B, D, h, w) -> (B, C, h*f, w*f): the encoder's mirror, with stride-2 transposed convs."""
+
+    def __init__(self, out_channels: int, hidden: int, num_res_blocks: int, levels: int, latent_channels: int):
+        super().__init__()
+        layers = [nn.Conv2d(latent_channels, hidden, 3, padding=1)]
+        layers += [ResBlock(hidden) for _ in range(num_res_blocks)]
+        layers += [_norm(hidden), nn.SiLU()]
+        for _ in range(levels):
+            layers += [nn.ConvTranspose2d(hidden, hidden, 4, stride=2, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(hidden, out_channels, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantization of (B, D, h, w) latents with an EMA codebook and dead-code restart.
+
+    Buffers (saved in checkpoints, restored on resume): `embedding` (K, D) the codes,
+    `cluster_size` (K,) the EMA of how many vectors each code receives per update, `embed_sum`
+    (K, D) the EMA of their sum. Distances and updates run in float32 whatever the autocast.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, decay: float = 0.99,
+                 dead_code_threshold: float = 1.0, eps: float = 1e-5):
+        super().__init__()
+        self.codebook_size, self.dim = codebook_size, dim
+        self.decay, self.dead_code_threshold, self.eps = decay, dead_code_threshold, eps
+        self.register_buffer("embedding", torch.randn(codebook_size, dim))
+        self.register_buffer("cluster_size", torch.zeros(codebook_size))
+        self.register_buffer("embed_sum", torch.zeros(codebook_size, dim))
+
+    @staticmethod
+    def _flatten(z: torch.Tensor) -> torch.Tensor:
+        return z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])        # (B*h*w, D)
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, D) float32 -> (N,) index of the nearest code (squared Euclidean distance)."""
+        e = self.embedding
+        distances = flat.square().sum(1, keepdim=True) - 2 * flat @ e.t() + e.square().sum(1)
+        return distances.argmin(1)
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> (B, h, w) int64 codes."""
+        with torch.autocast(z.device.type, enabled=False):
+            B, _, h, w = z.shape
+            return self.nearest(self._flatten(z)).reshape(B, h, w)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) codes -> (B, D, h, w) codebook vectors."""
+        return self.embedding[codes].permute(0, 3, 1, 2)
+
+    def forward(self, z: torch.Tensor, generator: Optional[torch.Generator] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """Quantize; in training mode also update the codebook.
+
+        Returns (z_q with a straight-through gradient to z, codes (B, h, w), stats) where stats
+        holds the commitment loss mean|z - sg(z_q)|^2, the perplexity of the code histogram and
+        `code_usage`, the share of the K codes used in the batch (over all ranks when training).
+        """
+        with torch.autocast(z.device.type, enabled=False):
+            B, _, h, w = z.shape
+            flat = self._flatten(z)
+            codes = self.nearest(flat)
+            counts = torch.bincount(codes, minlength=self.codebook_size).float()
+            if self.training:
+                counts = self._update(flat, codes, counts, generator)
+            z_q = self.lookup(codes.reshape(B, h, w))
+            z = z.float()
+            commitment = F.mse_loss(z, z_q.detach())
+            probs = counts / counts.sum()
+            perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
+            usage = (counts > 0).float().mean()
+        z_st = z + (z_q - z).detach()
+        return z_st, codes.reshape(B, h, w), {"commitment": commitment, "perplexity": perplexity,
+                                               "code_usage": usage}
+
+    @torch.no_grad()
+    def _update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+        """EMA step on the codebook, then restart of dead codes; returns the global counts.
+
+        Under torch.distributed the counts and sums are summed over ranks and the restart
+        vectors come from rank 0, so every rank holds the same codebook.
+        """
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat)
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.lerp_(counts, 1 - self.decay)
+        self.embed_sum.lerp_(sums, 1 - self.decay)
+        n = self.cluster_size.sum()
+        # Laplace smoothing keeps a code that received nothing from dividing by zero.
+        smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
+        self.embedding.copy_(self.embed_sum / smoothed.unsqueeze(1))
+
+        # Candidates are drawn for every code and kept only where it is dead: fixed shapes, no
+        # host sync to count the dead codes.
+        dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)
+        pick = torch.randint(flat.shape[0], (self.codebook_size,), device=flat.device, generator=generator)
+        candidates = flat[pick]
+        if distributed:
+            dist.broadcast(candidates, src=0)
+        self.embedding.copy_(torch.where(dead, candidates, self.embedding))
+        self.embed_sum.copy_(torch.where(dead, candidates * self.dead_code_threshold, self.embed_sum))
+        self.cluster_size.copy_(torch.where(dead.squeeze(1), torch.full_like(self.cluster_size,
+                                                                             self.dead_code_threshold),
+                                            self.cluster_size))
+        return counts
+
+
+class VQVAE(nn.Module):
+    def __init__(self, in_channels: int = 3, hidden_channels: int = 128, num_res_blocks: int = 2,
+                 downsample_factor: int = 4, latent_channels: int = 4, codebook_size: int = 512,
+                 codebook_decay: float = 0.99, dead_code_threshold: float = 1.0,
+                 image_size: Optional[int] = None):
+        super().__init__()
+        if downsample_factor < 1 or downsample_factor & (downsample_factor - 1):
+            raise ValueError(f"downsample_factor must be a power of 2, got {downsample_factor}")
+        levels = downsample_factor.bit_length() - 1
+        self.in_channels, self.latent_channels = in_channels, latent_channels
+        self.downsample_factor, self.codebook_size = downsample_factor, codebook_size
+        # The size it was trained on; the layers accept any multiple of downsample_factor.
+        self.image_size = image_size
+        self.encoder = Encoder(in_channels, hidden_channels, num_res_blocks, levels, latent_channels)
+        self.quantizer = VectorQuantizer(codebook_size, latent_channels, codebook_decay, dead_code_threshold)
+        self.decoder = Decoder(in_channels, hidden_channels, num_res_blocks, levels, latent_channels)
+
+    def latent_shape(self, image_size: int) -> Tuple[int, int, int]:
+        """(D, h, w) of the latents of a square image of side image_size."""
+        if image_size % self.downsample_factor:
+            raise ValueError(f"image_size {image_size} is not divisible by the VQ-VAE's "
+                             f"downsample_factor {self.downsample_factor}")
+        side = image_size // self.downsample_factor
+        return self.latent_channels, side, side
+
+    def encode_continuous(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-quantization latents z_e (B, D, h, w)."""
+        return self.encoder(x)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, h, w) int64 codes in [0, codebook_size)."""
+        return self.quantizer.codes(self.encoder(x))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> quantized latents (B, D, h, w); never updates the codebook."""
+        return self.quantizer.lookup(self.codes(x))
+
+    def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        """(B, D, h, w) latents -> (B, C, H, W) images; snapped to the nearest codes first unless
+        quantize=False."""
+        if quantize:
+            z = self.quantizer.lookup(self.quantizer.codes(z))
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Reconstruction and quantizer stats; in training mode the codebook is updated."""
+        z_q, _, stats = self.quantizer(self.encoder(x), generator)
+        return self.decoder(z_q), stats
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every weight and codebook buffer: the identity of these latents."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    @classmethod
+    def load_from_checkpoint(cls, path: str, weights: str = "model", device="cpu") -> "VQVAE":
+        """The VQ-VAE a train_vqvae.py checkpoint describes, in eval mode on `device`.
+
+        `weights` is 'model' (the trained weights, the default: see the module docstring) or
+        'ema'. The result remembers `checkpoint_path`.
+        """
+        from training.checkpoint import load_checkpoint  # training imports models: import late
+
+        if weights not in ("model", "ema"):
+            raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
+        ckpt = load_checkpoint(path, kind="vqvae")
+        model = vqvae_from_config(ckpt["config"])
+        model.load_state_dict(ckpt[weights], strict=True)
+        model.checkpoint_path = path
+        return model.to(device).eval().requires_grad_(False)
+
+
+def vqvae_from_config(config) -> VQVAE:
+    """Build the VQ-VAE a VQVAEConfig (or its checkpointed dict) describes."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    return VQVAE(in_channels=get("in_channels"), hidden_channels=get("hidden_channels"),
+                 num_res_blocks=get("num_res_blocks"), downsample_factor=get("downsample_factor"),
+                 latent_channels=get("latent_channels"), codebook_size=get("codebook_size"),
+                 codebook_decay=get("codebook_decay"), dead_code_threshold=get("dead_code_threshold"),
+                 image_size=get("image_size"))
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2) from their mean squared error."""
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: VQVAE, batches: Iterable, device) -> Dict[str, float]:
+    """Reconstruction quality and codebook use over (x, y) batches, without updating the codebook.
+
+    psnr is the mean over images of each image's PSNR (reconstructions clamped to [-1, 1]);
+    perplexity and code_usage are measured on the histogram of all codes of all images.
+    """
+    counts = torch.zeros(model.codebook_size, dtype=torch.float64)
+    sq_err, psnr_sum, n = 0.0, 0.0, 0
+    for x, _ in batches:
+        x = x.to(device).float()
+        codes = model.codes(x)
+        recon = model.decoder(model.quantizer.lookup(codes)).float().clamp(-1, 1)
+        per_image = (recon - x).square().flatten(1).mean(1)
+        sq_err += per_image.sum().item()
+        psnr_sum += psnr(per_image).sum().item()
+        n += x.shape[0]
+        counts += torch.bincount(codes.flatten().cpu(), minlength=model.codebook_size).double()
+    if n == 0:
+        raise ValueError("no images to evaluate the VQ-VAE on")
+    probs = counts / counts.sum()
+    perplexity = math.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum().item())
+    return {"images": n, "mse": sq_err / n, "psnr": psnr_sum / n, "perplexity": perplexity,
+            "code_usage": (counts > 0).double().mean().item()}
+
+
+class LatentSpace:
+    """The space a latent flow model lives in: VQ-VAE latents normalized per channel.
+
+    normalize(z) = (z - mean) / std for training data; decode(z) un-normalizes a generated latent
+    and decodes it through the VQ-VAE to pixels. `state()` is what the flow checkpoint stores
+    under "latent"; `from_flow_checkpoint` rebuilds it at generation and checks that the VQ-VAE
+    found is the one the flow model was trained with.
+    """
+
+    def __init__(self, vqvae: VQVAE, mean: torch.Tensor, std: torch.Tensor, fingerprint: Optional[str] = None):
+        self.vqvae = vqvae
+        device = next(vqvae.parameters()).device
+        self.mean = mean.float().reshape(1, -1, 1, 1).to(device)
+        self.std = std.float().reshape(1, -1, 1, 1).to(device)
+        self.fingerprint = fingerprint or vqvae.fingerprint()
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean.to(z.device)) / self.std.to(z.device)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalized latents (B, D, h, w) -> images (B, C, H, W), in float32."""
+        device = self.mean.device
+        return self.vqvae.decode(z.float().to(device) * self.std + self.mean).float().to(z.device)
+
+    def state(self) -> Dict[str, object]:
+        return {"mean": self.mean.flatten().cpu(), "std": self.std.flatten().cpu(),
+                "vqvae_fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_flow_checkpoint(cls, ckpt: Dict, vqvae_checkpoint: Optional[str] = None,
+                             device="cpu") -> Optional["LatentSpace"]:
+        """The latent space of a latent flow checkpoint, or None for a pixel-space one.
+
+        The VQ-VAE comes from `vqvae_checkpoint` when given, else from the path the flow config
+        recorded. ValueError when it is missing or is not the VQ-VAE the model was trained with.
+        """
+        if "latent" not in ckpt:
+            if vqvae_checkpoint is not None:
+                raise ValueError("--vqvae_checkpoint was given, but this flow checkpoint works in pixel "
+                                 "space; drop the flag")
+            return None
+        latent = ckpt["latent"]
+        path = vqvae_checkpoint or ckpt["config"].get("vqvae_checkpoint")
+        if path is None:
+            raise ValueError("this latent flow checkpoint does not record its VQ-VAE; pass "
+                             "--vqvae_checkpoint PATH (the VQ-VAE it was trained with)")
+        vqvae = VQVAE.load_from_checkpoint(path, device=device)
+        if vqvae.fingerprint() != latent["vqvae_fingerprint"]:
+            raise ValueError(f"VQ-VAE {path} is not the one this flow model was trained with (its "
+                             f"weights differ); pass the original with --vqvae_checkpoint PATH")
+        return cls(vqvae, latent["mean"], latent["std"], latent["vqvae_fingerprint"])

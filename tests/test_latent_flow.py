@@ -1,0 +1,175 @@
+"""Flow matching on VQ-VAE latents: the seed's snippet, the on-disk latent cache (reuse and
+invalidation), mirrored latents, per-channel normalization, and a tiny latent run that trains and
+generates images at pixel size."""
+
+import glob
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import generate_flow_matching
+import train_flow_matching
+import train_vqvae
+from configs.cli import make_config
+from configs.flow_matching_config import PRESETS, FlowMatchingConfig
+from data.flow_matching_dataset import build_image_dataset, get_flow_matching_dataloader
+from models.vqvae import VQVAE
+from training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+
+from tests.conftest import TINY_FLAGS, write_image_folder
+from tests.test_vqvae import VQ_FLAGS
+
+
+@pytest.fixture(scope="module")
+def vqvae_run(tmp_path_factory):
+    """A tiny VQ-VAE (8x8 images -> 3x4x4 latents, 16 codes) trained for a few steps."""
+    root = tmp_path_factory.mktemp("vqvae")
+    images = write_image_folder(root / "images")
+    flags = VQ_FLAGS + ["--data_dir", images, "--train_steps", "4", "--save_every", "2", "--eval_images", "0",
+                        "--checkpoint_dir", str(root / "ckpt")]
+    assert train_vqvae.main(flags) == 0
+    return str(root / "ckpt" / "vqvae.pt"), images
+
+
+def flow_config(data_dir, cache_dir, **overrides):
+    values = dict(PRESETS["tiny"], dataset="imagefolder", data_dir=data_dir, image_size=8, batch_size=4,
+                  num_workers=0, device="cpu", latent_cache_dir=str(cache_dir))
+    values.update(overrides)
+    return make_config(FlowMatchingConfig, values)
+
+
+def cache_files(cache_dir):
+    return sorted(glob.glob(os.path.join(cache_dir, "vq_latents_*.pt")))
+
+
+class CountingEncoder:
+    """Counts the images a VQ-VAE encodes, by wrapping its `codes`."""
+
+    def __init__(self, vqvae):
+        self.images, inner = 0, vqvae.codes
+
+        def codes(x):
+            self.images += x.shape[0]
+            return inner(x)
+
+        vqvae.codes = codes
+
+
+def test_seed_snippet_encodes_once_then_reuses_the_cache(vqvae_run, tmp_path):
+    path, images = vqvae_run
+    config = flow_config(images, tmp_path / "cache")
+    encoder = VQVAE.load_from_checkpoint(path)
+    counter = CountingEncoder(encoder)
+    loader = get_flow_matching_dataloader(config, vqvae_encoder=encoder)
+    assert counter.images == 2 * 18                     # every image and its mirror, once
+    assert (config.latent_channels, config.latent_size) == (3, 4) and config.vqvae_checkpoint == path
+    x, y = next(iter(loader))
+    assert x.shape == (config.batch_size, 3, 4, 4) and y.dtype == torch.int64
+    assert len(cache_files(tmp_path / "cache")) == 1
+
+    again = flow_config(images, tmp_path / "cache")
+    get_flow_matching_dataloader(again, vqvae_encoder=encoder)
+    assert counter.images == 2 * 18 and len(cache_files(tmp_path / "cache")) == 1
+
+
+def test_cache_is_keyed_by_vqvae_weights_and_data(vqvae_run, tmp_path):
+    path, images = vqvae_run
+    cache = tmp_path / "cache"
+    encoder = VQVAE.load_from_checkpoint(path)
+    get_flow_matching_dataloader(flow_config(images, cache), vqvae_encoder=encoder)
+    with torch.no_grad():
+        encoder.decoder.net[0].bias.add_(0.01)           # any other weights: another VQ-VAE
+    get_flow_matching_dataloader(flow_config(images, cache), vqvae_encoder=encoder)
+    assert len(cache_files(cache)) == 2
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(images, copy)
+    get_flow_matching_dataloader(flow_config(copy, cache), vqvae_encoder=encoder)
+    assert len(cache_files(cache)) == 3
+    first = sorted(glob.glob(os.path.join(copy, "class_0", "*.png")))[0]
+    Image.open(first).transpose(Image.FLIP_TOP_BOTTOM).save(first)   # an edited image
+    os.utime(first, ns=(0, 1))
+    counter = CountingEncoder(encoder)
+    get_flow_matching_dataloader(flow_config(copy, cache), vqvae_encoder=encoder)
+    assert len(cache_files(cache)) == 4 and counter.images == 2 * 18
+    get_flow_matching_dataloader(flow_config(copy, cache, hflip=False), vqvae_encoder=encoder)
+    assert len(cache_files(cache)) == 5 and counter.images == 3 * 18
+
+
+def test_mirrored_items_are_latents_of_mirrored_images_and_normalized(vqvae_run, tmp_path):
+    path, images = vqvae_run
+    config = flow_config(images, tmp_path / "cache")
+    encoder = VQVAE.load_from_checkpoint(path)
+    dataset = get_flow_matching_dataloader(config, vqvae_encoder=encoder).dataset
+    pixels, _ = build_image_dataset("imagefolder", images, 8, 3)
+    space = dataset.latent_space
+    for i in (0, 7):
+        x, y = pixels[i]
+        assert dataset[(i, False)][1] == y
+        torch.testing.assert_close(dataset[(i, False)][0], space.normalize(encoder.encode(x[None]))[0])
+        torch.testing.assert_close(dataset[(i, True)][0], space.normalize(encoder.encode(x.flip(-1)[None]))[0])
+    every = torch.stack([dataset[(i, f)][0] for i in range(len(dataset)) for f in (False, True)])
+    per_channel = every.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_channel.std(1, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, capsys):
+    path, images = vqvae_run
+    folder = os.path.dirname(path)  # shared with the VQ-VAE run, as checkpoints/ is in the seed's layout
+    flags = TINY_FLAGS + ["--data_dir", images, "--checkpoint_dir", folder,
+                          "--sample_dir", str(tmp_path / "samples"), "--vqvae_checkpoint", path,
+                          "--latent_cache_dir", str(tmp_path / "cache"), "--train_steps", "4",
+                          "--save_every", "2", "--sample_every", "4"]
+    assert train_flow_matching.main(flags) == 0
+    final = os.path.join(folder, "flow_matching_final.pt")
+    assert os.path.isfile(os.path.join(folder, "checkpoint_0000002.pt"))
+    assert load_checkpoint(os.path.join(folder, "vqvae_checkpoint_0000002.pt"), kind="vqvae")["step"] == 2
+    assert find_latest(folder, "flow_matching") == final and find_latest(folder, "vqvae") == path
+    ckpt = load_checkpoint(final, kind="flow_matching")
+    assert (ckpt["config"]["latent_size"], ckpt["config"]["latent_channels"]) == (4, 3)
+    assert ckpt["latent"]["mean"].shape == ckpt["latent"]["std"].shape == (3,)
+    assert ckpt["latent"]["vqvae_fingerprint"] == VQVAE.load_from_checkpoint(path).fingerprint()
+    # 3 classes x 2 samples of 8x8 pixels (2-pixel padding), decoded from 4x4 latents.
+    assert Image.open(tmp_path / "samples" / "step_0000004.png").size == (22, 32)
+
+    out = tmp_path / "generated"
+    argv = ["--checkpoint", final, "--class_grid", "--samples_per_class", "2", "--output_dir", str(out),
+            "--device", "cpu"]
+    assert generate_flow_matching.main(argv) == 0
+    assert Image.open(out / "grid.png").size == (22, 32)
+    assert Image.open(out / "images" / "000000_class0.png").size == (8, 8)
+
+    # The VQ-VAE file replaced by other weights: refused; the original passed explicitly: accepted.
+    original = str(tmp_path / "original_vqvae.pt")
+    shutil.copy(path, original)
+    other = load_checkpoint(path)
+    other["model"]["decoder.net.0.bias"] += 0.01
+    save_checkpoint(other, path)
+    try:
+        assert generate_flow_matching.main(argv) == 2
+        assert "is not the one this flow model was trained with" in capsys.readouterr().err
+        assert generate_flow_matching.main(argv + ["--vqvae_checkpoint", original]) == 0
+        assert train_flow_matching.main(flags + ["--train_steps", "5", "--resume", final]) == 2
+        assert "trained on the latents of another VQ-VAE" in capsys.readouterr().err
+    finally:
+        shutil.copy(original, path)
+
+
+def test_bad_latent_flags(vqvae_run, tmp_path, capsys):
+    path, images = vqvae_run
+    base = TINY_FLAGS + ["--data_dir", images, "--checkpoint_dir", str(tmp_path / "ckpt"),
+                         "--latent_cache_dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as exit_info:
+        train_flow_matching.main(base + ["--vqvae_checkpoint", str(tmp_path / "missing.pt")])
+    assert exit_info.value.code == 2 and "train_vqvae.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_flow_matching.main(base + ["--latent_size", "4"])
+    assert "filled from --vqvae_checkpoint" in capsys.readouterr().err
+    assert train_flow_matching.main(base + ["--vqvae_checkpoint", path, "--patch_size", "3"]) == 2
+    assert "latents are not divisible by --patch_size 3" in capsys.readouterr().err
+    assert train_flow_matching.main(base + ["--vqvae_checkpoint", path, "--image_size", "16"]) == 2
+    assert "pass --image_size 8" in capsys.readouterr().err
