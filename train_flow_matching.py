@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     try:
         micro = micro_batch_size(config, dist.world_size)
         loader = get_flow_matching_dataloader(config, batch_size=micro, rank=dist.rank,
-                                              world_size=dist.world_size)
+                                              world_size=dist.world_size, device=dist.device)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         model = dit_from_config(config)
         model.gradient_checkpointing = config.gradient_checkpointing

@@ -4,6 +4,7 @@ Presets are applied before command-line flags: `cifar10` (the defaults) and `tin
 run that finishes in a few minutes on 2 cores and still shows a falling loss).
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -25,6 +26,8 @@ class FlowMatchingConfig(TrainConfig):
     in_channels: int = field(default=3, metadata={"help": "3 = RGB, 1 = grayscale"})
     num_classes: Optional[int] = field(default=None, metadata={"help": "classes; none = from the dataset (10 for CIFAR-10); 0 = unconditional"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
+    data_loader: Literal["auto", "device", "workers"] = field(default="auto", metadata={"help": "device = decode the dataset once into a uint8 tensor on the training device (cached in --data_cache_dir; flips on the device); workers = a DataLoader with --num_workers decoding every epoch; auto = device on CUDA when it takes <= 1/4 of free GPU memory, workers on CPU. Both give the same batches"})
+    data_cache_dir: str = field(default="data_cache", metadata={"help": "where --data_loader device keeps decoded datasets (never inside --data_dir)"})
     # Model (DiT2D)
     patch_size: int = field(default=2, metadata={"help": "patch side in pixels"})
     hidden_size: int = field(default=768, metadata={"help": "transformer width"})
@@ -58,6 +61,10 @@ class FlowMatchingConfig(TrainConfig):
             raise ValueError(f"--class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"--mlp_ratio must be > 0, got {self.mlp_ratio}")
+        data_dir, cache = os.path.abspath(self.data_dir), os.path.abspath(self.data_cache_dir)
+        if os.path.commonpath([data_dir, cache]) == data_dir:
+            raise ValueError(f"--data_cache_dir {self.data_cache_dir} lies inside --data_dir {self.data_dir}, "
+                             f"which may be read-only; put the cache elsewhere (default: data_cache)")
         if self.logit_normal_std <= 0:
             raise ValueError(f"--logit_normal_std must be > 0, got {self.logit_normal_std}")
 
