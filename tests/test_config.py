@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs.cli import format_config, make_config, parse_config
+from configs.cli import field_choices, format_config, make_config, parse_config
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig, parse_flow_matching_config
 from tests.conftest import ROOT
 
@@ -41,6 +41,10 @@ def example_value(f, current):
         return "7", 7
     if f.name in ("resume",):
         return "latest", "latest"
+    choices = field_choices(FlowMatchingConfig, f.name)
+    if choices is not None:
+        other = next(c for c in choices if c != current)
+        return str(other), other
     if isinstance(current, float):
         return "0.5", 0.5
     if isinstance(current, int):

@@ -121,7 +121,7 @@ class Trainer:
     def fit(self) -> str:
         """Train to config.train_steps; returns the final checkpoint's path."""
         c, main = self.config, self.dist.is_main
-        batches = self._batches()
+        batches = self.batches()
         handlers = self._install_signal_handlers()
         bar = tqdm(total=c.train_steps, initial=self.step, disable=not main, dynamic_ncols=True)
         loss_sum, steps_in_window, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
@@ -200,7 +200,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------- data
 
-    def _batches(self) -> Iterator:
+    def batches(self) -> Iterator:
         """Endless micro-batches; self.epoch / self.index always name the next one to read."""
         while True:
             self.loader.sampler.set_position(self.epoch, self.index * self.micro_batch)
