@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         vqvae = (VQVAE.load_from_checkpoint(config.vqvae_checkpoint, device=dist.device)
                  if config.vqvae_checkpoint else None)
         loader = get_flow_matching_dataloader(config, vqvae_encoder=vqvae, batch_size=micro,
-                                              rank=dist.rank, world_size=dist.world_size)
+                                              rank=dist.rank, world_size=dist.world_size, device=dist.device)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         model = dit_from_config(config)
         model.gradient_checkpointing = config.gradient_checkpointing

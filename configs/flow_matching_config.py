@@ -27,9 +27,10 @@ class FlowMatchingConfig(TrainConfig):
     in_channels: int = field(default=3, metadata={"help": "3 = RGB, 1 = grayscale"})
     num_classes: Optional[int] = field(default=None, metadata={"help": "classes; none = from the dataset (10 for CIFAR-10); 0 = unconditional"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
+    data_loader: Literal["auto", "device", "workers"] = field(default="auto", metadata={"help": "device = decode the dataset once into a uint8 tensor on the training device (cached in --data_cache_dir; flips on the device); workers = a DataLoader with --num_workers decoding every epoch; auto = device on CUDA when it takes <= 1/4 of free GPU memory, workers on CPU. Both give the same batches"})
+    data_cache_dir: str = field(default="data_cache", metadata={"help": "where decoded datasets and VQ-VAE latents are cached, keyed by their sources (never inside --data_dir)"})
     # Latent flow matching (a VQ-VAE from train_vqvae.py)
     vqvae_checkpoint: Optional[str] = field(default=None, metadata={"help": "train on the latents of this VQ-VAE checkpoint (e.g. checkpoints/vqvae.pt); none = pixel space"})
-    latent_cache_dir: str = field(default="data_cache", metadata={"help": "where the encoded dataset is cached (keyed by VQ-VAE weights and data)"})
     latent_size: Optional[int] = field(default=None, metadata={"help": "latent side the DiT sees; filled from the VQ-VAE, leave unset"})
     latent_channels: Optional[int] = field(default=None, metadata={"help": "latent channels the DiT sees; filled from the VQ-VAE, leave unset"})
     # Model (DiT2D)
@@ -74,6 +75,10 @@ class FlowMatchingConfig(TrainConfig):
             raise ValueError(f"--class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"--mlp_ratio must be > 0, got {self.mlp_ratio}")
+        data_dir, cache = os.path.abspath(self.data_dir), os.path.abspath(self.data_cache_dir)
+        if os.path.commonpath([data_dir, cache]) == data_dir:
+            raise ValueError(f"--data_cache_dir {self.data_cache_dir} lies inside --data_dir {self.data_dir}, "
+                             f"which may be read-only; put the cache elsewhere (default: data_cache)")
         if self.logit_normal_std <= 0:
             raise ValueError(f"--logit_normal_std must be > 0, got {self.logit_normal_std}")
 

@@ -24,14 +24,26 @@ from torchvision import datasets, transforms
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def image_transform(image_size: int, in_channels: int) -> transforms.Compose:
-    """PIL image -> float tensor (C, H, W) in [-1, 1], resized and center-cropped."""
+def image_transform(image_size: int, in_channels: int, as_uint8: bool = False) -> transforms.Compose:
+    """PIL image -> float tensor (C, H, W) in [-1, 1], resized and center-cropped.
+
+    With as_uint8, stop before the float conversion: uint8 (C, H, W), which `uint8_to_model`
+    turns into exactly the float tensor the full transform gives.
+    """
     if in_channels not in (1, 3):
         raise ValueError(f"image datasets have 1 (grayscale) or 3 (RGB) channels, got in_channels={in_channels}")
     steps = [transforms.Grayscale(1)] if in_channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
-    steps += [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
-              transforms.Normalize([0.5] * in_channels, [0.5] * in_channels)]
+    steps += [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    if as_uint8:
+        return transforms.Compose(steps + [transforms.PILToTensor()])
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * in_channels, [0.5] * in_channels)]
     return transforms.Compose(steps)
+
+
+def uint8_to_model(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., C, H, W) -> float in [-1, 1], the same operations (so the same bits) as
+    ToTensor + Normalize(0.5, 0.5)."""
+    return x.float().div(255).sub(0.5).div(0.5)
 
 
 def _cifar10(data_dir: str, train: bool, transform) -> Dataset:
@@ -57,9 +69,9 @@ def _image_folder(data_dir: str, transform) -> Dataset:
 
 
 def build_image_dataset(dataset: str, data_dir: str, image_size: int, in_channels: int,
-                        train: bool = True) -> Tuple[Dataset, int]:
-    """The dataset and its number of classes."""
-    transform = image_transform(image_size, in_channels)
+                        train: bool = True, as_uint8: bool = False) -> Tuple[Dataset, int]:
+    """The dataset and its number of classes (items as uint8 tensors with as_uint8)."""
+    transform = image_transform(image_size, in_channels, as_uint8)
     if dataset == "cifar10":
         return _cifar10(data_dir, train, transform), 10
     if dataset == "imagefolder":
@@ -116,7 +128,11 @@ class ResumableSampler(DistributedSampler):
         self.set_epoch(epoch)
         self.start = start
 
-    def __iter__(self) -> Iterator[Tuple[int, bool]]:
+    def epoch_order(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This rank's remaining (indices, flip bits) of the epoch, as int64 and bool tensors.
+
+        Consumes the start position, as iterating does.
+        """
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = len(self.dataset)
         order = torch.randperm(n, generator=gen)
@@ -125,7 +141,11 @@ class ResumableSampler(DistributedSampler):
         order = torch.cat([order, order[: total - n]]) if total > n else order
         mine = order[self.rank:total:self.num_replicas][self.start:]
         self.start = 0
-        return iter([(i, bool(flips[i])) for i in mine.tolist()])
+        return mine, flips[mine]
+
+    def __iter__(self) -> Iterator[Tuple[int, bool]]:
+        indices, flips = self.epoch_order()
+        return iter(zip(indices.tolist(), flips.tolist()))
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -146,8 +166,27 @@ def make_loader(dataset: Dataset, batch_size: int, *, seed: int, hflip: bool, nu
                       generator=torch.Generator().manual_seed(seed))
 
 
+def use_device_loader(config, num_images: int, device: torch.device) -> bool:
+    """Whether --data_loader picks the on-device uint8 path (data/device_loader.py).
+
+    auto: on CUDA when the uint8 dataset takes at most a quarter of the free GPU memory (CIFAR-10
+    takes 150 MB), so the GPU never waits on decoding; the worker DataLoader on the CPU, where
+    nothing waits on a GPU and a run need not write a cache first.
+    """
+    if config.data_loader == "workers":
+        return False
+    size = num_images * config.in_channels * config.image_size ** 2
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else math.inf
+    fits = size <= free / 4
+    if config.data_loader == "device" and not fits:
+        raise ValueError(f"--data_loader device: the decoded dataset ({size / 2 ** 30:.1f} GiB of uint8) "
+                         f"does not fit in a quarter of the free GPU memory ({free / 2 ** 30:.1f} GiB); "
+                         f"use --data_loader workers")
+    return fits and (config.data_loader == "device" or device.type == "cuda")
+
+
 def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Optional[int] = None,
-                                 rank: int = 0, world_size: int = 1) -> DataLoader:
+                                 rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None):
     """The training loader a FlowMatchingConfig describes (fills config.num_classes if unset).
 
     batch_size is the per-forward batch on this rank; by default the config's whole global batch.
@@ -155,18 +194,22 @@ def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Opti
     normalized latents instead of images and fills config.latent_size / latent_channels (and
     config.vqvae_checkpoint from the encoder's checkpoint when unset); `loader.dataset.latent_space`
     then holds the normalization and the decoder.
+    `device` is where training runs (default CPU); for images, --data_loader picks a worker
+    DataLoader or the on-device uint8 loader, which yield the same batches.
     """
     dataset, found = build_image_dataset(config.dataset, config.data_dir, config.image_size,
                                          config.in_channels, train=True)
     resolve_num_classes(config, found, verbose=rank == 0)
+    batch_size = batch_size or config.batch_size
+    device = torch.device(device or "cpu")
     if vqvae_encoder is not None or config.vqvae_checkpoint is not None:
         from data.latent_cache import latent_dataset  # it builds on this module
 
         dataset = latent_dataset(config, dataset, vqvae_encoder, rank)
-    return make_loader(dataset, batch_size or config.batch_size, seed=config.seed, hflip=config.hflip,
+    elif use_device_loader(config, len(dataset), device):
+        # Imported here: device_loader builds on this module.
+        from data.device_loader import device_loader
+        return device_loader(config, batch_size, device, rank, world_size)
+    return make_loader(dataset, batch_size, seed=config.seed, hflip=config.hflip,
                        num_workers=config.num_workers, rank=rank, world_size=world_size,
-                       pin_memory=torch.cuda.is_available())
-
-
-def steps_per_epoch(loader: DataLoader) -> int:
-    return math.floor(len(loader.sampler) / loader.batch_size)
+                       pin_memory=device.type == "cuda")

@@ -90,12 +90,12 @@ def channel_stats(codes: torch.Tensor, codebook: torch.Tensor) -> Tuple[torch.Te
 
 def load_latent_dataset(config, vqvae: VQVAE, dataset: Dataset, batch_size: int,
                         rank: int = 0) -> LatentDataset:
-    """The cached latents of `dataset` under config.latent_cache_dir, encoding them on a miss.
+    """The cached latents of `dataset` under config.data_cache_dir, encoding them on a miss.
 
     Under torch.distributed rank 0 encodes and writes while the other ranks wait, then read.
     """
     key = cache_key(vqvae, dataset, config)
-    path = os.path.join(config.latent_cache_dir, f"vq_latents_{key[:24]}.pt")
+    path = os.path.join(config.data_cache_dir, f"vq_latents_{key[:24]}.pt")
     distributed = dist.is_available() and dist.is_initialized()
     if rank == 0 and not os.path.isfile(path):
         print(f"latent cache miss: encoding {len(dataset)} images{' and their mirrors' if config.hflip else ''} "

@@ -92,7 +92,8 @@ class DiT2D(nn.Module):
         # loaders and samplers there validate labels where they enter.
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
             self.check_labels(y)
-        x = self.x_embedder(x) + self.pos_embed                            # (B, N, D)
+        x = self.x_embedder(x)                                             # (B, N, D)
+        x = x + self.pos_embed.to(x.dtype)                                 # keeps a bf16 stream bf16
         c = self.t_embedder(t)                                             # (B, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y)                                     # (B, D)

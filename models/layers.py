@@ -1,19 +1,101 @@
 """Building blocks of DiT2D: position tables, embedders, attention, MLP, the adaLN-Zero block and
 the final layer. Token tensors are (B, N, D): batch, tokens, width.
+
+Precision: under bf16 (or fp16) autocast the residual stream and every activation stay in the
+autocast dtype. LayerNorm computes its statistics in fp32 inside the kernel and returns the input
+dtype, and the position table is cast to the stream's dtype, so nothing upcasts the stream to fp32
+(which would double the memory traffic of every elementwise op). The sampler integrates and the
+loss reduces in fp32 (flow_matching.py).
+
+CPUs without bf16 instructions (no AVX-512: oneDNN reports no bf16 support) run a bf16 GEMM several
+times slower than an fp32 one. There, under bf16 autocast, `Linear` and attention multiply the
+bf16-rounded operands in fp32 and round the result to bf16: the same numbers a bf16 GEMM with
+fp32 accumulation gives, at fp32 speed (see `set_cpu_bf16_matmul`).
 """
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+# ----------------------------------------------------------------------------- precision
+
+_cpu_bf16_matmul_in_fp32 = False
+
+
+def set_cpu_bf16_matmul(mode: str) -> None:
+    """How bf16-autocast GEMMs and attention run on the CPU.
+
+    "auto" (the default): in fp32 on bf16-rounded operands when this CPU has no fast bf16 kernels,
+    natively otherwise. "fp32" / "native" force one path (benchmarks measure both).
+    """
+    global _cpu_bf16_matmul_in_fp32
+    if mode not in ("auto", "fp32", "native"):
+        raise ValueError(f"CPU bf16 matmul mode must be auto, fp32 or native, got {mode!r}")
+    slow_bf16 = not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    _cpu_bf16_matmul_in_fp32 = mode == "fp32" or (mode == "auto" and slow_bf16)
+
+
+set_cpu_bf16_matmul("auto")
+
+
+def _bf16_via_fp32(x: torch.Tensor) -> bool:
+    """True where a bf16-autocast matmul on x should run as an fp32 one (see the module doc)."""
+    return (_cpu_bf16_matmul_in_fp32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+def _round_bf16(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """x rounded to bf16 and held in fp32 (exact): a bf16 operand for an fp32 kernel."""
+    return None if x is None else x.to(torch.bfloat16).float()
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) that takes the fp32 route for bf16 on slow-bf16 CPUs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _bf16_via_fp32(x):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            out = F.linear(_round_bf16(x), _round_bf16(self.weight), _round_bf16(self.bias))
+        return out.to(torch.bfloat16)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm without affine parameters whose output keeps the input's dtype.
+
+    Autocast would run it in fp32 and hand fp32 to the rest of the block; the kernels already
+    accumulate bf16/fp16 inputs in fp32, so only the needless fp32 output is avoided.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, elementwise_affine=False, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return super().forward(x)
+        with torch.autocast(device, enabled=False):
+            return super().forward(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA over (B, H, N, Dh); flash / memory-efficient kernels on CUDA."""
+    if not _bf16_via_fp32(q):
+        return F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(_round_bf16(q), _round_bf16(k), _round_bf16(v))
+    return out.to(torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x (B, N, D) scaled and shifted per sample by (B, D) vectors."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -49,7 +131,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Linear(in_channels * patch_size * patch_size, hidden_size)
+        self.proj = Linear(in_channels * patch_size * patch_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -70,8 +152,8 @@ class TimestepEmbedder(nn.Module):
         half = frequency_size // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(Linear(frequency_size, hidden_size), nn.SiLU(),
+                                 Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         args = (1000.0 * t.float()).unsqueeze(1) * self.freqs.unsqueeze(0)  # (B, F/2)
@@ -102,14 +184,14 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.qkv = Linear(hidden_size, 3 * hidden_size)
+        self.proj = Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # each (B, H, N, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)                        # (B, H, N, Dh)
+        x = attention(q, k, v)                                             # (B, H, N, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))               # (B, N, D)
 
 
@@ -117,8 +199,8 @@ class Mlp(nn.Module):
     def __init__(self, hidden_size: int, mlp_ratio: float):
         super().__init__()
         inner = int(hidden_size * mlp_ratio)
-        self.fc1 = nn.Linear(hidden_size, inner)
-        self.fc2 = nn.Linear(inner, hidden_size)
+        self.fc1 = Linear(hidden_size, inner)
+        self.fc2 = Linear(inner, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -133,17 +215,17 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm(hidden_size)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm(hidden_size)
         self.mlp = Mlp(hidden_size, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
             self.adaLN_modulation(c).chunk(6, dim=-1)                      # each (B, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x                                                           # (B, N, D)
 
 
@@ -154,9 +236,9 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.norm_final = LayerNorm(hidden_size)
+        self.linear = Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)           # each (B, D)

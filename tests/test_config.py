@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs.cli import format_config, make_config, parse_config
+from configs.cli import field_choices, format_config, make_config, parse_config
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig, parse_flow_matching_config
 from tests.conftest import ROOT
 
@@ -19,32 +19,27 @@ def test_defaults_are_the_seed_run():
     assert (c.save_every, c.sample_every, c.checkpoint_dir, c.sample_dir) == (5000, 1000, "checkpoints", "samples")
 
 
+# Fields whose example value needs a specific form, and flags that other values need beside them.
+SPECIAL_VALUES = {"num_classes": ("7", 7), "resume": ("latest", "latest"), "hidden_size": ("64", 64),
+                  "vqvae_checkpoint": (__file__, __file__)}
+CONTEXT = {"hidden_size": ["--num_heads", "4"], "micro_batch_size": ["--batch_size", "8"],
+           "latent_size": ["--vqvae_checkpoint", __file__], "latent_channels": ["--vqvae_checkpoint", __file__]}
+
+
 def example_value(f, current):
     """A valid value different from the default, as a flag string, for each field type."""
+    if f.name in SPECIAL_VALUES:
+        return SPECIAL_VALUES[f.name]
     if isinstance(current, bool):
         return str(not current).lower(), not current
-    if f.name in ("mixed_precision",):
-        return "fp16", "fp16"
-    if f.name == "optimizer":
-        return "adamw", "adamw"
-    if f.name == "dataset":
-        return "imagefolder", "imagefolder"
-    if f.name == "device":
-        return "cpu", "cpu"
-    if f.name == "time_sampling":
-        return "logit_normal", "logit_normal"
-    if f.name == "sampler":
-        return "heun", "heun"
-    if f.name == "lr_schedule":
-        return "cosine", "cosine"
-    if f.name in ("num_classes",):
-        return "7", 7
-    if f.name in ("resume",):
-        return "latest", "latest"
+    choices = field_choices(FlowMatchingConfig, f.name)
+    if choices is not None:
+        other = next(c for c in choices if c != current)
+        return str(other), other
     if isinstance(current, float):
         return "0.5", 0.5
-    if isinstance(current, int):
-        return "4" if f.name not in ("hidden_size",) else "64", 4 if f.name != "hidden_size" else 64
+    if isinstance(current, int) or current is None:
+        return "4", 4
     return "xyz", "xyz"
 
 
@@ -52,12 +47,7 @@ def test_every_field_can_be_overridden():
     defaults = FlowMatchingConfig()
     for f in dataclasses.fields(FlowMatchingConfig):
         text, value = example_value(f, getattr(defaults, f.name))
-        argv = [f"--{f.name}", text]
-        if f.name == "hidden_size":
-            argv += ["--num_heads", "4"]
-        if f.name == "micro_batch_size":
-            argv += ["--batch_size", "8"]
-        config = parse_flow_matching_config(argv)
+        config = parse_flow_matching_config([f"--{f.name}", text, *CONTEXT.get(f.name, [])])
         assert getattr(config, f.name) == value, f.name
 
 

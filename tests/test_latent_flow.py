@@ -36,7 +36,7 @@ def vqvae_run(tmp_path_factory):
 
 def flow_config(data_dir, cache_dir, **overrides):
     values = dict(PRESETS["tiny"], dataset="imagefolder", data_dir=data_dir, image_size=8, batch_size=4,
-                  num_workers=0, device="cpu", latent_cache_dir=str(cache_dir))
+                  num_workers=0, device="cpu", data_cache_dir=str(cache_dir))
     values.update(overrides)
     return make_config(FlowMatchingConfig, values)
 
@@ -122,7 +122,7 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
     folder = os.path.dirname(path)  # shared with the VQ-VAE run, as checkpoints/ is in the seed's layout
     flags = TINY_FLAGS + ["--data_dir", images, "--checkpoint_dir", folder,
                           "--sample_dir", str(tmp_path / "samples"), "--vqvae_checkpoint", path,
-                          "--latent_cache_dir", str(tmp_path / "cache"), "--train_steps", "4",
+                          "--data_cache_dir", str(tmp_path / "cache"), "--train_steps", "4",
                           "--save_every", "2", "--sample_every", "4"]
     assert train_flow_matching.main(flags) == 0
     final = os.path.join(folder, "flow_matching_final.pt")
@@ -162,7 +162,7 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
 def test_bad_latent_flags(vqvae_run, tmp_path, capsys):
     path, images = vqvae_run
     base = TINY_FLAGS + ["--data_dir", images, "--checkpoint_dir", str(tmp_path / "ckpt"),
-                         "--latent_cache_dir", str(tmp_path / "cache")]
+                         "--data_cache_dir", str(tmp_path / "cache")]
     with pytest.raises(SystemExit) as exit_info:
         train_flow_matching.main(base + ["--vqvae_checkpoint", str(tmp_path / "missing.pt")])
     assert exit_info.value.code == 2 and "train_vqvae.py" in capsys.readouterr().err

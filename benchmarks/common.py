@@ -1,0 +1,94 @@
+"""Shared pieces of the benchmark scripts: FLOP counting, timing, memory, the machine's description.
+
+Benchmarks print numbers and are never part of the test suite's pass/fail. Timings are medians of
+several repeats, each ended by a device synchronization so asynchronous CUDA work is counted.
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from models.dit_2d import dit_from_config  # noqa: E402
+from training.trainer import peak_memory_gb  # noqa: E402
+
+
+def count_flops_per_image(config, backward: bool) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one image through DiT2D: forward, or forward + backward.
+
+    Counted by torch's FlopCounterMode on the meta device (no memory, no time), where attention
+    runs as explicit matmuls and is counted too (QK^T and AV, and their gradients).
+    """
+    with torch.device("meta"):
+        model = dit_from_config(config)
+        x = torch.randn(1, config.in_channels, config.image_size, config.image_size)
+        t = torch.rand(1)
+        y = torch.zeros(1, dtype=torch.long) if config.num_classes else None
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, t, y)
+        if backward:
+            out.sum().backward()
+    return counter.get_total_flops()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds for one call of fn, device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values: List[float]) -> float:
+    return statistics.median(values)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's resident high-water mark."""
+    return peak_memory_gb(device)
+
+
+def machine(device: torch.device) -> str:
+    """One line naming the hardware and software a number was measured on."""
+    if device.type == "cuda":
+        hw = f"{torch.cuda.get_device_name(device)}"
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        hw = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, " \
+             f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    return f"{hw}; torch {torch.__version__}; python {platform.python_version()}"
+
+
+def write_json(path: Optional[str], record: Dict) -> None:
+    """Append one JSON line to path (nothing when path is None)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

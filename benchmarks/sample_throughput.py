@@ -1,0 +1,117 @@
+"""Sampling throughput through flow_matching.sample: images/s and NFE/s, with and without CFG.
+
+    python benchmarks/sample_throughput.py --preset tiny --device cpu --num_samples 64 --batch_size 32
+    python benchmarks/sample_throughput.py --device cuda --compile true --num_samples 5000 --batch_size 1000 --num_steps 35
+
+Every FlowMatchingConfig flag works (the architecture, --num_sampling_steps via --num_steps,
+--sampler, --cfg_scale, --compile). Each generated sample costs what it costs in
+generate_flow_matching.py: per-sample noise from (seed, index), the ODE solve under autocast
+(--precision), conversion to uint8 on the host; PNG writing is left out. The weights are a fresh
+model's: speed does not depend on their values. One untimed batch warms up (and compiles), then
+--num_samples are timed; with --extrapolate_to N the time for N samples is extrapolated linearly
+from that measurement (and printed as such).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import flow_matching  # noqa: E402
+from benchmarks.common import machine, peak_memory_gib, reset_peak_memory, synchronize, write_json  # noqa: E402
+from configs.cli import ArgumentParser, parse_config  # noqa: E402
+from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
+from data.images import to_uint8  # noqa: E402
+from models.dit_2d import dit_from_config  # noqa: E402
+from training.distributed import resolve_device  # noqa: E402
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--num_samples", type=int, default=256, help="samples timed")
+    p.add_argument("--batch_size", type=int, default=256, help="samples per sampling batch (CFG forwards twice as many)")
+    p.add_argument("--num_steps", type=int, default=None, help="ODE steps (default: the config's num_sampling_steps)")
+    p.add_argument("--cfg_modes", default="guided,unguided", help="guided (the config's --cfg_scale), unguided (scale 1), or both")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="forward precision")
+    p.add_argument("--extrapolate_to", type=int, default=0, help="also print the time for this many samples (linear)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--json", default=None, help="append the results as JSON lines to this file")
+    return p
+
+
+def main(argv=None) -> int:
+    bench = bench_parser()
+    args, rest = bench.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        bench.print_help()
+    config = parse_config(FlowMatchingConfig, PRESETS, rest, description=__doc__, default_preset="cifar10")
+    modes = [m for m in args.cfg_modes.split(",") if m]
+    if not modes or set(modes) - {"guided", "unguided"}:
+        bench.error(f"--cfg_modes {args.cfg_modes!r}: use guided, unguided or guided,unguided")
+    if args.num_samples < 1 or args.batch_size < 1 or args.extrapolate_to < 0:
+        bench.error("--num_samples and --batch_size must be >= 1 and --extrapolate_to >= 0")
+    try:
+        device = resolve_device(config.device)
+    except ValueError as err:
+        bench.error(str(err))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if config.num_classes is None:
+        config.num_classes = 10
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    num_steps = args.num_steps or config.num_sampling_steps
+    model = dit_from_config(config).to(device).eval().requires_grad_(False)
+    net = torch.compile(model) if config.compile else model
+    shape = (config.in_channels, config.image_size, config.image_size)
+    autocast = torch.bfloat16 if args.precision == "bf16" else None
+    print(f"machine: {machine(device)}")
+    print(f"sample: hidden {config.hidden_size}, depth {config.depth}, patch {config.patch_size}, "
+          f"{config.image_size}px, {config.sampler} x {num_steps} steps, batch {args.batch_size}, "
+          f"{args.precision}, compile {config.compile}, {device.type}")
+
+    for mode in modes:
+        cfg_scale = config.cfg_scale if mode == "guided" and config.num_classes else 1.0
+
+        def generate(first, count):
+            index = range(first, first + count)
+            noise = flow_matching.per_sample_noise(config.seed, index, shape, device)
+            y = (torch.arange(first, first + count) % max(config.num_classes, 1)).to(device)
+            x, nfe = flow_matching.sample(net, noise, y if config.num_classes else None,
+                                          num_classes=config.num_classes, num_steps=num_steps,
+                                          sampler=config.sampler, cfg_scale=cfg_scale, autocast_dtype=autocast)
+            to_uint8(x)
+            return nfe
+
+        generate(0, min(args.batch_size, args.num_samples))  # warm-up and compilation
+        reset_peak_memory(device)
+        synchronize(device)
+        start = time.perf_counter()
+        for first in range(0, args.num_samples, args.batch_size):
+            nfe = generate(first, min(args.batch_size, args.num_samples - first))
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        rate = args.num_samples / seconds
+        forwards = 2 if cfg_scale != 1.0 else 1
+        mem = peak_memory_gib(device)
+        print(f"  cfg_scale {cfg_scale:g}: {args.num_samples} samples in {seconds:.2f}s = {rate:.2f} images/s, "
+              f"{rate * nfe:.1f} NFE/s ({nfe} NFE per sample, {forwards} model rows per NFE), "
+              f"peak memory {mem:.2f} GiB")
+        record = {"bench": "sample", "machine": machine(device), "config": vars(config), "cfg_scale": cfg_scale,
+                  "num_steps": num_steps, "nfe": nfe, "batch_size": args.batch_size, "num_samples": args.num_samples,
+                  "seconds": seconds, "images_per_s": rate, "nfe_per_s": rate * nfe, "peak_memory_gib": mem}
+        if args.extrapolate_to:
+            estimate = args.extrapolate_to / rate
+            print(f"  extrapolated: {args.extrapolate_to} samples in {estimate:.1f}s ({estimate / 60:.2f} min), "
+                  f"linear from the {args.num_samples} timed")
+            record["extrapolated_seconds"] = {str(args.extrapolate_to): estimate}
+        write_json(args.json, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

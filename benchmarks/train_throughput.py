@@ -1,0 +1,106 @@
+"""Training throughput of the real step (Trainer.train_step): images/s, achieved FLOP/s, MFU, memory.
+
+    python benchmarks/train_throughput.py --preset tiny --device cpu
+    python benchmarks/train_throughput.py --preset cifar10 --device cuda --compile true --peak_tflops 989
+
+Every FlowMatchingConfig flag works (--preset, --batch_size, --mixed_precision, --compile,
+--gradient_checkpointing, ...). Batches come from the on-device uint8 loader over random images,
+so the number is the model and step, not JPEG decoding. After --warmup steps (compilation happens
+there), --windows windows of --steps steps are timed, each ended by one device synchronization
+(as in training, nothing syncs inside a window); the median window is reported.
+MFU = images/s x counted training FLOPs per image / (--peak_tflops x 1e12).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import (count_flops_per_image, machine, median, peak_memory_gib,  # noqa: E402
+                               reset_peak_memory, synchronize, time_call, write_json)
+from configs.cli import ArgumentParser, parse_config  # noqa: E402
+from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
+from data.device_loader import DeviceLoader  # noqa: E402
+from models.dit_2d import dit_from_config  # noqa: E402
+from training.distributed import DistInfo, resolve_device  # noqa: E402
+from training.objectives import FlowMatchingObjective  # noqa: E402
+from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size  # noqa: E402
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed window")
+    p.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak TFLOP/s in the run's dtype, for MFU")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    return p
+
+
+def main(argv=None) -> int:
+    bench = bench_parser()
+    args, rest = bench.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        bench.print_help()
+    config = parse_config(FlowMatchingConfig, PRESETS, rest, description=__doc__, default_preset="cifar10")
+    if args.steps < 1 or args.windows < 1 or args.warmup < 0:
+        bench.error(f"--steps and --windows must be >= 1 and --warmup >= 0, got {args.steps}, {args.windows}, {args.warmup}")
+    try:
+        device = resolve_device(config.device)
+    except ValueError as err:
+        bench.error(str(err))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if config.num_classes is None:
+        config.num_classes = 10
+    micro = micro_batch_size(config, 1)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (max(4 * config.batch_size, 256), config.in_channels, config.image_size,
+                                    config.image_size), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, max(config.num_classes, 1), (len(images),), generator=gen)
+    loader = DeviceLoader(images.to(device), labels.to(device), micro, seed=config.seed, hflip=config.hflip)
+    torch.manual_seed(config.seed)
+    model = dit_from_config(config)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    objective = FlowMatchingObjective(config, device, AUTOCAST_DTYPES[config.mixed_precision])
+    trainer = Trainer(config, model, objective, loader, DistInfo(0, 0, 1, device))
+    batches = trainer.batches()
+
+    def steps(n):
+        for _ in range(n):
+            trainer.train_step(next(batches) for _ in range(trainer.accum_steps))
+
+    reset_peak_memory(device)
+    warm = time_call(lambda: steps(args.warmup), device) if args.warmup else 0.0
+    seconds = [time_call(lambda: steps(args.steps), device) for _ in range(args.windows)]
+    synchronize(device)
+    rate = args.steps * config.batch_size / median(seconds)
+    flops = count_flops_per_image(config, backward=True)
+    achieved = rate * flops / 1e12
+    mfu = achieved / args.peak_tflops if args.peak_tflops else None
+    mem = peak_memory_gib(device)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"machine: {machine(device)}")
+    print(f"train: hidden {config.hidden_size}, depth {config.depth}, heads {config.num_heads}, patch "
+          f"{config.patch_size}, {config.image_size}px, {params / 1e6:.1f}M params, batch {config.batch_size} "
+          f"(micro {micro}), {config.mixed_precision}, compile {config.compile}, grad ckpt "
+          f"{config.gradient_checkpointing}, {device.type}")
+    print(f"  {rate:.1f} images/s, {1000 * median(seconds) / args.steps:.1f} ms/step (median of {args.windows} "
+          f"windows x {args.steps} steps; warm-up {args.warmup} steps took {warm:.1f}s)")
+    print(f"  counted FLOPs {flops / 1e9:.2f} G/image (fwd+bwd) -> {achieved:.2f} TFLOP/s"
+          + (f", MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s" if mfu is not None else
+             " (pass --peak_tflops for MFU)"))
+    print(f"  peak memory {mem:.2f} GiB ({'allocated on the GPU' if device.type == 'cuda' else 'process RSS high-water'})")
+    write_json(args.json, {"bench": "train", "machine": machine(device), "config": vars(config),
+                           "images_per_s": rate, "step_seconds": [s / args.steps for s in seconds],
+                           "flops_per_image": flops, "tflops": achieved, "mfu": mfu,
+                           "peak_memory_gib": mem, "warmup_seconds": warm})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

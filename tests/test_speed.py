@@ -1,0 +1,200 @@
+"""The speed work, pinned: the on-device loader gives the DataLoader's batches, bf16 stays bf16, the
+CPU fp32 route gives bf16 numbers, parameter names are stable, the step reads nothing back to the
+host, and the benchmark FLOP count matches the model's arithmetic."""
+
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.common import count_flops_per_image
+from configs.cli import make_config
+from configs.flow_matching_config import FlowMatchingConfig
+from data import device_loader as dl
+from data.flow_matching_dataset import get_flow_matching_dataloader
+from models import layers
+from models.dit_2d import DiT2D, dit_from_config
+from tests.conftest import write_image_folder
+from training.distributed import DistInfo
+from training.objectives import FlowMatchingObjective
+from training.trainer import Trainer
+
+
+def folder_config(tmp_path, **kw):
+    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=7, size=(12, 10))
+    values = {"dataset": "imagefolder", "data_dir": root, "image_size": 8, "batch_size": 2,
+              "num_workers": 0, "data_cache_dir": str(tmp_path / "cache"), "hidden_size": 32,
+              "depth": 2, "num_heads": 2, "device": "cpu"}
+    values.update(kw)
+    return make_config(FlowMatchingConfig, values)
+
+
+# ----------------------------------------------------------------------------- data
+
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_device_loader_yields_the_dataloader_batches(tmp_path, rank, world):
+    """Same order, flips, rank share and mid-epoch resume, bit for bit, as the worker path."""
+    workers = get_flow_matching_dataloader(folder_config(tmp_path, data_loader="workers"), rank=rank, world_size=world)
+    device = get_flow_matching_dataloader(folder_config(tmp_path, data_loader="device"), rank=rank, world_size=world)
+    assert isinstance(device, dl.DeviceLoader) and device.batch_size == workers.batch_size
+    assert len(device) == len(workers)
+    for epoch, start in ((0, 0), (1, 0), (1, 4)):
+        batches = []
+        for loader in (workers, device):
+            loader.sampler.set_position(epoch, start)
+            batches.append(list(loader))
+        assert len(batches[0]) == len(batches[1]) > 0
+        for (xa, ya), (xb, yb) in zip(*batches):
+            assert xb.dtype == torch.float32 and torch.equal(xa, xb) and torch.equal(ya, yb)
+    flipped = [torch.equal(x, x.flip(-1)) for x, _ in batches[1]]
+    assert not all(flipped)
+
+
+def test_decoded_dataset_is_cached_and_reused(tmp_path, monkeypatch):
+    config = folder_config(tmp_path, data_loader="device")
+    get_flow_matching_dataloader(config)
+    path = dl.cache_path(config)
+    assert os.path.isfile(path) and path.startswith(str(tmp_path / "cache"))
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded again although the cache exists")
+
+    monkeypatch.setattr(dl, "decode_dataset", no_decode)
+    images, labels, classes = dl.load_uint8_dataset(config)
+    assert images.dtype == torch.uint8 and images.shape == (21, 3, 8, 8) and classes == 3
+    assert labels.tolist() == sorted(labels.tolist())
+
+
+def test_auto_picks_workers_on_cpu(tmp_path):
+    loader = get_flow_matching_dataloader(folder_config(tmp_path, data_loader="auto"))
+    assert not isinstance(loader, dl.DeviceLoader)
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_cache_inside_the_data_folder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--data_cache_dir .* inside --data_dir"):
+        folder_config(tmp_path, data_cache_dir=str(tmp_path / "imgs" / "cache"))
+
+
+# ----------------------------------------------------------------------------- model
+
+def tiny(depth=2):
+    torch.manual_seed(0)
+    model = DiT2D(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=depth, num_heads=2, num_classes=10)
+    with torch.no_grad():  # open the zero-initialized gates and output layer
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def inputs(batch=4):
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, 8, 8, generator=gen), torch.rand(batch, generator=gen), torch.tensor([0, 3, 9, 10])
+
+
+def test_parameter_names_and_shapes_are_stable():
+    """Optimizers (Muon) group weights by these names and split the fused qkv / adaLN rows."""
+    model = DiT2D(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert shapes == {
+        "x_embedder.proj.weight": (32, 12), "x_embedder.proj.bias": (32,),
+        "t_embedder.mlp.0.weight": (32, 256), "t_embedder.mlp.0.bias": (32,),
+        "t_embedder.mlp.2.weight": (32, 32), "t_embedder.mlp.2.bias": (32,),
+        "y_embedder.embedding.weight": (11, 32),
+        "blocks.0.attn.qkv.weight": (96, 32), "blocks.0.attn.qkv.bias": (96,),
+        "blocks.0.attn.proj.weight": (32, 32), "blocks.0.attn.proj.bias": (32,),
+        "blocks.0.mlp.fc1.weight": (128, 32), "blocks.0.mlp.fc1.bias": (128,),
+        "blocks.0.mlp.fc2.weight": (32, 128), "blocks.0.mlp.fc2.bias": (32,),
+        "blocks.0.adaLN_modulation.1.weight": (192, 32), "blocks.0.adaLN_modulation.1.bias": (192,),
+        "final_layer.linear.weight": (12, 32), "final_layer.linear.bias": (12,),
+        "final_layer.adaLN_modulation.1.weight": (64, 32), "final_layer.adaLN_modulation.1.bias": (64,),
+    }
+    assert all(isinstance(m, torch.nn.Linear) for name, m in model.named_modules() if name.endswith(("qkv", "fc1")))
+
+
+@pytest.mark.parametrize("route", ["native", "fp32"])
+def test_bf16_autocast_keeps_the_residual_stream_in_bf16(route):
+    model = tiny()
+    seen = []
+    for module in [model.x_embedder, *model.blocks, model.final_layer]:
+        module.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    layers.set_cpu_bf16_matmul(route)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(*inputs())
+    finally:
+        layers.set_cpu_bf16_matmul("auto")
+    assert seen == [torch.bfloat16] * 4
+
+
+def test_cpu_fp32_route_gives_the_bf16_numbers():
+    """The fp32 GEMMs on bf16-rounded operands match native bf16 GEMMs (fp32 accumulation) to
+    bf16 rounding, in the output and in every gradient, and stay close to full fp32."""
+    model = tiny()
+    results = {}
+    for route in ("native", "fp32"):
+        layers.set_cpu_bf16_matmul(route)
+        model.zero_grad()
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(*inputs())
+        finally:
+            layers.set_cpu_bf16_matmul("auto")
+        out.float().square().mean().backward()
+        results[route] = (out.float(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results["fp32"][0], results["native"][0], rtol=0.02, atol=0.02)
+    for a, b in zip(results["fp32"][1], results["native"][1]):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=2e-3)
+    full = model(*inputs())
+    assert (results["fp32"][0] - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_fresh_model_is_exactly_zero_under_bf16_autocast():
+    model = DiT2D(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(*inputs())
+    assert torch.equal(out.float(), torch.zeros_like(out.float()))
+
+
+# ----------------------------------------------------------------------------- the step
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on any op that copies a tensor value to the host (.item(), int(), bool(), nonzero)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            raise AssertionError(f"host read in the training step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_training_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch, precision):
+    """On CUDA a host read stalls the pipeline; the CPU-only label check is the one exception."""
+    config = folder_config(tmp_path, data_loader="device", mixed_precision=precision, batch_size=4,
+                           micro_batch_size=2, train_steps=3)
+    loader = get_flow_matching_dataloader(config, batch_size=2)
+    model = dit_from_config(config)
+    monkeypatch.setattr(model, "check_labels", lambda y: None)
+    objective = FlowMatchingObjective(config, torch.device("cpu"))
+    trainer = Trainer(config, model, objective, loader, DistInfo(0, 0, 1, torch.device("cpu")))
+    batches = iter(loader)
+    with NoHostReads():
+        for _ in range(2):
+            loss, grad_norm, _ = trainer.train_step(next(batches) for _ in range(trainer.accum_steps))
+    assert trainer.step == 2 and torch.isfinite(loss) and grad_norm > 0
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def test_counted_flops_match_the_model_arithmetic():
+    config = make_config(FlowMatchingConfig, {"image_size": 8, "hidden_size": 32, "depth": 2,
+                                              "num_heads": 2, "num_classes": 10})
+    D, N, P, L = 32, 16, 3 * 2 * 2, 2
+    block = 2 * N * (3 * D * D + D * D + 2 * 4 * D * D) + 4 * N * N * D + 2 * D * 6 * D
+    embed = 2 * N * P * D + 2 * (256 * D + D * D)
+    final = 2 * D * 2 * D + 2 * N * D * P
+    forward = count_flops_per_image(config, backward=False)
+    assert forward == L * block + embed + final
+    train = count_flops_per_image(config, backward=True)
+    assert 2.9 * forward < train <= 3 * forward
