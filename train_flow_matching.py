@@ -41,7 +41,8 @@ def main(argv=None) -> int:
             os.makedirs(config.checkpoint_dir, exist_ok=True)
             with open(os.path.join(config.checkpoint_dir, "config.json"), "w") as f:
                 json.dump(vars(config), f, indent=2)
-        objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision])
+        objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
+                                          dist.rank, dist.world_size)
         trainer = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS)
         path = trainer.fit()
         if dist.is_main:

@@ -1,10 +1,14 @@
 """The training loop shared by every model of the repo (flow model, VQ-VAE).
 
-What differs between models is an *objective* with three members:
+What differs between models is an *objective* with these members:
     kind                                 "flow_matching" | "vqvae" (checkpoint kind, final file name)
     loss(model, batch, generator)        -> (scalar loss, {name: scalar tensor} extra metrics)
     sample(ema_model, path)              writes an image grid (class samples, reconstructions)
     checkpoint_extras()                  -> dict stored in every checkpoint (may be empty)
+and optionally
+    eval_every                           steps between evaluations (0 = never)
+    evaluate(ema_model)                  -> {name: number} (e.g. FID), called on every rank; rank
+                                         0's result joins metrics.jsonl as its own record
 Everything else lives here: devices and torchrun, AMP, gradient accumulation, clipping, the LR
 schedule, EMA, logging to stdout and metrics.jsonl, sample grids, atomic checkpoints, exact resume,
 SIGTERM/SIGINT, and a stop on a non-finite loss.
@@ -101,6 +105,7 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
         self.final_path = os.path.join(config.checkpoint_dir, FINAL_NAMES[objective.kind])
         self.metrics_path = os.path.join(config.checkpoint_dir, "metrics.jsonl")
+        self.eval_every = getattr(objective, "eval_every", 0)
         if config.resume:
             self._resume(config.resume)
 
@@ -147,6 +152,9 @@ class Trainer:
                     self._check_finite()
                     self.objective.sample(self.ema, os.path.join(c.sample_dir, f"step_{self.step:07d}.png"))
                     window_start = time.perf_counter()
+                if self.eval_every and self.step % self.eval_every == 0:
+                    self._evaluate(bar)
+                    window_start = time.perf_counter()
                 if self.step % c.save_every == 0 and self.step < c.train_steps:
                     self._save(os.path.join(c.checkpoint_dir, CHECKPOINT_PATTERN.format(step=self.step)))
                     window_start = time.perf_counter()
@@ -184,8 +192,17 @@ class Trainer:
                   **{k: v for k, v in zip(extras, values[2:])},
                   "images_per_sec": steps * self.config.batch_size / max(seconds, 1e-9),
                   "peak_mem_gb": peak_memory_gb(self.device)}
-        if not self.dist.is_main:
-            return
+        if self.dist.is_main:
+            self._write_record(record, bar)
+
+    def _evaluate(self, bar) -> None:
+        self._check_finite()
+        metrics = self.objective.evaluate(self.ema)
+        if self.dist.is_main:
+            self._write_record({"step": self.step, **metrics}, bar)
+
+    def _write_record(self, record: Dict[str, Any], bar) -> None:
+        """One line on stdout and one JSON line in metrics.jsonl (rank 0 only)."""
         line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
         bar.write(line)
         os.makedirs(self.config.checkpoint_dir, exist_ok=True)
