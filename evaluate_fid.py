@@ -137,10 +137,11 @@ def folder_image_size(folder: str) -> int:
         return min(image.size)
 
 
-def reference_set(args, config) -> fid.ImageSet:
+def reference_set(args, config, image_size: int, in_channels: int) -> fid.ImageSet:
+    """The reference images, by default the checkpoint's training data, read at the model's size."""
     dataset = args.ref_dataset or ("imagefolder" if args.ref_data_dir or config is None else config["dataset"])
-    data_dir = args.ref_data_dir or config["data_dir"]
-    return fid.ImageSet(dataset, data_dir, 0, split=args.ref_split, num_images=args.ref_num_images)
+    return fid.ImageSet(dataset, args.ref_data_dir or config["data_dir"], image_size, in_channels,
+                        split=args.ref_split, num_images=args.ref_num_images)
 
 
 def evaluate(args, dist) -> None:
@@ -155,8 +156,7 @@ def evaluate(args, dist) -> None:
         image_size, in_channels = images.shape[1], images.shape[-1]
     else:
         image_size, in_channels = folder_image_size(args.images), 3
-    ref = reference_set(args, config)
-    ref.image_size, ref.in_channels = image_size, in_channels
+    ref = reference_set(args, config, image_size, in_channels)
 
     if main:
         extractor = fid.InceptionFeatures(args.inception_weights).to(device).eval()
