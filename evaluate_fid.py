@@ -150,7 +150,11 @@ def evaluate(args, dist) -> None:
     if args.checkpoint:
         model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
         config = ckpt["config"]
-        image_size, in_channels = config["image_size"], config["in_channels"]
+        image_size, in_channels, num_classes = config["image_size"], config["in_channels"], config["num_classes"]
+        cfg_scales = args.cfg_scales or [config["cfg_scale"] if num_classes else 1.0]
+        if num_classes == 0 and any(s != 1.0 for s in cfg_scales):
+            raise ValueError(f"--cfg_scales {cfg_scales} need a class-conditional model; this checkpoint "
+                             f"is unconditional (num_classes=0): use --cfg_scales 1")
     elif args.samples:
         images = load_npz(args.samples, args.num_samples)
         image_size, in_channels = images.shape[1], images.shape[-1]
@@ -164,21 +168,26 @@ def evaluate(args, dist) -> None:
             ref, extractor, args.fid_cache_dir, device, args.feature_batch_size, args.num_workers, progress=True)
         reference = ref.describe(ref_n)
         print(f"reference: {reference}; statistics {'read from' if cached else 'written to'} {path}")
-
-    common = {"source": "checkpoint" if args.checkpoint else "samples" if args.samples else "images",
-              "path": args.checkpoint or args.samples or args.images}
     rows = []
+
+    def report(stats, n, start, **fields) -> None:
+        """Score one image set, print it and append it to the JSONL at once (a long sweep may be cut short)."""
+        row = {"fid": fid.frechet_distance(stats, ref_stats), "num_samples": n,
+               "source": "checkpoint" if args.checkpoint else "samples" if args.samples else "images",
+               "path": args.checkpoint or args.samples or args.images, **fields,
+               "reference": reference, "reference_num_images": ref_n, "features": extractor.name,
+               "seconds": round(time.perf_counter() - start, 1),
+               "time": datetime.datetime.now().isoformat(timespec="seconds")}
+        print(f"FID {row['fid']:.3f} from {n} images" + (
+            f" ({row['sampler']}, {row['num_steps']} steps, NFE {row['nfe']}, cfg_scale {row['cfg_scale']})"
+            if "nfe" in row else ""))
+        with open(args.output_jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+
     if args.checkpoint:
-        num_classes = config["num_classes"]
-        cfg_scales = args.cfg_scales or [config["cfg_scale"] if num_classes else 1.0]
-        if num_classes == 0 and any(s != 1.0 for s in cfg_scales):
-            raise ValueError(f"--cfg_scales {cfg_scales} need a class-conditional model; this checkpoint "
-                             f"is unconditional (num_classes=0): use --cfg_scales 1")
-        n = args.num_samples or DEFAULT_NUM_SAMPLES
-        labels = fid.balanced_labels(n, num_classes)
+        labels = fid.balanced_labels(args.num_samples or DEFAULT_NUM_SAMPLES, num_classes)
         precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        common.update(step=ckpt["step"], weights=args.weights, seed=args.seed,
-                      guidance_interval=args.guidance_interval, precision=precision)
         for sampler, num_steps, cfg_scale in itertools.product(
                 args.samplers or [config["sampler"]], args.num_steps_list or [config["num_sampling_steps"]],
                 cfg_scales):
@@ -190,40 +199,22 @@ def evaluate(args, dist) -> None:
                 autocast_dtype=torch.bfloat16 if precision == "bf16" else None, device=device,
                 rank=dist.rank, world_size=dist.world_size, progress=main)
             if main:
-                rows.append(score(args, images, extractor, ref_stats, start, dict(
-                    common, sampler=sampler, num_steps=num_steps, nfe=nfe, cfg_scale=cfg_scale), device))
+                stats = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True)
+                report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe,
+                       cfg_scale=cfg_scale, guidance_interval=args.guidance_interval, step=ckpt["step"],
+                       weights=args.weights, seed=args.seed, precision=precision)
     elif main:
         start = time.perf_counter()
         if args.images:
             folder = fid.ImageSet("imagefolder", args.images, image_size, num_images=args.num_samples or 0)
             stats, n = fid.image_set_statistics(folder, extractor, device, args.feature_batch_size,
                                                 args.num_workers, progress=True)
-            rows.append(record(stats, n, ref_stats, start, common))
         else:
-            rows.append(score(args, images, extractor, ref_stats, start, common, device))
+            stats, n = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True), len(images)
+        report(stats, n, start)
     if main:
-        for row in rows:
-            row.update(reference=reference, reference_num_images=ref_n, features=extractor.name)
-        with open(args.output_jsonl, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
         print(format_table(rows, reference))
         print(f"appended {len(rows)} row(s) to {args.output_jsonl}")
-
-
-def score(args, images, extractor, ref_stats, start, fields, device) -> dict:
-    stats = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True)
-    return record(stats, len(images), ref_stats, start, fields)
-
-
-def record(stats, n, ref_stats, start, fields) -> dict:
-    row = {"fid": fid.frechet_distance(stats, ref_stats), "num_samples": n, **fields,
-           "seconds": round(time.perf_counter() - start, 1),
-           "time": datetime.datetime.now().isoformat(timespec="seconds")}
-    print(f"FID {row['fid']:.3f} from {n} images"
-          + (f" ({row['sampler']}, {row['num_steps']} steps, NFE {row['nfe']}, cfg_scale {row['cfg_scale']})"
-             if "nfe" in row else ""))
-    return row
 
 
 def format_table(rows, reference: str) -> str:
