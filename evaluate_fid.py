@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ODE solvers to sweep (default: the checkpoint's sampler)")
     p.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("A", "B"),
                    help="apply CFG only while A <= t <= B (t=0 noise, t=1 data)")
-    p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i)")
-    p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank)")
+    p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i) (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank) (default: %(default)s)")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA or raw training weights")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="model forward precision; auto = bf16 on CUDA, fp32 on CPU (Inception is always fp32)")
@@ -71,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref_num_images", type=int, default=0,
                    help="reference images: a fixed random subset of this many; 0 = all")
     p.add_argument("--fid_cache_dir", default=os.path.join("data_cache", "fid"),
-                   help="where reference statistics are cached")
+                   help="where reference statistics are cached (default: %(default)s)")
     p.add_argument("--inception_weights", default=None,
                    help="local FID Inception weights (default: torch-fidelity downloads them)")
-    p.add_argument("--feature_batch_size", type=int, default=200, help="images per Inception forward pass")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers reading image sets")
-    p.add_argument("--output_jsonl", default="fid_results.jsonl", help="every result row is appended here")
+    p.add_argument("--feature_batch_size", type=int, default=200, help="images per Inception forward pass (default: %(default)s)")
+    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers reading image sets (default: %(default)s)")
+    p.add_argument("--output_jsonl", default="fid_results.jsonl", help="every result row is appended here (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     return p
 
