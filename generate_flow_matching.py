@@ -28,12 +28,10 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as tdist
-from tqdm import tqdm
 
 import flow_matching
 from configs.cli import ArgumentParser
-from data.images import make_grid, save_image, to_uint8
+from data.images import make_grid, save_image
 from models.dit_2d import input_shape
 from models.vqvae import LatentSpace
 from training.checkpoint import load_flow_model
@@ -124,25 +122,17 @@ def generate(args, dist) -> None:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     shape = input_shape(config)
 
-    # Batches are dealt to ranks whole: every batch is the same tensor whatever the world size.
-    batches = list(range(0, n, args.batch_size))[dist.rank::dist.world_size]
-    start, nfe, mine = time.perf_counter(), 0, {}
-    for first in tqdm(batches, disable=not dist.is_main, desc="sampling"):
-        index = range(first, min(first + args.batch_size, n))
-        noise = flow_matching.per_sample_noise(args.seed, index, shape, device)
-        y = labels[first:index.stop].to(device) if num_classes else None
-        x, nfe = flow_matching.sample(model, noise, y, num_classes=num_classes, num_steps=num_steps,
-                                      sampler=sampler, cfg_scale=cfg_scale,
-                                      guidance_interval=args.guidance_interval,
-                                      autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
-        if latent_space is not None:
-            x = latent_space.decode(x)
-        mine[first] = to_uint8(x)
-        write_images(args.output_dir, mine[first], labels[first:index.stop], first, num_classes)
-    images = gather_images(mine, dist)
+    start = time.perf_counter()
+    images, nfe = flow_matching.generate_images(
+        model, labels, shape=shape, num_classes=num_classes, seed=args.seed, num_steps=num_steps,
+        sampler=sampler, cfg_scale=cfg_scale, guidance_interval=args.guidance_interval,
+        batch_size=args.batch_size, autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+        device=device, rank=dist.rank, world_size=dist.world_size, progress=dist.is_main,
+        decode=latent_space.decode if latent_space is not None else None,
+        on_batch=lambda first, batch: write_images(args.output_dir, batch, labels[first:first + len(batch)],
+                                                   first, num_classes))
     if not dist.is_main:
         return
-    images = np.concatenate([images[k] for k in sorted(images)])
     assert images.shape[0] == n
     nrow = args.samples_per_class if args.class_grid else math.ceil(math.sqrt(min(n, MAX_GRID_IMAGES)))
     shown = images if args.class_grid else images[:MAX_GRID_IMAGES]
@@ -160,15 +150,6 @@ def write_images(output_dir: str, images: np.ndarray, labels: torch.Tensor, firs
     for offset, (image, label) in enumerate(zip(images, labels.tolist())):
         suffix = f"_class{label}" if num_classes else ""
         save_image(image, os.path.join(output_dir, "images", f"{first + offset:06d}{suffix}.png"))
-
-
-def gather_images(mine: dict, dist) -> dict:
-    """Every rank's {first index: uint8 batch} merged on rank 0."""
-    if not dist.distributed:
-        return mine
-    parts = [None] * dist.world_size if dist.is_main else None
-    tdist.gather_object(mine, parts, dst=0)
-    return {k: v for part in parts for k, v in part.items()} if dist.is_main else {}
 
 
 def main(argv=None) -> int:

@@ -55,6 +55,7 @@ def main(argv=None) -> int:
                 json.dump(vars(config), f, indent=2)
         # A latent run's dataset carries the normalization and decoder its grids and checkpoints need.
         objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
+                                          dist.rank, dist.world_size,
                                           latent_space=getattr(loader.dataset, "latent_space", None))
         trainer = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS)
         if trainer.last_checkpoint and objective.latent_space is not None:

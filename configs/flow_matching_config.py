@@ -4,6 +4,7 @@ Presets are applied before command-line flags: `cifar10` (the defaults) and `tin
 run that finishes in a few minutes on 2 cores and still shows a falling loss).
 """
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -49,6 +50,14 @@ class FlowMatchingConfig(TrainConfig):
     sampler: Literal["euler", "heun", "midpoint"] = field(default="euler", metadata={"help": "ODE solver"})
     cfg_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance scale; 1 = no guidance"})
     grid_samples_per_class: int = field(default=8, metadata={"help": "columns of the training sample grid (a row per class)"})
+    # FID during training (evaluate_fid.py scores a finished checkpoint)
+    fid_every: int = field(default=0, metadata={"help": "steps between FIDs of the EMA model (sampled with the settings above), logged to metrics.jsonl; 0 disables; needs requirements-eval.txt"})
+    fid_num_samples: int = field(default=10_000, metadata={"help": "samples per FID during training (a full FID uses 50,000: evaluate_fid.py)"})
+    fid_batch_size: int = field(default=256, metadata={"help": "samples per forward pass (per rank) and images per Inception pass for FID"})
+    fid_ref_dir: Optional[str] = field(default=None, metadata={"help": "reference ImageFolder for FID; none = the training data (--dataset, --data_dir)"})
+    fid_ref_num_images: int = field(default=0, metadata={"help": "reference images for FID: a fixed random subset of this many; 0 = all"})
+    fid_cache_dir: str = field(default="data_cache/fid", metadata={"help": "where FID reference statistics are cached"})
+    inception_weights: Optional[str] = field(default=None, metadata={"help": "local FID Inception weights file; none = torch-fidelity downloads them"})
 
     def validate(self) -> None:
         super().validate()
@@ -81,6 +90,25 @@ class FlowMatchingConfig(TrainConfig):
                              f"which may be read-only; put the cache elsewhere (default: data_cache)")
         if self.logit_normal_std <= 0:
             raise ValueError(f"--logit_normal_std must be > 0, got {self.logit_normal_std}")
+        self._validate_fid()
+
+    def _validate_fid(self) -> None:
+        if self.fid_every < 0:
+            raise ValueError(f"--fid_every must be >= 0 (0 disables), got {self.fid_every}")
+        if self.fid_num_samples < 2:
+            raise ValueError(f"--fid_num_samples must be >= 2 (FID needs a covariance), got {self.fid_num_samples}")
+        if self.fid_batch_size < 1:
+            raise ValueError(f"--fid_batch_size must be >= 1, got {self.fid_batch_size}")
+        if self.fid_ref_num_images < 0 or self.fid_ref_num_images == 1:
+            raise ValueError(f"--fid_ref_num_images must be 0 (all) or >= 2, got {self.fid_ref_num_images}")
+        if not self.fid_every:
+            return
+        if importlib.util.find_spec("torch_fidelity") is None:
+            raise ValueError("--fid_every needs torch-fidelity: pip install -r requirements-eval.txt "
+                             "(or pass --fid_every 0)")
+        if self.inception_weights is not None and not os.path.isfile(self.inception_weights):
+            raise ValueError(f"--inception_weights {self.inception_weights} is not a file; pass a local "
+                             f"copy of the FID Inception weights, or none to download them")
 
 
 PRESETS = {

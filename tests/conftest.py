@@ -5,11 +5,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# The tests' models are tiny: one thread is as fast as two, and it keeps the suite's time steady
+# when other work shares the cores (a second thread then waits on every parallel region).
+torch.set_num_threads(1)
 
 
 def write_image_folder(root, classes=3, per_class=6, size=(12, 10), mode="RGB", seed=0):

@@ -1,6 +1,7 @@
 """The config CLI: every field is a flag, presets apply first, bad input exits 2 naming the flag."""
 
 import dataclasses
+import typing
 import subprocess
 import sys
 
@@ -36,9 +37,12 @@ def example_value(f, current):
     if choices is not None:
         other = next(c for c in choices if c != current)
         return str(other), other
-    if isinstance(current, float):
+    kind = typing.get_type_hints(FlowMatchingConfig)[f.name]
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is float:
         return "0.5", 0.5
-    if isinstance(current, int) or current is None:
+    if kind is int:
         return "4", 4
     return "xyz", "xyz"
 

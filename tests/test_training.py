@@ -139,6 +139,7 @@ def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
 
     class ExplodesAtStep5:
         kind = "flow_matching"
+        eval_every = 0
         calls = 0
 
         def loss(self, model, batch, draws):
@@ -177,6 +178,7 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_flags):
         class FixedNoise:
             """The flow loss with t and noise fixed per image, so the two splits see the same draws."""
             kind = "flow_matching"
+            eval_every = 0
 
             def loss(self, model, batch, draws):
                 x, y = batch

@@ -1,10 +1,13 @@
 """The training loop shared by every model of the repo (flow model, VQ-VAE).
 
-What differs between models is an *objective* with three members:
+What differs between models is an *objective* with these members:
     kind                                 "flow_matching" | "vqvae" (checkpoint kind, final file name)
     loss(model, batch, draws)            -> (scalar loss, {name: scalar tensor} extra metrics)
     sample(ema_model, path)              writes an image grid (class samples, reconstructions)
     checkpoint_extras()                  -> dict stored in every checkpoint (may be empty)
+    eval_every                           steps between evaluations (0 = never), and then
+    evaluate(ema_model)                  -> {name: number} (e.g. FID), called on every rank; rank
+                                         0's result joins metrics.jsonl as its own record
 Everything else lives here: devices and torchrun, AMP, gradient accumulation, clipping, the LR
 schedule, EMA, logging to stdout and metrics.jsonl, sample grids, atomic checkpoints, exact resume,
 SIGTERM/SIGINT, and a stop on a non-finite loss.
@@ -139,6 +142,9 @@ class Trainer:
                     self._check_finite()
                     self.objective.sample(self.ema, run_file(c.sample_dir, self.objective.kind, f"step_{self.step:07d}.png"))
                     window_start = time.perf_counter()
+                if self.objective.eval_every and self.step % self.objective.eval_every == 0:
+                    self._evaluate(bar)
+                    window_start = time.perf_counter()
                 if self.step % c.save_every == 0 and self.step < c.train_steps:
                     self._save(periodic_checkpoint(c.checkpoint_dir, self.objective.kind, self.step))
                     window_start = time.perf_counter()
@@ -222,8 +228,17 @@ class Trainer:
                   **{k: v for k, v in zip(extras, values[2:])},
                   "images_per_sec": steps * self.config.batch_size / max(seconds, 1e-9),
                   "peak_mem_gb": peak_memory_gb(self.device)}
-        if not self.dist.is_main:
-            return
+        if self.dist.is_main:
+            self._write_record(record, bar)
+
+    def _evaluate(self, bar) -> None:
+        self._check_finite()
+        metrics = self.objective.evaluate(self.ema)
+        if self.dist.is_main:
+            self._write_record({"step": self.step, **metrics}, bar)
+
+    def _write_record(self, record: Dict[str, Any], bar) -> None:
+        """One line on stdout and one JSON line in metrics.jsonl (rank 0 only)."""
         line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
         bar.write(line)
         os.makedirs(self.config.checkpoint_dir, exist_ok=True)

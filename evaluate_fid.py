@@ -1,0 +1,256 @@
+"""FID of a flow-matching checkpoint, a samples.npz or an image folder, against a reference image set.
+
+    python evaluate_fid.py --checkpoint checkpoints/flow_matching_final.pt     # 50,000 samples vs its training data
+    python evaluate_fid.py --checkpoint ... --num_samples 10000 --cfg_scales 1 1.5 2 --num_steps_list 10 20 50
+    python evaluate_fid.py --samples generated/samples.npz --ref_dataset imagefolder --ref_data_dir DIR
+    python evaluate_fid.py --images ../shared/data/cifar10/test --ref_data_dir ../shared/data/cifar10/train
+    torchrun --nproc_per_node 8 evaluate_fid.py --checkpoint ...               # sampling split over ranks
+
+Features are the 2048-d pool3 features of the TensorFlow FID Inception (2015-12-05), computed by
+torch-fidelity (pip install -r requirements-eval.txt); offline, pass --inception_weights PATH.
+Reference statistics are cached in --fid_cache_dir, so a second evaluation against the same set
+skips them. A checkpoint is sampled with balanced classes (sample i has class i mod K) from noise
+seeded by (--seed, i), once for every combination of --samplers, --num_steps_list and
+--cfg_scales; the script prints a table of FID against NFE and scale and appends every row to
+--output_jsonl. Image sets (--images, the reference) are read at the model's resolution exactly as
+training reads them.
+"""
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import flow_matching
+from configs.cli import ArgumentParser
+from data.flow_matching_dataset import build_image_dataset
+from evaluation import fid
+from models.dit_2d import input_shape
+from models.vqvae import LatentSpace
+from training.checkpoint import load_flow_model
+from training.distributed import cleanup_distributed, setup_distributed
+
+DEFAULT_NUM_SAMPLES = 50_000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="flow-matching checkpoint (.pt) to sample from")
+    source.add_argument("--samples", help="a samples.npz (images uint8 (N, H, W, C)) from generate_flow_matching.py")
+    source.add_argument("--images", help="an ImageFolder to score as it is (e.g. a held-out split)")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help=f"images to score (default: {DEFAULT_NUM_SAMPLES} samples of a checkpoint; every "
+                        "image of --samples (its first N otherwise) or of --images (a fixed random subset otherwise))")
+    p.add_argument("--cfg_scales", type=float, nargs="+", default=None, metavar="S",
+                   help="guidance scales to sweep (default: the checkpoint's cfg_scale; 1 = none)")
+    p.add_argument("--num_steps_list", type=int, nargs="+", default=None, metavar="N",
+                   help="ODE step counts to sweep (default: the checkpoint's num_sampling_steps)")
+    p.add_argument("--samplers", nargs="+", default=None, choices=flow_matching.SAMPLERS,
+                   help="ODE solvers to sweep (default: the checkpoint's sampler)")
+    p.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("A", "B"),
+                   help="apply CFG only while A <= t <= B (t=0 noise, t=1 data)")
+    p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i) (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank) (default: %(default)s)")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA or raw training weights")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="model forward precision; auto = bf16 on CUDA, fp32 on CPU (Inception is always fp32)")
+    p.add_argument("--ref_dataset", default=None, choices=("cifar10", "imagefolder"),
+                   help="reference set kind (default: the checkpoint's dataset when --ref_data_dir is not "
+                        "given; imagefolder otherwise)")
+    p.add_argument("--ref_data_dir", default=None,
+                   help="reference images: an ImageFolder root or the CIFAR-10 download folder "
+                        "(default: the checkpoint's data_dir)")
+    p.add_argument("--ref_split", default="train", choices=("train", "test"),
+                   help="CIFAR-10 split of the reference (an ImageFolder is its own split)")
+    p.add_argument("--ref_num_images", type=int, default=0,
+                   help="reference images: a fixed random subset of this many; 0 = all")
+    p.add_argument("--fid_cache_dir", default=os.path.join("data_cache", "fid"),
+                   help="where reference statistics are cached (default: %(default)s)")
+    p.add_argument("--inception_weights", default=None,
+                   help="local FID Inception weights (default: torch-fidelity downloads them)")
+    p.add_argument("--feature_batch_size", type=int, default=200, help="images per Inception forward pass (default: %(default)s)")
+    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers reading image sets (default: %(default)s)")
+    p.add_argument("--output_jsonl", default="fid_results.jsonl", help="every result row is appended here (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    return p
+
+
+def validate(args) -> None:
+    if args.num_samples is not None and args.num_samples < 2:
+        raise ValueError(f"--num_samples must be >= 2 (FID needs a covariance), got {args.num_samples}")
+    for name in ("batch_size", "feature_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.ref_num_images < 0 or args.ref_num_images == 1:
+        raise ValueError(f"--ref_num_images must be 0 (all) or >= 2, got {args.ref_num_images}")
+    if args.num_steps_list and min(args.num_steps_list) < 1:
+        raise ValueError(f"--num_steps_list entries must be >= 1, got {args.num_steps_list}")
+    if args.checkpoint is None:
+        sweep = [f"--{name}" for name in ("cfg_scales", "num_steps_list", "samplers", "guidance_interval")
+                 if getattr(args, name) is not None]
+        if sweep:
+            raise ValueError(f"{', '.join(sweep)} only apply to --checkpoint; drop them to score "
+                             f"{args.samples or args.images} as it is")
+        if args.ref_data_dir is None:
+            raise ValueError("--ref_data_dir is required with --samples / --images (e.g. "
+                             "--ref_data_dir ../shared/data/cifar10/train)")
+    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
+        raise ValueError(f"--inception_weights {args.inception_weights} is not a file; {fid.WEIGHTS_HINT}")
+    folder = os.path.dirname(os.path.abspath(args.output_jsonl))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--output_jsonl {args.output_jsonl}: {folder} is not a writable folder")
+
+
+def load_npz(path: str, num_samples) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise ValueError(f"--samples {path} does not exist; write one with generate_flow_matching.py --save_npz")
+    try:
+        with np.load(path) as data:
+            images = data["images"]
+    except (KeyError, ValueError, OSError) as err:
+        raise ValueError(f"--samples {path} is not a samples.npz with an 'images' array ({err})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[1] != images.shape[2]:
+        raise ValueError(f"--samples {path}: 'images' must be uint8 (N, H, H, C) with C = 1 or 3, got "
+                         f"{images.dtype} {images.shape}")
+    if num_samples is not None:
+        if num_samples > len(images):
+            raise ValueError(f"--num_samples {num_samples} exceeds the {len(images)} images in {path}; "
+                             f"pass {len(images)} or fewer")
+        images = images[:num_samples]
+    if len(images) < 2:
+        raise ValueError(f"--samples {path} holds {len(images)} image(s); FID needs at least 2")
+    return images
+
+
+def folder_image_size(folder: str) -> int:
+    """The side of the first image of an ImageFolder (the set is read at that size)."""
+    dataset, _ = build_image_dataset("imagefolder", folder, 1, 3)
+    with Image.open(dataset.samples[0][0]) as image:
+        return min(image.size)
+
+
+def reference_set(args, config, image_size: int, in_channels: int) -> fid.ImageSet:
+    """The reference images, by default the checkpoint's training data, read at the model's size."""
+    dataset = args.ref_dataset or ("imagefolder" if args.ref_data_dir or config is None else config["dataset"])
+    return fid.ImageSet(dataset, args.ref_data_dir or config["data_dir"], image_size, in_channels,
+                        split=args.ref_split, num_images=args.ref_num_images)
+
+
+def evaluate(args, dist) -> None:
+    device, main = dist.device, dist.is_main
+    model = ckpt = config = None
+    if args.checkpoint:
+        model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
+        latent_space = LatentSpace.from_flow_checkpoint(ckpt, None, device)
+        config = ckpt["config"]
+        image_size, in_channels, num_classes = config["image_size"], config["in_channels"], config["num_classes"]
+        cfg_scales = args.cfg_scales or [config["cfg_scale"] if num_classes else 1.0]
+        if num_classes == 0 and any(s != 1.0 for s in cfg_scales):
+            raise ValueError(f"--cfg_scales {cfg_scales} need a class-conditional model; this checkpoint "
+                             f"is unconditional (num_classes=0): use --cfg_scales 1")
+    elif args.samples:
+        images = load_npz(args.samples, args.num_samples)
+        image_size, in_channels = images.shape[1], images.shape[-1]
+    else:
+        image_size, in_channels = folder_image_size(args.images), 3
+    ref = reference_set(args, config, image_size, in_channels)
+
+    if main:
+        extractor = fid.InceptionFeatures(args.inception_weights).to(device).eval()
+        ref_stats, ref_n, path, cached = fid.reference_statistics(
+            ref, extractor, args.fid_cache_dir, device, args.feature_batch_size, args.num_workers, progress=True)
+        reference = ref.describe(ref_n)
+        print(f"reference: {reference}; statistics {'read from' if cached else 'written to'} {path}")
+    rows = []
+
+    def report(stats, n, start, **fields) -> None:
+        """Score one image set, print it and append it to the JSONL at once (a long sweep may be cut short)."""
+        row = {"fid": fid.frechet_distance(stats, ref_stats), "num_samples": n,
+               "source": "checkpoint" if args.checkpoint else "samples" if args.samples else "images",
+               "path": args.checkpoint or args.samples or args.images, **fields,
+               "reference": reference, "reference_num_images": ref_n, "features": extractor.name,
+               "seconds": round(time.perf_counter() - start, 1),
+               "time": datetime.datetime.now().isoformat(timespec="seconds")}
+        print(f"FID {row['fid']:.3f} from {n} images" + (
+            f" ({row['sampler']}, {row['num_steps']} steps, NFE {row['nfe']}, cfg_scale {row['cfg_scale']})"
+            if "nfe" in row else ""))
+        with open(args.output_jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+
+    if args.checkpoint:
+        labels = fid.balanced_labels(args.num_samples or DEFAULT_NUM_SAMPLES, num_classes)
+        precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        for sampler, num_steps, cfg_scale in itertools.product(
+                args.samplers or [config["sampler"]], args.num_steps_list or [config["num_sampling_steps"]],
+                cfg_scales):
+            start = time.perf_counter()
+            images, nfe = flow_matching.generate_images(
+                model, labels, shape=input_shape(config), num_classes=num_classes,
+                seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
+                guidance_interval=args.guidance_interval, batch_size=args.batch_size,
+                autocast_dtype=torch.bfloat16 if precision == "bf16" else None, device=device,
+                rank=dist.rank, world_size=dist.world_size, progress=main,
+                decode=latent_space.decode if latent_space is not None else None)
+            if main:
+                stats = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True)
+                report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe,
+                       cfg_scale=cfg_scale, guidance_interval=args.guidance_interval, step=ckpt["step"],
+                       weights=args.weights, seed=args.seed, precision=precision)
+    elif main:
+        start = time.perf_counter()
+        if args.images:
+            folder = fid.ImageSet("imagefolder", args.images, image_size, num_images=args.num_samples or 0)
+            stats, n = fid.image_set_statistics(folder, extractor, device, args.feature_batch_size,
+                                                args.num_workers, progress=True)
+        else:
+            stats, n = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True), len(images)
+        report(stats, n, start)
+    if main:
+        print(format_table(rows, reference))
+        print(f"appended {len(rows)} row(s) to {args.output_jsonl}")
+
+
+def format_table(rows, reference: str) -> str:
+    first = rows[0]
+    what = first["path"] + (f" (step {first['step']}, {first['weights']} weights)" if "step" in first else "")
+    lines = [f"FID of {what} vs {reference}",
+             f"{'samples':>8} {'sampler':>8} {'steps':>6} {'NFE':>5} {'cfg_scale':>9} {'FID':>9}"]
+    for r in rows:
+        lines.append(f"{r['num_samples']:>8} {r.get('sampler', '-'):>8} {r.get('num_steps', '-'):>6} "
+                     f"{r.get('nfe', '-'):>5} {r.get('cfg_scale', '-'):>9} {r['fid']:>9.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate(args)
+        dist = setup_distributed(args.device)
+    except ValueError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        evaluate(args, dist)
+        return 0
+    except (ValueError, OSError, ImportError) as err:  # OSError: unreadable data or an unwritable cache
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

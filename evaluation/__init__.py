@@ -1,0 +1,1 @@
+"""Evaluation of trained generators (FID)."""

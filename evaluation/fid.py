@@ -1,0 +1,216 @@
+"""FID with the standard TensorFlow Inception (2015-12-05) pool3 features, and cached reference statistics.
+
+The network (with its TensorFlow-compatible resize to 299x299), the statistics and the Fréchet
+distance are torch-fidelity's (the TTUR formulae), so the numbers compare with published
+CIFAR-10 FIDs. This module feeds it the repo's images: uint8 (N, H, W, C) arrays (fresh samples,
+samples.npz) and image datasets (ImageFolder, CIFAR-10) loaded at the model's resolution exactly
+as training loads them, and caches a reference set's statistics on disk under a name that records
+everything they depend on.
+
+A feature extractor is any module that maps uint8 images (N, 3, H, W) to features (N, D) and has a
+`name` (part of the cache key); the tests plug in a tiny stand-in, so nothing is downloaded.
+torch-fidelity (requirements-eval.txt) is imported only when FID is actually computed.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from data.flow_matching_dataset import build_image_dataset
+from data.images import to_uint8
+
+Statistics = Dict[str, np.ndarray]  # {"mu": (D,), "sigma": (D, D)}, float64
+
+WEIGHTS_HINT = ("pass --inception_weights PATH, a local copy of the FID Inception weights "
+                "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or a file built by "
+                "make_fid_inception_weights.py)")
+
+
+def _metric_fid():
+    try:
+        from torch_fidelity import metric_fid
+    except ImportError:
+        raise ImportError("FID needs torch-fidelity: pip install -r requirements-eval.txt") from None
+    return metric_fid
+
+
+class InceptionFeatures(torch.nn.Module):
+    """The 2048-d pool3 features of the TF FID Inception (torch-fidelity's 'inception-v3-compat').
+
+    `weights_path` None lets torch-fidelity download the weights (or find them in the torch hub
+    cache); offline, pass a local copy.
+    """
+
+    name = "inception-2015-12-05-pool3"
+
+    def __init__(self, weights_path: Optional[str] = None):
+        super().__init__()
+        _metric_fid()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        if weights_path is not None:
+            if not os.path.isfile(weights_path):
+                raise FileNotFoundError(f"--inception_weights {weights_path} is not a file; {WEIGHTS_HINT}")
+            try:
+                # torch-fidelity unpickles the file in full; a weights_only load first refuses any
+                # file that carries code rather than tensors.
+                torch.load(weights_path, map_location="cpu", weights_only=True)
+            except Exception as err:
+                raise ValueError(f"--inception_weights {weights_path} is not a state dict of tensors "
+                                 f"({type(err).__name__}); {WEIGHTS_HINT}") from None
+        try:
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                   feature_extractor_weights_path=weights_path)
+        except RuntimeError as err:
+            raise ValueError(f"--inception_weights {weights_path} does not fit the FID Inception "
+                             f"({str(err).splitlines()[0]}); {WEIGHTS_HINT}") from None
+        except OSError as err:  # the download failed: offline, or no route to the weights' host
+            raise ValueError(f"the FID Inception weights could not be downloaded ({err}); "
+                             f"{WEIGHTS_HINT}") from None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)[0]
+
+
+@contextlib.contextmanager
+def _full_fp32():
+    """Features in true fp32 on CUDA, where the trainer turns TF32 matmuls and convolutions on."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def array_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for first in range(0, len(images), batch_size):
+        yield images[first:first + batch_size]
+
+
+@torch.no_grad()
+def extract_features(extractor: torch.nn.Module, batches: Iterable[np.ndarray], device="cpu",
+                     total: Optional[int] = None, desc: str = "features",
+                     progress: bool = False) -> np.ndarray:
+    """Features (N, D) in float64 of uint8 image batches (B, H, W, C); C = 1 is repeated to RGB."""
+    out = []
+    with _full_fp32():
+        for batch in tqdm(batches, total=total, desc=desc, disable=not progress):
+            if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] not in (1, 3):
+                raise ValueError(f"FID takes uint8 images (N, H, W, C) with C = 1 or 3, got "
+                                 f"{batch.dtype} {tuple(batch.shape)}")
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2)
+            out.append(extractor(x.expand(-1, 3, -1, -1)).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def statistics(features: np.ndarray) -> Statistics:
+    """Mean and covariance (float64) of features (N, D); N >= 2."""
+    if features.shape[0] < 2:
+        raise ValueError(f"FID needs at least 2 images, got {features.shape[0]}")
+    return _metric_fid().fid_features_to_statistics(torch.from_numpy(features.astype(np.float64)))
+
+
+def frechet_distance(stats1: Statistics, stats2: Statistics) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), torch-fidelity's computation."""
+    metric_fid = _metric_fid()
+    both = [{k: np.asarray(s[k], np.float64) for k in ("mu", "sigma")} for s in (stats1, stats2)]
+    return float(metric_fid.fid_statistics_to_metric(*both, verbose=False)[metric_fid.KEY_METRIC_FID])
+
+
+def image_statistics(images: np.ndarray, extractor: torch.nn.Module, device="cpu",
+                     batch_size: int = 200, progress: bool = False) -> Statistics:
+    """Statistics of a uint8 (N, H, W, C) array, e.g. generated samples."""
+    total = -(-len(images) // batch_size)
+    return statistics(extract_features(extractor, array_batches(images, batch_size), device,
+                                       total, "sample features", progress))
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ...: each class equally often, as in CIFAR-10's splits (-1s if K = 0)."""
+    if num_classes == 0:
+        return torch.full((n,), -1, dtype=torch.long)
+    return torch.arange(n) % num_classes
+
+
+@dataclass
+class ImageSet:
+    """Images of a dataset at the model's resolution: a reference set, or a folder to score."""
+    dataset: str                # "cifar10" | "imagefolder"
+    data_dir: str
+    image_size: int
+    in_channels: int = 3
+    split: str = "train"        # CIFAR-10 only; an ImageFolder is its own split
+    num_images: int = 0         # a fixed random subset of this many; 0 = all
+
+    def describe(self, used: int) -> str:
+        split = f" ({self.split})" if self.dataset == "cifar10" else ""
+        return f"{used} images of {self.data_dir}{split} at {self.image_size}px"
+
+
+def _load(image_set: ImageSet):
+    dataset, _ = build_image_dataset(image_set.dataset, image_set.data_dir, image_set.image_size,
+                                     image_set.in_channels, train=image_set.split == "train")
+    n = image_set.num_images or len(dataset)
+    if n > len(dataset):
+        raise ValueError(f"{n} images were asked of {image_set.data_dir}, which holds only "
+                         f"{len(dataset)}; ask for {len(dataset)} or fewer (0 = all)")
+    return dataset, n
+
+
+def image_set_statistics(image_set: ImageSet, extractor: torch.nn.Module, device="cpu",
+                         batch_size: int = 200, num_workers: int = 0,
+                         progress: bool = False) -> Tuple[Statistics, int]:
+    """Statistics of an image set and the number of images they come from.
+
+    A subset is drawn with a fixed seed, so it is the same every time and spans every class of
+    an ImageFolder (whose files are sorted by class).
+    """
+    dataset, n = _load(image_set)
+    if n < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+        dataset = Subset(dataset, sorted(order[:n].tolist()))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    features = extract_features(extractor, (to_uint8(x) for x, _ in loader), device, len(loader),
+                                f"features of {image_set.data_dir}", progress)
+    return statistics(features), n
+
+
+def reference_statistics(image_set: ImageSet, extractor: torch.nn.Module, cache_dir: str,
+                         device="cpu", batch_size: int = 200, num_workers: int = 0,
+                         progress: bool = False) -> Tuple[Statistics, int, str, bool]:
+    """Statistics of a reference set, read from `cache_dir` when they were computed before.
+
+    Returns (statistics, number of images, cache file, whether it was read from the cache). The
+    file name holds a hash of the set's description, its size on disk and the extractor's name;
+    delete the file after changing a folder's images in place.
+    """
+    dataset, n = _load(image_set)
+    key = dict(asdict(image_set), data_dir=os.path.abspath(image_set.data_dir), num_images=n,
+               dataset_size=len(dataset), features=extractor.name)
+    if image_set.dataset != "cifar10":
+        key.pop("split")
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    name = os.path.basename(os.path.normpath(image_set.data_dir)) or "data"
+    path = os.path.join(cache_dir, f"fid_ref_{name}_{image_set.image_size}px_{n}_{digest}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as cached:
+            return {"mu": cached["mu"], "sigma": cached["sigma"]}, int(cached["num_images"]), path, True
+    stats, n = image_set_statistics(image_set, extractor, device, batch_size, num_workers, progress)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=stats["mu"], sigma=stats["sigma"], num_images=n, key=json.dumps(key))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return stats, n, path, False

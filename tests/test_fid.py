@@ -1,0 +1,241 @@
+"""FID plumbing with a tiny stand-in feature network: the distance, the inputs, the sweep, training.
+
+The real TF Inception runs only in the slow test, when FID_INCEPTION_WEIGHTS names a weights
+file (built by make_fid_inception_weights.py); everything else needs no download.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
+
+import evaluate_fid  # noqa: E402
+import flow_matching  # noqa: E402
+import train_flow_matching  # noqa: E402
+from evaluation import fid  # noqa: E402
+from tests.conftest import TINY_FLAGS, write_image_folder  # noqa: E402
+
+
+class StandIn(torch.nn.Module):
+    """A fixed random conv net in Inception's place: uint8 (N, 3, H, W) -> 8 features."""
+
+    name = "stand-in"
+    calls = 0
+
+    def __init__(self, weights_path=None):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen))
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        StandIn.calls += len(x)
+        return torch.tanh(self.conv(x.float() / 127.5 - 1)).mean((2, 3))
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    monkeypatch.setattr(fid, "InceptionFeatures", StandIn)
+    StandIn.calls = 0
+    return StandIn
+
+
+def random_images(n, seed, size=8):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_of_another_set_is_not(stand_in):
+    net = stand_in()
+    a = fid.image_statistics(random_images(40, 0), net, batch_size=7)
+    b = fid.image_statistics(random_images(40, 1), net, batch_size=40)
+    assert a["mu"].dtype == np.float64 and a["sigma"].shape == (8, 8)
+    assert abs(fid.frechet_distance(a, a)) < 1e-9
+    assert fid.frechet_distance(a, b) > 1e-4
+
+
+def test_frechet_distance_matches_a_float64_reference_on_known_gaussians():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
+    # Reference: tr((S1 S2)^1/2) = tr((S1^1/2 S2 S1^1/2)^1/2), all symmetric, in float64.
+    w, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(w)) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    reference = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(inner))
+    got = fid.frechet_distance({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2})
+    assert got == pytest.approx(reference, rel=1e-10)
+    # Closed form: N(0, I) vs N(1, 4 I) in d dimensions is d * 1 + d * (1 - 2)^2 = 2 d.
+    assert fid.frechet_distance({"mu": np.zeros(d), "sigma": np.eye(d)},
+                                {"mu": np.ones(d), "sigma": 4 * np.eye(d)}) == pytest.approx(2 * d, rel=1e-12)
+    # Statistics of features drawn from a known Gaussian are their float64 mean and covariance.
+    features = rng.multivariate_normal(mu1, s1, size=500).astype(np.float32)
+    stats = fid.statistics(features)
+    np.testing.assert_allclose(stats["mu"], features.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats["sigma"], np.cov(features.astype(np.float64), rowvar=False), rtol=1e-12)
+    np.testing.assert_allclose(stats["sigma"], s1, atol=1.0)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """18 native 8x8 RGB images in 3 classes: read at 8px they are the raw pixels."""
+    return write_image_folder(tmp_path / "ref", classes=3, per_class=6, size=(8, 8))
+
+
+def run(tmp_path, *flags):
+    return evaluate_fid.main([*flags, "--fid_cache_dir", str(tmp_path / "cache"), "--device", "cpu",
+                              "--num_workers", "0", "--output_jsonl", str(tmp_path / "fid.jsonl")])
+
+
+def rows(tmp_path):
+    with open(tmp_path / "fid.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_npz_of_the_reference_images_scores_zero_and_reuses_the_cache(stand_in, folder, tmp_path, capsys):
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)
+    images = np.stack([np.asarray(Image.open(p)) for p in paths])[::-1]
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, images=images, labels=np.zeros(len(images), np.int64))
+    flags = ["--samples", str(npz), "--ref_dataset", "imagefolder", "--ref_data_dir", folder]
+    assert run(tmp_path, *flags) == 0
+    assert "written to" in capsys.readouterr().out
+    calls = stand_in.calls
+    assert run(tmp_path, *flags, "--num_samples", "10") == 0
+    out = capsys.readouterr().out
+    assert "read from" in out and stand_in.calls == calls + 10   # the reference was not recomputed
+    full, part = rows(tmp_path)
+    assert full["fid"] == pytest.approx(0, abs=1e-9) and full["num_samples"] == 18
+    assert full["source"] == "samples" and full["reference_num_images"] == 18 and full["features"] == "stand-in"
+    assert part["num_samples"] == 10 and part["fid"] > 1e-4
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_images_source_and_reference_subsets(stand_in, folder, tmp_path):
+    assert run(tmp_path, "--images", folder, "--ref_data_dir", folder) == 0
+    assert run(tmp_path, "--images", folder, "--ref_data_dir", folder, "--ref_num_images", "9") == 0
+    same, subset = rows(tmp_path)
+    assert same["fid"] == pytest.approx(0, abs=1e-9) and same["source"] == "images"
+    assert subset["reference_num_images"] == 9 and subset["fid"] > 1e-4
+    assert len(os.listdir(tmp_path / "cache")) == 2
+
+
+def train_tiny(tmp_path, data, *extra):
+    flags = TINY_FLAGS + ["--data_dir", data, "--checkpoint_dir", str(tmp_path / "ckpt"),
+                          "--sample_dir", str(tmp_path / "samples"), "--fid_cache_dir", str(tmp_path / "cache"),
+                          *extra]
+    assert train_flow_matching.main(flags) == 0
+    return str(tmp_path / "ckpt" / "flow_matching_final.pt")
+
+
+def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder, tmp_path, capsys):
+    checkpoint = train_tiny(tmp_path, folder, "--train_steps", "2")
+    assert run(tmp_path, "--checkpoint", checkpoint, "--num_samples", "6", "--batch_size", "4",
+               "--samplers", "euler", "heun", "--num_steps_list", "1", "2", "--cfg_scales", "1", "2.5") == 0
+    out = capsys.readouterr().out
+    table = out[out.index("FID of "):].splitlines()
+    assert "vs 18 images of" in table[0] and table[1].split() == ["samples", "sampler", "steps", "NFE", "cfg_scale", "FID"]
+    got = rows(tmp_path)
+    assert len(got) == 8 == len(table) - 3   # header, column names, rows, "appended ..."
+    assert [(r["sampler"], r["num_steps"], r["nfe"], r["cfg_scale"]) for r in got[:4]] == [
+        ("euler", 1, 1, 1.0), ("euler", 1, 1, 2.5), ("euler", 2, 2, 1.0), ("euler", 2, 2, 2.5)]
+    assert {r["nfe"] for r in got[4:]} == {2, 4}
+    for r, line in zip(got, table[2:]):
+        assert r["num_samples"] == 6 and r["step"] == 2 and r["weights"] == "ema" and r["source"] == "checkpoint"
+        assert np.isfinite(r["fid"]) and r["fid"] > 0
+        assert line.split()[-1] == f"{r['fid']:.3f}"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--samples", "missing.npz", "--ref_data_dir", "REF"], "--samples missing.npz does not exist"),
+    (["--samples", "NPZ", "--ref_data_dir", "REF", "--num_samples", "99"], "--num_samples 99 exceeds the 18 images"),
+    (["--samples", "NPZ"], "--ref_data_dir is required"),
+    (["--samples", "NPZ", "--ref_data_dir", "REF", "--cfg_scales", "2"], "--cfg_scales only apply to --checkpoint"),
+    (["--images", "REF", "--ref_data_dir", "REF", "--inception_weights", "nowhere.pth"], "--inception_weights nowhere.pth is not a file"),
+    (["--images", "REF", "--ref_data_dir", "REF", "--ref_num_images", "40"], "40 images were asked of"),
+    (["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(stand_in, folder, tmp_path, capsys, flags, expected):
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, images=random_images(18, 0))
+    flags = [str(npz) if f == "NPZ" else folder if f == "REF" else f for f in flags]
+    assert run(tmp_path, *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+
+
+def test_generate_images_is_the_same_for_any_batch_size():
+    def model(x, t, y):
+        return -x + y.float().reshape(-1, 1, 1, 1) / 3
+
+    labels = fid.balanced_labels(7, 3)
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    seen = []
+    kwargs = dict(shape=(3, 4, 4), num_classes=3, seed=5, num_steps=3, sampler="heun", cfg_scale=1.0)
+    whole, nfe = flow_matching.generate_images(model, labels, batch_size=7, **kwargs)
+    parts, _ = flow_matching.generate_images(model, labels, batch_size=3, **kwargs,
+                                             on_batch=lambda first, batch: seen.append((first, len(batch))))
+    assert whole.shape == (7, 4, 4, 3) and whole.dtype == np.uint8 and nfe == 6
+    np.testing.assert_array_equal(whole, parts)
+    assert seen == [(0, 3), (3, 3), (6, 1)]
+
+
+def test_fid_every_logs_fid_to_metrics_jsonl(stand_in, image_folder, tmp_path):
+    train_tiny(tmp_path, image_folder, "--train_steps", "4", "--fid_every", "2", "--fid_num_samples", "6",
+               "--fid_batch_size", "4")
+    with open(tmp_path / "ckpt" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    fids = [r for r in records if "fid" in r]
+    assert [r["step"] for r in fids] == [2, 4]
+    for r in fids:
+        assert np.isfinite(r["fid"]) and r["fid_num_samples"] == 6 and r["fid_nfe"] == 2 and r["fid_cfg_scale"] == 3.0
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--fid_every", "-1"], "--fid_every must be >= 0"),
+    (["--fid_every", "5", "--inception_weights", "nowhere.pth"], "--inception_weights nowhere.pth is not a file"),
+    (["--fid_num_samples", "1"], "--fid_num_samples must be >= 2"),
+])
+def test_bad_fid_flags_exit_2(tiny_flags, capsys, flags, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        train_flow_matching.main(tiny_flags + flags)
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_inception_matches_torch_fidelity_end_to_end(tmp_path):
+    """Our pipeline (arrays -> features -> statistics -> distance) equals torch-fidelity's own."""
+    weights = os.environ.get("FID_INCEPTION_WEIGHTS")
+    if not weights or not os.path.isfile(weights):
+        pytest.skip("set FID_INCEPTION_WEIGHTS to a FID Inception weights file")
+    import torch_fidelity
+
+    net = fid.InceptionFeatures(weights)
+    a, b = random_images(12, 0, size=16), random_images(12, 1, size=16)
+    ours = fid.frechet_distance(fid.image_statistics(a, net, batch_size=5),
+                                fid.image_statistics(b, net, batch_size=12))
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, images):
+            self.images = torch.from_numpy(images).permute(0, 3, 1, 2)
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return self.images[i]
+
+    theirs = torch_fidelity.calculate_metrics(
+        input1=Images(a), input2=Images(b), fid=True, cuda=False, verbose=False, cache=False,
+        feature_extractor_weights_path=weights, batch_size=12)["frechet_inception_distance"]
+    assert net(torch.from_numpy(a[:2]).permute(0, 3, 1, 2)).shape == (2, 2048)
+    assert ours == pytest.approx(theirs, rel=1e-4)
