@@ -2,7 +2,7 @@
 optimizer-like object (`MuonAdamW`) that the trainer steps, zeroes, schedules and checkpoints.
 
 Muon (Keller Jordan, 2024; `torch.optim.Muon`) replaces a weight matrix's momentum by its nearest
-semi-orthogonal matrix (Newton-Schulz iterations in bf16), so every direction of the update moves
+semi-orthogonal matrix (a few Newton-Schulz iterations), so every direction of the update moves
 at the same rate. It is meant for the hidden matrices only; this module owns the rule that picks
 them (`muon_param_groups`):
 
@@ -18,13 +18,14 @@ learning rate shape-adjusted) as the separate (D, D) matrix it is. That is the o
 torch.optim.Muon's rule, so `ChunkedMuon` subclasses it (same constructor, checks, defaults and
 state layout) and runs its step through the pure functions below; with one chunk per matrix and
 bf16 the step is torch.optim.Muon's (pinned by tests/test_muon.py). On CPUs Newton-Schulz runs in
-fp32 instead, because emulated bf16 matmuls made Muon's step several times slower there.
+fp32 instead, because emulated bf16 matmuls are 10-20x slower there.
 
 Learning-rate scaling: `match_rms_adamw` (Moonshot, "Muon is Scalable for LLM Training") scales
 each update to the RMS of a typical AdamW update (0.2 * lr * sqrt(max(rows, cols)) on an
 orthogonal matrix), so Muon's learning rate and weight decay live on AdamW's scale and the two
 halves of the model move at comparable speeds under one schedule. `original` (Keller Jordan's
-sqrt(max(1, rows / cols))) is offered too; its good rates are ~0.02 rather than AdamW's ~1e-3.
+sqrt(max(1, rows / cols))) is offered too; on a square matrix it takes steps 0.2 * sqrt(width)
+times smaller at the same rate (2.3x at width 128, 5.5x at 768).
 """
 
 import math
