@@ -113,7 +113,7 @@ class FlowMatchingConfig(TrainConfig):
 
 PRESETS = {
     "cifar10": {},
-    "tiny": dict(hidden_size=128, depth=4, num_heads=4, batch_size=32, lr=1e-3, warmup_steps=20,
+    "tiny": dict(hidden_size=128, depth=4, num_heads=4, batch_size=32, lr=1e-3, muon_lr=6e-3, warmup_steps=20,
                  train_steps=300, ema_decay=0.99, mixed_precision="no", num_workers=2,
                  log_every=25, save_every=100, sample_every=100, num_sampling_steps=10,
                  grid_samples_per_class=4),

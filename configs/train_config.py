@@ -13,11 +13,16 @@ class TrainConfig:
     # Optimization
     batch_size: int = field(default=128, metadata={"help": "global batch per optimizer step (all ranks, all micro-batches)"})
     micro_batch_size: int = field(default=0, metadata={"help": "images per forward pass on one rank (gradient accumulation); 0 = the whole per-rank batch"})
-    optimizer: Literal["adamw", "muon"] = field(default="adamw", metadata={"help": "optimizer"})
+    optimizer: Literal["adamw", "muon"] = field(default="adamw", metadata={"help": "adamw, or muon: Muon for the hidden matrices of the transformer blocks, AdamW (--lr, --weight_decay, betas) for the rest"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW; the AdamW side of Muon)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (decoupled)"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    muon_lr: float = field(default=6e-4, metadata={"help": "peak learning rate of Muon's matrices (on AdamW's scale with match_rms_adamw); 6x --lr was best on the tiny preset"})
+    muon_momentum: float = field(default=0.95, metadata={"help": "Muon momentum (Nesterov)"})
+    muon_weight_decay: float = field(default=0.0, metadata={"help": "Muon decoupled weight decay: each step multiplies its matrices by 1 - lr * this (0, like --weight_decay: DiT trains without decay)"})
+    muon_adjust_lr: Literal["match_rms_adamw", "original"] = field(default="match_rms_adamw", metadata={"help": "Muon step size per matrix shape: match_rms_adamw = 0.2*sqrt(max(rows, cols)) (AdamW-sized updates), original = sqrt(max(1, rows/cols)) (Keller Jordan's; the same steps need a --muon_lr 0.2*sqrt(width) times larger)"})
+    muon_split_fused: bool = field(default=True, metadata={"help": "Muon orthogonalizes q, k, v and the six adaLN chunks of the fused weights as separate matrices (false = each fused weight as one matrix, as torch.optim.Muon)"})
     warmup_steps: int = field(default=1000, metadata={"help": "linear LR warmup steps"})
     lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={"help": "LR after warmup"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine schedule ends at lr * min_lr_ratio"})
@@ -47,10 +52,12 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         non_negative = ["micro_batch_size", "warmup_steps", "grad_clip", "weight_decay",
-                        "num_workers", "sample_every", "lr"]
+                        "num_workers", "sample_every", "lr", "muon_lr", "muon_weight_decay"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"--muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

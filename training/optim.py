@@ -5,8 +5,17 @@ so optimizers with several groups at different rates (Muon + AdamW) follow the s
 """
 
 import math
+from typing import Union
 
 import torch
+
+from optimizers.muon import MuonAdamW, muon_param_groups
+
+Optimizer = Union[torch.optim.Optimizer, MuonAdamW]
+
+# Config fields that fix the layout of the optimizer state: a checkpoint resumes only under the
+# same values (its other optimizer settings come back with the state, as torch restores them).
+OPTIMIZER_FIELDS = ("optimizer",)
 
 
 def adamw_param_groups(params, weight_decay: float, lr: float):
@@ -14,19 +23,37 @@ def adamw_param_groups(params, weight_decay: float, lr: float):
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr, "base_lr": lr},
-              {"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr}]
+    groups = [{"name": "adamw_decay", "params": decay, "weight_decay": weight_decay, "lr": lr, "base_lr": lr},
+              {"name": "adamw_no_decay", "params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr}]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW for `optimizer=adamw`: the fused kernel (CUDA and CPU), one pass over all tensors that
-    also keeps the step count off the host (the for-each version reads it back every step)."""
+def build_optimizer(model: torch.nn.Module, config, device: torch.device) -> Optimizer:
+    """AdamW for `optimizer=adamw`; for `optimizer=muon`, Muon on the hidden matrices of the
+    transformer blocks and that same AdamW on the rest (optimizers/muon.py). AdamW is the fused
+    kernel (CUDA and CPU): one pass over all tensors that also keeps the step count off the host
+    (the for-each version reads it back every step)."""
+    betas, fused = (config.adam_beta1, config.adam_beta2), device.type in ("cuda", "cpu")
     if config.optimizer == "adamw":
         return torch.optim.AdamW(adamw_param_groups(model.parameters(), config.weight_decay, config.lr),
-                                 lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                 fused=device.type in ("cuda", "cpu"))
-    raise ValueError(f"--optimizer {config.optimizer!r} is not available; use --optimizer adamw")
+                                 lr=config.lr, betas=betas, fused=fused)
+    if config.optimizer == "muon":
+        muon_groups, rest = muon_param_groups(model, config.muon_lr, config.muon_split_fused)
+        return MuonAdamW(muon_groups, adamw_param_groups(rest, config.weight_decay, config.lr),
+                         momentum=config.muon_momentum, weight_decay=config.muon_weight_decay,
+                         adjust_lr_fn=config.muon_adjust_lr, betas=betas, fused=fused)
+    raise ValueError(f"--optimizer {config.optimizer!r} is not available; use --optimizer adamw or muon")
+
+
+def describe_param_groups(optimizer: Optimizer) -> str:
+    """One line per param group: name, tensors, parameters, peak LR (and Muon's chunks)."""
+    lines = [f"optimizer {type(optimizer).__name__}:"]
+    for i, group in enumerate(optimizer.param_groups):
+        count = sum(p.numel() for p in group["params"])
+        chunks = f"  orthogonalized in {group['chunks']} block(s)" if "chunks" in group else ""
+        lines.append(f"  {group.get('name', f'group {i}'):<15} {len(group['params']):4d} tensors "
+                     f"{count / 1e6:9.4f}M params  lr {group['base_lr']:.3g}{chunks}")
+    return "\n".join(lines)
 
 
 def lr_factor(step: int, config) -> float:
@@ -41,6 +68,6 @@ def lr_factor(step: int, config) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+def set_lr(optimizer: Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor

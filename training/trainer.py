@@ -40,7 +40,7 @@ from training.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, lo
                                  periodic_checkpoint, prune_checkpoints, rng_state, run_file,
                                  save_checkpoint, set_rng_state)
 from training.distributed import DistInfo, any_rank
-from training.optim import build_optimizer, lr_factor, set_lr
+from training.optim import OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, lr_factor, set_lr
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
@@ -102,6 +102,8 @@ class Trainer:
         self.raw_model = model.to(self.device)
         self.ema = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
         self.optimizer = build_optimizer(self.raw_model, config, self.device)
+        if dist.is_main:
+            print(describe_param_groups(self.optimizer))
         self.autocast_dtype = AUTOCAST_DTYPES[config.mixed_precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         self.model = torch.compile(self.raw_model) if config.compile else self.raw_model
@@ -292,7 +294,8 @@ class Trainer:
                     print(f"--resume latest: no checkpoint in {self.config.checkpoint_dir}; starting from scratch")
                 return
         ckpt = load_checkpoint(path, kind=self.objective.kind)
-        check_config_fits(ckpt["config"], dataclasses.asdict(self.config), self.architecture_fields, path)
+        check_config_fits(ckpt["config"], dataclasses.asdict(self.config),
+                          (*self.architecture_fields, *OPTIMIZER_FIELDS), path)
         self.raw_model.load_state_dict(ckpt["model"], strict=True)
         self.ema.load_state_dict(ckpt["ema"], strict=True)
         self.optimizer.load_state_dict(ckpt["optimizer"])

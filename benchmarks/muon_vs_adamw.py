@@ -1,0 +1,224 @@
+"""AdamW against Muon on the same DiT2D, data and seed: training loss against steps and seconds.
+
+    python benchmarks/muon_vs_adamw.py --data_dir ../shared/data/cifar10/train --steps 200
+    python benchmarks/muon_vs_adamw.py --data_dir ... --runs adamw muon muon:muon_lr=0.01 \\
+        muon:muon_split_fused=false --set image_size=16 --threads 1
+
+Every run is a full `train_flow_matching.py` run (the tiny preset, --steps optimizer steps, no
+sample grids) that differs only in the run's `optimizer:flag=value,...` spec; `--set` flags apply
+to all runs. Afterwards it prints, per run:
+    fixed steps   training loss over the last --log_every steps, and a held-out loss of the final
+                  weights on --eval_images test images with fixed noise and times (less noisy)
+    fixed time    the training loss the run had reached when the fastest run finished
+and writes <out>/runs.csv (run, step, seconds, loss) and <out>/loss.png (loss against steps and
+against seconds). Seconds count training only (no start-up, evaluation or checkpoint writes).
+Wall-clock numbers move with whatever else runs on the machine: compare runs of one invocation.
+"""
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+from typing import Dict, List
+
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import flow_matching  # noqa: E402
+import train_flow_matching  # noqa: E402
+from data.flow_matching_dataset import build_image_dataset  # noqa: E402
+from training.checkpoint import load_flow_model  # noqa: E402
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", default="../shared/data/cifar10/train", help="training ImageFolder")
+    p.add_argument("--eval_dir", default=None, help="held-out ImageFolder; default: data_dir with train -> test")
+    p.add_argument("--runs", nargs="+", default=["adamw", "muon"],
+                   help="one spec per run: OPTIMIZER[:flag=value,flag=value]")
+    p.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE", help="config flags for every run")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
+    p.add_argument("--log_every", type=int, default=10, help="steps per logged loss window")
+    p.add_argument("--eval_images", type=int, default=512, help="held-out images for the final loss")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--out", default="out/muon_vs_adamw", help="folder for runs.csv, loss.png, run logs and checkpoints")
+    args = p.parse_args(argv)
+    if args.steps < args.log_every or args.log_every < 1:
+        p.error(f"--steps {args.steps} must be >= --log_every {args.log_every} >= 1")
+    for spec in args.runs:
+        if spec.count(":") > 1:
+            p.error(f"run spec {spec!r} has more than one ':'; write OPTIMIZER:flag=value,flag=value")
+    return args, p
+
+
+def flags_of(pairs: List[str]) -> List[str]:
+    flags = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{pair!r} is not flag=value (e.g. muon_lr=0.01)")
+        flags += [f"--{name}", value]
+    return flags
+
+
+def run_flags(spec: str, args, folder: str) -> List[str]:
+    optimizer, _, rest = spec.partition(":")
+    return (["--preset", "tiny", "--dataset", "imagefolder", "--data_dir", args.data_dir,
+             "--device", args.device, "--train_steps", str(args.steps), "--log_every", str(args.log_every),
+             "--save_every", str(args.steps), "--sample_every", "0", "--checkpoint_dir", folder,
+             "--optimizer", optimizer]
+            + flags_of(args.set) + flags_of([p for p in rest.split(",") if p]))
+
+
+def read_curve(folder: str) -> List[Dict[str, float]]:
+    """[{step, seconds, loss}] from metrics.jsonl; seconds add up each window's duration."""
+    with open(os.path.join(folder, "config.json")) as f:
+        batch_size = json.load(f)["batch_size"]
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    curve, seconds, previous = [], 0.0, 0
+    for r in records:
+        seconds += (r["step"] - previous) * batch_size / r["images_per_sec"]
+        previous = r["step"]
+        curve.append({"step": r["step"], "seconds": seconds, "loss": r["loss"]})
+    return curve
+
+
+@torch.no_grad()
+def held_out_loss(checkpoint: str, eval_dir: str, count: int, device: str) -> float:
+    """Flow-matching loss of the final (non-EMA) weights on `count` held-out images spread over
+    the classes, with noise and times fixed by one seed, so runs are scored on the same draws."""
+    model, ckpt = load_flow_model(checkpoint, weights="model", device=device)
+    c = ckpt["config"]
+    dataset, _ = build_image_dataset("imagefolder", eval_dir, c["image_size"], c["in_channels"], train=False)
+    index = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).long().tolist()
+    gen = torch.Generator(device=device).manual_seed(1234)
+    total, seen = 0.0, 0
+    for start in range(0, len(index), 128):
+        items = [dataset[i] for i in index[start:start + 128]]
+        x = torch.stack([im for im, _ in items]).to(device)
+        y = torch.tensor([label for _, label in items], device=device)
+        loss = flow_matching.flow_matching_loss(model, x, y, num_classes=c["num_classes"],
+                                                class_dropout_prob=0.0, generator=gen)
+        total += loss.item() * len(items)
+        seen += len(items)
+    return total / seen
+
+
+def loss_at_time(curve, seconds: float) -> float:
+    """The loss of the last window that ended by `seconds`."""
+    done = [point for point in curve if point["seconds"] <= seconds * (1 + 1e-9)]
+    return done[-1]["loss"] if done else float("nan")
+
+
+def step_at_time(curve, seconds: float) -> int:
+    done = [point for point in curve if point["seconds"] <= seconds * (1 + 1e-9)]
+    return done[-1]["step"] if done else 0
+
+
+# ----------------------------------------------------------------------------- plot (PIL, no matplotlib)
+
+def draw_panel(draw, box, curves: Dict[str, list], key: str, xlabel: str, y_range):
+    left, top, right, bottom = box
+    x_max = max(p[key] for c in curves.values() for p in c)
+    y_lo, y_hi = y_range
+    draw.rectangle(box, outline=(0, 0, 0))
+
+    def to_px(x, y):
+        return (left + (right - left) * x / x_max,
+                bottom - (bottom - top) * (min(max(y, y_lo), y_hi) - y_lo) / (y_hi - y_lo))
+
+    for i in range(5):
+        y = y_lo + (y_hi - y_lo) * i / 4
+        _, py = to_px(0, y)
+        draw.line([(left - 4, py), (left, py)], fill=(0, 0, 0))
+        draw.text((left - 44, py - 6), f"{y:.3f}", fill=(0, 0, 0))
+        x = x_max * i / 4
+        px, _ = to_px(x, y_lo)
+        draw.line([(px, bottom), (px, bottom + 4)], fill=(0, 0, 0))
+        draw.text((px - 12, bottom + 8), f"{x:.0f}", fill=(0, 0, 0))
+    draw.text(((left + right) / 2 - 20, bottom + 24), xlabel, fill=(0, 0, 0))
+    for color, curve in zip(COLORS * 4, curves.values()):
+        draw.line([to_px(p[key], p["loss"]) for p in curve], fill=color, width=2)
+
+
+def plot(curves: Dict[str, list], path: str) -> None:
+    width, height = 1100, 480
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    losses = sorted(p["loss"] for c in curves.values() for p in c)
+    # Skip the first windows' high losses so the region where runs differ fills the panel.
+    y_range = (losses[0] * 0.98, losses[int(0.9 * (len(losses) - 1))] * 1.02)
+    draw.text((70, 12), "training loss (mean over each log window)", fill=(0, 0, 0))
+    draw_panel(draw, (70, 40, 520, 380), curves, "step", "optimizer steps", y_range)
+    draw_panel(draw, (620, 40, 1070, 380), curves, "seconds", "training seconds", y_range)
+    for i, (name, color) in enumerate(zip(curves, COLORS * 4)):
+        x, y = 70 + 340 * (i % 3), 420 + 16 * (i // 3)
+        draw.line([(x, y + 6), (x + 24, y + 6)], fill=color, width=3)
+        draw.text((x + 30, y), name, fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    args, parser = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    eval_dir = args.eval_dir or os.path.join(os.path.dirname(os.path.normpath(args.data_dir)), "test")
+    if not os.path.isdir(eval_dir):
+        parser.error(f"--eval_dir {eval_dir} is not a folder; pass a held-out ImageFolder")
+    os.makedirs(args.out, exist_ok=True)
+    curves, held_out = {}, {}
+    for n, spec in enumerate(args.runs):
+        folder = os.path.join(args.out, f"run{n}")
+        if os.path.exists(os.path.join(folder, "metrics.jsonl")):
+            os.remove(os.path.join(folder, "metrics.jsonl"))
+        try:
+            flags = run_flags(spec, args, folder)
+        except ValueError as err:
+            parser.error(str(err))
+        print(f"[{n + 1}/{len(args.runs)}] {spec}: train_flow_matching.py {' '.join(flags)}", flush=True)
+        with open(os.path.join(args.out, f"run{n}.log"), "w") as log, \
+                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            code = train_flow_matching.main(flags)
+        if code != 0:
+            print(f"error: run {spec!r} exited with code {code}; see {args.out}/run{n}.log", file=sys.stderr)
+            return 2 if code == 2 else 1
+        curves[spec] = read_curve(folder)
+        held_out[spec] = held_out_loss(os.path.join(folder, "flow_matching_final.pt"), eval_dir,
+                                       args.eval_images, args.device)
+        last = curves[spec][-1]
+        print(f"    {last['seconds']:.1f} s, last-window loss {last['loss']:.4f}, held-out {held_out[spec]:.4f}", flush=True)
+
+    budget = min(c[-1]["seconds"] for c in curves.values())
+    print(f"\nthreads {torch.get_num_threads()}, steps {args.steps}, flags {' '.join(flags_of(args.set)) or '(tiny preset)'}")
+    print(f"| run | loss @ {args.steps} steps | held-out loss @ {args.steps} steps | s / step "
+          f"| step reached @ {budget:.0f} s | loss @ {budget:.0f} s |")
+    print("|---|---|---|---|---|---|")
+    for spec, curve in curves.items():
+        print(f"| {spec} | {curve[-1]['loss']:.4f} | {held_out[spec]:.4f} | {curve[-1]['seconds'] / args.steps:.2f} "
+              f"| {step_at_time(curve, budget)} | {loss_at_time(curve, budget):.4f} |")
+
+    with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "step", "seconds", "loss"])
+        for spec, curve in curves.items():
+            writer.writerows([spec, p["step"], f"{p['seconds']:.3f}", f"{p['loss']:.6f}"] for p in curve)
+    plot(curves, os.path.join(args.out, "loss.png"))
+    print(f"wrote {args.out}/runs.csv and {args.out}/loss.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
