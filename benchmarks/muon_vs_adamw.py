@@ -13,6 +13,9 @@ to all runs. Afterwards it prints, per run:
 and writes <out>/runs.csv (run, step, seconds, loss) and <out>/loss.png (loss against steps and
 against seconds). Seconds count training only (no start-up, evaluation or checkpoint writes).
 Wall-clock numbers move with whatever else runs on the machine: compare runs of one invocation.
+Because a busy machine can slow one run and not the other, it first times the pieces of one
+step with the runs' model and batch, interleaved and repeated (median): forward + backward, an
+AdamW step and a Muon step.
 """
 
 import argparse
@@ -21,6 +24,7 @@ import csv
 import json
 import os
 import sys
+import time
 from typing import Dict, List
 
 import torch
@@ -31,8 +35,11 @@ sys.path.insert(0, ROOT)
 
 import flow_matching  # noqa: E402
 import train_flow_matching  # noqa: E402
+from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
 from data.flow_matching_dataset import build_image_dataset  # noqa: E402
+from models.dit_2d import dit_from_config  # noqa: E402
 from training.checkpoint import load_flow_model  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 
@@ -114,6 +121,43 @@ def held_out_loss(checkpoint: str, eval_dir: str, count: int, device: str) -> fl
     return total / seen
 
 
+def step_costs(flags: List[str], repeats: int = 7) -> Dict[str, float]:
+    """Median milliseconds of forward + backward, an AdamW step and a Muon step (the runs' model,
+    batch and device; random images), measured in turns so load changes hit all three alike."""
+    config = parse_flow_matching_config(flags + ["--num_classes", "10"])
+    device = torch.device(config.device)
+    model = dit_from_config(config).to(device)
+    optimizers = {}
+    for name in ("adamw", "muon"):
+        config.optimizer = name
+        optimizers[name] = build_optimizer(model, config, device)
+    x = torch.randn(config.batch_size, config.in_channels, config.image_size, config.image_size, device=device)
+    y = torch.randint(0, 10, (config.batch_size,), device=device)
+    times: Dict[str, List[float]] = {"forward + backward": [], "adamw step": [], "muon step": []}
+
+    def timed(key, fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times[key].append(1000 * (time.perf_counter() - start))
+
+    for _ in range(repeats):
+        model.zero_grad(set_to_none=True)
+        timed("forward + backward", lambda: flow_matching.flow_matching_loss(model, x, y, num_classes=10).backward())
+        # Steps on the same gradient: only their cost is measured, not where they lead.
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in model.parameters()]
+        for name, opt in optimizers.items():
+            timed(f"{name} step", opt.step)
+            with torch.no_grad():
+                for p, s in zip(model.parameters(), saved):
+                    p.copy_(s)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def loss_at_time(curve, seconds: float) -> float:
     """The loss of the last window that ended by `seconds`."""
     done = [point for point in curve if point["seconds"] <= seconds * (1 + 1e-9)]
@@ -179,6 +223,11 @@ def main(argv=None) -> int:
     if not os.path.isdir(eval_dir):
         parser.error(f"--eval_dir {eval_dir} is not a folder; pass a held-out ImageFolder")
     os.makedirs(args.out, exist_ok=True)
+    try:
+        costs = step_costs(run_flags("adamw", args, os.path.join(args.out, "step_costs")))
+    except ValueError as err:
+        parser.error(str(err))
+    print("median ms per step: " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()), flush=True)
     curves, held_out = {}, {}
     for n, spec in enumerate(args.runs):
         folder = os.path.join(args.out, f"run{n}")
