@@ -5,7 +5,7 @@ so optimizers with several groups at different rates (Muon + AdamW) follow the s
 """
 
 import math
-from typing import Union
+from typing import List, Union
 
 import torch
 
@@ -14,7 +14,8 @@ from optimizers.muon import MuonAdamW, muon_param_groups
 Optimizer = Union[torch.optim.Optimizer, MuonAdamW]
 
 # Config fields that fix the layout of the optimizer state: a checkpoint resumes only under the
-# same values (its other optimizer settings come back with the state, as torch restores them).
+# same values. Its other settings (lr, weight decay, betas, ...) may change on resume:
+# `load_optimizer_state` keeps the ones the current flags built.
 OPTIMIZER_FIELDS = ("optimizer",)
 
 
@@ -66,6 +67,33 @@ def lr_factor(step: int, config) -> float:
     span = max(1, config.train_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def load_optimizer_state(optimizer: Optimizer, state: dict) -> List[str]:
+    """Load the moments and step counts of `state` but keep the hyperparameters of `optimizer`.
+
+    torch's load_state_dict also restores every saved param-group setting, which would silently
+    ignore a --lr or --weight_decay changed on resume. Returns the settings that differ from the
+    checkpoint's, as 'group.key: saved -> now' (`lr` itself is left out: the schedule sets it
+    from `base_lr` before every step).
+    """
+    wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    changes = []
+    for index, (group, hyper) in enumerate(zip(optimizer.param_groups, wanted)):
+        for key, value in hyper.items():
+            saved = group.get(key)
+            if key != "lr" and not _same(saved, value):
+                changes.append(f"{hyper.get('name', index)}.{key}: {saved!r} -> {value!r}")
+        group.update(hyper)
+    return changes
+
+
+def _same(a, b) -> bool:
+    """Equality of param-group settings, where a saved tuple may come back as a list."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return a == b
 
 
 def set_lr(optimizer: Optimizer, factor: float) -> None:

@@ -40,7 +40,8 @@ from training.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, lo
                                  periodic_checkpoint, prune_checkpoints, rng_state, run_file,
                                  save_checkpoint, set_rng_state)
 from training.distributed import DistInfo, any_rank
-from training.optim import OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, lr_factor, set_lr
+from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
+                            lr_factor, set_lr)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
@@ -298,7 +299,7 @@ class Trainer:
                           (*self.architecture_fields, *OPTIMIZER_FIELDS), path)
         self.raw_model.load_state_dict(ckpt["model"], strict=True)
         self.ema.load_state_dict(ckpt["ema"], strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        changed = load_optimizer_state(self.optimizer, ckpt["optimizer"])
         if ckpt["scaler"] is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = ckpt["step"]
@@ -308,6 +309,8 @@ class Trainer:
         self.last_checkpoint = path
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.index})")
+            if changed:
+                print("optimizer settings from the current flags, not the checkpoint: " + "; ".join(changed))
 
     # ------------------------------------------------------------------------- signals
 
