@@ -35,7 +35,7 @@ from evaluation import fid
 from models.dit_2d import input_shape
 from models.vqvae import LatentSpace
 from training.checkpoint import load_flow_model
-from training.distributed import cleanup_distributed, setup_distributed
+from training.launch import launch
 
 DEFAULT_NUM_SAMPLES = 50_000
 
@@ -148,6 +148,7 @@ def reference_set(args, config, image_size: int, in_channels: int) -> fid.ImageS
 
 
 def evaluate(args, dist) -> None:
+    validate(args)
     device, main = dist.device, dist.is_main
     model = ckpt = config = None
     if args.checkpoint:
@@ -236,20 +237,7 @@ def format_table(rows, reference: str) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        validate(args)
-        dist = setup_distributed(args.device)
-    except ValueError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        evaluate(args, dist)
-        return 0
-    except (ValueError, OSError, ImportError) as err:  # OSError: unreadable data or an unwritable cache
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup_distributed()
+    return launch(parser.prog, args.device, lambda dist: evaluate(args, dist))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from data.images import make_grid, save_image
 from models.dit_2d import input_shape
 from models.vqvae import LatentSpace
 from training.checkpoint import load_flow_model
-from training.distributed import cleanup_distributed, setup_distributed
+from training.launch import launch
 
 MAX_GRID_IMAGES = 256
 
@@ -106,6 +106,7 @@ def validate(args) -> None:
 
 
 def generate(args, dist) -> None:
+    validate(args)
     device = dist.device
     model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
     latent_space = LatentSpace.from_flow_checkpoint(ckpt, args.vqvae_checkpoint, device)
@@ -155,19 +156,7 @@ def write_images(output_dir: str, images: np.ndarray, labels: torch.Tensor, firs
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        validate(args)
-        dist = setup_distributed(args.device)
-    except ValueError as err:
-        parser.error(str(err))
-    try:
-        generate(args, dist)
-        return 0
-    except (ValueError, OSError) as err:  # OSError: the output folder turned out unwritable
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup_distributed()
+    return launch(parser.prog, args.device, lambda dist: generate(args, dist))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from configs.flow_matching_config import ARCHITECTURE_FIELDS, parse_flow_matchin
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from models.vqvae import VQVAE
-from training.distributed import cleanup_distributed, setup_distributed
+from training.launch import launch
 from training.objectives import FlowMatchingObjective
-from training.trainer import AUTOCAST_DTYPES, NonFiniteLoss, Trainer, micro_batch_size
+from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size
 
 
 def check_same_vqvae(path: str, fingerprint: str) -> None:
@@ -33,45 +33,38 @@ def check_same_vqvae(path: str, fingerprint: str) -> None:
                          f"pass the VQ-VAE it was trained with")
 
 
+def train(config, dist) -> None:
+    micro = micro_batch_size(config, dist.world_size)
+    vqvae = (VQVAE.load_from_checkpoint(config.vqvae_checkpoint, device=dist.device)
+             if config.vqvae_checkpoint else None)
+    loader = get_flow_matching_dataloader(config, vqvae_encoder=vqvae, batch_size=micro,
+                                          rank=dist.rank, world_size=dist.world_size, device=dist.device)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = dit_from_config(config)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    if dist.is_main:
+        print(f"config:\n{format_config(config)}")
+        print(f"DiT2D: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+              f"{dist.world_size} rank(s) on {dist.device}; micro-batch {micro}, "
+              f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
+        os.makedirs(config.checkpoint_dir, exist_ok=True)
+        with open(os.path.join(config.checkpoint_dir, "config.json"), "w") as f:
+            json.dump(vars(config), f, indent=2)
+    # A latent run's dataset carries the normalization and decoder its grids and checkpoints need.
+    objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
+                                      dist.rank, dist.world_size,
+                                      latent_space=getattr(loader.dataset, "latent_space", None))
+    trainer = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS)
+    if trainer.last_checkpoint and objective.latent_space is not None:
+        check_same_vqvae(trainer.last_checkpoint, objective.latent_space.fingerprint)
+    path = trainer.fit()
+    if dist.is_main:
+        print(f"done: {path}")
+
+
 def main(argv=None) -> int:
     config = parse_flow_matching_config(argv)
-    dist = setup_distributed(config.device)
-    try:
-        micro = micro_batch_size(config, dist.world_size)
-        vqvae = (VQVAE.load_from_checkpoint(config.vqvae_checkpoint, device=dist.device)
-                 if config.vqvae_checkpoint else None)
-        loader = get_flow_matching_dataloader(config, vqvae_encoder=vqvae, batch_size=micro,
-                                              rank=dist.rank, world_size=dist.world_size, device=dist.device)
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
-        model = dit_from_config(config)
-        model.gradient_checkpointing = config.gradient_checkpointing
-        if dist.is_main:
-            print(f"config:\n{format_config(config)}")
-            print(f"DiT2D: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-                  f"{dist.world_size} rank(s) on {dist.device}; micro-batch {micro}, "
-                  f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
-            os.makedirs(config.checkpoint_dir, exist_ok=True)
-            with open(os.path.join(config.checkpoint_dir, "config.json"), "w") as f:
-                json.dump(vars(config), f, indent=2)
-        # A latent run's dataset carries the normalization and decoder its grids and checkpoints need.
-        objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
-                                          dist.rank, dist.world_size,
-                                          latent_space=getattr(loader.dataset, "latent_space", None))
-        trainer = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS)
-        if trainer.last_checkpoint and objective.latent_space is not None:
-            check_same_vqvae(trainer.last_checkpoint, objective.latent_space.fingerprint)
-        path = trainer.fit()
-        if dist.is_main:
-            print(f"done: {path}")
-        return 0
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup_distributed()
+    return launch(os.path.basename(__file__), config.device, lambda dist: train(config, dist))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from configs.vqvae_config import parse_vqvae_config
 from data.vqvae_dataset import get_vqvae_dataloader, get_vqvae_eval_loader, grid_images
 from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, evaluate_reconstruction, vqvae_from_config
 from training.checkpoint import run_file
-from training.distributed import cleanup_distributed, setup_distributed
+from training.launch import launch
 from training.objectives import VQVAEObjective
-from training.trainer import NonFiniteLoss, Trainer, micro_batch_size
+from training.trainer import Trainer, micro_batch_size
 
 
 def report(config, model, eval_loader, device, step: int) -> None:
@@ -41,41 +41,34 @@ def report(config, model, eval_loader, device, step: int) -> None:
         f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}) + "\n")
 
 
+def train(config, dist) -> None:
+    micro = micro_batch_size(config, dist.world_size)
+    loader = get_vqvae_dataloader(config, batch_size=micro, rank=dist.rank, world_size=dist.world_size)
+    # Built before training so that a bad --eval_data_dir fails at once, not after the run.
+    eval_loader = get_vqvae_eval_loader(config) if config.eval_images and dist.is_main else None
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = vqvae_from_config(config)
+    if dist.is_main:
+        print(f"config:\n{format_config(config)}")
+        print(f"VQ-VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, latents "
+              f"{'x'.join(map(str, model.latent_shape(config.image_size)))}, {config.codebook_size} codes; "
+              f"{dist.world_size} rank(s) on {dist.device}; micro-batch {micro}, "
+              f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
+        os.makedirs(config.checkpoint_dir, exist_ok=True)
+        with open(run_file(config.checkpoint_dir, "vqvae", "config.json"), "w") as f:
+            json.dump(vars(config), f, indent=2)
+    objective = VQVAEObjective(config, model, grid_images(loader, config.grid_images))
+    trainer = Trainer(config, model, objective, loader, dist, VQVAE_ARCHITECTURE_FIELDS)
+    path = trainer.fit()
+    if dist.is_main:
+        if eval_loader is not None:
+            report(config, trainer.raw_model, eval_loader, dist.device, trainer.step)
+        print(f"done: {path}")
+
+
 def main(argv=None) -> int:
     config = parse_vqvae_config(argv)
-    dist = setup_distributed(config.device)
-    try:
-        micro = micro_batch_size(config, dist.world_size)
-        loader = get_vqvae_dataloader(config, batch_size=micro, rank=dist.rank, world_size=dist.world_size)
-        # Built before training so that a bad --eval_data_dir fails at once, not after the run.
-        eval_loader = get_vqvae_eval_loader(config) if config.eval_images and dist.is_main else None
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
-        model = vqvae_from_config(config)
-        if dist.is_main:
-            print(f"config:\n{format_config(config)}")
-            print(f"VQ-VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, latents "
-                  f"{'x'.join(map(str, model.latent_shape(config.image_size)))}, {config.codebook_size} codes; "
-                  f"{dist.world_size} rank(s) on {dist.device}; micro-batch {micro}, "
-                  f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
-            os.makedirs(config.checkpoint_dir, exist_ok=True)
-            with open(run_file(config.checkpoint_dir, "vqvae", "config.json"), "w") as f:
-                json.dump(vars(config), f, indent=2)
-        objective = VQVAEObjective(config, model, grid_images(loader, config.grid_images))
-        trainer = Trainer(config, model, objective, loader, dist, VQVAE_ARCHITECTURE_FIELDS)
-        path = trainer.fit()
-        if dist.is_main:
-            if eval_loader is not None:
-                report(config, trainer.raw_model, eval_loader, dist.device, trainer.step)
-            print(f"done: {path}")
-        return 0
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup_distributed()
+    return launch(os.path.basename(__file__), config.device, lambda dist: train(config, dist))
 
 
 if __name__ == "__main__":

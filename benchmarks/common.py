@@ -4,6 +4,7 @@ Benchmarks print numbers and are never part of the test suite's pass/fail. Timin
 several repeats, each ended by a device synchronization so asynchronous CUDA work is counted.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -19,8 +20,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from configs.cli import parse_config  # noqa: E402
+from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
+from training.distributed import resolve_device  # noqa: E402
 from training.trainer import peak_memory_gb  # noqa: E402
+
+
+def parse_benchmark(bench: argparse.ArgumentParser, argv, doc: str):
+    """(the benchmark's args, a FlowMatchingConfig, the device) from one command line: the
+    benchmark's own flags (`bench`, which has --threads) plus any config flag (--preset tiny,
+    --hidden_size 384, --compile true)."""
+    args, rest = bench.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        bench.print_help()
+    config = parse_config(FlowMatchingConfig, PRESETS, rest, description=doc, default_preset="cifar10")
+    try:
+        device = resolve_device(config.device)
+    except ValueError as err:
+        bench.error(str(err))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if config.num_classes is None:
+        config.num_classes = 10  # no dataset to count them from: CIFAR-10's
+    return args, config, device
 
 
 def count_flops_per_image(config, backward: bool) -> int:

@@ -22,12 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import flow_matching  # noqa: E402
-from benchmarks.common import machine, peak_memory_gib, reset_peak_memory, synchronize, write_json  # noqa: E402
-from configs.cli import ArgumentParser, parse_config  # noqa: E402
-from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
+from benchmarks.common import machine, parse_benchmark, peak_memory_gib, reset_peak_memory, synchronize, write_json  # noqa: E402
+from configs.cli import ArgumentParser  # noqa: E402
 from data.images import to_uint8  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
-from training.distributed import resolve_device  # noqa: E402
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -45,23 +43,12 @@ def bench_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     bench = bench_parser()
-    args, rest = bench.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        bench.print_help()
-    config = parse_config(FlowMatchingConfig, PRESETS, rest, description=__doc__, default_preset="cifar10")
+    args, config, device = parse_benchmark(bench, argv, __doc__)
     modes = [m for m in args.cfg_modes.split(",") if m]
     if not modes or set(modes) - {"guided", "unguided"}:
         bench.error(f"--cfg_modes {args.cfg_modes!r}: use guided, unguided or guided,unguided")
     if args.num_samples < 1 or args.batch_size < 1 or args.extrapolate_to < 0:
         bench.error("--num_samples and --batch_size must be >= 1 and --extrapolate_to >= 0")
-    try:
-        device = resolve_device(config.device)
-    except ValueError as err:
-        bench.error(str(err))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if config.num_classes is None:
-        config.num_classes = 10
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     num_steps = args.num_steps or config.num_sampling_steps

@@ -19,13 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (count_flops_per_image, machine, median, peak_memory_gib,  # noqa: E402
+from benchmarks.common import (count_flops_per_image, machine, median, parse_benchmark, peak_memory_gib,  # noqa: E402
                                reset_peak_memory, synchronize, time_call, write_json)
-from configs.cli import ArgumentParser, parse_config  # noqa: E402
-from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
+from configs.cli import ArgumentParser  # noqa: E402
 from data.device_loader import DeviceLoader  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
-from training.distributed import DistInfo, resolve_device  # noqa: E402
+from training.distributed import DistInfo  # noqa: E402
 from training.objectives import FlowMatchingObjective  # noqa: E402
 from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size  # noqa: E402
 
@@ -43,20 +42,9 @@ def bench_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     bench = bench_parser()
-    args, rest = bench.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        bench.print_help()
-    config = parse_config(FlowMatchingConfig, PRESETS, rest, description=__doc__, default_preset="cifar10")
+    args, config, device = parse_benchmark(bench, argv, __doc__)
     if args.steps < 1 or args.windows < 1 or args.warmup < 0:
         bench.error(f"--steps and --windows must be >= 1 and --warmup >= 0, got {args.steps}, {args.windows}, {args.warmup}")
-    try:
-        device = resolve_device(config.device)
-    except ValueError as err:
-        bench.error(str(err))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if config.num_classes is None:
-        config.num_classes = 10
     micro = micro_batch_size(config, 1)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (max(4 * config.batch_size, 256), config.in_channels, config.image_size,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs.cli import field_choices, format_config, make_config, parse_config
+from configs.cli import field_choices, format_config, make_config
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig, parse_flow_matching_config
 from tests.conftest import ROOT
 

@@ -228,7 +228,7 @@ def test_grad_scaler_unscales_steps_and_skips_on_inf():
     models[1].load_state_dict(models[0].state_dict())
     plain, scaled = (build_optimizer(m, muon_config(), torch.device("cpu")) for m in models)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    x, t, y = torch.randn(4, 3, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 3])
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     for step in range(3):
         for model, opt, scale in ((models[0], plain, None), (models[1], scaled, scaler)):
             loss = fm.flow_matching_loss(model, x, y, num_classes=10, class_dropout_prob=0.0,
