@@ -182,13 +182,8 @@ class MuonAdamW:
     def param_groups(self) -> List[dict]:
         return self.muon.param_groups + self.adamw.param_groups
 
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.muon.step()
+        loss = self.muon.step(closure)  # evaluates the closure (once, with grad) before any update
         self.adamw.step()
         return loss
 

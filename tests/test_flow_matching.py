@@ -7,6 +7,7 @@ import torch
 
 import flow_matching as fm
 from models.dit_2d import DiT2D
+from tests.conftest import overfit_eight_images
 
 
 def test_path_endpoints_and_target():
@@ -227,24 +228,5 @@ def test_per_sample_noise_depends_only_on_seed_and_index():
 
 def test_tiny_dit_overfits_eight_images():
     """Eight images with eight distinct labels: the conditional velocity is exactly learnable."""
-    torch.manual_seed(0)
-    data = torch.rand(8, 1, 8, 8) * 2 - 1
-    y = torch.arange(8)
-    model = DiT2D(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4,
-                  num_classes=8)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-
-    def eval_loss():
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            return sum(fm.flow_matching_loss(model, data, y, num_classes=8, class_dropout_prob=0.0,
-                                             generator=gen).item() for _ in range(8)) / 8
-
-    start = eval_loss()
-    gen = torch.Generator().manual_seed(2)
-    for _ in range(300):
-        opt.zero_grad()
-        fm.flow_matching_loss(model, data, y, num_classes=8, class_dropout_prob=0.0, generator=gen).backward()
-        opt.step()
-    end = eval_loss()
+    start, end = overfit_eight_images(lambda model: torch.optim.AdamW(model.parameters(), lr=3e-3), steps=300)
     assert end < 0.3 * start, (start, end)

@@ -11,6 +11,7 @@ import train_flow_matching
 from configs.cli import make_config
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig
 from models.dit_2d import DiT2D
+from tests.conftest import overfit_eight_images
 from optimizers.muon import (MuonAdamW, ChunkedMuon, muon_param_groups, muon_step_, newton_schulz,
                              orthogonalize)
 from training.checkpoint import load_checkpoint
@@ -262,28 +263,12 @@ def test_grad_scaler_unscales_steps_and_skips_on_inf():
 def test_tiny_dit_overfits_eight_images_with_muon():
     """The flow-matching overfit test of tests/test_flow_matching.py with Muon + AdamW, in a fifth
     of the steps (AdamW alone, at this lr, is at 0.64 of the start loss after 60 steps)."""
-    torch.manual_seed(0)
-    data = torch.rand(8, 1, 8, 8) * 2 - 1
-    y = torch.arange(8)
-    model = DiT2D(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4,
-                  num_classes=8)
-    opt = build_optimizer(model, muon_config(lr=2e-3, muon_lr=2e-2), torch.device("cpu"))
-    assert isinstance(opt, MuonAdamW)
+    def optimizer_for(model):
+        opt = build_optimizer(model, muon_config(lr=2e-3, muon_lr=2e-2), torch.device("cpu"))
+        assert isinstance(opt, MuonAdamW)
+        return opt
 
-    def eval_loss():
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            return sum(fm.flow_matching_loss(model, data, y, num_classes=8, class_dropout_prob=0.0,
-                                             generator=gen).item() for _ in range(8)) / 8
-
-    start = eval_loss()
-    gen = torch.Generator().manual_seed(2)
-    for _ in range(60):
-        opt.zero_grad()
-        fm.flow_matching_loss(model, data.repeat(4, 1, 1, 1), y.repeat(4), num_classes=8,
-                              class_dropout_prob=0.0, generator=gen).backward()
-        opt.step()
-    end = eval_loss()
+    start, end = overfit_eight_images(optimizer_for, steps=60, repeat=4)
     assert end < 0.5 * start, (start, end)
 
 
