@@ -9,18 +9,16 @@ Every config field is a flag (`--help` lists them). Writes checkpoints, config.j
 metrics.jsonl to --checkpoint_dir and EMA sample grids to --sample_dir.
 """
 
-import json
 import os
 import sys
 
 import torch
 
-from configs.cli import format_config
 from configs.flow_matching_config import ARCHITECTURE_FIELDS, parse_flow_matching_config
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from models.vqvae import VQVAE
-from training.launch import launch
+from training.launch import announce_run, launch
 from training.objectives import FlowMatchingObjective
 from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size
 
@@ -42,14 +40,7 @@ def train(config, dist) -> None:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = dit_from_config(config)
     model.gradient_checkpointing = config.gradient_checkpointing
-    if dist.is_main:
-        print(f"config:\n{format_config(config)}")
-        print(f"DiT2D: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-              f"{dist.world_size} rank(s) on {dist.device}; micro-batch {micro}, "
-              f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
-        os.makedirs(config.checkpoint_dir, exist_ok=True)
-        with open(os.path.join(config.checkpoint_dir, "config.json"), "w") as f:
-            json.dump(vars(config), f, indent=2)
+    announce_run(config, model, "flow_matching", dist)
     # A latent run's dataset carries the normalization and decoder its grids and checkpoints need.
     objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
                                       dist.rank, dist.world_size,

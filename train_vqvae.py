@@ -19,12 +19,11 @@ import sys
 
 import torch
 
-from configs.cli import format_config
 from configs.vqvae_config import parse_vqvae_config
 from data.vqvae_dataset import get_vqvae_dataloader, get_vqvae_eval_loader, grid_images
 from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, evaluate_reconstruction, vqvae_from_config
 from training.checkpoint import run_file
-from training.launch import launch
+from training.launch import announce_run, launch
 from training.objectives import VQVAEObjective
 from training.trainer import Trainer, micro_batch_size
 
@@ -48,15 +47,10 @@ def train(config, dist) -> None:
     eval_loader = get_vqvae_eval_loader(config) if config.eval_images and dist.is_main else None
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = vqvae_from_config(config)
+    announce_run(config, model, "vqvae", dist)
     if dist.is_main:
-        print(f"config:\n{format_config(config)}")
-        print(f"VQ-VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, latents "
-              f"{'x'.join(map(str, model.latent_shape(config.image_size)))}, {config.codebook_size} codes; "
-              f"{dist.world_size} rank(s) on {dist.device}; micro-batch {micro}, "
-              f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
-        os.makedirs(config.checkpoint_dir, exist_ok=True)
-        with open(run_file(config.checkpoint_dir, "vqvae", "config.json"), "w") as f:
-            json.dump(vars(config), f, indent=2)
+        print(f"latents {'x'.join(map(str, model.latent_shape(config.image_size)))}, "
+              f"{config.codebook_size} codes")
     objective = VQVAEObjective(config, model, grid_images(loader, config.grid_images))
     trainer = Trainer(config, model, objective, loader, dist, VQVAE_ARCHITECTURE_FIELDS)
     path = trainer.fit()
