@@ -48,7 +48,8 @@ class DeviceLoader:
             raise ValueError(f"the dataset has {len(images)} items, fewer than one batch of "
                              f"{batch_size} per rank x {world_size} ranks; lower --batch_size")
         self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.sampler = ResumableSampler(_Length(len(images)), num_replicas=world_size, rank=rank,
+        self.dataset = _Length(len(images))  # as DataLoader.dataset: callers may read its attributes
+        self.sampler = ResumableSampler(self.dataset, num_replicas=world_size, rank=rank,
                                         seed=seed, hflip=hflip)
 
     def __len__(self) -> int:

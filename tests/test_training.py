@@ -268,6 +268,20 @@ def test_cifar10_offline_without_a_copy_is_one_clear_error(tmp_path, monkeypatch
 
 # ----------------------------------------------------------------------------- end to end
 
+def test_device_and_worker_loaders_train_the_same_model(tiny_flags, tmp_path):
+    """--data_loader device (the default on a GPU) through the script: the same batches, so the
+    same weights as the worker DataLoader."""
+    finals = []
+    for mode in ("workers", "device"):
+        ckpt_dir = str(tmp_path / mode)
+        assert train_flow_matching.main(tiny_flags + ["--train_steps", "3", "--data_loader", mode,
+                                                      "--checkpoint_dir", ckpt_dir,
+                                                      "--data_cache_dir", str(tmp_path / "cache")]) == 0
+        finals.append(load(os.path.join(ckpt_dir, "flow_matching_final.pt")))
+    for name, value in finals[0]["model"].items():
+        assert torch.equal(value, finals[1]["model"][name]), name
+
+
 def test_train_script_end_to_end(tiny_flags, tmp_path):
     """A real subprocess run of the tiny preset writes the final checkpoint, grids and metrics."""
     result = subprocess.run([sys.executable, "train_flow_matching.py", *tiny_flags, "--train_steps", "4",
