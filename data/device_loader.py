@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from data.flow_matching_dataset import ResumableSampler, build_image_dataset, uint8_to_model
 from training.checkpoint import save_checkpoint
+from training.distributed import rank_zero_first
 
 
 class _Length:
@@ -103,13 +104,7 @@ def load_uint8_dataset(config, build: bool = True, verbose: bool = True) -> Tupl
 def device_loader(config, batch_size: int, device: torch.device, rank: int = 0,
                   world_size: int = 1) -> DeviceLoader:
     """The DeviceLoader a config describes; rank 0 decodes (or loads) while the others wait."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and rank != 0:
-        torch.distributed.barrier()  # wait for rank 0 to write the cache
-        images, labels, _ = load_uint8_dataset(config, build=False)
-    else:
-        images, labels, _ = load_uint8_dataset(config, verbose=rank == 0)
-        if distributed:
-            torch.distributed.barrier()
+    images, labels, _ = rank_zero_first(
+        rank, lambda: load_uint8_dataset(config, build=rank == 0, verbose=rank == 0))
     return DeviceLoader(images.to(device), labels.to(device), batch_size, seed=config.seed,
                         hflip=config.hflip, rank=rank, world_size=world_size)

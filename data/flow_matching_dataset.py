@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms
 
+from training.distributed import rank_zero_first
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -197,8 +199,8 @@ def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Opti
     `device` is where training runs (default CPU); for images, --data_loader picks a worker
     DataLoader or the on-device uint8 loader, which yield the same batches.
     """
-    dataset, found = build_image_dataset(config.dataset, config.data_dir, config.image_size,
-                                         config.in_channels, train=True)
+    dataset, found = rank_zero_first(rank, lambda: build_image_dataset(
+        config.dataset, config.data_dir, config.image_size, config.in_channels, train=True))
     resolve_num_classes(config, found, verbose=rank == 0)
     batch_size = batch_size or config.batch_size
     device = torch.device(device or "cpu")

@@ -9,13 +9,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from data.flow_matching_dataset import build_image_dataset, make_loader
+from training.distributed import rank_zero_first
 
 
 def get_vqvae_dataloader(config, *, batch_size: Optional[int] = None, rank: int = 0,
                          world_size: int = 1) -> DataLoader:
     """The training loader a VQVAEConfig describes; batch_size is per forward on this rank."""
-    dataset, _ = build_image_dataset(config.dataset, config.data_dir, config.image_size,
-                                     config.in_channels, train=True)
+    dataset, _ = rank_zero_first(rank, lambda: build_image_dataset(
+        config.dataset, config.data_dir, config.image_size, config.in_channels, train=True))
     return make_loader(dataset, batch_size or config.batch_size, seed=config.seed, hflip=config.hflip,
                        num_workers=config.num_workers, rank=rank, world_size=world_size,
                        pin_memory=torch.cuda.is_available())

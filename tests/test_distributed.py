@@ -2,17 +2,21 @@
 and a 2-rank checkpoint resumes on 1 rank."""
 
 import json
+import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 import generate_flow_matching
 import train_flow_matching
 from tests.conftest import ROOT
 from training.checkpoint import load_checkpoint
+from training.distributed import cleanup_distributed, setup_distributed
 
 
 def torchrun(*args):
@@ -72,3 +76,71 @@ def test_two_rank_sampling_writes_the_one_rank_npz(two_rank_run, tmp_path):
     two, one = np.load(tmp_path / "two" / "samples.npz"), np.load(tmp_path / "one" / "samples.npz")
     assert np.array_equal(two["images"], one["images"]) and np.array_equal(two["labels"], one["labels"])
     assert len(os.listdir(tmp_path / "two" / "images")) == 7
+
+
+class NaNOnRankOneAtStep2:
+    """The flow objective's interface with a plain loss that is NaN on rank 1 at step 2 only."""
+    kind, eval_every = "flow_matching", 0
+
+    def __init__(self, rank):
+        self.rank, self.calls = rank, 0
+
+    def loss(self, model, batch, draws):
+        self.calls += 1
+        loss = model(batch[0], torch.full((len(batch[0]),), 0.5), batch[1]).square().mean()
+        return (loss * float("nan") if self.rank == 1 and self.calls == 2 else loss), {}
+
+    def checkpoint_extras(self):
+        return {}
+
+
+def _train_until_nan(rank, port, folder, out_dir):
+    from configs.cli import make_config
+    from configs.flow_matching_config import FlowMatchingConfig
+    from data.flow_matching_dataset import get_flow_matching_dataloader
+    from models.dit_2d import dit_from_config
+    from training.trainer import NonFiniteLoss, Trainer
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    info = setup_distributed("cpu")
+    try:
+        config = make_config(FlowMatchingConfig, {
+            "dataset": "imagefolder", "data_dir": folder, "image_size": 8, "hidden_size": 32, "depth": 1,
+            "num_heads": 2, "batch_size": 4, "num_workers": 0, "mixed_precision": "no", "device": "cpu",
+            "train_steps": 6, "save_every": 100, "log_every": 2, "sample_every": 0,
+            "checkpoint_dir": os.path.join(out_dir, "ckpt")})
+        loader = get_flow_matching_dataloader(config, batch_size=2, rank=rank, world_size=2)
+        trainer = Trainer(config, dit_from_config(config), NaNOnRankOneAtStep2(rank), loader, info)
+        try:
+            trainer.fit()
+            outcome = "finished"
+        except NonFiniteLoss as err:
+            outcome = str(err)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        cleanup_distributed()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
+    """Only rank 1's loss is NaN (as under fp16, where GradScaler skips the step on every rank):
+    both ranks stop at the same check naming the same step, instead of one waiting forever in
+    the next collective for the other."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_train_until_nan, args=(rank, port, image_folder, str(tmp_path)))
+             for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung"
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert all("non-finite at step 2" in o for o in outcomes), outcomes

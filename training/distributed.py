@@ -7,7 +7,7 @@ logs and writes files.
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -71,6 +71,21 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     value = torch.tensor([int(flag)])
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=info.cpu_group)
     return bool(value.item())
+
+
+T = TypeVar("T")
+
+
+def rank_zero_first(rank: int, build: Callable[[], T]) -> T:
+    """`build()` on rank 0 first, then on the other ranks, so what rank 0 downloads or caches is
+    on disk, whole, when they look for it (8 ranks extracting one tarball at once corrupt it)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and rank != 0:
+        dist.barrier()
+    result = build()
+    if distributed and rank == 0:
+        dist.barrier()
+    return result
 
 
 def barrier(info: DistInfo) -> None:

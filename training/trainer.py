@@ -39,7 +39,7 @@ from tqdm import tqdm
 from training.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, load_checkpoint,
                                  periodic_checkpoint, prune_checkpoints, rng_state, run_file,
                                  save_checkpoint, set_rng_state)
-from training.distributed import DistInfo, any_rank
+from training.distributed import DistInfo, any_rank, barrier
 from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
                             lr_factor, set_lr)
 
@@ -80,6 +80,14 @@ def micro_batch_size(config, world_size: int) -> int:
         raise ValueError(f"--batch_size {config.batch_size} must be a multiple of --micro_batch_size "
                          f"{config.micro_batch_size or micro} x {world_size} ranks")
     return micro
+
+
+def learning_rates(optimizer) -> Dict[str, float]:
+    """{"lr": the AdamW rate} and, under Muon, {"muon_lr": its matrices' rate}, as the flags name them."""
+    rates = {}
+    for group in optimizer.param_groups:
+        rates.setdefault("muon_lr" if group.get("name", "").startswith("muon") else "lr", group["lr"])
+    return dict(sorted(rates.items()))
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -141,9 +149,11 @@ class Trainer:
                     self._log(loss_sum, grad_norm, extras, steps_in_window, time.perf_counter() - window_start, bar)
                     loss_sum, steps_in_window = torch.zeros((), device=self.device), 0
                     window_start = time.perf_counter()
-                if main and c.sample_every and self.step % c.sample_every == 0:
+                if c.sample_every and self.step % c.sample_every == 0:
                     self._check_finite()
-                    self.objective.sample(self.ema, run_file(c.sample_dir, self.objective.kind, f"step_{self.step:07d}.png"))
+                    if main:
+                        self.objective.sample(self.ema, run_file(c.sample_dir, self.objective.kind,
+                                                                 f"step_{self.step:07d}.png"))
                     window_start = time.perf_counter()
                 if self.objective.eval_every and self.step % self.objective.eval_every == 0:
                     self._evaluate(bar)
@@ -226,7 +236,7 @@ class Trainer:
             torch.distributed.all_reduce(values)
             values /= self.dist.world_size
         values = values.tolist()
-        record = {"step": self.step, "loss": values[0], "lr": self.optimizer.param_groups[0]["lr"],
+        record = {"step": self.step, "loss": values[0], **learning_rates(self.optimizer),
                   "grad_norm": values[1],
                   **{k: v for k, v in zip(extras, values[2:])},
                   "images_per_sec": steps * self.config.batch_size / max(seconds, 1e-9),
@@ -249,7 +259,14 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _check_finite(self) -> None:
-        bad = int(self.first_bad_step)
+        """Stop on every rank together if any rank saw a non-finite loss (under fp16 the others may
+        not: GradScaler skips the step everywhere, so only that rank's own loss shows it)."""
+        bad = self.first_bad_step
+        if self.dist.distributed:
+            bad = torch.where(bad < 0, torch.iinfo(bad.dtype).max, bad)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+            bad = torch.where(bad == torch.iinfo(bad.dtype).max, -1, bad)
+        bad = int(bad)
         if bad >= 0:
             kept = self.last_checkpoint or "none was written yet"
             raise NonFiniteLoss(f"the loss became non-finite at step {bad + 1}; stopping without saving. "
@@ -326,6 +343,8 @@ class Trainer:
     def _stop_on_signal(self) -> None:
         path = periodic_checkpoint(self.config.checkpoint_dir, self.objective.kind, self.step)
         self._save(path)
+        # torchrun stops every rank once one exits non-zero: the others wait for rank 0's write.
+        barrier(self.dist)
         signum = self.stop_signal or signal.SIGTERM
         if self.dist.is_main:
             tqdm.write(f"stopped by {signal.Signals(signum).name} after step {self.step}; checkpoint {path}. "
