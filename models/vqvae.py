@@ -138,9 +138,11 @@ class VectorQuantizer(nn.Module):
             flat = self._flatten(z)
             codes = self.nearest(flat)
             counts = torch.bincount(codes, minlength=self.codebook_size).float()
+            # Looked up before the codebook update: z_q are the vectors the codes were chosen
+            # against (an update, or a dead-code restart, would hand out vectors never compared).
+            z_q = self.lookup(codes.reshape(B, h, w))
             if self.training:
                 counts = self._update(flat, codes, counts, generator)
-            z_q = self.lookup(codes.reshape(B, h, w))
             z = z.float()
             commitment = F.mse_loss(z, z_q.detach())
             probs = counts / counts.sum()

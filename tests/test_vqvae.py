@@ -100,8 +100,10 @@ def test_ema_update_moves_codes_to_the_mean_of_their_vectors():
     q.embedding.copy_(torch.tensor([[-1.0], [1.0]]))
     q.cluster_size.fill_(10.0)
     z = torch.tensor([-2.0, -1.5, 0.5, 3.0]).reshape(1, 1, 2, 2)
-    _, codes, _ = q(z)
+    z_q, codes, _ = q(z)
     assert codes.flatten().tolist() == [0, 0, 1, 1]
+    # the output holds the vectors the codes were chosen against, not the updated ones
+    torch.testing.assert_close(z_q.flatten(), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
     torch.testing.assert_close(q.embedding, torch.tensor([[-1.75], [1.75]]), atol=1e-4, rtol=0)
     torch.testing.assert_close(q.cluster_size, torch.tensor([2.0, 2.0]))
 
