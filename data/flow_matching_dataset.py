@@ -15,6 +15,7 @@ normalized VQ-VAE latents, encoded once and cached on disk (data/latent_cache.py
 
 import math
 import os
+import signal
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -153,6 +154,14 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT. SLURM, `kill -- -PGID` and Ctrl-C signal the
+    whole process group; a worker killed by it would crash the main process mid-step, before the
+    trainer's handler saves a checkpoint. The main process stops them when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, seed: int, hflip: bool, num_workers: int,
                 rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
     """The training loader over any (image, label) dataset: per-rank batches, drop_last."""
@@ -163,7 +172,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, seed: int, hflip: bool, nu
     keyed = dataset if isinstance(dataset, FlipByIndex) else FlipByIndex(dataset)
     return DataLoader(keyed, batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
-                      persistent_workers=num_workers > 0,
+                      persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
                       # Its own generator: building iterators never touches the global RNG.
                       generator=torch.Generator().manual_seed(seed))
 

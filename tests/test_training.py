@@ -126,16 +126,23 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         load(path)
 
 
-def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_flags, tmp_path):
+@pytest.mark.parametrize("workers, to_group", [(0, False), (1, True)])
+def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_flags, tmp_path, workers, to_group):
+    """SIGTERM to the process, or (as SLURM and `kill -- -PGID` send it) to its whole process
+    group, DataLoader workers included: the run still saves and exits 143."""
     ckpt_dir = flag_value(tiny_flags, "--checkpoint_dir")
     proc = subprocess.Popen([sys.executable, "train_flow_matching.py", *tiny_flags, "--train_steps", "100000",
-                             "--log_every", "1", "--save_every", "100000"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--log_every", "1", "--save_every", "100000", "--num_workers", str(workers)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=to_group)
     metrics = os.path.join(ckpt_dir, "metrics.jsonl")
     deadline = time.time() + 120
     while not os.path.exists(metrics) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "--resume latest" in out
