@@ -14,8 +14,7 @@ from configs.train_config import TrainConfig
 
 # Fields that fix the network's shape: a checkpoint only loads into a config that agrees on them.
 ARCHITECTURE_FIELDS = ("image_size", "in_channels", "num_classes", "patch_size", "hidden_size",
-                       "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "latent_size",
-                       "latent_channels")
+                       "depth", "num_heads", "mlp_ratio", "latent_size", "latent_channels")
 
 
 @dataclass
@@ -82,6 +81,10 @@ class FlowMatchingConfig(TrainConfig):
             raise ValueError(f"--num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"--class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.class_dropout_prob == 0 and self.cfg_scale != 1 and self.num_classes != 0:
+            raise ValueError(f"--class_dropout_prob 0 trains no null-label velocity, so --cfg_scale "
+                             f"{self.cfg_scale} would guide with an untrained one; pass --cfg_scale 1 "
+                             f"or a --class_dropout_prob > 0")
         if self.mlp_ratio <= 0:
             raise ValueError(f"--mlp_ratio must be > 0, got {self.mlp_ratio}")
         data_dir, cache = os.path.abspath(self.data_dir), os.path.abspath(self.data_cache_dir)

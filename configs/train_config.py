@@ -4,6 +4,9 @@
 trained by the one trainer.
 """
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -47,6 +50,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the flag for values that cannot work."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name} must be a finite number, got {value}")
         positive = ["batch_size", "train_steps", "log_every", "save_every", "keep_checkpoints"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -58,6 +65,12 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.muon_momentum < 1.0:
             raise ValueError(f"--muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.resume not in (None, "latest") and not os.path.isfile(self.resume):
+            raise ValueError(f"--resume {self.resume} does not exist; pass a checkpoint file or "
+                             f"--resume latest (the newest in --checkpoint_dir)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

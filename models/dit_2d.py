@@ -19,7 +19,7 @@ from models.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, Times
 class DiT2D(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 3,
                  hidden_size: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, num_classes: int = 10, class_dropout_prob: float = 0.1):
+                 mlp_ratio: float = 4.0, num_classes: int = 10):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -31,8 +31,6 @@ class DiT2D(nn.Module):
         self.patch_size = patch_size
         self.in_channels = in_channels
         self.num_classes = num_classes
-        # Kept so a checkpoint's config rebuilds the same model; the loss applies the dropout.
-        self.class_dropout_prob = class_dropout_prob
         self.gradient_checkpointing = False
         grid = input_size // patch_size
 
@@ -123,4 +121,4 @@ def dit_from_config(config) -> DiT2D:
     return DiT2D(input_size=size, patch_size=get("patch_size"),
                  in_channels=channels, hidden_size=get("hidden_size"),
                  depth=get("depth"), num_heads=get("num_heads"), mlp_ratio=get("mlp_ratio"),
-                 num_classes=get("num_classes"), class_dropout_prob=get("class_dropout_prob"))
+                 num_classes=get("num_classes"))

@@ -77,6 +77,10 @@ def test_presets_apply_before_flags():
     (["--hidden_size", "100"], "--hidden_size 100"),      # validate(): not divisible by heads
     (["--batch_size", "10", "--micro_batch_size", "4"], "--micro_batch_size 4"),
     (["--image_size", "30", "--patch_size", "4"], "--image_size 30"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--grad_clip", "inf"], "--grad_clip must be a finite number"),
+    (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
+    (["--class_dropout_prob", "0"], "--cfg_scale 3.0 would guide"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:

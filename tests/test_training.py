@@ -82,8 +82,11 @@ def test_resume_with_a_different_architecture_is_a_clear_error(tiny_flags, tmp_p
 
 
 def test_resume_missing_checkpoint_is_a_clear_error(tiny_flags, capsys):
-    assert train_flow_matching.main(tiny_flags + ["--resume", "/no/such.pt"]) == 2
-    assert "/no/such.pt does not exist" in capsys.readouterr().err
+    """Reported with the flags, before any data is read."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_flow_matching.main(tiny_flags + ["--resume", "/no/such.pt"])
+    assert exit_info.value.code == 2
+    assert "--resume /no/such.pt does not exist" in capsys.readouterr().err
 
 
 def test_resume_latest_without_checkpoints_starts_fresh(tiny_flags, capsys):
