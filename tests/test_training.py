@@ -94,6 +94,21 @@ def test_resume_latest_without_checkpoints_starts_fresh(tiny_flags, capsys):
     assert "starting from scratch" in capsys.readouterr().out
 
 
+def test_checkpoints_of_another_run_are_never_pruned_or_overwritten(tiny_flags, capsys):
+    """A fresh run, or a resume from an earlier step, in a folder that holds later checkpoints
+    stops at once: its own checkpoints would be pruned in their favour."""
+    common = tiny_flags + ["--save_every", "2", "--keep_checkpoints", "1"]
+    assert train_flow_matching.main(common + ["--train_steps", "4"]) == 0
+    ckpt_dir = flag_value(tiny_flags, "--checkpoint_dir")
+    before = sorted(os.listdir(ckpt_dir))
+    capsys.readouterr()
+    assert train_flow_matching.main(common + ["--train_steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "past step 0" in err and "flow_matching_final.pt (step 4)" in err and "--resume latest" in err
+    assert sorted(os.listdir(ckpt_dir)) == before
+    assert train_flow_matching.main(common + ["--train_steps", "6", "--resume", "latest"]) == 0
+
+
 def test_latest_picks_the_highest_step(tmp_path):
     for step in (5, 10):
         ckpt_lib.save_checkpoint({"step": step}, str(tmp_path / ckpt_lib.CHECKPOINT_PATTERN.format(step=step)))

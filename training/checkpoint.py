@@ -11,7 +11,7 @@ import glob
 import os
 import random
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -112,15 +112,33 @@ def checkpoint_step(path: str) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
+def run_checkpoints(checkpoint_dir: str, kind: str) -> List[str]:
+    """Every checkpoint (periodic and final) of this kind in the folder."""
+    found = glob.glob(run_file(checkpoint_dir, kind, "checkpoint_*.pt"))
+    final = os.path.join(checkpoint_dir, FINAL_NAMES[kind])
+    return found + [final] if os.path.isfile(final) else found
+
+
 def find_latest(checkpoint_dir: str, kind: str) -> Optional[str]:
     """The newest checkpoint (highest step) of this kind in the folder, or None."""
-    candidates = glob.glob(run_file(checkpoint_dir, kind, "checkpoint_*.pt"))
-    final = os.path.join(checkpoint_dir, FINAL_NAMES[kind])
-    if os.path.isfile(final):
-        candidates.append(final)
-    if not candidates:
-        return None
-    return max(candidates, key=checkpoint_step)
+    candidates = run_checkpoints(checkpoint_dir, kind)
+    return max(candidates, key=checkpoint_step) if candidates else None
+
+
+def check_nothing_ahead(checkpoint_dir: str, kind: str, step: int) -> None:
+    """ValueError when the folder holds checkpoints past `step`, the step a run starts from.
+
+    They belong to another run (or to this run's abandoned future): they would outlive this run's
+    own checkpoints when old ones are pruned, `--resume latest` would return to them, and the
+    final one would be overwritten.
+    """
+    ahead = sorted((p for p in run_checkpoints(checkpoint_dir, kind) if checkpoint_step(p) > step),
+                   key=checkpoint_step)
+    if ahead:
+        names = ", ".join(f"{os.path.basename(p)} (step {checkpoint_step(p)})" for p in ahead)
+        hint = "--resume latest to continue that run, " if step == 0 else ""
+        raise ValueError(f"--checkpoint_dir {checkpoint_dir} holds checkpoints past step {step}, where this "
+                         f"run starts: {names}. Pass {hint}another --checkpoint_dir, or move them away")
 
 
 def prune_checkpoints(checkpoint_dir: str, keep: int, kind: str = "flow_matching") -> None:
