@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i) (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank) (default: %(default)s)")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA or raw training weights")
+    p.add_argument("--vqvae_checkpoint", default=None,
+                   help="latent checkpoints: the VQ-VAE to decode with (default: the path it records)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="model forward precision; auto = bf16 on CUDA, fp32 on CPU (Inception is always fp32)")
     p.add_argument("--ref_dataset", default=None, choices=("cifar10", "imagefolder"),
@@ -153,7 +155,7 @@ def evaluate(args, dist) -> None:
     model = ckpt = config = None
     if args.checkpoint:
         model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
-        latent_space = LatentSpace.from_flow_checkpoint(ckpt, None, device)
+        latent_space = LatentSpace.from_flow_checkpoint(ckpt, args.vqvae_checkpoint, device)
         config = ckpt["config"]
         image_size, in_channels, num_classes = config["image_size"], config["in_channels"], config["num_classes"]
         cfg_scales = args.cfg_scales or [config["cfg_scale"] if num_classes else 1.0]

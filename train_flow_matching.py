@@ -23,14 +23,6 @@ from training.objectives import FlowMatchingObjective
 from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size
 
 
-def check_same_vqvae(path: str, fingerprint: str) -> None:
-    """A latent run resumes only on the latents of the VQ-VAE it was trained with."""
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("latent", {})
-    if saved.get("vqvae_fingerprint") != fingerprint:
-        raise ValueError(f"{path} was trained on the latents of another VQ-VAE than --vqvae_checkpoint; "
-                         f"pass the VQ-VAE it was trained with")
-
-
 def train(config, dist) -> None:
     micro = micro_batch_size(config, dist.world_size)
     vqvae = (VQVAE.load_from_checkpoint(config.vqvae_checkpoint, device=dist.device)
@@ -45,10 +37,7 @@ def train(config, dist) -> None:
     objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
                                       dist.rank, dist.world_size,
                                       latent_space=getattr(loader.dataset, "latent_space", None))
-    trainer = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS)
-    if trainer.last_checkpoint and objective.latent_space is not None:
-        check_same_vqvae(trainer.last_checkpoint, objective.latent_space.fingerprint)
-    path = trainer.fit()
+    path = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS).fit()
     if dist.is_main:
         print(f"done: {path}")
 

@@ -96,6 +96,15 @@ class FlowMatchingObjective:
     def checkpoint_extras(self):
         return {"latent": self.latent_space.state()} if self.latent_space is not None else {}
 
+    def check_resume(self, ckpt, path: str) -> None:
+        """A latent run resumes only on the latents of the VQ-VAE it was trained with (a pixel vs
+        latent mix-up already fails the trainer's architecture check: latent_size differs)."""
+        if self.latent_space is None:
+            return
+        if ckpt.get("latent", {}).get("vqvae_fingerprint") != self.latent_space.fingerprint:
+            raise ValueError(f"{path} was trained on the latents of another VQ-VAE than "
+                             f"--vqvae_checkpoint; pass the VQ-VAE it was trained with")
+
 
 class VQVAEObjective:
     """Reconstruction MSE + commitment loss; a grid of originals over their reconstructions.
@@ -128,3 +137,6 @@ class VQVAEObjective:
 
     def checkpoint_extras(self):
         return {}
+
+    def check_resume(self, ckpt, path: str) -> None:
+        """Nothing beyond the architecture and optimizer fields the trainer checks."""

@@ -5,6 +5,7 @@ What differs between models is an *objective* with these members:
     loss(model, batch, draws)            -> (scalar loss, {name: scalar tensor} extra metrics)
     sample(ema_model, path)              writes an image grid (class samples, reconstructions)
     checkpoint_extras()                  -> dict stored in every checkpoint (may be empty)
+    check_resume(ckpt, path)             raises ValueError when a checkpoint's extras do not fit
     eval_every                           steps between evaluations (0 = never), and then
     evaluate(ema_model)                  -> {name: number} (e.g. FID), called on every rank; rank
                                          0's result joins metrics.jsonl as its own record
@@ -315,6 +316,7 @@ class Trainer:
         ckpt = load_checkpoint(path, kind=self.objective.kind)
         check_config_fits(ckpt["config"], dataclasses.asdict(self.config),
                           (*self.architecture_fields, *OPTIMIZER_FIELDS), path)
+        self.objective.check_resume(ckpt, path)
         self.raw_model.load_state_dict(ckpt["model"], strict=True)
         self.ema.load_state_dict(ckpt["ema"], strict=True)
         changed = load_optimizer_state(self.optimizer, ckpt["optimizer"])
