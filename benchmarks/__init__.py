@@ -1,0 +1,1 @@
+"""Benchmark scripts that print numbers (throughput, MFU, memory, comparisons); not tests."""

@@ -1,0 +1,1 @@
+"""Networks: DiT2D (the velocity model), its layers, and the VQ-VAE for latent flow matching."""

@@ -196,6 +196,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """The transformer's feed-forward branch: Linear, tanh-GELU (as DiT), Linear."""
+
     def __init__(self, hidden_size: int, mlp_ratio: float):
         super().__init__()
         inner = int(hidden_size * mlp_ratio)
@@ -203,7 +205,8 @@ class Mlp(nn.Module):
         self.fc2 = Linear(inner, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        h = F.gelu(self.fc1(x), approximate="tanh")  # (B, N, D) -> (B, N, mlp_ratio * D)
+        return self.fc2(h)                            # (B, N, D)
 
 
 class DiTBlock(nn.Module):

@@ -1,0 +1,1 @@
+"""Optimizers beyond torch.optim: Muon with AdamW for the rest, as one optimizer."""

@@ -1,0 +1,1 @@
+"""The test suite: CPU only, deterministic, no network."""

@@ -3,7 +3,8 @@
 A checkpoint is a plain dict that `torch.load(weights_only=True)` reads:
     kind       "flow_matching" | "vqvae"   (which script wrote it)
     model, ema state dicts of the unwrapped modules (no `module.` / `_orig_mod.` prefixes)
-    optimizer, scaler (or None), step, config (dataclasses.asdict), rng, data {epoch, index}
+    optimizer, scaler (or None), step, config (dataclasses.asdict), rng, data {epoch, samples}
+               (the epoch and how many of its samples all ranks have read)
     plus any extras the objective adds (e.g. latent statistics).
 """
 
@@ -34,17 +35,6 @@ def run_file(folder: str, kind: str, name: str) -> str:
 
 def periodic_checkpoint(checkpoint_dir: str, kind: str, step: int) -> str:
     return run_file(checkpoint_dir, kind, CHECKPOINT_PATTERN.format(step=step))
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def rng_state() -> Dict[str, Any]:
@@ -95,7 +85,8 @@ def load_checkpoint(path: str, map_location="cpu", kind: Optional[str] = None) -
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, wrong format, unpickling refused
-        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}); it is "
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}); it is "
                          f"truncated or not a checkpoint of this repo") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of this repo (no 'model' and 'config' keys)")
