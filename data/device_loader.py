@@ -20,9 +20,9 @@ import os
 from typing import Iterator, Tuple
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from data.flow_matching_dataset import ResumableSampler, build_image_dataset, uint8_to_model
+from data.flow_matching_dataset import ResumableSampler, build_image_dataset, listing_fingerprint, uint8_to_model
 from training.checkpoint import save_checkpoint
 from training.distributed import rank_zero_first
 
@@ -67,35 +67,40 @@ class DeviceLoader:
             yield torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), self.labels.index_select(0, rows)
 
 
-def cache_path(config) -> str:
-    """Where the decoded dataset of this config lives: named by source and preprocessing."""
+def uint8_dataset(config) -> Tuple[Dataset, int]:
+    """The training images as uint8 tensors, and the number of classes."""
+    return build_image_dataset(config.dataset, config.data_dir, config.image_size, config.in_channels,
+                               train=True, as_uint8=True)
+
+
+def cache_path(config, dataset: Dataset) -> str:
+    """Where the decoded `dataset` lives: named by source and preprocessing, keyed also on its files
+    (listing_fingerprint), so an edited folder is decoded again instead of served stale."""
     source = os.path.abspath(config.data_dir)
-    key = hashlib.sha1(f"{config.dataset}|{source}|{config.image_size}|{config.in_channels}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{config.dataset}|{source}|{config.image_size}|{config.in_channels}|"
+                       f"{listing_fingerprint(dataset, config.data_dir)}".encode()).hexdigest()[:12]
     name = f"{config.dataset}_{os.path.basename(source.rstrip(os.sep))}_{config.image_size}px_" \
            f"{config.in_channels}ch_{key}.pt"
     return os.path.join(config.data_cache_dir, name)
 
 
-def decode_dataset(config, num_workers: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Decode every training image once: (uint8 (N, C, H, W), int64 labels (N,), classes)."""
-    dataset, found = build_image_dataset(config.dataset, config.data_dir, config.image_size,
-                                         config.in_channels, train=True, as_uint8=True)
+def decode_dataset(dataset: Dataset, num_workers: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Decode every image once: (uint8 (N, C, H, W), int64 labels (N,))."""
     loader = DataLoader(dataset, batch_size=500, num_workers=num_workers, shuffle=False)
     images, labels = zip(*loader)
-    return torch.cat(images), torch.cat(labels).long(), found
+    return torch.cat(images), torch.cat(labels).long()
 
 
-def load_uint8_dataset(config, build: bool = True, verbose: bool = True) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """The decoded dataset from the cache, decoding and caching it first when missing (and build)."""
-    path = cache_path(config)
+def load_uint8_dataset(config, verbose: bool = True) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """The decoded dataset from the cache, decoding and caching it first when missing."""
+    dataset, found = uint8_dataset(config)
+    path = cache_path(config, dataset)
     if os.path.isfile(path):
         cached = torch.load(path, map_location="cpu", weights_only=True)
         return cached["images"], cached["labels"], cached["num_classes"]
-    if not build:
-        raise FileNotFoundError(f"no decoded dataset at {path}")
     if verbose:
         print(f"decoding {config.data_dir} once into {path} (uint8; later runs load it)")
-    images, labels, found = decode_dataset(config, config.num_workers)
+    images, labels = decode_dataset(dataset, config.num_workers)
     save_checkpoint({"images": images, "labels": labels, "num_classes": found,
                      "source": os.path.abspath(config.data_dir)}, path)
     return images, labels, found
@@ -104,7 +109,8 @@ def load_uint8_dataset(config, build: bool = True, verbose: bool = True) -> Tupl
 def device_loader(config, batch_size: int, device: torch.device, rank: int = 0,
                   world_size: int = 1) -> DeviceLoader:
     """The DeviceLoader a config describes; rank 0 decodes (or loads) while the others wait."""
-    images, labels, _ = rank_zero_first(
-        rank, lambda: load_uint8_dataset(config, build=rank == 0, verbose=rank == 0))
+    # Rank 0 decodes and writes the cache; the others then read it (or, on a node that does not
+    # share the folder, decode their own copy).
+    images, labels, _ = rank_zero_first(rank, lambda: load_uint8_dataset(config, verbose=rank == 0))
     return DeviceLoader(images.to(device), labels.to(device), batch_size, seed=config.seed,
                         hflip=config.hflip, rank=rank, world_size=world_size)

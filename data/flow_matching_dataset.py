@@ -13,6 +13,7 @@ With a VQ-VAE (`vqvae_encoder`, or config.vqvae_checkpoint) the items are instea
 normalized VQ-VAE latents, encoded once and cached on disk (data/latent_cache.py).
 """
 
+import hashlib
 import math
 import os
 import signal
@@ -69,6 +70,17 @@ def _image_folder(data_dir: str, transform) -> Dataset:
     except (FileNotFoundError, OSError) as err:
         raise FileNotFoundError(f"--data_dir {data_dir} is not a readable ImageFolder ({err}); it "
                                 f"needs one subfolder per class holding {'/'.join(IMAGE_EXTENSIONS)} files") from None
+
+
+def listing_fingerprint(dataset: Dataset, root: str) -> str:
+    """SHA-256 of an ImageFolder's files (relative path, label, size, mtime): a cache keyed on it
+    goes stale the moment a file is added, removed, relabelled or rewritten. Datasets without a
+    file list (CIFAR-10's fixed pickles) hash their length only."""
+    files = hashlib.sha256(f"{len(dataset)}\n".encode())
+    for path, label in getattr(dataset, "samples", []):
+        stat = os.stat(path)
+        files.update(f"{os.path.relpath(path, root)}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return files.hexdigest()
 
 
 def build_image_dataset(dataset: str, data_dir: str, image_size: int, in_channels: int,

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data.flow_matching_dataset import FlipByIndex
+from data.flow_matching_dataset import FlipByIndex, listing_fingerprint
 from models.vqvae import VQVAE, LatentSpace
 from training.checkpoint import save_checkpoint
 
@@ -52,12 +52,9 @@ class LatentDataset(FlipByIndex):
 
 def cache_key(vqvae: VQVAE, dataset: Dataset, config) -> str:
     """SHA-256 of everything the cached codes depend on."""
-    files = hashlib.sha256()
-    for path, label in getattr(dataset, "samples", []):
-        stat = os.stat(path)
-        files.update(f"{os.path.relpath(path, config.data_dir)}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     source = {"format": CACHE_FORMAT, "vqvae": vqvae.fingerprint(), "dataset": config.dataset,
-              "data_dir": os.path.abspath(config.data_dir), "items": len(dataset), "files": files.hexdigest(),
+              "data_dir": os.path.abspath(config.data_dir), "items": len(dataset),
+              "files": listing_fingerprint(dataset, config.data_dir),
               "image_size": config.image_size, "in_channels": config.in_channels, "hflip": config.hflip}
     return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
 

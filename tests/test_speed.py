@@ -3,6 +3,7 @@ CPU fp32 route gives bf16 numbers, parameter names are stable, the step reads no
 host, and the benchmark FLOP count matches the model's arithmetic."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_device_loader_yields_the_dataloader_batches(tmp_path, rank, world):
 def test_decoded_dataset_is_cached_and_reused(tmp_path, monkeypatch):
     config = folder_config(tmp_path, data_loader="device")
     get_flow_matching_dataloader(config)
-    path = dl.cache_path(config)
+    path = dl.cache_path(config, dl.uint8_dataset(config)[0])
     assert os.path.isfile(path) and path.startswith(str(tmp_path / "cache"))
 
     def no_decode(*args, **kwargs):
@@ -64,6 +65,10 @@ def test_decoded_dataset_is_cached_and_reused(tmp_path, monkeypatch):
     images, labels, classes = dl.load_uint8_dataset(config)
     assert images.dtype == torch.uint8 and images.shape == (21, 3, 8, 8) and classes == 3
     assert labels.tolist() == sorted(labels.tolist())
+
+    # A file added to the folder: another key, so the next run decodes again instead of serving stale data.
+    shutil.copy(os.path.join(config.data_dir, "class_0", "0.png"), os.path.join(config.data_dir, "class_0", "new.png"))
+    assert dl.cache_path(config, dl.uint8_dataset(config)[0]) != path
 
 
 def test_auto_picks_workers_on_cpu(tmp_path):
