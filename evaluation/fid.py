@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data.flow_matching_dataset import build_image_dataset
+from data.flow_matching_dataset import build_image_dataset, listing_fingerprint
 from data.images import to_uint8
 
 Statistics = Dict[str, np.ndarray]  # {"mu": (D,), "sigma": (D, D)}, float64
@@ -189,12 +189,12 @@ def reference_statistics(image_set: ImageSet, extractor: torch.nn.Module, cache_
     """Statistics of a reference set, read from `cache_dir` when they were computed before.
 
     Returns (statistics, number of images, cache file, whether it was read from the cache). The
-    file name holds a hash of the set's description, its size on disk and the extractor's name;
-    delete the file after changing a folder's images in place.
+    file name holds a hash of the set's description, its files (so a folder changed in place is
+    scored again) and the extractor's name.
     """
     dataset, n = _load(image_set)
     key = dict(asdict(image_set), data_dir=os.path.abspath(image_set.data_dir), num_images=n,
-               dataset_size=len(dataset), features=extractor.name)
+               files=listing_fingerprint(dataset, image_set.data_dir), features=extractor.name)
     if image_set.dataset != "cifar10":
         key.pop("split")
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
