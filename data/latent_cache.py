@@ -21,13 +21,13 @@ import os
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.flow_matching_dataset import FlipByIndex, listing_fingerprint
 from models.vqvae import VQVAE, LatentSpace
 from training.checkpoint import save_checkpoint
+from training.distributed import wait_for_all_ranks
 
 CACHE_FORMAT = 1
 
@@ -93,7 +93,6 @@ def load_latent_dataset(config, vqvae: VQVAE, dataset: Dataset, batch_size: int,
     """
     key = cache_key(vqvae, dataset, config)
     path = os.path.join(config.data_cache_dir, f"vq_latents_{key[:24]}.pt")
-    distributed = dist.is_available() and dist.is_initialized()
     if rank == 0 and not os.path.isfile(path):
         print(f"latent cache miss: encoding {len(dataset)} images{' and their mirrors' if config.hflip else ''} "
               f"into {path}")
@@ -101,8 +100,7 @@ def load_latent_dataset(config, vqvae: VQVAE, dataset: Dataset, batch_size: int,
         save_checkpoint({"format": CACHE_FORMAT, "key": key, "codes": codes, "labels": labels}, path)
     elif rank == 0:
         print(f"latent cache hit: {path}")
-    if distributed:
-        dist.barrier()
+    wait_for_all_ranks()
     try:
         cache = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign file

@@ -5,12 +5,17 @@ A plain `python script.py` run is a world of one and touches no process group. U
 logs and writes files.
 """
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
+
+
+# The gloo group of this process's torchrun world (set by setup_distributed), for host-side waits.
+_cpu_group = None
 
 
 @dataclass
@@ -47,21 +52,24 @@ def setup_distributed(device_name: str) -> DistInfo:
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         return DistInfo(0, 0, 1, device)
+    global _cpu_group
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
-        cpu_group = dist.new_group(backend="gloo")
+        _cpu_group = dist.new_group(backend="gloo")
     else:
         dist.init_process_group("gloo")
-        cpu_group = dist.group.WORLD
-    return DistInfo(rank, local_rank, world_size, device, cpu_group)
+        _cpu_group = dist.group.WORLD
+    return DistInfo(rank, local_rank, world_size, device, _cpu_group)
 
 
 def cleanup_distributed() -> None:
+    global _cpu_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _cpu_group = None
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
@@ -76,15 +84,26 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
 T = TypeVar("T")
 
 
+# Rank 0 alone may work for long minutes before the others' next collective (a download, decoding
+# a dataset, encoding latents, FID reference statistics); they wait for it on the gloo group with
+# this timeout instead of NCCL's default 10 minutes.
+LONG_WAIT = datetime.timedelta(hours=2)
+
+
+def wait_for_all_ranks() -> None:
+    """A barrier with the LONG_WAIT timeout (a no-op outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.monitored_barrier(group=_cpu_group, timeout=LONG_WAIT)
+
+
 def rank_zero_first(rank: int, build: Callable[[], T]) -> T:
     """`build()` on rank 0 first, then on the other ranks, so what rank 0 downloads or caches is
     on disk, whole, when they look for it (8 ranks extracting one tarball at once corrupt it)."""
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed and rank != 0:
-        dist.barrier()
+    if rank != 0:
+        wait_for_all_ranks()
     result = build()
-    if distributed and rank == 0:
-        dist.barrier()
+    if rank == 0:
+        wait_for_all_ranks()
     return result
 
 

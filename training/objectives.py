@@ -10,6 +10,7 @@ from data.images import save_grid
 from evaluation import fid
 from models.dit_2d import input_shape
 from models.vqvae import psnr
+from training.distributed import wait_for_all_ranks
 
 # The training grid shows at most this many classes (rows), so a 1000-class run stays readable.
 MAX_GRID_CLASSES = 16
@@ -41,6 +42,8 @@ class FlowMatchingObjective:
                 ref, self.fid_extractor, config.fid_cache_dir, device, config.fid_batch_size,
                 config.num_workers, progress=True)
             print(f"FID reference: {ref.describe(n)}; statistics {'read from' if cached else 'written to'} {path}")
+        if config.fid_every:
+            wait_for_all_ranks()  # the other ranks wait out rank 0's reference statistics here
 
     def loss(self, model, batch, draws):
         x, y = batch
