@@ -102,8 +102,8 @@ def test_ema_update_moves_codes_to_the_mean_of_their_vectors():
     z = torch.tensor([-2.0, -1.5, 0.5, 3.0]).reshape(1, 1, 2, 2)
     z_q, codes, _ = q(z)
     assert codes.flatten().tolist() == [0, 0, 1, 1]
-    # the output holds the vectors the codes were chosen against, not the updated ones
-    torch.testing.assert_close(z_q.flatten(), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    # the output holds the updated vectors (see VectorQuantizer.forward for why)
+    torch.testing.assert_close(z_q.flatten(), torch.tensor([-1.75, -1.75, 1.75, 1.75]), atol=1e-4, rtol=0)
     torch.testing.assert_close(q.embedding, torch.tensor([[-1.75], [1.75]]), atol=1e-4, rtol=0)
     torch.testing.assert_close(q.cluster_size, torch.tensor([2.0, 2.0]))
 
