@@ -20,6 +20,25 @@ from models.dit_2d import DiT2D  # noqa: E402
 torch.set_num_threads(1)
 
 
+class StandIn(torch.nn.Module):
+    """For FID tests: a fixed random conv net in Inception's place: uint8 (N, 3, H, W) -> 8 features."""
+
+    name = "stand-in"
+    calls = 0
+
+    def __init__(self, weights_path=None):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen))
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        StandIn.calls += len(x)
+        return torch.tanh(self.conv(x.float() / 127.5 - 1)).mean((2, 3))
+
+
 def overfit_eight_images(optimizer_for, steps: int, repeat: int = 1):
     """(start, end) flow-matching loss of a tiny DiT trained for `steps` on eight images with eight
     distinct labels, whose conditional velocity is exactly learnable. Each step sees the eight

@@ -18,26 +18,7 @@ import evaluate_fid  # noqa: E402
 import flow_matching  # noqa: E402
 import train_flow_matching  # noqa: E402
 from evaluation import fid  # noqa: E402
-from tests.conftest import TINY_FLAGS, write_image_folder  # noqa: E402
-
-
-class StandIn(torch.nn.Module):
-    """A fixed random conv net in Inception's place: uint8 (N, 3, H, W) -> 8 features."""
-
-    name = "stand-in"
-    calls = 0
-
-    def __init__(self, weights_path=None):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen))
-            self.conv.bias.zero_()
-
-    def forward(self, x):
-        StandIn.calls += len(x)
-        return torch.tanh(self.conv(x.float() / 127.5 - 1)).mean((2, 3))
+from tests.conftest import TINY_FLAGS, StandIn, write_image_folder  # noqa: E402
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from data.flow_matching_dataset import build_image_dataset, get_flow_matching_da
 from models.vqvae import VQVAE
 from training.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
-from tests.conftest import TINY_FLAGS, write_image_folder
+from tests.conftest import TINY_FLAGS, StandIn, write_image_folder
 from tests.test_vqvae import VQ_FLAGS
 
 
@@ -173,3 +173,28 @@ def test_bad_latent_flags(vqvae_run, tmp_path, capsys):
     assert "latents are not divisible by --patch_size 3" in capsys.readouterr().err
     assert train_flow_matching.main(base + ["--vqvae_checkpoint", path, "--image_size", "16"]) == 2
     assert "pass --image_size 8" in capsys.readouterr().err
+
+
+def test_fid_of_a_latent_checkpoint_whose_vqvae_moved(vqvae_run, tmp_path, capsys, monkeypatch):
+    """evaluate_fid.py decodes through the VQ-VAE the checkpoint records, or --vqvae_checkpoint."""
+    pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
+    import evaluate_fid
+    from evaluation import fid
+
+    path, images = vqvae_run
+    moved = str(tmp_path / "moved_vqvae.pt")
+    shutil.copy(path, moved)
+    ckpt_dir = str(tmp_path / "ckpt")
+    assert train_flow_matching.main(TINY_FLAGS + [
+        "--data_dir", images, "--checkpoint_dir", ckpt_dir, "--sample_dir", str(tmp_path / "samples"),
+        "--vqvae_checkpoint", moved, "--data_cache_dir", str(tmp_path / "cache"), "--train_steps", "2"]) == 0
+    os.remove(moved)
+    monkeypatch.setattr(fid, "InceptionFeatures", StandIn)  # the plumbing; no Inception download
+    argv = ["--checkpoint", os.path.join(ckpt_dir, "flow_matching_final.pt"), "--num_samples", "4",
+            "--batch_size", "4", "--num_steps_list", "1", "--fid_cache_dir", str(tmp_path / "fid"),
+            "--output_jsonl", str(tmp_path / "fid.jsonl"), "--device", "cpu", "--num_workers", "0"]
+    capsys.readouterr()
+    assert evaluate_fid.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "moved_vqvae.pt" in err and len(err.strip().splitlines()) == 1
+    assert evaluate_fid.main(argv + ["--vqvae_checkpoint", path]) == 0
