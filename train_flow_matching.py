@@ -18,12 +18,14 @@ from configs.flow_matching_config import ARCHITECTURE_FIELDS, parse_flow_matchin
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from models.vqvae import VQVAE
+from training.checkpoint import check_nothing_ahead
 from training.launch import announce_run, launch
 from training.objectives import FlowMatchingObjective
 from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size
 
 
 def train(config, dist) -> None:
+    check_nothing_ahead(config.checkpoint_dir, "flow_matching", config.resume)
     micro = micro_batch_size(config, dist.world_size)
     vqvae = (VQVAE.load_from_checkpoint(config.vqvae_checkpoint, device=dist.device)
              if config.vqvae_checkpoint else None)

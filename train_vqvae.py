@@ -22,7 +22,7 @@ import torch
 from configs.vqvae_config import parse_vqvae_config
 from data.vqvae_dataset import get_vqvae_dataloader, get_vqvae_eval_loader, grid_images
 from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, evaluate_reconstruction, vqvae_from_config
-from training.checkpoint import run_file
+from training.checkpoint import check_nothing_ahead, run_file
 from training.launch import announce_run, launch
 from training.objectives import VQVAEObjective
 from training.trainer import Trainer, micro_batch_size
@@ -41,6 +41,7 @@ def report(config, model, eval_loader, device, step: int) -> None:
 
 
 def train(config, dist) -> None:
+    check_nothing_ahead(config.checkpoint_dir, "vqvae", config.resume)
     micro = micro_batch_size(config, dist.world_size)
     loader = get_vqvae_dataloader(config, batch_size=micro, rank=dist.rank, world_size=dist.world_size)
     # Built before training so that a bad --eval_data_dir fails at once, not after the run.

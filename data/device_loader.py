@@ -1,7 +1,7 @@
 """A training loader that cannot starve a GPU: the dataset decoded once into a uint8 tensor that
 lives on the training device, batches gathered and flipped there.
 
-    images, labels, num_classes = load_uint8_dataset(config)      # decoded once, then cached on disk
+    images, labels, num_classes = load_uint8_dataset(config, listing)   # decoded once, then cached
     loader = DeviceLoader(images.to(device), labels.to(device), batch_size, seed=..., hflip=...)
     for x, y in loader: ...                                        # x float (B, C, H, W) in [-1, 1]
 
@@ -22,7 +22,7 @@ from typing import Iterator, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.flow_matching_dataset import ResumableSampler, build_image_dataset, listing_fingerprint, uint8_to_model
+from data.flow_matching_dataset import ResumableSampler, build_image_dataset, uint8_to_model
 from training.checkpoint import save_checkpoint
 from training.distributed import rank_zero_first
 
@@ -73,12 +73,12 @@ def uint8_dataset(config) -> Tuple[Dataset, int]:
                                train=True, as_uint8=True)
 
 
-def cache_path(config, dataset: Dataset) -> str:
-    """Where the decoded `dataset` lives: named by source and preprocessing, keyed also on its files
-    (listing_fingerprint), so an edited folder is decoded again instead of served stale."""
+def cache_path(config, listing: str) -> str:
+    """Where the decoded dataset lives: named by source and preprocessing, keyed also on its file
+    listing (`listing_fingerprint`), so a folder with files added or removed is decoded again."""
     source = os.path.abspath(config.data_dir)
-    key = hashlib.sha1(f"{config.dataset}|{source}|{config.image_size}|{config.in_channels}|"
-                       f"{listing_fingerprint(dataset, config.data_dir)}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{config.dataset}|{source}|{config.image_size}|{config.in_channels}|{listing}"
+                       .encode()).hexdigest()[:12]
     name = f"{config.dataset}_{os.path.basename(source.rstrip(os.sep))}_{config.image_size}px_" \
            f"{config.in_channels}ch_{key}.pt"
     return os.path.join(config.data_cache_dir, name)
@@ -91,26 +91,28 @@ def decode_dataset(dataset: Dataset, num_workers: int) -> Tuple[torch.Tensor, to
     return torch.cat(images), torch.cat(labels).long()
 
 
-def load_uint8_dataset(config, verbose: bool = True) -> Tuple[torch.Tensor, torch.Tensor, int]:
+def load_uint8_dataset(config, listing: str, verbose: bool = True) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """The decoded dataset from the cache, decoding and caching it first when missing."""
-    dataset, found = uint8_dataset(config)
-    path = cache_path(config, dataset)
+    path = cache_path(config, listing)
     if os.path.isfile(path):
         cached = torch.load(path, map_location="cpu", weights_only=True)
         return cached["images"], cached["labels"], cached["num_classes"]
     if verbose:
         print(f"decoding {config.data_dir} once into {path} (uint8; later runs load it)")
+    dataset, found = uint8_dataset(config)
     images, labels = decode_dataset(dataset, config.num_workers)
     save_checkpoint({"images": images, "labels": labels, "num_classes": found,
                      "source": os.path.abspath(config.data_dir)}, path)
     return images, labels, found
 
 
-def device_loader(config, batch_size: int, device: torch.device, rank: int = 0,
+def device_loader(config, listing: str, batch_size: int, device: torch.device, rank: int = 0,
                   world_size: int = 1) -> DeviceLoader:
-    """The DeviceLoader a config describes; rank 0 decodes (or loads) while the others wait."""
-    # Rank 0 decodes and writes the cache; the others then read it (or, on a node that does not
-    # share the folder, decode their own copy).
-    images, labels, _ = rank_zero_first(rank, lambda: load_uint8_dataset(config, verbose=rank == 0))
+    """The DeviceLoader a config describes (`listing`: the dataset's listing_fingerprint).
+
+    Rank 0 decodes and writes the cache while the others wait, then read it (or, on a node that
+    does not share the folder, decode their own copy).
+    """
+    images, labels, _ = rank_zero_first(rank, lambda: load_uint8_dataset(config, listing, verbose=rank == 0))
     return DeviceLoader(images.to(device), labels.to(device), batch_size, seed=config.seed,
                         hflip=config.hflip, rank=rank, world_size=world_size)

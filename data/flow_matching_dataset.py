@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms
 
-from training.distributed import rank_zero_first
+from training.distributed import all_ranks, rank_zero_first
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -73,9 +73,9 @@ def _image_folder(data_dir: str, transform) -> Dataset:
 
 
 def listing_fingerprint(dataset: Dataset, root: str) -> str:
-    """SHA-256 of an ImageFolder's files (relative path, label, size, mtime): a cache keyed on it
-    goes stale the moment a file is added, removed, relabelled or rewritten. Datasets without a
-    file list (CIFAR-10's fixed pickles) hash their length only."""
+    """SHA-256 of an ImageFolder's files (relative path, label, size, mtime), which caches of the
+    folder are keyed on: a file added, removed, relabelled or rewritten makes a new cache. Datasets
+    without a file list (CIFAR-10's fixed pickles) hash their length only."""
     files = hashlib.sha256(f"{len(dataset)}\n".encode())
     for path, label in getattr(dataset, "samples", []):
         stat = os.stat(path)
@@ -200,7 +200,7 @@ def use_device_loader(config, num_images: int, device: torch.device) -> bool:
         return False
     size = num_images * config.in_channels * config.image_size ** 2
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else math.inf
-    fits = size <= free / 4
+    fits = all_ranks(size <= free / 4)  # one choice for all ranks: the loaders' waits must pair up
     if config.data_loader == "device" and not fits:
         raise ValueError(f"--data_loader device: the decoded dataset ({size / 2 ** 30:.1f} GiB of uint8) "
                          f"does not fit in a quarter of the free GPU memory ({free / 2 ** 30:.1f} GiB); "
@@ -232,7 +232,8 @@ def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Opti
     elif use_device_loader(config, len(dataset), device):
         # Imported here: device_loader builds on this module.
         from data.device_loader import device_loader
-        return device_loader(config, batch_size, device, rank, world_size)
+        return device_loader(config, listing_fingerprint(dataset, config.data_dir), batch_size, device,
+                             rank, world_size)
     return make_loader(dataset, batch_size, seed=config.seed, hflip=config.hflip,
                        num_workers=config.num_workers, rank=rank, world_size=world_size,
                        pin_memory=device.type == "cuda")

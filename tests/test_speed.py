@@ -13,7 +13,7 @@ from benchmarks.common import count_flops_per_image
 from configs.cli import make_config
 from configs.flow_matching_config import FlowMatchingConfig
 from data import device_loader as dl
-from data.flow_matching_dataset import get_flow_matching_dataloader
+from data.flow_matching_dataset import get_flow_matching_dataloader, listing_fingerprint
 from models import layers
 from models.dit_2d import DiT2D, dit_from_config
 from tests.conftest import write_image_folder
@@ -55,20 +55,21 @@ def test_device_loader_yields_the_dataloader_batches(tmp_path, rank, world):
 def test_decoded_dataset_is_cached_and_reused(tmp_path, monkeypatch):
     config = folder_config(tmp_path, data_loader="device")
     get_flow_matching_dataloader(config)
-    path = dl.cache_path(config, dl.uint8_dataset(config)[0])
+    listing = listing_fingerprint(dl.uint8_dataset(config)[0], config.data_dir)
+    path = dl.cache_path(config, listing)
     assert os.path.isfile(path) and path.startswith(str(tmp_path / "cache"))
 
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again although the cache exists")
 
     monkeypatch.setattr(dl, "decode_dataset", no_decode)
-    images, labels, classes = dl.load_uint8_dataset(config)
+    images, labels, classes = dl.load_uint8_dataset(config, listing)
     assert images.dtype == torch.uint8 and images.shape == (21, 3, 8, 8) and classes == 3
     assert labels.tolist() == sorted(labels.tolist())
 
     # A file added to the folder: another key, so the next run decodes again instead of serving stale data.
     shutil.copy(os.path.join(config.data_dir, "class_0", "0.png"), os.path.join(config.data_dir, "class_0", "new.png"))
-    assert dl.cache_path(config, dl.uint8_dataset(config)[0]) != path
+    assert dl.cache_path(config, listing_fingerprint(dl.uint8_dataset(config)[0], config.data_dir)) != path
 
 
 def test_auto_picks_workers_on_cpu(tmp_path):

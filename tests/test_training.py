@@ -100,12 +100,13 @@ def test_checkpoints_of_another_run_are_never_pruned_or_overwritten(tiny_flags, 
     common = tiny_flags + ["--save_every", "2", "--keep_checkpoints", "1"]
     assert train_flow_matching.main(common + ["--train_steps", "4"]) == 0
     ckpt_dir = flag_value(tiny_flags, "--checkpoint_dir")
-    before = sorted(os.listdir(ckpt_dir))
+    before = {name: os.path.getmtime(os.path.join(ckpt_dir, name)) for name in os.listdir(ckpt_dir)}
     capsys.readouterr()
     assert train_flow_matching.main(common + ["--train_steps", "4"]) == 2
     err = capsys.readouterr().err
     assert "past step 0" in err and "flow_matching_final.pt (step 4)" in err and "--resume latest" in err
-    assert sorted(os.listdir(ckpt_dir)) == before
+    # refused before any work: no file of the old run rewritten (config.json included)
+    assert {name: os.path.getmtime(os.path.join(ckpt_dir, name)) for name in os.listdir(ckpt_dir)} == before
     assert train_flow_matching.main(common + ["--train_steps", "6", "--resume", "latest"]) == 0
 
 

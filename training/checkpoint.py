@@ -100,7 +100,11 @@ def checkpoint_step(path: str) -> int:
     match = re.search(r"checkpoint_(\d+)\.pt$", path)
     if match:
         return int(match.group(1))
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception as err:  # truncated, foreign or not a checkpoint at all
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}); it is truncated "
+                         f"or not a checkpoint of this repo") from None
 
 
 def run_checkpoints(checkpoint_dir: str, kind: str) -> List[str]:
@@ -116,20 +120,23 @@ def find_latest(checkpoint_dir: str, kind: str) -> Optional[str]:
     return max(candidates, key=checkpoint_step) if candidates else None
 
 
-def check_nothing_ahead(checkpoint_dir: str, kind: str, step: int) -> None:
-    """ValueError when the folder holds checkpoints past `step`, the step a run starts from.
+def check_nothing_ahead(checkpoint_dir: str, kind: str, resume: Optional[str]) -> None:
+    """ValueError when the folder holds checkpoints past the step this run starts from (0, or the
+    step of its --resume checkpoint); the training scripts call it before any other work.
 
     They belong to another run (or to this run's abandoned future): they would outlive this run's
     own checkpoints when old ones are pruned, `--resume latest` would return to them, and the
     final one would be overwritten.
     """
+    start = resume if resume != "latest" else find_latest(checkpoint_dir, kind)
+    step = checkpoint_step(start) if start else 0
     ahead = sorted((p for p in run_checkpoints(checkpoint_dir, kind) if checkpoint_step(p) > step),
                    key=checkpoint_step)
     if ahead:
         names = ", ".join(f"{os.path.basename(p)} (step {checkpoint_step(p)})" for p in ahead)
-        hint = "--resume latest to continue that run, " if step == 0 else ""
         raise ValueError(f"--checkpoint_dir {checkpoint_dir} holds checkpoints past step {step}, where this "
-                         f"run starts: {names}. Pass {hint}another --checkpoint_dir, or move them away")
+                         f"run starts: {names}. Pass --resume latest to continue from the newest, another "
+                         f"--checkpoint_dir, or move them away")
 
 
 def prune_checkpoints(checkpoint_dir: str, keep: int, kind: str = "flow_matching") -> None:

@@ -14,6 +14,11 @@ import torch
 import torch.distributed as dist
 
 
+# Rank 0 alone may work for long minutes before the others' next collective (a download, decoding
+# a dataset, encoding latents, FID reference statistics); they wait for it on the gloo group with
+# this timeout instead of NCCL's default 10 minutes.
+LONG_WAIT = datetime.timedelta(hours=2)
+
 # The gloo group of this process's torchrun world (set by setup_distributed), for host-side waits.
 _cpu_group = None
 
@@ -58,10 +63,10 @@ def setup_distributed(device_name: str) -> DistInfo:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
-        _cpu_group = dist.new_group(backend="gloo")
     else:
         dist.init_process_group("gloo")
-        _cpu_group = dist.group.WORLD
+    # Its own timeout: every rank's side of wait_for_all_ranks waits up to LONG_WAIT.
+    _cpu_group = dist.new_group(backend="gloo", timeout=LONG_WAIT)
     return DistInfo(rank, local_rank, world_size, device, _cpu_group)
 
 
@@ -84,10 +89,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
 T = TypeVar("T")
 
 
-# Rank 0 alone may work for long minutes before the others' next collective (a download, decoding
-# a dataset, encoding latents, FID reference statistics); they wait for it on the gloo group with
-# this timeout instead of NCCL's default 10 minutes.
-LONG_WAIT = datetime.timedelta(hours=2)
+
+
+def all_ranks(flag: bool) -> bool:
+    """True on every rank when `flag` is set on every rank (outside torchrun: `flag`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_cpu_group)
+    return bool(value.item())
 
 
 def wait_for_all_ranks() -> None:

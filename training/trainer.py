@@ -37,7 +37,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training.checkpoint import (FINAL_NAMES, check_config_fits, check_nothing_ahead, find_latest,
+from training.checkpoint import (FINAL_NAMES, check_config_fits, find_latest,
                                  load_checkpoint, periodic_checkpoint, prune_checkpoints, rng_state,
                                  run_file, save_checkpoint, set_rng_state)
 from training.distributed import DistInfo, any_rank, barrier
@@ -129,7 +129,6 @@ class Trainer:
         self.metrics_path = run_file(config.checkpoint_dir, objective.kind, "metrics.jsonl")
         if config.resume:
             self._resume(config.resume)
-        check_nothing_ahead(config.checkpoint_dir, objective.kind, self.step)
 
     # ------------------------------------------------------------------------- the loop
 
