@@ -8,7 +8,7 @@ logs and writes files.
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,8 +29,6 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
-    # A gloo group for tiny host-side agreements (stop flags) that must not sync the GPU.
-    cpu_group: Optional[object] = None
 
     @property
     def is_main(self) -> bool:
@@ -65,9 +63,10 @@ def setup_distributed(device_name: str) -> DistInfo:
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
-    # Its own timeout: every rank's side of wait_for_all_ranks waits up to LONG_WAIT.
+    # A gloo group for host-side agreements (stop flags, waits) that must not sync the GPU, with
+    # its own timeout: every rank's side of wait_for_all_ranks waits up to LONG_WAIT.
     _cpu_group = dist.new_group(backend="gloo", timeout=LONG_WAIT)
-    return DistInfo(rank, local_rank, world_size, device, _cpu_group)
+    return DistInfo(rank, local_rank, world_size, device)
 
 
 def cleanup_distributed() -> None:
@@ -77,27 +76,25 @@ def cleanup_distributed() -> None:
     _cpu_group = None
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank when `flag` is set on any rank (a host-only all-reduce)."""
-    if not info.distributed:
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=info.cpu_group)
-    return bool(value.item())
-
-
 T = TypeVar("T")
 
 
+def _reduce_flag(flag: bool, op) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=op, group=_cpu_group)  # host-only: no GPU sync
+    return bool(value.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is set on any rank (outside torchrun: `flag`)."""
+    return _reduce_flag(flag, dist.ReduceOp.MAX)
 
 
 def all_ranks(flag: bool) -> bool:
     """True on every rank when `flag` is set on every rank (outside torchrun: `flag`)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_cpu_group)
-    return bool(value.item())
+    return _reduce_flag(flag, dist.ReduceOp.MIN)
 
 
 def wait_for_all_ranks() -> None:
@@ -115,8 +112,3 @@ def rank_zero_first(rank: int, build: Callable[[], T]) -> T:
     if rank == 0:
         wait_for_all_ranks()
     return result
-
-
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier(group=info.cpu_group)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from training.checkpoint import (FINAL_NAMES, check_config_fits, find_latest,
                                  load_checkpoint, periodic_checkpoint, prune_checkpoints, rng_state,
                                  run_file, save_checkpoint, set_rng_state)
-from training.distributed import DistInfo, any_rank, barrier
+from training.distributed import DistInfo, any_rank, wait_for_all_ranks
 from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
                             lr_factor, set_lr)
 
@@ -162,7 +162,7 @@ class Trainer:
                 if self.step % c.save_every == 0 and self.step < c.train_steps:
                     self._save(periodic_checkpoint(c.checkpoint_dir, self.objective.kind, self.step))
                     window_start = time.perf_counter()
-                if any_rank(self.stop_signal is not None, self.dist):
+                if any_rank(self.stop_signal is not None):
                     self._stop_on_signal()
             self._save(self.final_path)
             return self.final_path
@@ -346,7 +346,7 @@ class Trainer:
         path = periodic_checkpoint(self.config.checkpoint_dir, self.objective.kind, self.step)
         self._save(path)
         # torchrun stops every rank once one exits non-zero: the others wait for rank 0's write.
-        barrier(self.dist)
+        wait_for_all_ranks()
         signum = self.stop_signal or signal.SIGTERM
         if self.dist.is_main:
             tqdm.write(f"stopped by {signal.Signals(signum).name} after step {self.step}; checkpoint {path}. "
