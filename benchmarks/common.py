@@ -20,16 +20,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from configs.cli import parse_config  # noqa: E402
+from configs.cli import ArgumentParser, parse_config  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 from training.distributed import resolve_device  # noqa: E402
 from training.trainer import peak_memory_gb  # noqa: E402
 
 
+def benchmark_parser() -> argparse.ArgumentParser:
+    """The flags every benchmark takes; each script adds its own (config flags pass through)."""
+    p = ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--json", default=None, help="append the results as JSON lines to this file")
+    return p
+
+
 def parse_benchmark(bench: argparse.ArgumentParser, argv, doc: str):
     """(the benchmark's args, a FlowMatchingConfig, the device) from one command line: the
-    benchmark's own flags (`bench`, which has --threads) plus any config flag (--preset tiny,
+    benchmark's own flags (`bench`, built on benchmark_parser) plus any config flag (--preset tiny,
     --hidden_size 384, --compile true)."""
     args, rest = bench.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:

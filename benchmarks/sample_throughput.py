@@ -22,22 +22,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import flow_matching  # noqa: E402
-from benchmarks.common import machine, parse_benchmark, peak_memory_gib, reset_peak_memory, synchronize, write_json  # noqa: E402
-from configs.cli import ArgumentParser  # noqa: E402
+from benchmarks.common import (benchmark_parser, machine, parse_benchmark, peak_memory_gib,  # noqa: E402
+                               reset_peak_memory, synchronize, write_json)
 from data.images import to_uint8  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(add_help=False, allow_abbrev=False)
+    p = benchmark_parser()
     p.add_argument("--num_samples", type=int, default=256, help="samples timed")
     p.add_argument("--batch_size", type=int, default=256, help="samples per sampling batch (CFG forwards twice as many)")
     p.add_argument("--num_steps", type=int, default=None, help="ODE steps (default: the config's num_sampling_steps)")
     p.add_argument("--cfg_modes", default="guided,unguided", help="guided (the config's --cfg_scale), unguided (scale 1), or both")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="forward precision")
     p.add_argument("--extrapolate_to", type=int, default=0, help="also print the time for this many samples (linear)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--json", default=None, help="append the results as JSON lines to this file")
     return p
 
 

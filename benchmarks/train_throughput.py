@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (count_flops_per_image, machine, median, parse_benchmark, peak_memory_gib,  # noqa: E402
-                               reset_peak_memory, synchronize, time_call, write_json)
-from configs.cli import ArgumentParser  # noqa: E402
+from benchmarks.common import (benchmark_parser, count_flops_per_image, machine, median,  # noqa: E402
+                               parse_benchmark, peak_memory_gib, reset_peak_memory, synchronize,
+                               time_call, write_json)
 from data.device_loader import DeviceLoader  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 from training.distributed import DistInfo  # noqa: E402
@@ -30,13 +30,11 @@ from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size  # noqa:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(add_help=False, allow_abbrev=False)
+    p = benchmark_parser()
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed window")
     p.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak TFLOP/s in the run's dtype, for MFU")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     return p
 
 
