@@ -10,8 +10,9 @@ What differs between models is an *objective* with these members:
     evaluate(ema_model)                  -> {name: number} (e.g. FID), called on every rank; rank
                                          0's result joins metrics.jsonl as its own record
 Everything else lives here: devices and torchrun, AMP, gradient accumulation, clipping, the LR
-schedule, EMA, logging to stdout and metrics.jsonl, sample grids, atomic checkpoints, exact resume,
-SIGTERM/SIGINT, and a stop on a non-finite loss.
+schedule, EMA (its decay ramped up from the first step), logging to stdout and metrics.jsonl (with
+the loss of the EMA and of the raw weights on a fixed probe batch, so a bad EMA shows), sample
+grids, atomic checkpoints, exact resume, SIGTERM/SIGINT, and a stop on a non-finite loss.
 
 Randomness in a step (noise, t, label dropout) is drawn for the whole global batch from a
 generator seeded by (seed, step), and each micro-batch keeps the rows of its own samples
@@ -67,6 +68,18 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The EMA decay of the update after optimizer step `step` (0-based).
+
+    With warmup, min(decay, (1 + step) / (10 + step)): the EMA starts at the trained weights and
+    weighs step j by ~j^8 (EDM2's power-function EMA), so it never holds a large share of the
+    initial weights, whose adaLN-Zero gates and output layer are zero. A fixed decay from step 1
+    keeps decay ** step of them: 37% at step 10,000 for 0.9999, a velocity shrunk toward zero.
+    It depends on the step only, so a resumed run continues the same sequence.
+    """
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -135,6 +148,7 @@ class Trainer:
     def fit(self) -> str:
         """Train to config.train_steps; returns the final checkpoint's path."""
         c, main = self.config, self.dist.is_main
+        probe = self.probe_batch() if main else None
         batches = self.batches()
         handlers = self._install_signal_handlers()
         bar = tqdm(total=c.train_steps, initial=self.step, disable=not main, dynamic_ncols=True)
@@ -147,7 +161,8 @@ class Trainer:
                 bar.update(1)
 
                 if self.step % c.log_every == 0 or self.step == c.train_steps:
-                    self._log(loss_sum, grad_norm, extras, steps_in_window, time.perf_counter() - window_start, bar)
+                    self._log(loss_sum, grad_norm, extras, steps_in_window, time.perf_counter() - window_start, bar,
+                              probe)
                     loss_sum, steps_in_window = torch.zeros((), device=self.device), 0
                     window_start = time.perf_counter()
                 if c.sample_every and self.step % c.sample_every == 0:
@@ -186,7 +201,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.raw_model, c.ema_decay)
+        update_ema(self.ema, self.raw_model, ema_decay_at(self.step, c.ema_decay, c.ema_warmup))
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
                                           self.step, self.first_bad_step)
         self.step += 1
@@ -210,14 +225,44 @@ class Trainer:
             last = micro == self.accum_steps - 1
             sync = contextlib.nullcontext() if last or not self.dist.distributed else self.model.no_sync()
             with sync:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                    enabled=self.autocast_dtype is not None):
+                with self.autocast():
                     loss, extras = self.objective.loss(self.model, (x, y), draws)
                 self.scaler.scale(loss / self.accum_steps).backward()
             loss_sum += loss.detach()
         return loss_sum / self.accum_steps, {k: v.detach() for k, v in extras.items()}
 
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    @torch.no_grad()
+    def probe_losses(self, batch) -> Dict[str, float]:
+        """The objective's loss of the EMA and of the raw weights on one fixed batch with fixed draws.
+
+        The training loss is the raw model's, so it cannot show a bad EMA, which every sample
+        comes from; the gap between these two can (an EMA that still holds the zero-output
+        initial weights scores near the loss of v = 0). Eval mode: a VQ-VAE's codebook stays put.
+        """
+        x, y = (t.to(self.device) for t in batch)
+        losses = {}
+        self.raw_model.eval()
+        try:
+            for name, model in (("ema", self.ema), ("raw", self.raw_model)):
+                self.generator.manual_seed(self.config.seed)
+                draws = Draws(self.generator, torch.arange(len(x), device=self.device), len(x))
+                with self.autocast():
+                    loss, _ = self.objective.loss(model, (x, y), draws)
+                losses[f"probe_loss_{name}"] = loss.item()
+        finally:
+            self.raw_model.train()
+        return losses
+
     # ------------------------------------------------------------------------- data
+
+    def probe_batch(self):
+        """The first micro-batch of epoch 0 on this rank: the same for a fresh and a resumed run."""
+        self.loader.sampler.set_position(0, 0)
+        return next(iter(self.loader))
 
     def batches(self) -> Iterator:
         """Endless micro-batches; self.epoch / self.index always name the next one to read."""
@@ -230,7 +275,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------- logging
 
-    def _log(self, loss_sum, grad_norm, extras: Dict[str, torch.Tensor], steps: int, seconds: float, bar) -> None:
+    def _log(self, loss_sum, grad_norm, extras: Dict[str, torch.Tensor], steps: int, seconds: float, bar,
+             probe) -> None:
         self._check_finite()
         values = torch.stack([loss_sum / max(steps, 1), grad_norm.float(), *[v.detach().float() for v in extras.values()]])
         if self.dist.distributed:  # gloo has no AVG
@@ -243,7 +289,7 @@ class Trainer:
                   "images_per_sec": steps * self.config.batch_size / max(seconds, 1e-9),
                   "peak_mem_gb": peak_memory_gb(self.device)}
         if self.dist.is_main:
-            self._write_record(record, bar)
+            self._write_record({**record, **self.probe_losses(probe)}, bar)
 
     def _evaluate(self, bar) -> None:
         self._check_finite()

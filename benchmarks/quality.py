@@ -1,0 +1,272 @@
+"""Sample quality at a fixed training budget: train a proxy run on real CIFAR-10, then FID.
+
+    python benchmarks/quality.py --seed 0                      # the repo: EMA and raw weights of one run
+    python benchmarks/quality.py --seed 0 --pipeline peer      # torchcfm + diffusers' DiT, same budget
+    python benchmarks/quality.py --seed 1 --ema_warmup false   # any train_flow_matching.py flag: a variant
+
+The repo's run is `train_flow_matching.py --preset proxy16` (DiT width 192 / depth 6 on CIFAR-10 at
+16x16, 1,000 steps of batch 64, ~10 min on 2 CPU cores) plus the flags given here, trained by the
+script itself in a subprocess. 16x16 images (64 tokens) are the choice that lets a 2-core CPU train
+a 6-block DiT for ~1.5 epochs in a run, enough to separate recipes; FID on them is a proxy, not a
+CIFAR-10 FID. The checkpoint is then sampled (balanced classes, noise seeded by (--seed, i)) with
+each combination of --weights, --samplers, --num_steps_list and --cfg_scales and scored with the
+repo's FID pipeline (TensorFlow Inception features) against a fixed random subset of the training
+images at the same resolution, whose statistics are cached.
+
+The peer (`--pipeline peer`) is what a researcher assembles in an afternoon from maintained
+libraries: diffusers' DiTTransformer2DModel of the same width, depth, heads and patch, torchcfm's
+ConditionalFlowMatcher (sigma 0: the same straight path), AdamW with the same LR, warmup and
+clipping, trained on the same batches, no EMA (its raw weights are scored; a fixed-decay EMA would
+start from the zero-output initial weights). It is sampled and scored by the same code as the repo.
+`pip install -r benchmarks/requirements.txt` installs it.
+
+One row per scored setting is printed and appended to --results (config diff, steps, wall time,
+weights, sampler, NFE, cfg, N, reference, FID); benchmarks/README.md holds the table.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import flow_matching  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
+from configs.cli import ArgumentParser, parse_config  # noqa: E402
+from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
+from data.flow_matching_dataset import get_flow_matching_dataloader  # noqa: E402
+from data.images import make_grid, save_image  # noqa: E402
+from evaluation import fid  # noqa: E402
+from models.dit_2d import input_shape  # noqa: E402
+from training.checkpoint import load_flow_model  # noqa: E402
+from training.distributed import resolve_device  # noqa: E402
+from training.optim import lr_factor  # noqa: E402
+
+PRESET = "proxy16"
+SHARED_CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10", "train")
+DEFAULT_WEIGHTS = os.path.expanduser(os.path.join("~", ".cache", "fid_weights", "fid_inception.pth"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, allow_abbrev=False, add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pipeline", default="repo", choices=("repo", "peer"),
+                   help="repo = train_flow_matching.py; peer = torchcfm + diffusers (default: %(default)s)")
+    p.add_argument("--weights", nargs="+", default=None, choices=("ema", "raw"),
+                   help="weights to score (default: ema raw for the repo; raw for the peer, which has no EMA)")
+    p.add_argument("--samplers", nargs="+", default=["euler"], choices=flow_matching.SAMPLERS,
+                   help="ODE solvers (default: %(default)s)")
+    p.add_argument("--num_steps_list", type=int, nargs="+", default=[20], metavar="N",
+                   help="solver steps (default: %(default)s)")
+    p.add_argument("--cfg_scales", type=float, nargs="+", default=[1.5], metavar="S",
+                   help="guidance scales (default: %(default)s)")
+    p.add_argument("--num_samples", type=int, default=1000, help="samples per FID (default: %(default)s)")
+    p.add_argument("--ref_num_images", type=int, default=2000,
+                   help="reference: a fixed random subset of this many training images (default: %(default)s)")
+    p.add_argument("--inception_weights", default=DEFAULT_WEIGHTS,
+                   help="FID Inception weights, built offline by ../shared/tools/make_fid_inception_weights.py "
+                        "(default: %(default)s)")
+    p.add_argument("--runs_dir", default=os.path.join("benchmarks", "runs"),
+                   help="checkpoints and grids of each run go to a subfolder (default: %(default)s)")
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "quality.jsonl"),
+                   help="every row is appended here (default: %(default)s)")
+    p.add_argument("--sample_batch_size", type=int, default=250, help="samples per forward (default: %(default)s)")
+    return p
+
+
+def parse(argv):
+    """(benchmark args, the run's FlowMatchingConfig, the config flags given) from one command line."""
+    bench = build_parser()
+    args, rest = bench.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        bench.print_help()
+    data = [] if "--data_dir" in rest or "--dataset" in rest or not os.path.isdir(SHARED_CIFAR10) else \
+        ["--dataset", "imagefolder", "--data_dir", os.path.normpath(SHARED_CIFAR10)]
+    config = parse_config(FlowMatchingConfig, PRESETS, ["--preset", PRESET, *data, *rest], description=__doc__,
+                          default_preset="cifar10")
+    if args.num_samples < 2 or args.ref_num_images < 2:
+        bench.error(f"--num_samples and --ref_num_images must be >= 2, got {args.num_samples}, {args.ref_num_images}")
+    if not os.path.isfile(args.inception_weights):
+        bench.error(f"--inception_weights {args.inception_weights} is not a file; build it with "
+                    f"../shared/tools/make_fid_inception_weights.py (its docstring has the commands)")
+    args.weights = args.weights or (["ema", "raw"] if args.pipeline == "repo" else ["raw"])
+    if args.pipeline == "peer" and "ema" in args.weights:
+        bench.error("--weights ema: the peer pipeline keeps no EMA; use --weights raw")
+    return args, config, data, rest
+
+
+def run_name(args, config, flags) -> str:
+    """The run's folder: pipeline, seed and the flags given (a variant of the proxy recipe)."""
+    extra = "_".join(f.lstrip("-").replace("/", "-") for f in flags if f not in ("--seed", str(config.seed)))
+    return f"{args.pipeline}_seed{config.seed}" + (f"_{extra}" if extra else "")
+
+
+# ----------------------------------------------------------------------------- the two pipelines
+
+def train_repo(config, flags, run_dir: str) -> str:
+    """train_flow_matching.py --preset proxy16 FLAGS in a subprocess; returns the final checkpoint."""
+    command = [sys.executable, os.path.join(ROOT, "train_flow_matching.py"), "--preset", PRESET, *flags,
+               "--checkpoint_dir", run_dir, "--sample_dir", os.path.join(run_dir, "samples")]
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    return os.path.join(run_dir, "flow_matching_final.pt")
+
+
+class PeerVelocity(torch.nn.Module):
+    """diffusers' DiT as a velocity field v(x, t, y) with t in [0, 1] (DiT's timesteps are 0..1000)."""
+
+    def __init__(self, config):
+        super().__init__()
+        try:
+            from diffusers import DiTTransformer2DModel
+        except ImportError:
+            raise ValueError("the peer pipeline needs diffusers and torchcfm: "
+                             "pip install -r benchmarks/requirements.txt") from None
+        self.dit = DiTTransformer2DModel(
+            num_attention_heads=config.num_heads, attention_head_dim=config.hidden_size // config.num_heads,
+            in_channels=config.in_channels, out_channels=config.in_channels, num_layers=config.depth,
+            sample_size=config.image_size, patch_size=config.patch_size,
+            num_embeds_ada_norm=config.num_classes, norm_eps=1e-6)
+
+    def forward(self, x, t, y):
+        # Label num_classes is diffusers' own null label (its table has num_classes + 1 rows), which
+        # it also drops to, 10% of the time in training mode.
+        return self.dit(x, timestep=t * 1000, class_labels=y).sample
+
+
+def train_peer(config, run_dir: str, device: torch.device):
+    """The afternoon pipeline; returns its model in eval mode."""
+    try:
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+    except ImportError:
+        raise ValueError("the peer pipeline needs torchcfm: pip install -r benchmarks/requirements.txt") from None
+    loader = get_flow_matching_dataloader(config, batch_size=config.batch_size, device=device)
+    torch.manual_seed(config.seed)
+    model = PeerVelocity(config).to(device)
+    matcher = ConditionalFlowMatcher(sigma=0.0)  # x_t = (1 - t) x0 + t x1, u = x1 - x0: our convention
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(config.adam_beta1, config.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    step, epoch, start = 0, 0, time.perf_counter()
+    while step < config.train_steps:
+        loader.sampler.set_position(epoch, 0)
+        for x1, y in loader:
+            x1, y = x1.to(device), y.to(device)
+            t, xt, ut = matcher.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
+            loss = torch.nn.functional.mse_loss(model(xt, t, y), ut)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if step % config.log_every == 0:
+                print(f"peer step {step} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            if step == config.train_steps:
+                break
+        epoch += 1
+    os.makedirs(run_dir, exist_ok=True)
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(config), "step": step},
+               os.path.join(run_dir, "peer_final.pt"))
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def score(model, config, args, device, extractor, ref_stats, grid_path: str):
+    """FID of each sampler x steps x cfg setting: [(fields, fid, seconds)]; saves a grid of the first."""
+    labels = fid.balanced_labels(args.num_samples, config.num_classes)
+    out = []
+    for sampler, num_steps, cfg_scale in itertools.product(args.samplers, args.num_steps_list, args.cfg_scales):
+        start = time.perf_counter()
+        images, nfe = flow_matching.generate_images(
+            model, labels, shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
+            num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=args.sample_batch_size,
+            device=device, progress=True)
+        if not out:  # 10 samples of each class, a row per class
+            order = labels[:10 * config.num_classes].argsort(stable=True).numpy()
+            save_image(make_grid(images[order], 10), grid_path)
+        stats = fid.image_statistics(images, extractor, device, 100, progress=True)
+        out.append((dict(sampler=sampler, num_steps=num_steps, nfe=nfe, cfg_scale=cfg_scale),
+                    fid.frechet_distance(stats, ref_stats), time.perf_counter() - start))
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    args, config, data_flags, flags = parse(argv)
+    device = resolve_device(config.device)
+    run_dir = os.path.join(args.runs_dir, run_name(args, config, flags))
+    if os.path.exists(os.path.join(run_dir, "flow_matching_final.pt")) or os.path.exists(os.path.join(run_dir, "peer_final.pt")):
+        print(f"error: {run_dir} holds a finished run; delete it or pass another --runs_dir", file=sys.stderr)
+        return 2
+    # Reference statistics first: a missing weights file or data folder fails before the training.
+    extractor = fid.InceptionFeatures(args.inception_weights).to(device).eval()
+    ref = fid.ImageSet(config.dataset, config.data_dir, config.image_size, config.in_channels,
+                       num_images=args.ref_num_images)
+    ref_stats, ref_n, ref_path, _ = fid.reference_statistics(
+        ref, extractor, config.fid_cache_dir, device, 100, config.num_workers, progress=True)
+    reference = ref.describe(ref_n)
+
+    start = time.perf_counter()
+    if args.pipeline == "repo":
+        path = train_repo(config, data_flags + flags, run_dir)
+        train_seconds = time.perf_counter() - start
+        models = {}
+        for weights in args.weights:
+            models[weights], ckpt = load_flow_model(path, "ema" if weights == "ema" else "model", device)
+        config = FlowMatchingConfig(**ckpt["config"])
+        steps = ckpt["step"]
+    else:
+        model = train_peer(config, run_dir, device)
+        train_seconds, steps, models = time.perf_counter() - start, config.train_steps, {"raw": model}
+
+    default = dataclasses.asdict(parse_config(FlowMatchingConfig, PRESETS, ["--preset", PRESET]))
+    diff = {k: v for k, v in dataclasses.asdict(config).items()
+            if default.get(k) != v and k not in ("checkpoint_dir", "sample_dir", "num_classes", "seed",
+                                                 "dataset", "data_dir")}
+    rows = []
+    for weights, model in models.items():
+        for fields, value, seconds in score(model, config, args, device, extractor, ref_stats,
+                                            os.path.join(run_dir, f"grid_{weights}.png")):
+            row = {"pipeline": args.pipeline, "config_diff": diff, "data": config.data_dir,
+                   "seed": config.seed, "steps": steps,
+                   "batch_size": config.batch_size, "train_seconds": round(train_seconds, 1),
+                   "weights": weights, **fields, "num_samples": args.num_samples,
+                   "reference": reference, "fid": round(value, 3), "eval_seconds": round(seconds, 1),
+                   "machine": machine(device), "commit": git_commit(),
+                   "time": datetime.datetime.now().isoformat(timespec="seconds")}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+            with open(args.results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(f"\n{'pipeline':>8} {'seed':>4} {'steps':>5} {'weights':>7} {'sampler':>7} {'NFE':>4} {'cfg':>4} "
+          f"{'N':>5} {'FID':>8}   diff")
+    for r in rows:
+        print(f"{r['pipeline']:>8} {r['seed']:>4} {r['steps']:>5} {r['weights']:>7} {r['sampler']:>7} "
+              f"{r['nfe']:>4} {r['cfg_scale']:>4} {r['num_samples']:>5} {r['fid']:>8.2f}   {r['config_diff'] or '-'}")
+    print(f"reference: {reference} ({ref_path}); train {train_seconds:.0f} s; appended to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
