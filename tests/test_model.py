@@ -62,6 +62,22 @@ def test_same_seed_same_model_and_output():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_output_depends_on_t_and_on_the_label():
+    """Once the weights leave zero, changing t alone or the label alone (the null label too)
+    changes the velocity by a sizeable share of its norm: the conditioning reaches the output."""
+    torch.manual_seed(0)
+    model = tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(3, 3, 8, 8)
+    base = model(x, torch.full((3,), 0.2), torch.tensor([1, 2, 3]))
+    for out in (model(x, torch.full((3,), 0.8), torch.tensor([1, 2, 3])),
+                model(x, torch.full((3,), 0.2), torch.tensor([4, 5, 10]))):
+        change = (out - base).flatten(1).norm(dim=1) / base.flatten(1).norm(dim=1)
+        assert (change > 0.05).all(), change
+
+
 def test_positions_are_a_non_persistent_buffer():
     model = tiny()
     assert "pos_embed" not in model.state_dict()
