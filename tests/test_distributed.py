@@ -4,6 +4,7 @@ and a 2-rank checkpoint resumes on 1 rank."""
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,8 +28,12 @@ def torchrun(*args):
     return result
 
 
-def losses(ckpt_dir):
-    return [json.loads(line)["loss"] for line in open(os.path.join(ckpt_dir, "metrics.jsonl"))]
+def logged(ckpt_dir, key):
+    return [json.loads(line)[key] for line in open(os.path.join(ckpt_dir, "metrics.jsonl"))]
+
+
+def max_weight_difference(a, b):
+    return max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
 
 
 @pytest.fixture(scope="module")
@@ -38,32 +43,46 @@ def two_rank_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     flags = TINY_FLAGS + ["--data_dir", write_image_folder(root / "images", classes=3, per_class=6),
                           "--batch_size", "8", "--train_steps", "3", "--log_every", "1", "--save_every", "2",
-                          "--lr", "0.003", "--warmup_steps", "0"]
+                          "--lr", "0.003", "--warmup_steps", "0", "--grad_clip", "0"]
     ckpt_dir = str(root / "ckpt2")
     torchrun("train_flow_matching.py", *flags, "--checkpoint_dir", ckpt_dir, "--sample_dir", str(root / "s2"))
     return root, flags, ckpt_dir
 
 
 def test_two_ranks_match_one_process(two_rank_run):
-    """Same global batch, same samples, same per-sample draws: the losses agree up to float
-    summation order (gloo's all-reduce vs. one batch), far below the step-to-step changes."""
+    """Same global batch, same samples, same per-sample draws, no clipping: the losses, the
+    gradient norms (a loss summed over ranks instead of averaged doubles them, which AdamW's
+    weights would not show) and the weights agree up to float summation order (gloo's
+    all-reduce vs. one batch), far below the step-to-step changes."""
     root, flags, ckpt_dir = two_rank_run
     one_dir = str(root / "ckpt1")
     assert train_flow_matching.main(flags + ["--checkpoint_dir", one_dir, "--sample_dir", str(root / "s1")]) == 0
-    two, one = losses(ckpt_dir), losses(one_dir)
+    two, one = logged(ckpt_dir, "loss"), logged(one_dir, "loss")
     assert len(two) == len(one) == 3
     np.testing.assert_allclose(two, one, rtol=1e-4)
+    np.testing.assert_allclose(logged(ckpt_dir, "grad_norm"), logged(one_dir, "grad_norm"), rtol=1e-4)
     assert abs(one[0] - one[2]) > 1e-3  # the steps changed the loss: the match is not trivial
     final = load_checkpoint(os.path.join(ckpt_dir, "flow_matching_final.pt"))
     assert final["step"] == 3 and not any(k.startswith("module.") for k in final["model"])
+    single = load_checkpoint(os.path.join(one_dir, "flow_matching_final.pt"))
+    assert max_weight_difference(final, single) < 1e-4
+    assert max_weight_difference(final, load_checkpoint(os.path.join(ckpt_dir, "checkpoint_0000002.pt"))) > 1e-3
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run):
+def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path):
+    """The step-2 checkpoint of the 2-rank run, resumed by one process for step 3, reads the
+    batch the 2 ranks read at step 3 and ends at their weights and data position."""
     root, flags, ckpt_dir = two_rank_run
-    assert train_flow_matching.main(flags + ["--checkpoint_dir", ckpt_dir, "--sample_dir", str(root / "s3"),
-                                             "--train_steps", "4", "--resume", "latest"]) == 0
-    resumed = load_checkpoint(os.path.join(ckpt_dir, "flow_matching_final.pt"))
-    assert resumed["step"] == 4
+    start = tmp_path / "ckpt"
+    os.makedirs(start)
+    shutil.copy(os.path.join(ckpt_dir, "checkpoint_0000002.pt"), start)
+    assert train_flow_matching.main(flags + ["--checkpoint_dir", str(start), "--sample_dir", str(root / "s3"),
+                                             "--resume", "latest"]) == 0
+    resumed = load_checkpoint(str(start / "flow_matching_final.pt"))
+    two = load_checkpoint(os.path.join(ckpt_dir, "flow_matching_final.pt"))
+    assert resumed["step"] == two["step"] == 3 and resumed["data"] == two["data"]
+    assert max_weight_difference(resumed, two) < 1e-4
+    np.testing.assert_allclose(logged(str(start), "loss"), logged(ckpt_dir, "loss")[2:], rtol=1e-4)
 
 
 def test_two_rank_sampling_writes_the_one_rank_npz(two_rank_run, tmp_path):

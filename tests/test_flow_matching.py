@@ -82,6 +82,19 @@ def test_any_split_of_a_batch_gets_the_same_draws():
     torch.testing.assert_close(whole, (halves[0] + halves[1]) / 2)
 
 
+@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (0.5, 0.7), (-1.0, 1.6)])
+def test_logit_normal_time_has_the_asked_mean_and_std(mean, std):
+    t = fm.sample_time(200_000, "cpu", "logit_normal", mean, std, generator=torch.Generator().manual_seed(0))
+    z = torch.logit(t.double())
+    assert abs(z.mean().item() - mean) < 0.01 and abs(z.std().item() / std - 1) < 0.01
+
+
+def test_uniform_time_is_uniform():
+    t = fm.sample_time(200_000, "cpu", "uniform", generator=torch.Generator().manual_seed(0)).double()
+    assert abs(t.mean().item() - 0.5) < 0.003 and abs(t.var().item() - 1 / 12) < 0.001
+    assert abs((t < 0.1).double().mean().item() - 0.1) < 0.003
+
+
 def test_logit_normal_time_lies_in_unit_interval_and_centres():
     t = fm.sample_time(50_000, "cpu", "logit_normal", generator=torch.Generator().manual_seed(0))
     assert 0 < t.min() and t.max() < 1

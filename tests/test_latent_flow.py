@@ -117,6 +117,23 @@ def test_mirrored_items_are_latents_of_mirrored_images_and_normalized(vqvae_run,
     torch.testing.assert_close(per_channel.std(1, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
 
 
+def test_decoding_a_normalized_latent_is_the_vqvae_reconstruction(vqvae_run, tmp_path):
+    """LatentSpace.decode un-normalizes before decoding: decode(normalize(encode(x))) is the
+    VQ-VAE's own reconstruction of x (the statistics are far from mean 0 / std 1, so a decode
+    that skipped them would not be)."""
+    path, images = vqvae_run
+    config = flow_config(images, tmp_path / "cache")
+    encoder = VQVAE.load_from_checkpoint(path)
+    space = get_flow_matching_dataloader(config, vqvae_encoder=encoder).dataset.latent_space
+    pixels, _ = build_image_dataset("imagefolder", images, 8, 3)
+    x = torch.stack([pixels[i][0] for i in range(4)])
+    z = encoder.encode(x)
+    with torch.no_grad():
+        expected = encoder.decode(z)
+    torch.testing.assert_close(space.decode(space.normalize(z)), expected, atol=1e-5, rtol=1e-5)
+    assert (space.mean.abs().max() > 0.05) or ((space.std - 1).abs().max() > 0.05)
+
+
 def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, capsys):
     path, images = vqvae_run
     folder = os.path.dirname(path)  # shared with the VQ-VAE run, as checkpoints/ is in the seed's layout

@@ -129,11 +129,11 @@ def test_split_orthogonalizes_each_block_of_a_fused_matrix():
 
 # ----------------------------------------------------------------------------- agreement with torch
 
-# Newton-Schulz's rounding differs between fp32 (our CPU path) and bf16, and between torch
-# releases (whose bf16 matmuls use addmm or not): an update moves by up to ~4%. A wrong LR scale,
-# momentum or decay rule moves it by far more than the 10% allowed. (On torch 2.14, bf16 agrees
-# bit for bit.)
-TOLERANCE = 0.1
+# Measured on torch 2.14: bf16 Newton-Schulz agrees with torch.optim.Muon bit for bit; our fp32
+# path (the CPU's) differs by 0.7-1.0% of the update (1.03% on split blocks). bf16 matmuls of other
+# torch releases (addmm or not) moved updates by up to ~4%. A 10% LR error (0.18 or 0.22 for
+# match_rms_adamw's 0.2) moves it by 10%, outside both bounds.
+TOLERANCE = {torch.bfloat16: 0.05, torch.float32: 0.03}
 
 
 def run_steps(opt, params, grads):
@@ -156,7 +156,7 @@ def test_unsplit_step_matches_torch_muon(adjust_lr_fn, shape, nesterov, ns_dtype
         muon_step_([ours], [g], [buf], ns_dtype=ns_dtype, **kwargs)
     ref = torch.nn.Parameter(start.clone())
     run_steps(torch.optim.Muon([ref], **kwargs), [ref], [[g] for g in grads])
-    assert relative_error(ours - start, ref.detach() - start) < TOLERANCE
+    assert relative_error(ours - start, ref.detach() - start) < TOLERANCE[ns_dtype]
 
 
 @pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
@@ -172,7 +172,7 @@ def test_split_step_is_torch_muon_on_each_block(adjust_lr_fn):
     run_steps(ChunkedMuon([{"params": [fused], "chunks": 3}], **kwargs), [fused], [[g] for g in grads])
     blocks = [torch.nn.Parameter(b.clone()) for b in start.chunk(3)]
     run_steps(torch.optim.Muon(blocks, **kwargs), blocks, [list(g.chunk(3)) for g in grads])
-    assert relative_error(fused.detach() - start, torch.cat(blocks).detach() - start) < TOLERANCE
+    assert relative_error(fused.detach() - start, torch.cat(blocks).detach() - start) < TOLERANCE[torch.float32]
 
 
 def test_muon_step_applies_decoupled_weight_decay_with_the_unscaled_lr():

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,12 +16,13 @@ import torch
 import train_flow_matching
 from configs.cli import make_config
 from configs.flow_matching_config import FlowMatchingConfig
-from data.flow_matching_dataset import get_flow_matching_dataloader
+from data.flow_matching_dataset import build_image_dataset, get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from tests.conftest import ROOT, write_image_folder
 from training import checkpoint as ckpt_lib
 from training.distributed import DistInfo
-from training.trainer import NonFiniteLoss, Trainer
+from training.objectives import FlowMatchingObjective
+from training.trainer import Draws, NonFiniteLoss, Trainer
 
 
 def flag_value(flags, name):
@@ -58,6 +60,38 @@ def test_resume_is_bit_exact(tiny_flags, tmp_path):
                                               "--resume", "latest"]) == 0
     assert_same_state(load(os.path.join(full_dir, "flow_matching_final.pt")),
                       load(os.path.join(half_dir, "flow_matching_final.pt")))
+
+
+def test_fp16_trains_with_a_grad_scaler_and_resumes_exactly(tiny_flags, tmp_path):
+    """--mixed_precision fp16: a GradScaler scales the loss, its state is checkpointed, and a
+    resumed run matches the uninterrupted one bit for bit (scale included)."""
+    common = tiny_flags + ["--mixed_precision", "fp16", "--save_every", "100"]
+    full_dir, half_dir = str(tmp_path / "full"), str(tmp_path / "half")
+    assert train_flow_matching.main(common + ["--train_steps", "6", "--checkpoint_dir", full_dir]) == 0
+    assert train_flow_matching.main(common + ["--train_steps", "3", "--checkpoint_dir", half_dir]) == 0
+    assert train_flow_matching.main(common + ["--train_steps", "6", "--checkpoint_dir", half_dir,
+                                              "--resume", "latest"]) == 0
+    full, half = (load(os.path.join(d, "flow_matching_final.pt")) for d in (full_dir, half_dir))
+    assert_same_state(full, half)
+    assert full["scaler"] is not None and full["scaler"] == half["scaler"]
+    assert full["scaler"]["scale"] == 2.0 ** 16   # no overflow in 6 steps: the initial scale
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(full_dir, "metrics.jsonl"))]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_compiled_model_saves_unwrapped_weights(tiny_flags, tmp_path, monkeypatch):
+    """--compile true (the eager backend here: no C++ toolchain needed) saves weights without the
+    `_orig_mod.` prefix, which load into a plain DiT2D and resume."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager"))
+    flags = tiny_flags + ["--compile", "true", "--save_every", "100"]
+    assert train_flow_matching.main(flags + ["--train_steps", "2"]) == 0
+    final = load(os.path.join(flag_value(tiny_flags, "--checkpoint_dir"), "flow_matching_final.pt"))
+    for key in ("model", "ema"):
+        assert not any(k.startswith(("_orig_mod.", "module.")) for k in final[key]), key
+    model = dit_from_config(final["config"])
+    model.load_state_dict(final["model"], strict=True)
+    assert train_flow_matching.main(flags + ["--train_steps", "3", "--resume", "latest"]) == 0
 
 
 @pytest.mark.parametrize("optimizer, flag, group", [("adamw", "--lr", "adamw_decay"),
@@ -108,6 +142,13 @@ def test_checkpoints_of_another_run_are_never_pruned_or_overwritten(tiny_flags, 
     # refused before any work: no file of the old run rewritten (config.json included)
     assert {name: os.path.getmtime(os.path.join(ckpt_dir, name)) for name in os.listdir(ckpt_dir)} == before
     assert train_flow_matching.main(common + ["--train_steps", "6", "--resume", "latest"]) == 0
+
+
+def test_only_the_newest_periodic_checkpoints_are_kept(tiny_flags):
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "5", "--save_every", "1",
+                                                  "--keep_checkpoints", "2"]) == 0
+    names = sorted(n for n in os.listdir(flag_value(tiny_flags, "--checkpoint_dir")) if n.endswith(".pt"))
+    assert names == ["checkpoint_0000003.pt", "checkpoint_0000004.pt", "flow_matching_final.pt"]
 
 
 def test_latest_picks_the_highest_step(tmp_path):
@@ -200,41 +241,94 @@ def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
 
 # ----------------------------------------------------------------------------- accumulation
 
+def tiny_trainer(tiny_flags, micro, **overrides):
+    """A Trainer of the real flow objective on the tiny folder (fp32, no flips), with weights
+    moved off their zero init so every weight has a gradient."""
+    config = make_config(FlowMatchingConfig, {
+        "dataset": "imagefolder", "data_dir": flag_value(tiny_flags, "--data_dir"), "image_size": 8,
+        "hidden_size": 32, "depth": 2, "num_heads": 2, "batch_size": 8, "micro_batch_size": micro,
+        "num_workers": 0, "mixed_precision": "no", "device": "cpu", "hflip": False,
+        "checkpoint_dir": flag_value(tiny_flags, "--checkpoint_dir"), **overrides})
+    loader = get_flow_matching_dataloader(config, batch_size=micro)
+    torch.manual_seed(0)
+    model = dit_from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    objective = FlowMatchingObjective(config, torch.device("cpu"))
+    return Trainer(config, model, objective, loader, DistInfo(0, 0, 1, torch.device("cpu"))), loader
+
+
 def test_micro_batches_give_the_full_batch_gradient(tiny_flags):
-    """fp32 CPU: 4 micro-batches of 2 accumulate the gradient of one batch of 8 (1e-6)."""
+    """fp32 CPU, the real flow objective: 4 micro-batches of 2 accumulate the gradient of one batch
+    of 8 (1e-6), as each sample draws the same t, noise and label dropout in either split."""
     grads = []
     for micro in (8, 2):
-        config = make_config(FlowMatchingConfig, {
-            "dataset": "imagefolder", "data_dir": flag_value(tiny_flags, "--data_dir"), "image_size": 8,
-            "hidden_size": 32, "depth": 2, "num_heads": 2, "batch_size": 8, "micro_batch_size": micro,
-            "num_workers": 0, "mixed_precision": "no", "device": "cpu", "hflip": False})
-        loader = get_flow_matching_dataloader(config, batch_size=micro)
-        torch.manual_seed(0)
-        model = dit_from_config(config)
-        with torch.no_grad():  # open the zero-initialized gates so every weight has a gradient
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-
-        class FixedNoise:
-            """The flow loss with t and noise fixed per image, so the two splits see the same draws."""
-            kind = "flow_matching"
-            eval_every = 0
-
-            def loss(self, model, batch, draws):
-                x, y = batch
-                t = x.flatten(1)[:, 0].abs().clamp(max=1)
-                noise = x.flip(-1) * 0.5
-                xt = (1 - t.view(-1, 1, 1, 1)) * noise + t.view(-1, 1, 1, 1) * x
-                return (model(xt, t, y) - (x - noise)).square().mean(), {}
-
-            def checkpoint_extras(self):
-                return {}
-
-        trainer = Trainer(config, model, FixedNoise(), loader, DistInfo(0, 0, 1, torch.device("cpu")))
+        trainer, loader = tiny_trainer(tiny_flags, micro, class_dropout_prob=0.5)
         trainer.forward_backward(itertools.islice(iter(loader), 8 // micro))
-        grads.append([p.grad.clone() for p in model.parameters()])
+        grads.append([p.grad.clone() for p in trainer.raw_model.parameters()])
     for full, accumulated in zip(*grads):
         torch.testing.assert_close(accumulated, full, rtol=0, atol=1e-6)
+
+
+def test_training_drops_labels_to_the_null_label(tiny_flags):
+    """Through the trainer, --class_dropout_prob 0.1 of the labels the model sees are the null
+    label (3 classes: label 3); the rest are the batch's own labels."""
+    trainer, loader = tiny_trainer(tiny_flags, 8, train_steps=60, log_every=1000, sample_every=0)
+    seen = []
+    trainer.raw_model.y_embedder.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    batches = trainer.batches()
+    for _ in range(60):
+        trainer.train_step([next(batches)])
+    labels = torch.cat(seen)
+    assert len(labels) == 480
+    dropped = (labels == 3).float().mean().item()
+    assert 0.06 < dropped < 0.14, dropped   # binomial std 0.014 around 0.1
+    assert set(labels.tolist()) == {0, 1, 2, 3}
+
+
+def test_lr_schedule_and_clipping_as_the_optimizer_sees_them(tiny_flags):
+    """At each optimizer step: the LR of every group follows linear warmup then cosine to
+    min_lr_ratio, and the gradient it steps with has norm min(pre-clip norm, grad_clip)."""
+    trainer, loader = tiny_trainer(tiny_flags, 8, lr=1e-3, warmup_steps=4, train_steps=12,
+                                   lr_schedule="cosine", min_lr_ratio=0.1, grad_clip=0.05)
+    seen, step = [], trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.raw_model.parameters()]))
+        seen.append(([g["lr"] for g in trainer.optimizer.param_groups], norm.item()))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    batches = trainer.batches()
+    pre_clip = [trainer.train_step([next(batches)])[1].item() for _ in range(12)]
+    for k, (rates, norm) in enumerate(seen):
+        factor = (k + 1) / 4 if k < 4 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k - 4) / 8))
+        assert rates == pytest.approx([1e-3 * factor] * len(rates), rel=1e-12), k
+        assert norm == pytest.approx(min(pre_clip[k], 0.05), rel=1e-4), k
+    assert max(pre_clip) > 0.05   # clipping was active
+
+
+@pytest.mark.parametrize("scheme, mean, std", [("logit_normal", -1.0, 0.5), ("uniform", 0.0, 1.0)])
+def test_the_objective_draws_t_as_the_config_says(scheme, mean, std):
+    """FlowMatchingObjective passes --time_sampling and its mean/std to the loss."""
+    config = make_config(FlowMatchingConfig, {"num_classes": 3, "time_sampling": scheme,
+                                              "logit_normal_mean": mean, "logit_normal_std": std})
+    seen = {}
+
+    def model(x_t, t, y):
+        seen["t"] = t.double()
+        return torch.zeros_like(x_t)
+
+    n = 100_000
+    draws = Draws(torch.Generator().manual_seed(0), torch.arange(n), n)
+    FlowMatchingObjective(config, torch.device("cpu")).loss(model, (torch.zeros(n, 1, 1, 1), torch.zeros(n, dtype=torch.long)), draws)
+    t = seen["t"]
+    if scheme == "uniform":
+        assert abs(t.mean().item() - 0.5) < 0.005 and abs(t.var().item() - 1 / 12) < 0.002
+    else:
+        z = torch.logit(t)
+        assert abs(z.mean().item() - mean) < 0.01 and abs(z.std().item() / std - 1) < 0.01
 
 
 # ----------------------------------------------------------------------------- data
@@ -266,6 +360,32 @@ def test_flips_and_order_are_reproducible_and_resumable(tmp_path):
     assert torch.equal(epoch[2], resumed[0]) and torch.equal(epoch[3], resumed[1])
     loader.sampler.set_position(2, 0)
     assert not torch.equal(torch.cat(epoch), torch.cat([x for x, _ in loader]))
+
+
+@pytest.mark.parametrize("data_loader", ["workers", "device"])
+def test_half_of_the_images_are_mirrored(tmp_path, data_loader):
+    """With --hflip every yielded image is its source or the source's mirror image, and over 20
+    epochs about half are mirrored (binomial std 0.03 around 0.5); without it none is."""
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=6, size=(8, 8))
+    for hflip in (True, False):
+        config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": 8,
+                                                  "batch_size": 4, "num_workers": 0, "hflip": hflip,
+                                                  "data_loader": data_loader, "data_cache_dir": str(tmp_path / "c")})
+        loader = get_flow_matching_dataloader(config)
+        base, _ = build_image_dataset("imagefolder", root, 8, 3)
+        sources = torch.stack([base[i][0] for i in range(len(base))])
+        mirrored = []
+        for epoch in range(20):
+            loader.sampler.set_position(epoch, 0)
+            for x, _ in loader:
+                for image in x:
+                    plain = (image == sources).flatten(1).all(1)
+                    flipped = (image.flip(-1) == sources).flatten(1).all(1)
+                    assert plain.sum() + flipped.sum() == 1
+                    mirrored.append(bool(flipped.any()))
+        share = sum(mirrored) / len(mirrored)
+        assert len(mirrored) == 240
+        assert (0.4 < share < 0.6) if hflip else share == 0, share
 
 
 def test_image_folder_errors(tmp_path):
