@@ -16,9 +16,10 @@ images at the same resolution, whose statistics are cached.
 The peer (`--pipeline peer`) is what a researcher assembles in an afternoon from maintained
 libraries: diffusers' DiTTransformer2DModel of the same width, depth, heads and patch, torchcfm's
 ConditionalFlowMatcher (sigma 0: the same straight path), AdamW with the same LR, warmup and
-clipping, trained on the same batches, no EMA (its raw weights are scored; a fixed-decay EMA would
-start from the zero-output initial weights). It is sampled and scored by the same code as the repo.
-`pip install -r benchmarks/requirements.txt` installs it.
+clipping, labels dropped to the null label once per sample at --class_dropout_prob (diffusers'
+per-block label embedders would each drop on their own), trained on the same batches, no EMA (its
+raw weights are scored). It is sampled and scored by the same code as the repo. It takes only the
+flags it uses (PEER_FLAGS); `pip install -r benchmarks/requirements.txt` installs it.
 
 One row per scored setting is printed and appended to --results (config diff, steps, wall time,
 weights, sampler, NFE, cfg, N, reference, FID); benchmarks/README.md holds the table.
@@ -55,6 +56,11 @@ from training.optim import lr_factor  # noqa: E402
 
 PRESET = "proxy16"
 SHARED_CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10", "train")
+# The config fields the peer pipeline reads (the others belong to the repo's trainer).
+PEER_FLAGS = ("seed", "dataset", "data_dir", "data_cache_dir", "data_loader", "num_workers", "hflip", "device",
+              "image_size", "hidden_size", "depth", "num_heads", "patch_size", "batch_size", "train_steps",
+              "lr", "weight_decay", "adam_beta1", "adam_beta2", "warmup_steps", "lr_schedule", "min_lr_ratio",
+              "grad_clip", "class_dropout_prob", "log_every")
 DEFAULT_WEIGHTS = os.path.expanduser(os.path.join("~", ".cache", "fid_weights", "fid_inception.pth"))
 
 
@@ -101,14 +107,22 @@ def parse(argv):
         bench.error(f"--inception_weights {args.inception_weights} is not a file; build it with "
                     f"../shared/tools/make_fid_inception_weights.py (its docstring has the commands)")
     args.weights = args.weights or (["ema", "raw"] if args.pipeline == "repo" else ["raw"])
-    if args.pipeline == "peer" and "ema" in args.weights:
-        bench.error("--weights ema: the peer pipeline keeps no EMA; use --weights raw")
+    if args.pipeline == "peer":
+        if "ema" in args.weights:
+            bench.error("--weights ema: the peer pipeline keeps no EMA; use --weights raw")
+        preset = parse_config(FlowMatchingConfig, PRESETS, ["--preset", PRESET, *data])
+        unused = [f"--{k}" for k, v in dataclasses.asdict(config).items()
+                  if v != getattr(preset, k) and k not in PEER_FLAGS]
+        if unused:
+            bench.error(f"{' '.join(unused)}: the peer pipeline does not use these; it takes "
+                        f"{' '.join('--' + k for k in PEER_FLAGS)}")
     return args, config, data, rest
 
 
 def run_name(args, config, flags) -> str:
     """The run's folder: pipeline, seed and the flags given (a variant of the proxy recipe)."""
-    extra = "_".join(f.lstrip("-").replace("/", "-") for f in flags if f not in ("--seed", str(config.seed)))
+    pairs = [f for i, f in enumerate(flags) if f != "--seed" and (i == 0 or flags[i - 1] != "--seed")]
+    extra = "_".join(f.lstrip("-").replace("/", "-") for f in pairs)
     return f"{args.pipeline}_seed{config.seed}" + (f"_{extra}" if extra else "")
 
 
@@ -139,9 +153,15 @@ class PeerVelocity(torch.nn.Module):
             sample_size=config.image_size, patch_size=config.patch_size,
             num_embeds_ada_norm=config.num_classes, norm_eps=1e-6)
 
+        # diffusers gives every block its own timestep + label embedder, and each drops labels
+        # on its own in training mode: a sample would almost never see the null label in all
+        # blocks at once. Labels are dropped once per sample in train_peer instead, as DiT does.
+        for module in self.dit.modules():
+            if hasattr(module, "dropout_prob") and hasattr(module, "token_drop"):
+                module.dropout_prob = 0.0
+
     def forward(self, x, t, y):
-        # Label num_classes is diffusers' own null label (its table has num_classes + 1 rows), which
-        # it also drops to, 10% of the time in training mode.
+        # Label num_classes is diffusers' null label (its tables have num_classes + 1 rows).
         return self.dit(x, timestep=t * 1000, class_labels=y).sample
 
 
@@ -164,6 +184,8 @@ def train_peer(config, run_dir: str, device: torch.device):
         for x1, y in loader:
             x1, y = x1.to(device), y.to(device)
             t, xt, ut = matcher.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
+            drop = torch.rand(len(y), device=device) < config.class_dropout_prob
+            y = torch.where(drop, torch.full_like(y, config.num_classes), y)
             loss = torch.nn.functional.mse_loss(model(xt, t, y), ut)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
