@@ -72,10 +72,11 @@ def test_ema_of_the_zero_initialized_output_layer_moves_from_the_start(tiny_flag
     under 1% of the norm, and the EMA's probe loss is that of v = 0, far above the raw model's."""
     ratio, record = run_20_steps(tiny_flags, tmp_path, warmup=True)
     assert ratio > 0.5
-    assert record["probe_loss_ema"] == pytest.approx(record["probe_loss_raw"], rel=0.05)
+    gap = record["probe_loss_ema"] - record["probe_loss_raw"]
+    assert abs(gap) < 0.05 * record["probe_loss_raw"]          # measured: 2.3%
     fixed_ratio, fixed = run_20_steps(tiny_flags, tmp_path, warmup=False)
     assert fixed_ratio < 0.01
-    assert fixed["probe_loss_ema"] > 1.1 * fixed["probe_loss_raw"]
+    assert fixed["probe_loss_ema"] - fixed["probe_loss_raw"] > 3 * abs(gap)   # measured: 6.7x
     # The same fixed batch, noise and times in both runs: the raw models' losses are those of the
     # same trained weights (the ramp changes only the EMA).
     assert fixed["probe_loss_raw"] == record["probe_loss_raw"]

@@ -220,7 +220,7 @@ def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
 
     class ExplodesAtStep5:
         kind = "flow_matching"
-        eval_every = 0
+        eval_every, probe_ema = 0, False
         calls = 0
 
         def loss(self, model, batch, draws):

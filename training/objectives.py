@@ -25,6 +25,7 @@ class FlowMatchingObjective:
     """
 
     kind = "flow_matching"
+    probe_ema = True  # samples come from the EMA: the log compares its loss with the raw weights
 
     def __init__(self, config, device: torch.device, autocast_dtype=None, rank: int = 0, world_size: int = 1,
                  latent_space=None):
@@ -118,6 +119,7 @@ class VQVAEObjective:
     """
 
     kind = "vqvae"
+    probe_ema = False  # the trained weights encode and decode (above); the weight EMA is unused
     eval_every = 0  # reconstruction metrics are logged every step; train_vqvae.py evaluates at the end
 
     def __init__(self, config, model, grid_images: torch.Tensor):

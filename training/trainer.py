@@ -6,6 +6,7 @@ What differs between models is an *objective* with these members:
     sample(ema_model, path)              writes an image grid (class samples, reconstructions)
     checkpoint_extras()                  -> dict stored in every checkpoint (may be empty)
     check_resume(ckpt, path)             raises ValueError when a checkpoint's extras do not fit
+    probe_ema                            whether log lines compare the EMA's loss with the raw one's
     eval_every                           steps between evaluations (0 = never), and then
     evaluate(ema_model)                  -> {name: number} (e.g. FID), called on every rank; rank
                                          0's result joins metrics.jsonl as its own record
@@ -46,6 +47,7 @@ from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_gr
                             lr_factor, set_lr)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+PROBE_SIZE = 64  # images in the fixed batch on which the EMA and the raw weights are compared
 
 
 class NonFiniteLoss(RuntimeError):
@@ -74,8 +76,9 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     """The EMA decay of the update after optimizer step `step` (0-based).
 
     With warmup, min(decay, (1 + step) / (10 + step)): the EMA starts at the trained weights and
-    weighs step j by ~j^8 (EDM2's power-function EMA), so it never holds a large share of the
-    initial weights, whose adaLN-Zero gates and output layer are zero. A fixed decay from step 1
+    weighs step j by ~j^8 (EDM2's power-function EMA, sigma_rel 0.09, centred 10% of the run back),
+    so it never holds a large share of the initial weights, whose adaLN-Zero gates and output
+    layer are zero. A fixed decay from step 1
     keeps decay ** step of them: 37% at step 10,000 for 0.9999, a velocity shrunk toward zero.
     It depends on the step only, so a resumed run continues the same sequence.
     """
@@ -148,7 +151,7 @@ class Trainer:
     def fit(self) -> str:
         """Train to config.train_steps; returns the final checkpoint's path."""
         c, main = self.config, self.dist.is_main
-        probe = self.probe_batch() if main else None
+        probe = self.probe_batch() if main and self.objective.probe_ema else None
         batches = self.batches()
         handlers = self._install_signal_handlers()
         bar = tqdm(total=c.train_steps, initial=self.step, disable=not main, dynamic_ncols=True)
@@ -244,7 +247,7 @@ class Trainer:
         initial weights scores near the loss of v = 0). Eval mode: a VQ-VAE's codebook stays put.
         """
         x, y = (t.to(self.device) for t in batch)
-        losses = {}
+        losses, training = {}, self.raw_model.training
         self.raw_model.eval()
         try:
             for name, model in (("ema", self.ema), ("raw", self.raw_model)):
@@ -254,15 +257,22 @@ class Trainer:
                     loss, _ = self.objective.loss(model, (x, y), draws)
                 losses[f"probe_loss_{name}"] = loss.item()
         finally:
-            self.raw_model.train()
+            self.raw_model.train(training)
         return losses
 
     # ------------------------------------------------------------------------- data
 
-    def probe_batch(self):
-        """The first micro-batch of epoch 0 on this rank: the same for a fresh and a resumed run."""
+    def probe_batch(self, size: int = PROBE_SIZE):
+        """The first `size` images this rank reads in epoch 0 (fewer if its share is smaller): the
+        same batch for a fresh and a resumed run on the same number of ranks."""
         self.loader.sampler.set_position(0, 0)
-        return next(iter(self.loader))
+        parts = []
+        for batch in self.loader:
+            parts.append(batch)
+            if sum(len(x) for x, _ in parts) >= size:
+                break
+        x, y = (torch.cat(p)[:size] for p in zip(*parts))
+        return x, y
 
     def batches(self) -> Iterator:
         """Endless micro-batches; self.epoch / self.index always name the next one to read."""
@@ -289,7 +299,7 @@ class Trainer:
                   "images_per_sec": steps * self.config.batch_size / max(seconds, 1e-9),
                   "peak_mem_gb": peak_memory_gb(self.device)}
         if self.dist.is_main:
-            self._write_record({**record, **self.probe_losses(probe)}, bar)
+            self._write_record({**record, **(self.probe_losses(probe) if probe is not None else {})}, bar)
 
     def _evaluate(self, bar) -> None:
         self._check_finite()
