@@ -28,6 +28,12 @@ from training.distributed import all_ranks, rank_zero_first
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def to_rgb(image):
+    """PIL image -> RGB. A module-level function, not a lambda: DataLoader workers started with
+    spawn or forkserver (macOS, and Linux from Python 3.14) must pickle the transform."""
+    return image.convert("RGB")
+
+
 def image_transform(image_size: int, in_channels: int, as_uint8: bool = False) -> transforms.Compose:
     """PIL image -> float tensor (C, H, W) in [-1, 1], resized and center-cropped.
 
@@ -36,7 +42,7 @@ def image_transform(image_size: int, in_channels: int, as_uint8: bool = False) -
     """
     if in_channels not in (1, 3):
         raise ValueError(f"image datasets have 1 (grayscale) or 3 (RGB) channels, got in_channels={in_channels}")
-    steps = [transforms.Grayscale(1)] if in_channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
+    steps = [transforms.Grayscale(1)] if in_channels == 1 else [transforms.Lambda(to_rgb)]
     steps += [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
     if as_uint8:
         return transforms.Compose(steps + [transforms.PILToTensor()])

@@ -137,7 +137,10 @@ class VectorQuantizer(nn.Module):
             B, _, h, w = z.shape
             flat = self._flatten(z)
             codes = self.nearest(flat)
-            counts = torch.bincount(codes, minlength=self.codebook_size).float()
+            # scatter_add, not bincount: bincount reads the largest code back to the host (a
+            # CUDA sync in every training step).
+            counts = torch.zeros(self.codebook_size, device=codes.device).scatter_add_(
+                0, codes, torch.ones_like(codes, dtype=torch.float))
             if self.training:
                 counts = self._update(flat, codes, counts, generator)
             # Looked up after the update: each code has moved toward the mean of this batch's

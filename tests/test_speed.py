@@ -2,6 +2,7 @@
 CPU fp32 route gives bf16 numbers, parameter names are stable, the step reads nothing back to the
 host, and the benchmark FLOP count matches the model's arithmetic."""
 
+import itertools
 import os
 import shutil
 
@@ -12,13 +13,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.common import count_flops_per_image
 from configs.cli import make_config
 from configs.flow_matching_config import FlowMatchingConfig
+from configs.vqvae_config import VQVAEConfig
 from data import device_loader as dl
 from data.flow_matching_dataset import get_flow_matching_dataloader, listing_fingerprint
+from data.vqvae_dataset import get_vqvae_dataloader, grid_images
 from models import layers
 from models.dit_2d import DiT2D, dit_from_config
+from models.vqvae import vqvae_from_config
 from tests.conftest import write_image_folder
 from training.distributed import DistInfo
-from training.objectives import FlowMatchingObjective
+from training.objectives import FlowMatchingObjective, VQVAEObjective
 from training.trainer import Trainer
 
 
@@ -170,10 +174,12 @@ def test_fresh_model_is_exactly_zero_under_bf16_autocast():
 # ----------------------------------------------------------------------------- the step
 
 class NoHostReads(TorchDispatchMode):
-    """Fails on any op that copies a tensor value to the host (.item(), int(), bool(), nonzero)."""
+    """Fails on any op that copies a tensor value to the host (.item(), int(), bool()) or whose
+    output size depends on values (nonzero, bincount, masked_select: a sync on CUDA, not on CPU)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                    torch.ops.aten.bincount.default, torch.ops.aten.masked_select.default):
             raise AssertionError(f"host read in the training step: {func}")
         return func(*args, **(kwargs or {}))
 
@@ -193,6 +199,25 @@ def test_training_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch, pre
         for _ in range(2):
             loss, grad_norm, _ = trainer.train_step(next(batches) for _ in range(trainer.accum_steps))
     assert trainer.step == 2 and torch.isfinite(loss) and grad_norm > 0
+
+
+def test_vqvae_training_step_reads_nothing_back_to_the_host(tmp_path):
+    """The VQ-VAE's step too: codebook counts, EMA update and dead-code restarts stay on the device."""
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=4, size=(8, 8))
+    config = make_config(VQVAEConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": 8,
+                                       "hidden_channels": 8, "num_res_blocks": 1, "downsample_factor": 2,
+                                       "latent_channels": 3, "codebook_size": 16, "batch_size": 4,
+                                       "num_workers": 0, "mixed_precision": "no", "device": "cpu",
+                                       "checkpoint_dir": str(tmp_path / "ckpt")})
+    loader = get_vqvae_dataloader(config, batch_size=4)
+    model = vqvae_from_config(config)
+    trainer = Trainer(config, model, VQVAEObjective(config, model, grid_images(loader, 2)), loader,
+                      DistInfo(0, 0, 1, torch.device("cpu")))
+    batches = list(itertools.islice(iter(loader), 2))  # read (and decoded) outside the step
+    with NoHostReads():
+        for batch in batches:
+            loss, _, _ = trainer.train_step([batch])
+    assert trainer.step == 2 and torch.isfinite(loss)
 
 
 # ----------------------------------------------------------------------------- FLOPs

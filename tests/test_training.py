@@ -94,6 +94,29 @@ def test_compiled_model_saves_unwrapped_weights(tiny_flags, tmp_path, monkeypatc
     assert train_flow_matching.main(flags + ["--train_steps", "3", "--resume", "latest"]) == 0
 
 
+def test_compile_wraps_ddp_not_the_reverse(tiny_flags, monkeypatch):
+    """torch.compile(DDP(model)), as PyTorch advises: the compiled backward then overlaps DDP's
+    gradient all-reduce (DDP(compile(model)) would not). Stand-ins record the nesting."""
+    from training import trainer as trainer_module
+
+    class DDP(torch.nn.Module):
+        def __init__(self, module, device_ids=None):
+            super().__init__()
+            self.module = module
+
+    monkeypatch.setattr(trainer_module, "DistributedDataParallel", DDP)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: ("compiled", model))
+    config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": flag_value(tiny_flags, "--data_dir"),
+                                              "image_size": 8, "hidden_size": 32, "depth": 1, "num_heads": 2,
+                                              "batch_size": 4, "num_workers": 0, "device": "cpu", "compile": True,
+                                              "num_classes": 3})
+    loader = get_flow_matching_dataloader(config, batch_size=2)
+    trainer = Trainer(config, dit_from_config(config), FlowMatchingObjective(config, torch.device("cpu")), loader,
+                      DistInfo(0, 0, 2, torch.device("cpu")))
+    kind, inner = trainer.model
+    assert kind == "compiled" and isinstance(inner, DDP) and inner.module is trainer.raw_model
+
+
 @pytest.mark.parametrize("optimizer, flag, group", [("adamw", "--lr", "adamw_decay"),
                                                      ("muon", "--muon_lr", "muon")])
 def test_resume_takes_optimizer_settings_from_the_flags(tiny_flags, capsys, optimizer, flag, group):
@@ -386,6 +409,24 @@ def test_half_of_the_images_are_mirrored(tmp_path, data_loader):
         share = sum(mirrored) / len(mirrored)
         assert len(mirrored) == 240
         assert (0.4 < share < 0.6) if hflip else share == 0, share
+
+
+def test_worker_processes_start_under_forkserver(tmp_path):
+    """Workers started by forkserver (or spawn: macOS, Linux from Python 3.14) receive the dataset
+    pickled, transforms included, and yield the batches of the in-process loader."""
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=4)
+    batches = {}
+    for workers in (0, 1):
+        config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": 8,
+                                                  "batch_size": 4, "num_workers": workers, "data_loader": "workers"})
+        loader = get_flow_matching_dataloader(config)
+        if workers:
+            loader.multiprocessing_context = "forkserver"
+        loader.sampler.set_position(0, 0)
+        batches[workers] = [x for x, _ in loader]
+    assert len(batches[1]) == 2
+    for a, b in zip(batches[0], batches[1]):
+        assert torch.equal(a, b)
 
 
 def test_image_folder_errors(tmp_path):

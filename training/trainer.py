@@ -132,10 +132,12 @@ class Trainer:
             print(describe_param_groups(self.optimizer))
         self.autocast_dtype = AUTOCAST_DTYPES[config.mixed_precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
-        self.model = torch.compile(self.raw_model) if config.compile else self.raw_model
+        self.model = self.raw_model
         if dist.distributed:
             self.model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.compile:  # compile(DDP(model)): the compiled backward overlaps DDP's all-reduce
+            self.model = torch.compile(self.model)
         self.generator = torch.Generator(device=self.device)
         self.step, self.epoch, self.index = 0, 0, 0
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
