@@ -29,12 +29,13 @@ import torch
 from PIL import Image
 
 import flow_matching
-from configs.cli import ArgumentParser
+from configs.cli import ArgumentParser, finite_float
 from data.flow_matching_dataset import build_image_dataset
 from evaluation import fid
 from models.dit_2d import input_shape
 from models.vqvae import LatentSpace
 from training.checkpoint import load_flow_model
+from training.distributed import wait_for_all_ranks
 from training.launch import launch
 
 DEFAULT_NUM_SAMPLES = 50_000
@@ -50,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=None,
                    help=f"images to score (default: {DEFAULT_NUM_SAMPLES} samples of a checkpoint; every "
                         "image of --samples (its first N otherwise) or of --images (a fixed random subset otherwise))")
-    p.add_argument("--cfg_scales", type=float, nargs="+", default=None, metavar="S",
+    p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=None, metavar="S",
                    help="guidance scales to sweep (default: the checkpoint's cfg_scale; 1 = none)")
     p.add_argument("--num_steps_list", type=int, nargs="+", default=None, metavar="N",
                    help="ODE step counts to sweep (default: the checkpoint's num_sampling_steps)")
     p.add_argument("--samplers", nargs="+", default=None, choices=flow_matching.SAMPLERS,
                    help="ODE solvers to sweep (default: the checkpoint's sampler)")
-    p.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("A", "B"),
+    p.add_argument("--guidance_interval", type=finite_float, nargs=2, default=None, metavar=("A", "B"),
                    help="apply CFG only while A <= t <= B (t=0 noise, t=1 data)")
     p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i) (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank) (default: %(default)s)")
@@ -159,6 +160,9 @@ def evaluate(args, dist) -> None:
         config = ckpt["config"]
         image_size, in_channels, num_classes = config["image_size"], config["in_channels"], config["num_classes"]
         cfg_scales = args.cfg_scales or [config["cfg_scale"] if num_classes else 1.0]
+        if args.cfg_scales is None and num_classes and main:
+            print(f"cfg_scale {cfg_scales[0]}: the checkpoint's sampling default, a visual setting; the "
+                  f"lowest FID is often at a smaller scale: sweep with --cfg_scales 1 1.5 2 {cfg_scales[0]:g}")
         if num_classes == 0 and any(s != 1.0 for s in cfg_scales):
             raise ValueError(f"--cfg_scales {cfg_scales} need a class-conditional model; this checkpoint "
                              f"is unconditional (num_classes=0): use --cfg_scales 1")
@@ -175,6 +179,7 @@ def evaluate(args, dist) -> None:
             ref, extractor, args.fid_cache_dir, device, args.feature_batch_size, args.num_workers, progress=True)
         reference = ref.describe(ref_n)
         print(f"reference: {reference}; statistics {'read from' if cached else 'written to'} {path}")
+    wait_for_all_ranks()  # the other ranks wait out rank 0's reference (NCCL's own timeout is 10 min)
     rows = []
 
     def report(stats, n, start, **fields) -> None:
@@ -211,6 +216,7 @@ def evaluate(args, dist) -> None:
                 report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe,
                        cfg_scale=cfg_scale, guidance_interval=args.guidance_interval, step=ckpt["step"],
                        weights=args.weights, seed=args.seed, precision=precision)
+            wait_for_all_ranks()  # and its Inception features, before the next setting's sampling
     elif main:
         start = time.perf_counter()
         if args.images:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import flow_matching
-from configs.cli import ArgumentParser
+from configs.cli import ArgumentParser, finite_float
 from data.images import make_grid, save_image
 from models.dit_2d import input_shape
 from models.vqvae import LatentSpace
@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class_grid", action="store_true", help="a row per class, --samples_per_class columns")
     p.add_argument("--samples_per_class", type=int, default=8, help="columns of --class_grid")
     p.add_argument("--num_steps", type=int, default=None, help="ODE steps (default: the checkpoint's num_sampling_steps)")
-    p.add_argument("--cfg_scale", type=float, default=None, help="guidance scale (default: the checkpoint's); 1 = none")
+    p.add_argument("--cfg_scale", type=finite_float, default=None, help="guidance scale (default: the checkpoint's); 1 = none")
     p.add_argument("--sampler", default=None, choices=flow_matching.SAMPLERS, help="ODE solver (default: the checkpoint's)")
-    p.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("A", "B"),
+    p.add_argument("--guidance_interval", type=finite_float, nargs=2, default=None, metavar=("A", "B"),
                    help="apply CFG only while A <= t <= B (t=0 noise, t=1 data)")
     p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i)")
     p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank)")

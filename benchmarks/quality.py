@@ -44,7 +44,7 @@ if ROOT not in sys.path:
 
 import flow_matching  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
-from configs.cli import ArgumentParser, parse_config  # noqa: E402
+from configs.cli import ArgumentParser, finite_float, parse_config  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
 from data.flow_matching_dataset import get_flow_matching_dataloader  # noqa: E402
 from data.images import make_grid, save_image  # noqa: E402
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ODE solvers (default: %(default)s)")
     p.add_argument("--num_steps_list", type=int, nargs="+", default=[20], metavar="N",
                    help="solver steps (default: %(default)s)")
-    p.add_argument("--cfg_scales", type=float, nargs="+", default=[1.5], metavar="S",
+    p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=[1.5], metavar="S",
                    help="guidance scales (default: %(default)s)")
     p.add_argument("--num_samples", type=int, default=1000, help="samples per FID (default: %(default)s)")
     p.add_argument("--ref_num_images", type=int, default=2000,

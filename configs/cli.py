@@ -34,6 +34,17 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def finite_float(text: str) -> float:
+    """argparse type for a float flag: inf and nan are refused (they would sample black images)."""
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+finite_float.__name__ = "float"  # argparse names the type in its errors and metavars
+
+
 def _unwrap_optional(tp: Any):
     """Return (inner type, is_optional) for Optional[X]; (tp, False) otherwise."""
     if typing.get_origin(tp) is typing.Union:

@@ -53,6 +53,7 @@ class FlowMatchingConfig(TrainConfig):
     # FID during training (evaluate_fid.py scores a finished checkpoint)
     fid_every: int = field(default=0, metadata={"help": "steps between FIDs of the EMA model (sampled with the settings above), logged to metrics.jsonl; 0 disables; needs requirements-eval.txt"})
     fid_num_samples: int = field(default=10_000, metadata={"help": "samples per FID during training (a full FID uses 50,000: evaluate_fid.py)"})
+    fid_cfg_scale: Optional[float] = field(default=None, metadata={"help": "guidance scale of the FID samples; none = --cfg_scale (a visual setting: the lowest FID is often at a smaller scale; evaluate_fid.py --cfg_scales sweeps it)"})
     fid_batch_size: int = field(default=256, metadata={"help": "samples per forward pass (per rank) and images per Inception pass for FID"})
     fid_ref_dir: Optional[str] = field(default=None, metadata={"help": "reference ImageFolder for FID; none = the training data (--dataset, --data_dir)"})
     fid_ref_num_images: int = field(default=0, metadata={"help": "reference images for FID: a fixed random subset of this many; 0 = all"})

@@ -143,12 +143,17 @@ def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder,
     (["--images", "REF", "--ref_data_dir", "REF", "--inception_weights", "nowhere.pth"], "--inception_weights nowhere.pth is not a file"),
     (["--images", "REF", "--ref_data_dir", "REF", "--ref_num_images", "40"], "40 images were asked of"),
     (["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+    (["--checkpoint", "missing.pt", "--cfg_scales", "1", "inf"], "--cfg_scales: must be a finite number, got 'inf'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(stand_in, folder, tmp_path, capsys, flags, expected):
     npz = tmp_path / "samples.npz"
     np.savez(npz, images=random_images(18, 0))
     flags = [str(npz) if f == "NPZ" else folder if f == "REF" else f for f in flags]
-    assert run(tmp_path, *flags) == 2
+    try:
+        code = run(tmp_path, *flags)
+    except SystemExit as exit_info:  # a bad flag value: argparse exits itself
+        code = exit_info.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err
 
@@ -179,6 +184,14 @@ def test_fid_every_logs_fid_to_metrics_jsonl(stand_in, image_folder, tmp_path):
     for r in fids:
         assert np.isfinite(r["fid"]) and r["fid_num_samples"] == 6 and r["fid_nfe"] == 2 and r["fid_cfg_scale"] == 3.0
     assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_fid_every_samples_at_fid_cfg_scale(stand_in, image_folder, tmp_path):
+    train_tiny(tmp_path, image_folder, "--train_steps", "2", "--fid_every", "2", "--fid_num_samples", "6",
+               "--fid_batch_size", "4", "--fid_cfg_scale", "1.5")
+    with open(tmp_path / "ckpt" / "metrics.jsonl") as f:
+        fids = [r for r in map(json.loads, f) if "fid" in r]
+    assert len(fids) == 1 and fids[0]["fid_cfg_scale"] == 1.5
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -126,6 +126,8 @@ def truncated(checkpoint, tmp_path):
     ("samples", "--num_samples must be >= 1"),
     ("sampler", "invalid choice: 'rk4'"),
     ("output", "cannot be written"),
+    ("cfg_inf", "--cfg_scale: must be a finite number, got 'inf'"),
+    ("interval_nan", "--guidance_interval: must be a finite number, got 'nan'"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpoint, tmp_path, capsys, case, needle):
     out = tmp_path / "out"
@@ -143,6 +145,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpo
         "samples": ["--checkpoint", checkpoint, "--num_samples", "0"],
         "sampler": ["--checkpoint", checkpoint, "--sampler", "rk4"],
         "output": ["--checkpoint", checkpoint, "--output_dir", str(blocker / "sub")],
+        "cfg_inf": ["--checkpoint", checkpoint, "--cfg_scale", "inf"],
+        "interval_nan": ["--checkpoint", checkpoint, "--guidance_interval", "0", "nan"],
     }[case]
     if case != "output":
         argv += ["--output_dir", str(out)]

@@ -83,7 +83,7 @@ class FlowMatchingObjective:
         Returns the metrics on rank 0 and {} on the other ranks.
         """
         c = self.config
-        cfg_scale = c.cfg_scale if c.num_classes else 1.0
+        cfg_scale = (c.cfg_scale if c.fid_cfg_scale is None else c.fid_cfg_scale) if c.num_classes else 1.0
         images, nfe = flow_matching.generate_images(
             ema, fid.balanced_labels(c.fid_num_samples, c.num_classes),
             shape=input_shape(c), num_classes=c.num_classes, seed=c.seed,
