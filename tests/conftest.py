@@ -87,7 +87,8 @@ def image_folder(tmp_path):
 TINY_FLAGS = ["--preset", "tiny", "--dataset", "imagefolder", "--image_size", "8", "--hidden_size", "32",
               "--depth", "2", "--num_heads", "2", "--batch_size", "4", "--num_workers", "0",
               "--device", "cpu", "--warmup_steps", "2", "--log_every", "2", "--sample_every", "0",
-              "--num_sampling_steps", "2", "--grid_samples_per_class", "2"]
+              "--num_sampling_steps", "2", "--grid_samples_per_class", "2",
+              "--data_loader", "workers"]  # no decoded-dataset cache: nothing written outside tmp
 
 
 @pytest.fixture
@@ -95,3 +96,10 @@ def tiny_flags(image_folder, tmp_path):
     """Flags of a seconds-long CPU run on a 3-class folder, writing under tmp_path."""
     return TINY_FLAGS + ["--data_dir", image_folder, "--checkpoint_dir", str(tmp_path / "ckpt"),
                          "--sample_dir", str(tmp_path / "samples")]
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own folder, so defaults relative to the working directory
+    (checkpoints/, data_cache/, fid_results.jsonl) never touch the repo."""
+    monkeypatch.chdir(tmp_path)

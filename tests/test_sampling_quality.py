@@ -41,7 +41,7 @@ def overfit(tmp_path_factory):
              "--batch_size", "12", "--micro_batch_size", "6", "--num_workers", "0", "--device", "cpu",
              "--warmup_steps", "20", "--lr", "3e-3", "--train_steps", "300", "--hflip", "false",
              "--log_every", "100", "--sample_every", "0", "--save_every", "1000",
-             "--checkpoint_dir", str(root / "ckpt")]
+             "--checkpoint_dir", str(root / "ckpt"), "--data_cache_dir", str(root / "cache")]
     assert train_flow_matching.main(flags) == 0
     return str(root / "ckpt" / "flow_matching_final.pt"), images
 

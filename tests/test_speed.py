@@ -15,6 +15,7 @@ from configs.cli import make_config
 from configs.flow_matching_config import FlowMatchingConfig
 from configs.vqvae_config import VQVAEConfig
 from data import device_loader as dl
+from data import flow_matching_dataset as fdata
 from data.flow_matching_dataset import get_flow_matching_dataloader, listing_fingerprint
 from data.vqvae_dataset import get_vqvae_dataloader, grid_images
 from models import layers
@@ -76,10 +77,11 @@ def test_decoded_dataset_is_cached_and_reused(tmp_path, monkeypatch):
     assert dl.cache_path(config, listing_fingerprint(dl.uint8_dataset(config)[0], config.data_dir)) != path
 
 
-def test_auto_picks_workers_on_cpu(tmp_path):
+def test_auto_picks_the_device_loader_when_the_dataset_fits(tmp_path, monkeypatch):
+    assert isinstance(get_flow_matching_dataloader(folder_config(tmp_path, data_loader="auto")), dl.DeviceLoader)
+    monkeypatch.setattr(fdata, "free_memory", lambda device: 4 * 3 * 8 * 8 * 21 - 1)  # 21 images: 1 byte short
     loader = get_flow_matching_dataloader(folder_config(tmp_path, data_loader="auto"))
     assert not isinstance(loader, dl.DeviceLoader)
-    assert not os.path.exists(tmp_path / "cache")
 
 
 def test_cache_inside_the_data_folder_is_refused(tmp_path):

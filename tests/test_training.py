@@ -271,7 +271,7 @@ def tiny_trainer(tiny_flags, micro, **overrides):
         "dataset": "imagefolder", "data_dir": flag_value(tiny_flags, "--data_dir"), "image_size": 8,
         "hidden_size": 32, "depth": 2, "num_heads": 2, "batch_size": 8, "micro_batch_size": micro,
         "num_workers": 0, "mixed_precision": "no", "device": "cpu", "hflip": False,
-        "checkpoint_dir": flag_value(tiny_flags, "--checkpoint_dir"), **overrides})
+        "checkpoint_dir": flag_value(tiny_flags, "--checkpoint_dir"), "data_loader": "workers", **overrides})
     loader = get_flow_matching_dataloader(config, batch_size=micro)
     torch.manual_seed(0)
     model = dit_from_config(config)
