@@ -25,7 +25,7 @@ import flow_matching  # noqa: E402
 from benchmarks.common import count_flops_per_image, machine, median, time_call, write_json  # noqa: E402
 from configs.cli import ArgumentParser, make_config  # noqa: E402
 from configs.flow_matching_config import FlowMatchingConfig  # noqa: E402
-from models import layers  # noqa: E402
+from models import precision  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 from training.distributed import resolve_device  # noqa: E402
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default="train,sample", help="comma-separated: train, sample")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (diffusers stays eager)")
     p.add_argument("--cpu_bf16_matmul", default="auto", choices=("auto", "fp32", "native"),
-                   help="our bf16 GEMM route on the CPU (models.layers.set_cpu_bf16_matmul)")
+                   help="our bf16 GEMM route on the CPU (models.precision.set_cpu_bf16_matmul)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--json", default=None, help="append the results as one JSON line to this file")
     return p
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         theirs_module = build_diffusers(args).to(device)
     except ValueError as err:
         parser.error(str(err))
-    layers.set_cpu_bf16_matmul(args.cpu_bf16_matmul)
+    precision.set_cpu_bf16_matmul(args.cpu_bf16_matmul)
     if args.threads:
         torch.set_num_threads(args.threads)
     autocast_dtype = PRECISIONS[args.precision]

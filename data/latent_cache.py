@@ -39,8 +39,9 @@ class LatentDataset(FlipByIndex):
     def __init__(self, codes: torch.Tensor, labels: torch.Tensor, latent_space: LatentSpace):
         self.codes, self.labels, self.latent_space = codes, labels, latent_space
         codebook = latent_space.vqvae.quantizer.embedding.detach().float().cpu()              # (K, D)
-        state = latent_space.state()
-        self.table = (codebook - state["mean"]) / state["std"]                                 # (K, D)
+        # Each code vector normalized as a 1x1 latent: the table of every normalized latent value.
+        self.table = latent_space.normalize(codebook[:, :, None, None].to(latent_space.mean.device)
+                                            ).reshape(codebook.shape).cpu()                  # (K, D)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -5,64 +5,20 @@ Precision: under bf16 (or fp16) autocast the residual stream and every activatio
 autocast dtype. LayerNorm computes its statistics in fp32 inside the kernel and returns the input
 dtype, and the position table is cast to the stream's dtype, so nothing upcasts the stream to fp32
 (which would double the memory traffic of every elementwise op). The sampler integrates and the
-loss reduces in fp32 (flow_matching.py).
-
-CPUs without bf16 instructions (no AVX-512: oneDNN reports no bf16 support) run a bf16 GEMM several
-times slower than an fp32 one. There, under bf16 autocast, `Linear` and attention multiply the
-bf16-rounded operands in fp32 and round the result to bf16: the same numbers a bf16 GEMM with
-fp32 accumulation gives, at fp32 speed (see `set_cpu_bf16_matmul`).
+loss reduces in fp32 (flow_matching.py). `Linear` and `attention` come from models/precision.py: they are nn.Linear and SDPA, with a faster
+route for bf16 autocast on CPUs without bf16 instructions.
 """
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-# ----------------------------------------------------------------------------- precision
-
-_cpu_bf16_matmul_in_fp32 = False
+from models.precision import Linear, attention
 
 
-def set_cpu_bf16_matmul(mode: str) -> None:
-    """How bf16-autocast GEMMs and attention run on the CPU.
-
-    "auto" (the default): in fp32 on bf16-rounded operands when this CPU has no fast bf16 kernels,
-    natively otherwise. "fp32" / "native" force one path (benchmarks measure both).
-    """
-    global _cpu_bf16_matmul_in_fp32
-    if mode not in ("auto", "fp32", "native"):
-        raise ValueError(f"CPU bf16 matmul mode must be auto, fp32 or native, got {mode!r}")
-    slow_bf16 = not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    _cpu_bf16_matmul_in_fp32 = mode == "fp32" or (mode == "auto" and slow_bf16)
-
-
-set_cpu_bf16_matmul("auto")
-
-
-def _bf16_via_fp32(x: torch.Tensor) -> bool:
-    """True where a bf16-autocast matmul on x should run as an fp32 one (see the module doc)."""
-    return (_cpu_bf16_matmul_in_fp32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-
-
-def _round_bf16(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """x rounded to bf16 and held in fp32 (exact): a bf16 operand for an fp32 kernel."""
-    return None if x is None else x.to(torch.bfloat16).float()
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) that takes the fp32 route for bf16 on slow-bf16 CPUs."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _bf16_via_fp32(x):
-            return super().forward(x)
-        with torch.autocast("cpu", enabled=False):
-            out = F.linear(_round_bf16(x), _round_bf16(self.weight), _round_bf16(self.bias))
-        return out.to(torch.bfloat16)
-
+# ----------------------------------------------------------------------------- norm
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm without affine parameters whose output keeps the input's dtype.
@@ -80,15 +36,6 @@ class LayerNorm(nn.LayerNorm):
             return super().forward(x)
         with torch.autocast(device, enabled=False):
             return super().forward(x)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA over (B, H, N, Dh); flash / memory-efficient kernels on CUDA."""
-    if not _bf16_via_fp32(q):
-        return F.scaled_dot_product_attention(q, k, v)
-    with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(_round_bf16(q), _round_bf16(k), _round_bf16(v))
-    return out.to(torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -218,10 +218,6 @@ class VQVAE(nn.Module):
         side = image_size // self.downsample_factor
         return self.latent_channels, side, side
 
-    def encode_continuous(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-quantization latents z_e (B, D, h, w)."""
-        return self.encoder(x)
-
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, h, w) int64 codes in [0, codebook_size)."""
         return self.quantizer.codes(self.encoder(x))
@@ -230,12 +226,9 @@ class VQVAE(nn.Module):
         """(B, C, H, W) images -> quantized latents (B, D, h, w); never updates the codebook."""
         return self.quantizer.lookup(self.codes(x))
 
-    def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
-        """(B, D, h, w) latents -> (B, C, H, W) images; snapped to the nearest codes first unless
-        quantize=False."""
-        if quantize:
-            z = self.quantizer.lookup(self.quantizer.codes(z))
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) latents -> (B, C, H, W) images, snapped to the nearest codes first."""
+        return self.decoder(self.quantizer.lookup(self.quantizer.codes(z)))
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

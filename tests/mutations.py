@@ -126,7 +126,7 @@ MUTATIONS: List[Mutation] = [
              'self.ema.load_state_dict(ckpt["ema"], strict=True)',
              'self.ema.load_state_dict(ckpt["model"], strict=True)',
              ["tests/test_training.py::test_resume_is_bit_exact"], "resume restores the EMA from the raw weights"),
-    Mutation("cpu_bf16_route_skips_weight_rounding", "models/layers.py",
+    Mutation("cpu_bf16_route_skips_weight_rounding", "models/precision.py",
              "out = F.linear(_round_bf16(x), _round_bf16(self.weight), _round_bf16(self.bias))",
              "out = F.linear(_round_bf16(x), self.weight.float(), _round_bf16(self.bias))",
              ["tests/test_speed.py::test_cpu_fp32_route_gives_the_bf16_numbers"],

@@ -18,7 +18,7 @@ from data import device_loader as dl
 from data import flow_matching_dataset as fdata
 from data.flow_matching_dataset import get_flow_matching_dataloader, listing_fingerprint
 from data.vqvae_dataset import get_vqvae_dataloader, grid_images
-from models import layers
+from models import precision
 from models.dit_2d import DiT2D, dit_from_config
 from models.vqvae import vqvae_from_config
 from tests.conftest import write_image_folder
@@ -131,12 +131,12 @@ def test_bf16_autocast_keeps_the_residual_stream_in_bf16(route):
     seen = []
     for module in [model.x_embedder, *model.blocks, model.final_layer]:
         module.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-    layers.set_cpu_bf16_matmul(route)
+    precision.set_cpu_bf16_matmul(route)
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(*inputs())
     finally:
-        layers.set_cpu_bf16_matmul("auto")
+        precision.set_cpu_bf16_matmul("auto")
     assert seen == [torch.bfloat16] * 4
 
 
@@ -146,13 +146,13 @@ def test_cpu_fp32_route_gives_the_bf16_numbers():
     model = tiny()
     results = {}
     for route in ("native", "fp32"):
-        layers.set_cpu_bf16_matmul(route)
+        precision.set_cpu_bf16_matmul(route)
         model.zero_grad()
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(*inputs())
         finally:
-            layers.set_cpu_bf16_matmul("auto")
+            precision.set_cpu_bf16_matmul("auto")
         out.float().square().mean().backward()
         results[route] = (out.float(), [p.grad.clone() for p in model.parameters()])
     # Measured: the outputs (|v| < 1) differ by at most one bf16 ulp (2^-8) in 15% of the entries,

@@ -1,0 +1,63 @@
+"""nn.Linear and attention with a fast route for bf16 autocast on CPUs without bf16 instructions.
+
+CPUs without bf16 instructions (no AVX-512: oneDNN reports no bf16 support) run a bf16 GEMM several
+times slower than an fp32 one. There, under bf16 autocast, `Linear` and `attention` multiply the
+bf16-rounded operands in fp32 and round the result to bf16: the same numbers a bf16 GEMM with
+fp32 accumulation gives, at fp32 speed (`set_cpu_bf16_matmul` picks the route). Everywhere else
+(CUDA, fp32, CPUs with bf16 kernels) they are exactly nn.Linear and F.scaled_dot_product_attention.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_cpu_bf16_matmul_in_fp32 = False
+
+
+def set_cpu_bf16_matmul(mode: str) -> None:
+    """How bf16-autocast GEMMs and attention run on the CPU.
+
+    "auto" (the default): in fp32 on bf16-rounded operands when this CPU has no fast bf16 kernels,
+    natively otherwise. "fp32" / "native" force one path (benchmarks measure both).
+    """
+    global _cpu_bf16_matmul_in_fp32
+    if mode not in ("auto", "fp32", "native"):
+        raise ValueError(f"CPU bf16 matmul mode must be auto, fp32 or native, got {mode!r}")
+    slow_bf16 = not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    _cpu_bf16_matmul_in_fp32 = mode == "fp32" or (mode == "auto" and slow_bf16)
+
+
+set_cpu_bf16_matmul("auto")
+
+
+def _bf16_via_fp32(x: torch.Tensor) -> bool:
+    """True where a bf16-autocast matmul on x should run as an fp32 one (see the module doc)."""
+    return (_cpu_bf16_matmul_in_fp32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+def _round_bf16(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """x rounded to bf16 and held in fp32 (exact): a bf16 operand for an fp32 kernel."""
+    return None if x is None else x.to(torch.bfloat16).float()
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) that takes the fp32 route for bf16 on slow-bf16 CPUs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _bf16_via_fp32(x):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            out = F.linear(_round_bf16(x), _round_bf16(self.weight), _round_bf16(self.bias))
+        return out.to(torch.bfloat16)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA over (B, H, N, Dh); flash / memory-efficient kernels on CUDA."""
+    if not _bf16_via_fp32(q):
+        return F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(_round_bf16(q), _round_bf16(k), _round_bf16(v))
+    return out.to(torch.bfloat16)
