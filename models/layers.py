@@ -178,6 +178,11 @@ class DiTBlock(nn.Module):
         x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x                                                           # (B, N, D)
 
+    def fused_weights(self):
+        """{name: (weight, row blocks)} of the weights that stack several matrices: q, k, v in
+        attn.qkv; the six modulations in adaLN (forward's chunk(6)). Muon orthogonalizes each block."""
+        return {"qkv": (self.attn.qkv.weight, 3), "adaln": (self.adaLN_modulation[-1].weight, 6)}
+
 
 # ----------------------------------------------------------------------------- final layer
 

@@ -34,8 +34,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from models.layers import DiTBlock
-
 # torch.optim.Muon's defaults (Keller Jordan's quintic, tuned for steepest slope at 0).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -204,39 +202,34 @@ class MuonAdamW:
 
 # ----------------------------------------------------------------------------- the parameter rule
 
-# Row blocks of DiTBlock's fused weights: attn.qkv stacks q, k, v; adaLN_modulation's Linear
-# stacks shift, scale and gate of the attention and MLP branches (DiTBlock.forward's chunk(6)).
-QKV_CHUNKS = 3
-ADALN_CHUNKS = 6
-
-
 def muon_param_groups(model: nn.Module, lr: float, split_fused: bool) -> Tuple[List[dict], List[nn.Parameter]]:
-    """(Muon param groups at `lr`, the parameters left for AdamW) of a DiT2D; every trainable
-    parameter lands in exactly one of them.
+    """(Muon param groups at `lr`, the parameters left for AdamW) of a transformer whose
+    `model.blocks` describe their fused weights (`fused_weights()`: {name: (weight, row blocks)},
+    as DiTBlock does); every trainable parameter lands in exactly one of them.
 
-    The groups are named for the start-up summary: `muon` (attn.proj, mlp.fc1, mlp.fc2),
-    `muon_qkv` and `muon_adaln`, whose `chunks` are 3 and 6 with `split_fused` and 1 without. The
-    layout is the same either way, so an optimizer state loads whatever the flag. Each group
-    records `base_lr`, the peak rate the trainer's schedule scales.
+    The groups are named for the start-up summary: `muon` (the blocks' other matrices) and one
+    `muon_<name>` per fused weight (`muon_qkv`, `muon_adaln`), whose `chunks` are its row blocks
+    with `split_fused` and 1 without. The layout is the same either way, so an optimizer state
+    loads whatever the flag. Each group records `base_lr`, the peak rate the trainer's schedule scales.
     """
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or not all(isinstance(b, DiTBlock) for b in blocks):
-        raise ValueError(f"--optimizer muon needs a DiT2D (DiTBlocks in model.blocks); "
+    if not isinstance(blocks, nn.ModuleList) or not all(hasattr(b, "fused_weights") for b in blocks):
+        raise ValueError(f"--optimizer muon needs a DiT2D (blocks with fused_weights() in model.blocks); "
                          f"{type(model).__name__} has none. Use --optimizer adamw")
-    plain, qkv, adaln = [], [], []
+    plain, fused = [], {}
     for block in blocks:
+        chunks_of = {id(w): (name, chunks) for name, (w, chunks) in block.fused_weights().items()}
         for p in block.parameters():
             if not p.requires_grad or p.dim() != 2:
                 continue
-            if p is block.attn.qkv.weight:
-                qkv.append(p)
-            elif p is block.adaLN_modulation[-1].weight:
-                adaln.append(p)
+            if id(p) in chunks_of:
+                name, chunks = chunks_of[id(p)]
+                fused.setdefault(name, (chunks, []))[1].append(p)
             else:
                 plain.append(p)
-    groups = [{"name": "muon", "params": plain, "chunks": 1},
-              {"name": "muon_qkv", "params": qkv, "chunks": QKV_CHUNKS if split_fused else 1},
-              {"name": "muon_adaln", "params": adaln, "chunks": ADALN_CHUNKS if split_fused else 1}]
+    groups = [{"name": "muon", "params": plain, "chunks": 1}]
+    groups += [{"name": f"muon_{name}", "params": params, "chunks": chunks if split_fused else 1}
+               for name, (chunks, params) in fused.items()]
     groups = [dict(g, lr=lr, base_lr=lr) for g in groups if g["params"]]
     taken = {id(p) for g in groups for p in g["params"]}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
