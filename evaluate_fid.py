@@ -32,10 +32,9 @@ import flow_matching
 from configs.cli import ArgumentParser, finite_float
 from data.flow_matching_dataset import build_image_dataset
 from evaluation import fid
-from models.dit_2d import input_shape
+from models.dit_2d import input_shape, load_flow_model
 from models.vqvae import LatentSpace
-from training.checkpoint import load_flow_model
-from training.distributed import wait_for_all_ranks
+from utils.distributed import wait_for_all_ranks
 from training.launch import launch
 
 DEFAULT_NUM_SAMPLES = 50_000

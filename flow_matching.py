@@ -17,7 +17,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.images import to_uint8
+from utils.images import to_uint8
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun", "midpoint")

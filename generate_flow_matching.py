@@ -31,10 +31,9 @@ import torch
 
 import flow_matching
 from configs.cli import ArgumentParser, finite_float
-from data.images import make_grid, save_image
-from models.dit_2d import input_shape
+from utils.images import make_grid, save_image
+from models.dit_2d import input_shape, load_flow_model
 from models.vqvae import LatentSpace
-from training.checkpoint import load_flow_model
 from training.launch import launch
 
 MAX_GRID_IMAGES = 256

@@ -18,7 +18,7 @@ from configs.flow_matching_config import ARCHITECTURE_FIELDS, parse_flow_matchin
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from models.vqvae import VQVAE
-from training.checkpoint import check_nothing_ahead
+from utils.checkpoint import check_nothing_ahead
 from training.launch import announce_run, launch
 from training.objectives import FlowMatchingObjective
 from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size

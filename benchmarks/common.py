@@ -23,7 +23,7 @@ if ROOT not in sys.path:
 from configs.cli import ArgumentParser, parse_config  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
-from training.distributed import resolve_device  # noqa: E402
+from utils.distributed import resolve_device  # noqa: E402
 from training.trainer import peak_memory_gb  # noqa: E402
 
 

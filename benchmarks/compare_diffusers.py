@@ -27,7 +27,7 @@ from configs.cli import ArgumentParser, make_config  # noqa: E402
 from configs.flow_matching_config import FlowMatchingConfig  # noqa: E402
 from models import precision  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
-from training.distributed import resolve_device  # noqa: E402
+from utils.distributed import resolve_device  # noqa: E402
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 

@@ -37,8 +37,7 @@ import flow_matching  # noqa: E402
 import train_flow_matching  # noqa: E402
 from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
 from data.flow_matching_dataset import build_image_dataset  # noqa: E402
-from models.dit_2d import dit_from_config  # noqa: E402
-from training.checkpoint import load_flow_model  # noqa: E402
+from models.dit_2d import dit_from_config, load_flow_model  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]

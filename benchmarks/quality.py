@@ -47,11 +47,10 @@ from benchmarks.common import machine  # noqa: E402
 from configs.cli import ArgumentParser, finite_float, parse_config  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
 from data.flow_matching_dataset import get_flow_matching_dataloader  # noqa: E402
-from data.images import make_grid, save_image  # noqa: E402
+from utils.images import make_grid, save_image  # noqa: E402
 from evaluation import fid  # noqa: E402
-from models.dit_2d import input_shape  # noqa: E402
-from training.checkpoint import load_flow_model  # noqa: E402
-from training.distributed import resolve_device  # noqa: E402
+from models.dit_2d import input_shape, load_flow_model  # noqa: E402
+from utils.distributed import resolve_device  # noqa: E402
 from training.optim import lr_factor  # noqa: E402
 
 PRESET = "proxy16"

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import flow_matching  # noqa: E402
 from benchmarks.common import (benchmark_parser, machine, parse_benchmark, peak_memory_gib,  # noqa: E402
                                reset_peak_memory, synchronize, write_json)
-from data.images import to_uint8  # noqa: E402
+from utils.images import to_uint8  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 
 

@@ -24,7 +24,7 @@ from benchmarks.common import (benchmark_parser, count_flops_per_image, machine,
                                time_call, write_json)
 from data.device_loader import DeviceLoader  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
-from training.distributed import DistInfo  # noqa: E402
+from utils.distributed import DistInfo  # noqa: E402
 from training.objectives import FlowMatchingObjective  # noqa: E402
 from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size  # noqa: E402
 

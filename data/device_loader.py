@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.flow_matching_dataset import ResumableSampler, build_image_dataset, uint8_to_model
-from training.checkpoint import save_checkpoint
-from training.distributed import rank_zero_first
+from utils.checkpoint import save_checkpoint
+from utils.distributed import rank_zero_first
 
 
 class _Length:

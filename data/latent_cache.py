@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from data.flow_matching_dataset import FlipByIndex, listing_fingerprint
 from models.vqvae import VQVAE, LatentSpace
-from training.checkpoint import save_checkpoint
-from training.distributed import wait_for_all_ranks
+from utils.checkpoint import save_checkpoint
+from utils.distributed import wait_for_all_ranks
 
 CACHE_FORMAT = 1
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from data.flow_matching_dataset import build_image_dataset, make_loader
-from training.distributed import rank_zero_first
+from utils.distributed import rank_zero_first
 
 
 def get_vqvae_dataloader(config, *, batch_size: Optional[int] = None, rank: int = 0,

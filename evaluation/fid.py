@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.flow_matching_dataset import build_image_dataset, listing_fingerprint
-from data.images import to_uint8
+from utils.checkpoint import write_atomically
+from utils.images import to_uint8
 
 Statistics = Dict[str, np.ndarray]  # {"mu": (D,), "sigma": (D, D)}, float64
 
@@ -204,13 +205,6 @@ def reference_statistics(image_set: ImageSet, extractor: torch.nn.Module, cache_
         with np.load(path) as cached:
             return {"mu": cached["mu"], "sigma": cached["sigma"]}, int(cached["num_images"]), path, True
     stats, n = image_set_statistics(image_set, extractor, device, batch_size, num_workers, progress)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=stats["mu"], sigma=stats["sigma"], num_images=n, key=json.dumps(key))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda f: np.savez(f, mu=stats["mu"], sigma=stats["sigma"], num_images=n,
+                                              key=json.dumps(key)))
     return stats, n, path, False

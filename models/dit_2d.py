@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from models.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from utils.checkpoint import load_model
 
 
 class DiT2D(nn.Module):
@@ -122,3 +123,9 @@ def dit_from_config(config) -> DiT2D:
                  in_channels=channels, hidden_size=get("hidden_size"),
                  depth=get("depth"), num_heads=get("num_heads"), mlp_ratio=get("mlp_ratio"),
                  num_classes=get("num_classes"))
+
+
+def load_flow_model(path: str, weights: str = "ema", device="cpu"):
+    """The DiT2D of a flow-matching checkpoint, rebuilt from its config, with its EMA (default) or
+    raw ('model') weights: (model in eval mode on `device`, checkpoint dict)."""
+    return load_model(path, "flow_matching", dit_from_config, weights, device)

@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.checkpoint import load_model
+
 # Fields of a VQVAEConfig that fix the network's shape.
 VQVAE_ARCHITECTURE_FIELDS = ("in_channels", "hidden_channels", "num_res_blocks", "downsample_factor",
                              "latent_channels", "codebook_size")
@@ -251,15 +253,9 @@ class VQVAE(nn.Module):
         `weights` is 'model' (the trained weights, the default: see the module docstring) or
         'ema'. The result remembers `checkpoint_path`.
         """
-        from training.checkpoint import load_checkpoint  # training imports models: import late
-
-        if weights not in ("model", "ema"):
-            raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
-        ckpt = load_checkpoint(path, kind="vqvae")
-        model = vqvae_from_config(ckpt["config"])
-        model.load_state_dict(ckpt[weights], strict=True)
+        model, _ = load_model(path, "vqvae", vqvae_from_config, weights, device)
         model.checkpoint_path = path
-        return model.to(device).eval().requires_grad_(False)
+        return model
 
 
 def vqvae_from_config(config) -> VQVAE:

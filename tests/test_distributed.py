@@ -16,8 +16,8 @@ import torch
 import generate_flow_matching
 import train_flow_matching
 from tests.conftest import ROOT
-from training.checkpoint import load_checkpoint
-from training.distributed import cleanup_distributed, setup_distributed
+from utils.checkpoint import load_checkpoint
+from utils.distributed import cleanup_distributed, setup_distributed
 
 
 def torchrun(*args):

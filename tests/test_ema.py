@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_flow_matching
-from training import checkpoint as ckpt_lib
+from utils import checkpoint as ckpt_lib
 from training.trainer import ema_decay_at, update_ema
 
 

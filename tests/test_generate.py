@@ -9,7 +9,7 @@ from PIL import Image
 import generate_flow_matching
 import train_flow_matching
 from tests.conftest import TINY_FLAGS, write_image_folder
-from training.checkpoint import save_checkpoint
+from utils.checkpoint import save_checkpoint
 
 
 def _train(tmp_path_factory, name, extra):

@@ -17,7 +17,7 @@ from configs.cli import make_config
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig
 from data.flow_matching_dataset import build_image_dataset, get_flow_matching_dataloader
 from models.vqvae import VQVAE
-from training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from utils.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder
 from tests.test_vqvae import VQ_FLAGS

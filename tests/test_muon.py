@@ -14,7 +14,7 @@ from models.dit_2d import DiT2D
 from tests.conftest import overfit_eight_images
 from optimizers.muon import (MuonAdamW, ChunkedMuon, muon_param_groups, muon_step_, newton_schulz,
                              orthogonalize)
-from training.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint
 from training.optim import build_optimizer, set_lr
 
 

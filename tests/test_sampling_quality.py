@@ -22,7 +22,7 @@ import train_flow_matching
 from evaluation import fid
 from models.dit_2d import input_shape
 from tests.conftest import StandIn
-from training.checkpoint import load_flow_model
+from models.dit_2d import load_flow_model
 
 NUM_STEPS = 10
 

@@ -22,7 +22,7 @@ from models import precision
 from models.dit_2d import DiT2D, dit_from_config
 from models.vqvae import vqvae_from_config
 from tests.conftest import write_image_folder
-from training.distributed import DistInfo
+from utils.distributed import DistInfo
 from training.objectives import FlowMatchingObjective, VQVAEObjective
 from training.trainer import Trainer
 

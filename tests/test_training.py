@@ -19,8 +19,8 @@ from configs.flow_matching_config import FlowMatchingConfig
 from data.flow_matching_dataset import build_image_dataset, get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from tests.conftest import ROOT, write_image_folder
-from training import checkpoint as ckpt_lib
-from training.distributed import DistInfo
+from utils import checkpoint as ckpt_lib
+from utils.distributed import DistInfo
 from training.objectives import FlowMatchingObjective
 from training.trainer import Draws, NonFiniteLoss, Trainer
 

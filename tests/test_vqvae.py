@@ -12,7 +12,7 @@ from PIL import Image
 
 import train_vqvae
 from models.vqvae import VQVAE, VectorQuantizer, psnr
-from training.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 
 
 def tiny_vqvae(**overrides) -> VQVAE:

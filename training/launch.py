@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 
 from configs.cli import format_config
-from training.checkpoint import run_file
-from training.distributed import DistInfo, cleanup_distributed, setup_distributed
+from utils.checkpoint import run_file
+from utils.distributed import DistInfo, cleanup_distributed, setup_distributed
 from training.trainer import NonFiniteLoss, micro_batch_size
 
 # OSError covers a missing or unreadable data folder and an unwritable output folder; ImportError

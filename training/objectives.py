@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import flow_matching
-from data.images import save_grid
+from utils.images import save_grid
 from evaluation import fid
 from models.dit_2d import input_shape
 from models.vqvae import psnr
-from training.distributed import wait_for_all_ranks
+from utils.distributed import wait_for_all_ranks
 
 # The training grid shows at most this many classes (rows), so a 1000-class run stays readable.
 MAX_GRID_CLASSES = 16

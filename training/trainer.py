@@ -39,10 +39,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training.checkpoint import (FINAL_NAMES, check_config_fits, find_latest,
+from utils.checkpoint import (FINAL_NAMES, check_config_fits, find_latest,
                                  load_checkpoint, periodic_checkpoint, prune_checkpoints, rng_state,
                                  run_file, save_checkpoint, set_rng_state)
-from training.distributed import DistInfo, any_rank, wait_for_all_ranks
+from utils.distributed import DistInfo, any_rank, wait_for_all_ranks
 from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
                             lr_factor, set_lr)
 

@@ -1,4 +1,5 @@
-"""The one checkpoint format of the repo: atomic save, validated load, resume lookup, RNG state.
+"""The one checkpoint format of the repo: atomic writes, validated loads, rebuilding a model from a
+checkpoint, resume lookup, RNG state.
 
 A checkpoint is a plain dict that `torch.load(weights_only=True)` reads:
     kind       "flow_matching" | "vqvae"   (which script wrote it)
@@ -12,12 +13,10 @@ import glob
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-
-from models.dit_2d import dit_from_config
 
 CHECKPOINT_PATTERN = "checkpoint_{step:07d}.pt"
 FINAL_NAMES = {"flow_matching": "flow_matching_final.pt", "vqvae": "vqvae.pt"}
@@ -58,8 +57,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then os.replace.
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """`write(f)` into a temporary file in the same folder, fsync, then os.replace onto `path`.
 
     A crash, a SIGKILL or a full disk mid-write leaves the previous file at `path` untouched.
     """
@@ -68,13 +67,18 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """torch.save(state) atomically (write_atomically)."""
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str, map_location="cpu", kind: Optional[str] = None) -> Dict[str, Any]:
@@ -155,15 +159,17 @@ def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, pa
                          + ". Drop these flags (or pass the checkpoint's values) to resume it")
 
 
-def load_flow_model(path: str, weights: str = "ema", device="cpu"):
-    """Rebuild the DiT2D a flow-matching checkpoint describes and load its weights.
+def load_model(path: str, kind: str, build: Callable[[Dict[str, Any]], torch.nn.Module],
+               weights: str, device="cpu") -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """Rebuild the model a checkpoint of this kind describes and load its weights.
 
-    Returns (model in eval mode on `device`, checkpoint dict). The architecture comes from the
-    checkpoint's own config, never from flags.
+    `build(config dict)` makes the network (dit_from_config, vqvae_from_config): the architecture
+    comes from the checkpoint's own config, never from flags. `weights` is 'model' (the trained
+    weights) or 'ema'. Returns (model in eval mode on `device`, checkpoint dict).
     """
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    ckpt = load_checkpoint(path, kind="flow_matching")
-    model = dit_from_config(ckpt["config"])
+    ckpt = load_checkpoint(path, kind=kind)
+    model = build(ckpt["config"])
     model.load_state_dict(ckpt[weights], strict=True)
     return model.to(device).eval().requires_grad_(False), ckpt

@@ -1,0 +1,3 @@
+"""Low-level helpers every layer imports downward: torchrun and rank helpers, the checkpoint file
+format (atomic writes, validated reads, rebuilding a model), image conversions. Nothing here
+imports another package of the repo."""
