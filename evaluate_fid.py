@@ -30,7 +30,7 @@ from PIL import Image
 
 import flow_matching
 from configs.cli import ArgumentParser, finite_float
-from data.flow_matching_dataset import build_image_dataset
+from data.datasets import build_image_dataset
 from evaluation import fid
 from models.dit_2d import input_shape, load_flow_model
 from models.vqvae import LatentSpace

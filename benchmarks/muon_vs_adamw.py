@@ -19,10 +19,10 @@ AdamW step and a Muon step.
 """
 
 import argparse
-import contextlib
 import csv
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -34,9 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import flow_matching  # noqa: E402
-import train_flow_matching  # noqa: E402
 from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
-from data.flow_matching_dataset import build_image_dataset  # noqa: E402
+from data.datasets import build_image_dataset  # noqa: E402
 from models.dit_2d import dit_from_config, load_flow_model  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 
@@ -237,9 +236,11 @@ def main(argv=None) -> int:
         except ValueError as err:
             parser.error(str(err))
         print(f"[{n + 1}/{len(args.runs)}] {spec}: train_flow_matching.py {' '.join(flags)}", flush=True)
-        with open(os.path.join(args.out, f"run{n}.log"), "w") as log, \
-                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            code = train_flow_matching.main(flags)
+        # The training script itself, in a subprocess with this run's thread count.
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+        with open(os.path.join(args.out, f"run{n}.log"), "w") as log:
+            code = subprocess.run([sys.executable, os.path.join(ROOT, "train_flow_matching.py"), *flags],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         if code != 0:
             print(f"error: run {spec!r} exited with code {code}; see {args.out}/run{n}.log", file=sys.stderr)
             return 2 if code == 2 else 1

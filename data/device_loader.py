@@ -22,7 +22,7 @@ from typing import Iterator, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.flow_matching_dataset import ResumableSampler, build_image_dataset, uint8_to_model
+from data.datasets import ResumableSampler, build_image_dataset, uint8_to_model
 from utils.checkpoint import save_checkpoint
 from utils.distributed import rank_zero_first
 

@@ -1,104 +1,22 @@
-"""Image datasets and the resumable, distributed-ready training loader.
+"""`get_flow_matching_dataloader(config)`: the training loader of a flow-matching run.
 
-`get_flow_matching_dataloader(config)` yields batches (x, y): x float (B, C, H, W) in [-1, 1],
-y int64 (B,). Sources: torchvision's CIFAR10 (downloaded into data_dir when missing) or an
-ImageFolder (a class per subfolder). The sampler shuffles per epoch from (seed, epoch), shards
-across ranks like DistributedSampler, decides horizontal flips from the same seed, and can start
-mid-epoch, so a resumed run sees exactly the batches the uninterrupted run would have seen.
-
-Any Dataset that returns (image tensor in [-1, 1] shaped (C, H, W), int label) plugs in through
-`make_loader(dataset, config)`.
-
-With a VQ-VAE (`vqvae_encoder`, or config.vqvae_checkpoint) the items are instead the dataset's
-normalized VQ-VAE latents, encoded once and cached on disk (data/latent_cache.py).
+It yields batches (x, y): x float (B, C, H, W) in [-1, 1], y int64 (B,), from the images of
+data/datasets.py, through the worker DataLoader or the decode-once loader (data/device_loader.py),
+which give the same batches. With a VQ-VAE (`vqvae_encoder`, or config.vqvae_checkpoint) the items
+are instead the dataset's normalized VQ-VAE latents, encoded once and cached on disk
+(data/latent_cache.py).
 """
 
-import hashlib
 import math
 import os
-import signal
-from typing import Iterator, Optional, Tuple
+from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision import datasets, transforms
 
+from data.datasets import build_image_dataset, listing_fingerprint, make_loader
+from data.device_loader import device_loader
+from data.latent_cache import latent_dataset
 from utils.distributed import all_ranks, rank_zero_first
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def to_rgb(image):
-    """PIL image -> RGB. A module-level function, not a lambda: DataLoader workers started with
-    spawn or forkserver (macOS, and Linux from Python 3.14) must pickle the transform."""
-    return image.convert("RGB")
-
-
-def image_transform(image_size: int, in_channels: int, as_uint8: bool = False) -> transforms.Compose:
-    """PIL image -> float tensor (C, H, W) in [-1, 1], resized and center-cropped.
-
-    With as_uint8, stop before the float conversion: uint8 (C, H, W), which `uint8_to_model`
-    turns into exactly the float tensor the full transform gives.
-    """
-    if in_channels not in (1, 3):
-        raise ValueError(f"image datasets have 1 (grayscale) or 3 (RGB) channels, got in_channels={in_channels}")
-    steps = [transforms.Grayscale(1)] if in_channels == 1 else [transforms.Lambda(to_rgb)]
-    steps += [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
-    if as_uint8:
-        return transforms.Compose(steps + [transforms.PILToTensor()])
-    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * in_channels, [0.5] * in_channels)]
-    return transforms.Compose(steps)
-
-
-def uint8_to_model(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images (..., C, H, W) -> float in [-1, 1], the same operations (so the same bits) as
-    ToTensor + Normalize(0.5, 0.5)."""
-    return x.float().div(255).sub(0.5).div(0.5)
-
-
-def _cifar10(data_dir: str, train: bool, transform) -> Dataset:
-    present = os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py"))
-    try:
-        return datasets.CIFAR10(data_dir, train=train, transform=transform, download=not present)
-    except Exception as err:  # torchvision raises URLError, OSError or RuntimeError offline
-        raise FileNotFoundError(
-            f"CIFAR-10 is not in {os.path.abspath(data_dir)} and could not be downloaded ({err}). "
-            f"Put the extracted 'cifar-10-batches-py' folder there, or train on images on disk with "
-            f"--dataset imagefolder --data_dir PATH (a subfolder per class)") from None
-
-
-def _image_folder(data_dir: str, transform) -> Dataset:
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"--data_dir {data_dir} is not a folder; an ImageFolder needs "
-                                f"one subfolder of images per class")
-    try:
-        return datasets.ImageFolder(data_dir, transform=transform)
-    except (FileNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"--data_dir {data_dir} is not a readable ImageFolder ({err}); it "
-                                f"needs one subfolder per class holding {'/'.join(IMAGE_EXTENSIONS)} files") from None
-
-
-def listing_fingerprint(dataset: Dataset, root: str) -> str:
-    """SHA-256 of an ImageFolder's files (relative path, label, size, mtime), which caches of the
-    folder are keyed on: a file added, removed, relabelled or rewritten makes a new cache. Datasets
-    without a file list (CIFAR-10's fixed pickles) hash their length only."""
-    files = hashlib.sha256(f"{len(dataset)}\n".encode())
-    for path, label in getattr(dataset, "samples", []):
-        stat = os.stat(path)
-        files.update(f"{os.path.relpath(path, root)}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return files.hexdigest()
-
-
-def build_image_dataset(dataset: str, data_dir: str, image_size: int, in_channels: int,
-                        train: bool = True, as_uint8: bool = False) -> Tuple[Dataset, int]:
-    """The dataset and its number of classes (items as uint8 tensors with as_uint8)."""
-    transform = image_transform(image_size, in_channels, as_uint8)
-    if dataset == "cifar10":
-        return _cifar10(data_dir, train, transform), 10
-    if dataset == "imagefolder":
-        folder = _image_folder(data_dir, transform)
-        return folder, len(folder.classes)
-    raise ValueError(f"unknown dataset {dataset!r}; choose cifar10 or imagefolder")
 
 
 def resolve_num_classes(config, found: int, verbose: bool = True) -> None:
@@ -110,89 +28,6 @@ def resolve_num_classes(config, found: int, verbose: bool = True) -> None:
     elif config.num_classes not in (0, found):
         raise ValueError(f"--num_classes {config.num_classes} does not match the {found} classes "
                          f"found in the dataset; pass --num_classes {found} (or 0 for unconditional)")
-
-
-class FlipByIndex(Dataset):
-    """Wraps a dataset; an index (i, flip) returns item i, mirrored left-right when flip is set.
-
-    A subclass that mirrors items its own way (cached latents, whose mirror images were encoded
-    separately) overrides __getitem__, and make_loader uses it as it is.
-    """
-
-    def __init__(self, base: Dataset):
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key):
-        index, flip = key
-        x, y = self.base[index]
-        return (x.flip(-1) if flip else x), y
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler whose epoch order, flips and start position are all reproducible.
-
-    Epoch e's permutation and flip bits come from a generator seeded with (seed, e); each rank
-    takes every world_size-th index (the tail is padded, as DistributedSampler does); the first
-    `start` entries of this rank's share are skipped once, to resume mid-epoch.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 hflip: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.hflip = hflip
-        self.start = 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.set_epoch(epoch)
-        self.start = start
-
-    def epoch_order(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """This rank's remaining (indices, flip bits) of the epoch, as int64 and bool tensors.
-
-        Consumes the start position, as iterating does.
-        """
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=gen)
-        flips = torch.rand(n, generator=gen) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
-        total = self.num_samples * self.num_replicas
-        order = torch.cat([order, order[: total - n]]) if total > n else order
-        mine = order[self.rank:total:self.num_replicas][self.start:]
-        self.start = 0
-        return mine, flips[mine]
-
-    def __iter__(self) -> Iterator[Tuple[int, bool]]:
-        indices, flips = self.epoch_order()
-        return iter(zip(indices.tolist(), flips.tolist()))
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and SIGINT. SLURM, `kill -- -PGID` and Ctrl-C signal the
-    whole process group; a worker killed by it would crash the main process mid-step, before the
-    trainer's handler saves a checkpoint. The main process stops them when it exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, seed: int, hflip: bool, num_workers: int,
-                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """The training loader over any (image, label) dataset: per-rank batches, drop_last."""
-    if len(dataset) < batch_size * world_size:
-        raise ValueError(f"the dataset has {len(dataset)} items, fewer than one batch of "
-                         f"{batch_size} per rank x {world_size} ranks; lower --batch_size")
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, hflip=hflip)
-    keyed = dataset if isinstance(dataset, FlipByIndex) else FlipByIndex(dataset)
-    return DataLoader(keyed, batch_size=batch_size, sampler=sampler,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
-                      persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
-                      # Its own generator: building iterators never touches the global RNG.
-                      generator=torch.Generator().manual_seed(seed))
 
 
 def free_memory(device: torch.device) -> float:
@@ -242,12 +77,8 @@ def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Opti
     batch_size = batch_size or config.batch_size
     device = torch.device(device or "cpu")
     if vqvae_encoder is not None or config.vqvae_checkpoint is not None:
-        from data.latent_cache import latent_dataset  # it builds on this module
-
         dataset = latent_dataset(config, dataset, vqvae_encoder, rank)
     elif use_device_loader(config, len(dataset), device):
-        # Imported here: device_loader builds on this module.
-        from data.device_loader import device_loader
         return device_loader(config, listing_fingerprint(dataset, config.data_dir), batch_size, device,
                              rank, world_size)
     return make_loader(dataset, batch_size, seed=config.seed, hflip=config.hflip,

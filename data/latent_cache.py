@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data.flow_matching_dataset import FlipByIndex, listing_fingerprint
+from data.datasets import FlipByIndex, listing_fingerprint
 from models.vqvae import VQVAE, LatentSpace
 from utils.checkpoint import save_checkpoint
 from utils.distributed import wait_for_all_ranks

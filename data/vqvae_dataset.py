@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from data.flow_matching_dataset import build_image_dataset, make_loader
+from data.datasets import build_image_dataset, make_loader
 from utils.distributed import rank_zero_first
 
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data.flow_matching_dataset import build_image_dataset, listing_fingerprint
+from data.datasets import build_image_dataset, listing_fingerprint
 from utils.checkpoint import write_atomically
 from utils.images import to_uint8
 

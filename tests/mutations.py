@@ -103,7 +103,7 @@ MUTATIONS: List[Mutation] = [
              "return lr * 0.22 * math.sqrt(max(rows, cols))", ["tests/test_muon.py"],
              "match_rms_adamw's 0.2 as 0.22 (a 10% LR error)"),
     # --- data, latents, precision, checkpoints
-    Mutation("never_flip", "data/flow_matching_dataset.py",
+    Mutation("never_flip", "data/datasets.py",
              "flips = torch.rand(n, generator=gen) < 0.5 if self.hflip",
              "flips = torch.rand(n, generator=gen) < 0.0 if self.hflip",
              ["tests/test_training.py::test_half_of_the_images_are_mirrored"], "flip probability 0"),
@@ -163,7 +163,7 @@ MUTATIONS: List[Mutation] = [
     Mutation("noop_prune_checkpoints", "utils/checkpoint.py", "    for path in periodic[:-keep]:\n        os.remove(path)",
              "    pass", ["tests/test_training.py::test_only_the_newest_periodic_checkpoints_are_kept"],
              "prune_checkpoints does nothing"),
-    Mutation("noop_flip", "data/flow_matching_dataset.py", "return (x.flip(-1) if flip else x), y", "return x, y",
+    Mutation("noop_flip", "data/datasets.py", "return (x.flip(-1) if flip else x), y", "return x, y",
              ["tests/test_training.py::test_half_of_the_images_are_mirrored"], "FlipByIndex never mirrors"),
     Mutation("noop_check_config_fits", "utils/checkpoint.py", "    if diffs:\n        raise ValueError(",
              "    if False:\n        raise ValueError(",
@@ -172,6 +172,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("noop_sample_grid", "training/objectives.py",
              "        save_grid(images, c.grid_samples_per_class, path)", "        pass",
              ["tests/test_training.py::test_train_script_end_to_end"], "the training sample grid is never written"),
+    # --- layers
+    Mutation("data_imports_training", "data/datasets.py", "import hashlib\n",
+             "import hashlib\nimport training.trainer\n", ["tests/test_layers.py"], "an import that points up"),
     # --- generation and evaluation: flags and labels reach the sampler
     Mutation("generate_always_class_0", "flow_matching.py",
              "y = labels[first:index.stop].to(device) if num_classes else None",

@@ -15,7 +15,8 @@ import train_flow_matching
 import train_vqvae
 from configs.cli import make_config
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig
-from data.flow_matching_dataset import build_image_dataset, get_flow_matching_dataloader
+from data.datasets import build_image_dataset
+from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.vqvae import VQVAE
 from utils.checkpoint import find_latest, load_checkpoint, save_checkpoint
 

@@ -16,7 +16,8 @@ from configs.flow_matching_config import FlowMatchingConfig
 from configs.vqvae_config import VQVAEConfig
 from data import device_loader as dl
 from data import flow_matching_dataset as fdata
-from data.flow_matching_dataset import get_flow_matching_dataloader, listing_fingerprint
+from data.datasets import listing_fingerprint
+from data.flow_matching_dataset import get_flow_matching_dataloader
 from data.vqvae_dataset import get_vqvae_dataloader, grid_images
 from models import precision
 from models.dit_2d import DiT2D, dit_from_config

@@ -16,7 +16,8 @@ import torch
 import train_flow_matching
 from configs.cli import make_config
 from configs.flow_matching_config import FlowMatchingConfig
-from data.flow_matching_dataset import build_image_dataset, get_flow_matching_dataloader
+from data.datasets import build_image_dataset
+from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from tests.conftest import ROOT, write_image_folder
 from utils import checkpoint as ckpt_lib
