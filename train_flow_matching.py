@@ -9,6 +9,7 @@ Every config field is a flag (`--help` lists them). Writes checkpoints, config.j
 metrics.jsonl to --checkpoint_dir and EMA sample grids to --sample_dir.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -29,16 +30,17 @@ def train(config, dist) -> None:
     micro = micro_batch_size(config, dist.world_size)
     vqvae = (VQVAE.load_from_checkpoint(config.vqvae_checkpoint, device=dist.device)
              if config.vqvae_checkpoint else None)
-    loader = get_flow_matching_dataloader(config, vqvae_encoder=vqvae, batch_size=micro,
-                                          rank=dist.rank, world_size=dist.world_size, device=dist.device)
+    loader, info = get_flow_matching_dataloader(config, vqvae_encoder=vqvae, batch_size=micro,
+                                                rank=dist.rank, world_size=dist.world_size, device=dist.device)
+    # What the data decided (classes; a latent run's latent shape and VQ-VAE), written into the
+    # config here and nowhere else: the config saved with the run then rebuilds the model.
+    config = dataclasses.replace(config, **info.config_fields(config))
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = dit_from_config(config)
     model.gradient_checkpointing = config.gradient_checkpointing
     announce_run(config, model, "flow_matching", dist)
-    # A latent run's dataset carries the normalization and decoder its grids and checkpoints need.
     objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
-                                      dist.rank, dist.world_size,
-                                      latent_space=getattr(loader.dataset, "latent_space", None))
+                                      dist.rank, dist.world_size, latent_space=info.latent_space)
     path = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS).fit()
     if dist.is_main:
         print(f"done: {path}")

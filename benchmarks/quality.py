@@ -170,7 +170,8 @@ def train_peer(config, run_dir: str, device: torch.device):
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
     except ImportError:
         raise ValueError("the peer pipeline needs torchcfm: pip install -r benchmarks/requirements.txt") from None
-    loader = get_flow_matching_dataloader(config, batch_size=config.batch_size, device=device)
+    loader, info = get_flow_matching_dataloader(config, batch_size=config.batch_size, device=device)
+    config = dataclasses.replace(config, **info.config_fields(config))
     torch.manual_seed(config.seed)
     model = PeerVelocity(config).to(device)
     matcher = ConditionalFlowMatcher(sigma=0.0)  # x_t = (1 - t) x0 + t x1, u = x1 - x0: our convention

@@ -9,23 +9,44 @@ are instead the dataset's normalized VQ-VAE latents, encoded once and cached on 
 
 import math
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from data.datasets import build_image_dataset, listing_fingerprint, make_loader
 from data.device_loader import device_loader
 from data.latent_cache import latent_dataset
+from models.vqvae import LatentSpace
 from utils.distributed import all_ranks, rank_zero_first
 
 
-def resolve_num_classes(config, found: int, verbose: bool = True) -> None:
-    """Fill config.num_classes from the dataset when unset; else check it fits."""
-    if config.num_classes is None:
-        config.num_classes = found
-        if verbose:
-            print(f"num_classes = {found} (taken from the dataset)")
-    elif config.num_classes not in (0, found):
+@dataclass
+class DataInfo:
+    """What the data decided, for the training script to write into its config in one place.
+
+    num_classes: the classes of the dataset; input_shape: (C, H, W) of what the model sees (the
+    images, or a latent run's latents); latent_space and vqvae_checkpoint: a latent run's
+    normalization and decoder, and the VQ-VAE file it came from (None in pixel space).
+    """
+    num_classes: int
+    input_shape: Tuple[int, int, int]
+    latent_space: Optional[LatentSpace] = None
+    vqvae_checkpoint: Optional[str] = None
+
+    def config_fields(self, config) -> Dict[str, Any]:
+        """The config values this data fixes: num_classes when it was left unset; a latent run's
+        latent_size, latent_channels and vqvae_checkpoint."""
+        fields = {"num_classes": self.num_classes if config.num_classes is None else config.num_classes}
+        if self.latent_space is not None:
+            channels, size, _ = self.input_shape
+            fields.update(latent_size=size, latent_channels=channels, vqvae_checkpoint=self.vqvae_checkpoint)
+        return fields
+
+
+def check_num_classes(config, found: int) -> None:
+    """--num_classes must be unset, 0 (unconditional) or the dataset's count."""
+    if config.num_classes not in (None, 0, found):
         raise ValueError(f"--num_classes {config.num_classes} does not match the {found} classes "
                          f"found in the dataset; pass --num_classes {found} (or 0 for unconditional)")
 
@@ -60,27 +81,30 @@ def use_device_loader(config, num_images: int, device: torch.device) -> bool:
 
 
 def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Optional[int] = None,
-                                 rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None):
-    """The training loader a FlowMatchingConfig describes (fills config.num_classes if unset).
+                                 rank: int = 0, world_size: int = 1,
+                                 device: Optional[torch.device] = None) -> Tuple[Any, DataInfo]:
+    """(the training loader a FlowMatchingConfig describes, DataInfo); the config is only read.
 
     batch_size is the per-forward batch on this rank; by default the config's whole global batch.
-    With `vqvae_encoder` (a models.vqvae.VQVAE), or else config.vqvae_checkpoint, it yields
-    normalized latents instead of images and fills config.latent_size / latent_channels (and
-    config.vqvae_checkpoint from the encoder's checkpoint when unset); `loader.dataset.latent_space`
-    then holds the normalization and the decoder.
+    With `vqvae_encoder` (a models.vqvae.VQVAE, or its `.encoder` as VQVAE.load_from_checkpoint
+    returns it), or else config.vqvae_checkpoint, it yields normalized latents instead of images.
     `device` is where training runs (default CPU); for images, --data_loader picks a worker
     DataLoader or the on-device uint8 loader, which yield the same batches.
     """
     dataset, found = rank_zero_first(rank, lambda: build_image_dataset(
         config.dataset, config.data_dir, config.image_size, config.in_channels, train=True))
-    resolve_num_classes(config, found, verbose=rank == 0)
+    check_num_classes(config, found)
     batch_size = batch_size or config.batch_size
     device = torch.device(device or "cpu")
     if vqvae_encoder is not None or config.vqvae_checkpoint is not None:
-        dataset = latent_dataset(config, dataset, vqvae_encoder, rank)
-    elif use_device_loader(config, len(dataset), device):
-        return device_loader(config, listing_fingerprint(dataset, config.data_dir), batch_size, device,
-                             rank, world_size)
+        latents = latent_dataset(config, dataset, vqvae_encoder, rank)
+        info = DataInfo(found, latents.latent_shape, latents.latent_space, latents.vqvae_checkpoint)
+        dataset = latents
+    else:
+        info = DataInfo(found, (config.in_channels, config.image_size, config.image_size))
+        if use_device_loader(config, len(dataset), device):
+            return device_loader(config, listing_fingerprint(dataset, config.data_dir), batch_size, device,
+                                 rank, world_size), info
     return make_loader(dataset, batch_size, seed=config.seed, hflip=config.hflip,
                        num_workers=config.num_workers, rank=rank, world_size=world_size,
-                       pin_memory=device.type == "cuda")
+                       pin_memory=device.type == "cuda"), info

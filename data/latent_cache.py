@@ -114,19 +114,37 @@ def load_latent_dataset(config, vqvae: VQVAE, dataset: Dataset, batch_size: int,
     return LatentDataset(cache["codes"], cache["labels"], LatentSpace(vqvae, mean, std))
 
 
-def latent_dataset(config, dataset: Dataset, vqvae: Optional[VQVAE] = None, rank: int = 0) -> LatentDataset:
-    """Check the VQ-VAE against the config, fill the config's latent fields, load the cache.
+def resolve_vqvae(config, vqvae_encoder) -> Tuple[VQVAE, Optional[str]]:
+    """(the VQ-VAE, its checkpoint path) from a VQVAE, its `.encoder`, or config.vqvae_checkpoint.
 
-    The VQ-VAE is `vqvae` when given, else loaded from config.vqvae_checkpoint.
+    An encoder alone cannot quantize or decode: its VQ-VAE is loaded from the file it came from
+    (VQVAE.load_from_checkpoint records it) and must hold the same encoder weights.
     """
-    if vqvae is None:
-        vqvae = VQVAE.load_from_checkpoint(config.vqvae_checkpoint)
-    recorded = getattr(vqvae, "checkpoint_path", None)
-    if config.vqvae_checkpoint is None:
-        config.vqvae_checkpoint = recorded
-    elif recorded is not None and os.path.abspath(recorded) != os.path.abspath(config.vqvae_checkpoint):
+    recorded = getattr(vqvae_encoder, "checkpoint_path", None)
+    if recorded is not None and config.vqvae_checkpoint is not None \
+            and os.path.abspath(recorded) != os.path.abspath(config.vqvae_checkpoint):
         raise ValueError(f"--vqvae_checkpoint {config.vqvae_checkpoint} is not the VQ-VAE passed as "
                          f"vqvae_encoder (loaded from {recorded}); use one VQ-VAE")
+    path = recorded or config.vqvae_checkpoint
+    if isinstance(vqvae_encoder, VQVAE):
+        return vqvae_encoder, path
+    if vqvae_encoder is None:
+        return VQVAE.load_from_checkpoint(path), path
+    if path is None:
+        raise ValueError("vqvae_encoder is an encoder without its VQ-VAE (needed to quantize and decode); "
+                         "pass the VQVAE, an encoder from VQVAE.load_from_checkpoint, or --vqvae_checkpoint")
+    vqvae = VQVAE.load_from_checkpoint(path)
+    mine, theirs = vqvae.encoder.state_dict(), vqvae_encoder.state_dict()
+    if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k].cpu()) for k in mine):
+        raise ValueError(f"vqvae_encoder is not the encoder of {path} (its weights differ); pass the VQVAE itself")
+    return vqvae, path
+
+
+def latent_dataset(config, dataset: Dataset, vqvae_encoder=None, rank: int = 0) -> LatentDataset:
+    """The latents of `dataset` (from the cache, encoding them on a miss), after checking the
+    VQ-VAE against the config. The result's `latent_space`, `latent_shape` (C, h, w) and
+    `vqvae_checkpoint` are what the training script records in its config."""
+    vqvae, path = resolve_vqvae(config, vqvae_encoder)
     if vqvae.in_channels != config.in_channels:
         raise ValueError(f"the VQ-VAE encodes {vqvae.in_channels}-channel images, but --in_channels is "
                          f"{config.in_channels}; pass --in_channels {vqvae.in_channels}")
@@ -135,15 +153,14 @@ def latent_dataset(config, dataset: Dataset, vqvae: Optional[VQVAE] = None, rank
                          f"--image_size is {config.image_size}; pass --image_size {vqvae.image_size}")
     channels, size, _ = vqvae.latent_shape(config.image_size)
     for name, value in (("latent_size", size), ("latent_channels", channels)):
-        current = getattr(config, name)
-        if current is None:
-            setattr(config, name, value)
-        elif current != value:
-            raise ValueError(f"--{name} {current} does not match the VQ-VAE's latents ({value}); drop --{name}")
+        if getattr(config, name) not in (None, value):
+            raise ValueError(f"--{name} {getattr(config, name)} does not match the VQ-VAE's latents ({value}); "
+                             f"drop --{name}")
     if size % config.patch_size:
         raise ValueError(f"the VQ-VAE's {size}x{size} latents are not divisible by --patch_size "
                          f"{config.patch_size}; pick a --patch_size that divides {size}")
     if rank == 0:
-        print(f"latent flow matching: {channels}x{size}x{size} latents of VQ-VAE "
-              f"{config.vqvae_checkpoint or '(in memory, not saved)'}")
-    return load_latent_dataset(config, vqvae, dataset, config.batch_size, rank)
+        print(f"latent flow matching: {channels}x{size}x{size} latents of VQ-VAE {path or '(in memory, not saved)'}")
+    latents = load_latent_dataset(config, vqvae, dataset, config.batch_size, rank)
+    latents.latent_shape, latents.vqvae_checkpoint = (channels, size, size), path
+    return latents

@@ -251,10 +251,11 @@ class VQVAE(nn.Module):
         """The VQ-VAE a train_vqvae.py checkpoint describes, in eval mode on `device`.
 
         `weights` is 'model' (the trained weights, the default: see the module docstring) or
-        'ema'. The result remembers `checkpoint_path`.
+        'ema'. The result and its `encoder` remember `checkpoint_path`, so either one can be
+        handed to the latent data loader.
         """
         model, _ = load_model(path, "vqvae", vqvae_from_config, weights, device)
-        model.checkpoint_path = path
+        model.checkpoint_path = model.encoder.checkpoint_path = path
         return model
 
 

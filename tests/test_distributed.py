@@ -1,6 +1,7 @@
 """torchrun on CPU (gloo, 2 processes): training matches one process, sampling matches exactly,
 and a 2-rank checkpoint resumes on 1 rank."""
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -130,7 +131,8 @@ def _train_until_nan(rank, port, folder, out_dir):
             "num_heads": 2, "batch_size": 4, "num_workers": 0, "mixed_precision": "no", "device": "cpu",
             "train_steps": 6, "save_every": 100, "log_every": 2, "sample_every": 0,
             "checkpoint_dir": os.path.join(out_dir, "ckpt")})
-        loader = get_flow_matching_dataloader(config, batch_size=2, rank=rank, world_size=2)
+        loader, data = get_flow_matching_dataloader(config, batch_size=2, rank=rank, world_size=2)
+        config = dataclasses.replace(config, **data.config_fields(config))
         trainer = Trainer(config, dit_from_config(config), NaNOnRankOneAtStep2(rank), loader, info)
         try:
             trainer.fit()

@@ -64,9 +64,12 @@ def test_seed_snippet_encodes_once_then_reuses_the_cache(vqvae_run, tmp_path):
     config = flow_config(images, tmp_path / "cache")
     encoder = VQVAE.load_from_checkpoint(path)
     counter = CountingEncoder(encoder)
-    loader = get_flow_matching_dataloader(config, vqvae_encoder=encoder)
+    loader, info = get_flow_matching_dataloader(config, vqvae_encoder=encoder)
     assert counter.images == 2 * 18                     # every image and its mirror, once
-    assert (config.latent_channels, config.latent_size) == (3, 4) and config.vqvae_checkpoint == path
+    assert info.input_shape == (3, 4, 4) and info.vqvae_checkpoint == path and info.num_classes == 3
+    assert info.config_fields(config) == {"num_classes": 3, "latent_size": 4, "latent_channels": 3,
+                                          "vqvae_checkpoint": path}
+    assert config == flow_config(images, tmp_path / "cache")  # the config is only read
     x, y = next(iter(loader))
     assert x.shape == (config.batch_size, 3, 4, 4) and y.dtype == torch.int64
     assert len(cache_files(tmp_path / "cache")) == 1
@@ -74,6 +77,23 @@ def test_seed_snippet_encodes_once_then_reuses_the_cache(vqvae_run, tmp_path):
     again = flow_config(images, tmp_path / "cache")
     get_flow_matching_dataloader(again, vqvae_encoder=encoder)
     assert counter.images == 2 * 18 and len(cache_files(tmp_path / "cache")) == 1
+
+
+def test_the_briefs_snippet_with_the_encoder_alone(vqvae_run, tmp_path):
+    """vqvae = VQVAE.load_from_checkpoint(path); get_flow_matching_dataloader(vqvae_encoder=vqvae.encoder):
+    the encoder remembers its checkpoint, whose VQ-VAE quantizes and decodes; the batches are
+    those of the whole VQ-VAE. An encoder of other weights is refused."""
+    path, images = vqvae_run
+    vqvae = VQVAE.load_from_checkpoint(path)
+    loader, info = get_flow_matching_dataloader(flow_config(images, tmp_path / "a"), vqvae_encoder=vqvae.encoder)
+    whole, _ = get_flow_matching_dataloader(flow_config(images, tmp_path / "b"), vqvae_encoder=vqvae)
+    assert info.vqvae_checkpoint == path and info.input_shape == (3, 4, 4)
+    for (x, y), (x2, y2) in zip(loader, whole):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    with torch.no_grad():
+        next(vqvae.encoder.parameters()).add_(1)
+    with pytest.raises(ValueError, match="is not the encoder of"):
+        get_flow_matching_dataloader(flow_config(images, tmp_path / "c"), vqvae_encoder=vqvae.encoder)
 
 
 def test_cache_is_keyed_by_vqvae_weights_and_data(vqvae_run, tmp_path):
@@ -104,7 +124,7 @@ def test_mirrored_items_are_latents_of_mirrored_images_and_normalized(vqvae_run,
     path, images = vqvae_run
     config = flow_config(images, tmp_path / "cache")
     encoder = VQVAE.load_from_checkpoint(path)
-    dataset = get_flow_matching_dataloader(config, vqvae_encoder=encoder).dataset
+    dataset = get_flow_matching_dataloader(config, vqvae_encoder=encoder)[0].dataset
     pixels, _ = build_image_dataset("imagefolder", images, 8, 3)
     space = dataset.latent_space
     for i in (0, 7):
@@ -125,7 +145,7 @@ def test_decoding_a_normalized_latent_is_the_vqvae_reconstruction(vqvae_run, tmp
     path, images = vqvae_run
     config = flow_config(images, tmp_path / "cache")
     encoder = VQVAE.load_from_checkpoint(path)
-    space = get_flow_matching_dataloader(config, vqvae_encoder=encoder).dataset.latent_space
+    space = get_flow_matching_dataloader(config, vqvae_encoder=encoder)[1].latent_space
     pixels, _ = build_image_dataset("imagefolder", images, 8, 3)
     x = torch.stack([pixels[i][0] for i in range(4)])
     z = encoder.encode(x)

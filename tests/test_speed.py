@@ -2,6 +2,7 @@
 CPU fp32 route gives bf16 numbers, parameter names are stable, the step reads nothing back to the
 host, and the benchmark FLOP count matches the model's arithmetic."""
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -42,8 +43,8 @@ def folder_config(tmp_path, **kw):
 @pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
 def test_device_loader_yields_the_dataloader_batches(tmp_path, rank, world):
     """Same order, flips, rank share and mid-epoch resume, bit for bit, as the worker path."""
-    workers = get_flow_matching_dataloader(folder_config(tmp_path, data_loader="workers"), rank=rank, world_size=world)
-    device = get_flow_matching_dataloader(folder_config(tmp_path, data_loader="device"), rank=rank, world_size=world)
+    workers, _ = get_flow_matching_dataloader(folder_config(tmp_path, data_loader="workers"), rank=rank, world_size=world)
+    device, _ = get_flow_matching_dataloader(folder_config(tmp_path, data_loader="device"), rank=rank, world_size=world)
     assert isinstance(device, dl.DeviceLoader) and device.batch_size == workers.batch_size
     assert len(device) == len(workers)
     for epoch, start in ((0, 0), (1, 0), (1, 4)):
@@ -79,9 +80,9 @@ def test_decoded_dataset_is_cached_and_reused(tmp_path, monkeypatch):
 
 
 def test_auto_picks_the_device_loader_when_the_dataset_fits(tmp_path, monkeypatch):
-    assert isinstance(get_flow_matching_dataloader(folder_config(tmp_path, data_loader="auto")), dl.DeviceLoader)
+    assert isinstance(get_flow_matching_dataloader(folder_config(tmp_path, data_loader="auto"))[0], dl.DeviceLoader)
     monkeypatch.setattr(fdata, "free_memory", lambda device: 4 * 3 * 8 * 8 * 21 - 1)  # 21 images: 1 byte short
-    loader = get_flow_matching_dataloader(folder_config(tmp_path, data_loader="auto"))
+    loader, _ = get_flow_matching_dataloader(folder_config(tmp_path, data_loader="auto"))
     assert not isinstance(loader, dl.DeviceLoader)
 
 
@@ -192,7 +193,8 @@ def test_training_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch, pre
     """On CUDA a host read stalls the pipeline; the CPU-only label check is the one exception."""
     config = folder_config(tmp_path, data_loader="device", mixed_precision=precision, batch_size=4,
                            micro_batch_size=2, train_steps=3)
-    loader = get_flow_matching_dataloader(config, batch_size=2)
+    loader, info = get_flow_matching_dataloader(config, batch_size=2)
+    config = dataclasses.replace(config, **info.config_fields(config))
     model = dit_from_config(config)
     monkeypatch.setattr(model, "check_labels", lambda y: None)
     objective = FlowMatchingObjective(config, torch.device("cpu"))

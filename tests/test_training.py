@@ -1,5 +1,6 @@
 """The trainer and train_flow_matching.py: exact resume, atomic saves, signals, data, accumulation."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -111,7 +112,7 @@ def test_compile_wraps_ddp_not_the_reverse(tiny_flags, monkeypatch):
                                               "image_size": 8, "hidden_size": 32, "depth": 1, "num_heads": 2,
                                               "batch_size": 4, "num_workers": 0, "device": "cpu", "compile": True,
                                               "num_classes": 3})
-    loader = get_flow_matching_dataloader(config, batch_size=2)
+    loader, _ = get_flow_matching_dataloader(config, batch_size=2)
     trainer = Trainer(config, dit_from_config(config), FlowMatchingObjective(config, torch.device("cpu")), loader,
                       DistInfo(0, 0, 2, torch.device("cpu")))
     kind, inner = trainer.model
@@ -240,7 +241,8 @@ def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
         "hidden_size": 32, "depth": 1, "num_heads": 2, "batch_size": 4, "num_workers": 0,
         "mixed_precision": "no", "device": "cpu", "train_steps": 10, "save_every": 2, "log_every": 100,
         "sample_every": 0, "checkpoint_dir": str(tmp_path / "nan")})
-    loader = get_flow_matching_dataloader(config)
+    loader, info = get_flow_matching_dataloader(config)
+    config = dataclasses.replace(config, **info.config_fields(config))
 
     class ExplodesAtStep5:
         kind = "flow_matching"
@@ -273,7 +275,8 @@ def tiny_trainer(tiny_flags, micro, **overrides):
         "hidden_size": 32, "depth": 2, "num_heads": 2, "batch_size": 8, "micro_batch_size": micro,
         "num_workers": 0, "mixed_precision": "no", "device": "cpu", "hflip": False,
         "checkpoint_dir": flag_value(tiny_flags, "--checkpoint_dir"), "data_loader": "workers", **overrides})
-    loader = get_flow_matching_dataloader(config, batch_size=micro)
+    loader, info = get_flow_matching_dataloader(config, batch_size=micro)
+    config = dataclasses.replace(config, **info.config_fields(config))
     torch.manual_seed(0)
     model = dit_from_config(config)
     with torch.no_grad():
@@ -363,8 +366,9 @@ def test_image_folder_loader(tmp_path, mode, channels, size):
     config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": size,
                                               "in_channels": channels, "batch_size": 4, "num_workers": 0,
                                               "patch_size": 2})
-    loader = get_flow_matching_dataloader(config)
-    assert config.num_classes == 2
+    loader, info = get_flow_matching_dataloader(config)
+    assert info.num_classes == 2 and info.input_shape == (channels, size, size)
+    assert info.config_fields(config) == {"num_classes": 2} and config.num_classes is None
     x, y = next(iter(loader))
     assert x.shape == (4, channels, size, size) and x.dtype == torch.float32
     assert -1 <= x.min() and x.max() <= 1 and x.min() < -0.5 and x.max() > 0.5
@@ -375,7 +379,7 @@ def test_flips_and_order_are_reproducible_and_resumable(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=2, per_class=6)
     config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": 8,
                                               "batch_size": 3, "num_workers": 0})
-    loader = get_flow_matching_dataloader(config)
+    loader, _ = get_flow_matching_dataloader(config)
     loader.sampler.set_position(1, 0)
     epoch = [x for x, _ in loader]
     loader.sampler.set_position(1, 6)
@@ -395,7 +399,7 @@ def test_half_of_the_images_are_mirrored(tmp_path, data_loader):
         config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": 8,
                                                   "batch_size": 4, "num_workers": 0, "hflip": hflip,
                                                   "data_loader": data_loader, "data_cache_dir": str(tmp_path / "c")})
-        loader = get_flow_matching_dataloader(config)
+        loader, _ = get_flow_matching_dataloader(config)
         base, _ = build_image_dataset("imagefolder", root, 8, 3)
         sources = torch.stack([base[i][0] for i in range(len(base))])
         mirrored = []
@@ -420,7 +424,7 @@ def test_worker_processes_start_under_forkserver(tmp_path):
     for workers in (0, 1):
         config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": 8,
                                                   "batch_size": 4, "num_workers": workers, "data_loader": "workers"})
-        loader = get_flow_matching_dataloader(config)
+        loader, _ = get_flow_matching_dataloader(config)
         if workers:
             loader.multiprocessing_context = "forkserver"
         loader.sampler.set_position(0, 0)
