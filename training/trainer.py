@@ -192,49 +192,42 @@ class Trainer:
                 signal.signal(signum, handler)
 
     def train_step(self, micro_batches):
-        """One optimizer step: LR, accumulated forward/backward, clipping, update, EMA.
+        """One optimizer step, top to bottom: LR; for each micro-batch an autocast forward and the
+        loss, scaled for accumulation and backward (DDP all-reduces the gradient on the last one
+        only); unscale, clip, step; EMA.
 
-        Returns (mean loss, grad norm, extra metrics) as device tensors: nothing here reads a
-        value back to the host (the loop does that only on log steps), so on CUDA the host runs
-        ahead of the GPU. Benchmarks time this same method.
+        Returns (mean loss, grad norm, the last micro-batch's extra metrics) as device tensors:
+        nothing here reads a value back to the host (the loop does that only on log steps), so on
+        CUDA the host runs ahead of the GPU. Benchmarks time this same method.
         """
-        c = self.config
+        c, world = self.config, self.dist.world_size
         set_lr(self.optimizer, lr_factor(self.step, c))
-        loss, extras = self.forward_backward(micro_batches)
+        loss_sum, extras = torch.zeros((), device=self.device), {}
+        positions = torch.arange(self.micro_batch, device=self.device)
+        for micro, batch in enumerate(micro_batches):
+            x, y = (t.to(self.device, non_blocking=True) for t in batch)
+            self.generator.manual_seed(step_seed(c.seed, self.step))
+            # The sampler deals samples to ranks round-robin: local sample k of this step on rank
+            # r is sample r + world * k of the global batch, whose draws it keeps.
+            rows = self.dist.rank + world * (micro * self.micro_batch + positions)
+            draws = Draws(self.generator, rows, c.batch_size)
+            last = micro == self.accum_steps - 1
+            with contextlib.nullcontext() if last or not self.dist.distributed else self.model.no_sync():
+                with self.autocast():
+                    loss, extras = self.objective.loss(self.model, (x, y), draws)
+                self.scaler.scale(loss / self.accum_steps).backward()
+            loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), c.grad_clip or math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         update_ema(self.ema, self.raw_model, ema_decay_at(self.step, c.ema_decay, c.ema_warmup))
+        loss = loss_sum / self.accum_steps
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
                                           self.step, self.first_bad_step)
         self.step += 1
-        return loss, grad_norm, extras
-
-    def forward_backward(self, micro_batches):
-        """Accumulate the gradient of the mean loss over this step's micro-batches.
-
-        Returns (mean loss, the last micro-batch's extra metrics), both detached. DDP's gradient
-        all-reduce runs only on the last micro-batch.
-        """
-        loss_sum, extras = torch.zeros((), device=self.device), {}
-        world, positions = self.dist.world_size, torch.arange(self.micro_batch, device=self.device)
-        for micro, batch in enumerate(micro_batches):
-            x, y = (t.to(self.device, non_blocking=True) for t in batch)
-            self.generator.manual_seed(step_seed(self.config.seed, self.step))
-            # The sampler deals samples to ranks round-robin: local sample k of this step on rank
-            # r is sample r + world * k of the global batch.
-            rows = self.dist.rank + world * (micro * self.micro_batch + positions)
-            draws = Draws(self.generator, rows, self.config.batch_size)
-            last = micro == self.accum_steps - 1
-            sync = contextlib.nullcontext() if last or not self.dist.distributed else self.model.no_sync()
-            with sync:
-                with self.autocast():
-                    loss, extras = self.objective.loss(self.model, (x, y), draws)
-                self.scaler.scale(loss / self.accum_steps).backward()
-            loss_sum += loss.detach()
-        return loss_sum / self.accum_steps, {k: v.detach() for k, v in extras.items()}
+        return loss, grad_norm, {k: v.detach() for k, v in extras.items()}
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
