@@ -25,17 +25,14 @@ import sys
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
-import flow_matching
-from configs.cli import ArgumentParser, finite_float
+from configs.cli import ArgumentParser
 from data.datasets import build_image_dataset
 from evaluation import fid
-from models.dit_2d import input_shape, load_flow_model
-from models.vqvae import LatentSpace
-from utils.distributed import wait_for_all_ranks
+from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
 from training.launch import launch
+from utils.distributed import wait_for_all_ranks
 
 DEFAULT_NUM_SAMPLES = 50_000
 
@@ -50,21 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=None,
                    help=f"images to score (default: {DEFAULT_NUM_SAMPLES} samples of a checkpoint; every "
                         "image of --samples (its first N otherwise) or of --images (a fixed random subset otherwise))")
-    p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=None, metavar="S",
-                   help="guidance scales to sweep (default: the checkpoint's cfg_scale; 1 = none)")
-    p.add_argument("--num_steps_list", type=int, nargs="+", default=None, metavar="N",
-                   help="ODE step counts to sweep (default: the checkpoint's num_sampling_steps)")
-    p.add_argument("--samplers", nargs="+", default=None, choices=flow_matching.SAMPLERS,
-                   help="ODE solvers to sweep (default: the checkpoint's sampler)")
-    p.add_argument("--guidance_interval", type=finite_float, nargs=2, default=None, metavar=("A", "B"),
-                   help="apply CFG only while A <= t <= B (t=0 noise, t=1 data)")
-    p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i) (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank) (default: %(default)s)")
-    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA or raw training weights")
-    p.add_argument("--vqvae_checkpoint", default=None,
-                   help="latent checkpoints: the VQ-VAE to decode with (default: the path it records)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="model forward precision; auto = bf16 on CUDA, fp32 on CPU (Inception is always fp32)")
+    add_sampling_flags(p, sweep=True)
     p.add_argument("--ref_dataset", default=None, choices=("cifar10", "imagefolder"),
                    help="reference set kind (default: the checkpoint's dataset when --ref_data_dir is not "
                         "given; imagefolder otherwise)")
@@ -82,22 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature_batch_size", type=int, default=200, help="images per Inception forward pass (default: %(default)s)")
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers reading image sets (default: %(default)s)")
     p.add_argument("--output_jsonl", default="fid_results.jsonl", help="every result row is appended here (default: %(default)s)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     return p
 
 
 def validate(args) -> None:
     if args.num_samples is not None and args.num_samples < 2:
         raise ValueError(f"--num_samples must be >= 2 (FID needs a covariance), got {args.num_samples}")
-    for name in ("batch_size", "feature_batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_sampling_flags(args, sweep=True)
+    if args.feature_batch_size < 1:
+        raise ValueError(f"--feature_batch_size must be >= 1, got {args.feature_batch_size}")
     if args.num_workers < 0:
         raise ValueError(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.ref_num_images < 0 or args.ref_num_images == 1:
         raise ValueError(f"--ref_num_images must be 0 (all) or >= 2, got {args.ref_num_images}")
-    if args.num_steps_list and min(args.num_steps_list) < 1:
-        raise ValueError(f"--num_steps_list entries must be >= 1, got {args.num_steps_list}")
     if args.checkpoint is None:
         sweep = [f"--{name}" for name in ("cfg_scales", "num_steps_list", "samplers", "guidance_interval")
                  if getattr(args, name) is not None]
@@ -152,19 +132,15 @@ def reference_set(args, config, image_size: int, in_channels: int) -> fid.ImageS
 def evaluate(args, dist) -> None:
     validate(args)
     device, main = dist.device, dist.is_main
-    model = ckpt = config = None
+    run = config = None
     if args.checkpoint:
-        model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
-        latent_space = LatentSpace.from_flow_checkpoint(ckpt, args.vqvae_checkpoint, device)
-        config = ckpt["config"]
-        image_size, in_channels, num_classes = config["image_size"], config["in_channels"], config["num_classes"]
-        cfg_scales = args.cfg_scales or [config["cfg_scale"] if num_classes else 1.0]
-        if args.cfg_scales is None and num_classes and main:
+        run = load_sampling_run(args, device)
+        config = run.config
+        image_size, in_channels = config["image_size"], config["in_channels"]
+        cfg_scales = run.cfg_scales(args.cfg_scales)
+        if args.cfg_scales is None and run.num_classes and main:
             print(f"cfg_scale {cfg_scales[0]}: the checkpoint's sampling default, a visual setting; the "
                   f"lowest FID is often at a smaller scale: sweep with --cfg_scales 1 1.5 2 {cfg_scales[0]:g}")
-        if num_classes == 0 and any(s != 1.0 for s in cfg_scales):
-            raise ValueError(f"--cfg_scales {cfg_scales} need a class-conditional model; this checkpoint "
-                             f"is unconditional (num_classes=0): use --cfg_scales 1")
     elif args.samples:
         images = load_npz(args.samples, args.num_samples)
         image_size, in_channels = images.shape[1], images.shape[-1]
@@ -197,24 +173,20 @@ def evaluate(args, dist) -> None:
         rows.append(row)
 
     if args.checkpoint:
-        labels = fid.balanced_labels(args.num_samples or DEFAULT_NUM_SAMPLES, num_classes)
-        precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        labels = fid.balanced_labels(args.num_samples or DEFAULT_NUM_SAMPLES, run.num_classes)
         for sampler, num_steps, cfg_scale in itertools.product(
                 args.samplers or [config["sampler"]], args.num_steps_list or [config["num_sampling_steps"]],
                 cfg_scales):
             start = time.perf_counter()
-            images, nfe = flow_matching.generate_images(
-                model, labels, shape=input_shape(config), num_classes=num_classes,
-                seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-                guidance_interval=args.guidance_interval, batch_size=args.batch_size,
-                autocast_dtype=torch.bfloat16 if precision == "bf16" else None, device=device,
-                rank=dist.rank, world_size=dist.world_size, progress=main,
-                decode=latent_space.decode if latent_space is not None else None)
+            images, nfe = run.generate(
+                labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
+                guidance_interval=args.guidance_interval, batch_size=args.batch_size, rank=dist.rank,
+                world_size=dist.world_size, progress=main)
             if main:
                 stats = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True)
                 report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe,
-                       cfg_scale=cfg_scale, guidance_interval=args.guidance_interval, step=ckpt["step"],
-                       weights=args.weights, seed=args.seed, precision=precision)
+                       cfg_scale=cfg_scale, guidance_interval=args.guidance_interval, step=run.ckpt["step"],
+                       weights=args.weights, seed=args.seed, precision=run.precision)
             wait_for_all_ranks()  # and its Inception features, before the next setting's sampling
     elif main:
         start = time.perf_counter()

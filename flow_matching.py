@@ -81,6 +81,17 @@ def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Te
 
 # ----------------------------------------------------------------------------- guidance
 
+def resolve_cfg_scale(cfg_scale: Optional[float], num_classes: int, default: float) -> float:
+    """The guidance scale to sample at: `cfg_scale`, or `default` when None; an unconditional
+    model (num_classes = 0) samples at 1 and refuses any other scale (ValueError)."""
+    if num_classes == 0:
+        if cfg_scale not in (None, 1.0):
+            raise ValueError(f"cfg_scale {cfg_scale} needs a class-conditional model; this one is "
+                             "unconditional (num_classes=0): use cfg_scale 1")
+        return 1.0
+    return default if cfg_scale is None else cfg_scale
+
+
 def guided_velocity(model: Callable, y: Optional[torch.Tensor], *, num_classes: int,
                     cfg_scale: float = 1.0,
                     guidance_interval: Optional[Sequence[float]] = None) -> VelocityFn:
@@ -91,9 +102,7 @@ def guided_velocity(model: Callable, y: Optional[torch.Tensor], *, num_classes: 
     guidance applies only while a <= t <= b; outside it the conditional velocity is used.
     The returned function takes x (B, ...) and t as a Python float.
     """
-    if num_classes == 0 and cfg_scale != 1.0:
-        raise ValueError(f"cfg_scale {cfg_scale} needs a class-conditional model; this one is "
-                         "unconditional (num_classes=0): use cfg_scale 1")
+    resolve_cfg_scale(cfg_scale, num_classes, cfg_scale)
     if guidance_interval is not None:
         lo, hi = guidance_interval
         if not 0.0 <= lo <= hi <= 1.0:

@@ -29,12 +29,10 @@ import time
 import numpy as np
 import torch
 
-import flow_matching
-from configs.cli import ArgumentParser, finite_float
-from utils.images import make_grid, save_image
-from models.dit_2d import input_shape, load_flow_model
-from models.vqvae import LatentSpace
+from configs.cli import ArgumentParser
+from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
 from training.launch import launch
+from utils.images import make_grid, save_image
 
 MAX_GRID_IMAGES = 256
 
@@ -47,21 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class_label", type=int, default=None, help="draw every sample from class K (default: random classes)")
     p.add_argument("--class_grid", action="store_true", help="a row per class, --samples_per_class columns")
     p.add_argument("--samples_per_class", type=int, default=8, help="columns of --class_grid")
-    p.add_argument("--num_steps", type=int, default=None, help="ODE steps (default: the checkpoint's num_sampling_steps)")
-    p.add_argument("--cfg_scale", type=finite_float, default=None, help="guidance scale (default: the checkpoint's); 1 = none")
-    p.add_argument("--sampler", default=None, choices=flow_matching.SAMPLERS, help="ODE solver (default: the checkpoint's)")
-    p.add_argument("--guidance_interval", type=finite_float, nargs=2, default=None, metavar=("A", "B"),
-                   help="apply CFG only while A <= t <= B (t=0 noise, t=1 data)")
-    p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i)")
-    p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank)")
     p.add_argument("--output_dir", default="generated", help="where images (and samples.npz) go")
-    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA or raw training weights")
-    p.add_argument("--vqvae_checkpoint", default=None,
-                   help="latent checkpoints: the VQ-VAE to decode with (default: the path it records)")
     p.add_argument("--save_npz", action="store_true", help="also write samples.npz (the input of FID tools)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="model forward precision; auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    add_sampling_flags(p, sweep=False)
     return p
 
 
@@ -97,38 +83,25 @@ def plan_labels(args, num_classes: int) -> torch.Tensor:
 def validate(args) -> None:
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
-    if args.num_steps is not None and args.num_steps < 1:
-        raise ValueError(f"--num_steps must be >= 1, got {args.num_steps}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    check_sampling_flags(args, sweep=False)
     check_writable(args.output_dir)
 
 
 def generate(args, dist) -> None:
     validate(args)
-    device = dist.device
-    model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
-    latent_space = LatentSpace.from_flow_checkpoint(ckpt, args.vqvae_checkpoint, device)
-    config = ckpt["config"]
-    num_classes = config["num_classes"]
-    num_steps = args.num_steps or config["num_sampling_steps"]
-    sampler = args.sampler or config["sampler"]
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (config["cfg_scale"] if num_classes else 1.0)
-    if num_classes == 0 and cfg_scale != 1.0:
-        raise ValueError(f"--cfg_scale {cfg_scale} needs a class-conditional model; this checkpoint "
-                         f"is unconditional (num_classes=0): use --cfg_scale 1")
+    run = load_sampling_run(args, dist.device)
+    num_classes = run.num_classes
+    num_steps = args.num_steps or run.config["num_sampling_steps"]
+    sampler = args.sampler or run.config["sampler"]
+    [cfg_scale] = run.cfg_scales([args.cfg_scale] if args.cfg_scale is not None else None)
     labels = plan_labels(args, num_classes)
     n = len(labels)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    shape = input_shape(config)
 
     start = time.perf_counter()
-    images, nfe = flow_matching.generate_images(
-        model, labels, shape=shape, num_classes=num_classes, seed=args.seed, num_steps=num_steps,
-        sampler=sampler, cfg_scale=cfg_scale, guidance_interval=args.guidance_interval,
-        batch_size=args.batch_size, autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
-        device=device, rank=dist.rank, world_size=dist.world_size, progress=dist.is_main,
-        decode=latent_space.decode if latent_space is not None else None,
+    images, nfe = run.generate(
+        labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
+        guidance_interval=args.guidance_interval, batch_size=args.batch_size, rank=dist.rank,
+        world_size=dist.world_size, progress=dist.is_main,
         on_batch=lambda first, batch: write_images(args.output_dir, batch, labels[first:first + len(batch)],
                                                    first, num_classes))
     if not dist.is_main:

@@ -176,26 +176,28 @@ MUTATIONS: List[Mutation] = [
     Mutation("data_imports_training", "data/datasets.py", "import hashlib\n",
              "import hashlib\nimport training.trainer\n", ["tests/test_layers.py"], "an import that points up"),
     # --- generation and evaluation: flags and labels reach the sampler
+    Mutation("unconditional_cfg_rule_inverted", "flow_matching.py",
+             "return default if cfg_scale is None else cfg_scale", "return cfg_scale if cfg_scale is None else default",
+             ["tests/test_sampling_quality.py"], "a given CFG scale loses to the checkpoint's default"),
     Mutation("generate_always_class_0", "flow_matching.py",
              "y = labels[first:index.stop].to(device) if num_classes else None",
              "y = torch.zeros_like(labels[first:index.stop]).to(device) if num_classes else None",
              ["tests/test_sampling_quality.py"], "generation always samples class 0"),
     Mutation("generate_ignores_cfg_scale", "generate_flow_matching.py",
-             "cfg_scale = args.cfg_scale if args.cfg_scale is not None else (config[\"cfg_scale\"] if num_classes else 1.0)",
-             "cfg_scale = config[\"cfg_scale\"] if num_classes else 1.0",
+             "[cfg_scale] = run.cfg_scales([args.cfg_scale] if args.cfg_scale is not None else None)",
+             "[cfg_scale] = run.cfg_scales(None)",
              ["tests/test_sampling_quality.py"], "generate_flow_matching.py ignores --cfg_scale"),
     Mutation("generate_ignores_guidance_interval", "generate_flow_matching.py",
              "guidance_interval=args.guidance_interval,", "guidance_interval=None,",
              ["tests/test_sampling_quality.py"], "generate_flow_matching.py ignores --guidance_interval"),
-    Mutation("generate_ignores_precision", "generate_flow_matching.py",
-             "autocast_dtype=torch.bfloat16 if precision == \"bf16\" else None", "autocast_dtype=None",
-             ["tests/test_sampling_quality.py"], "generate_flow_matching.py ignores --precision bf16"),
+    Mutation("sampling_ignores_precision", "evaluation/sampling.py",
+             "autocast_dtype=torch.bfloat16 if self.precision == \"bf16\" else None", "autocast_dtype=None",
+             ["tests/test_sampling_quality.py"], "the sampling front end ignores --precision bf16"),
     Mutation("generate_ignores_sampler", "generate_flow_matching.py",
-             "sampler = args.sampler or config[\"sampler\"]", "sampler = config[\"sampler\"]",
+             "sampler = args.sampler or run.config[\"sampler\"]", "sampler = run.config[\"sampler\"]",
              ["tests/test_sampling_quality.py"], "generate_flow_matching.py ignores --sampler"),
     Mutation("evaluate_ignores_cfg_scales", "evaluate_fid.py",
-             "cfg_scales = args.cfg_scales or [config[\"cfg_scale\"] if num_classes else 1.0]",
-             "cfg_scales = [config[\"cfg_scale\"] if num_classes else 1.0]",
+             "cfg_scales = run.cfg_scales(args.cfg_scales)", "cfg_scales = run.cfg_scales(None)",
              ["tests/test_sampling_quality.py"], "evaluate_fid.py ignores --cfg_scales"),
     Mutation("sampling_time_reversed", "flow_matching.py",
              "return model(x, t, labels).float()", "return model(x, 1 - t, labels).float()",
@@ -282,7 +284,7 @@ def main(argv=None) -> int:
             rows.append((m, verdict, detail, seconds))
             print(f"{m.name:<34} {verdict:<8} {detail} ({seconds:.0f} s)", flush=True)
 
-    print(f"\n| bug | what it breaks | verdict | killed by |\n|---|---|---|---|")
+    print("\n| bug | what it breaks | verdict | killed by |\n|---|---|---|---|")
     for m, verdict, detail, _ in rows:
         print(f"| `{m.name}` | {m.why} | {verdict} | {detail.replace('|', '/') if verdict != 'SURVIVED' else '-'} |")
     survived = sum(v != "KILLED" for _, v, _, _ in rows)

@@ -70,7 +70,8 @@ class FlowMatchingObjective:
         images, _ = flow_matching.sample(
             ema, noise, y.to(self.device) if c.num_classes else None, num_classes=c.num_classes,
             num_steps=c.num_sampling_steps, sampler=c.sampler,
-            cfg_scale=c.cfg_scale if c.num_classes else 1.0, autocast_dtype=self.autocast_dtype)
+            cfg_scale=flow_matching.resolve_cfg_scale(None, c.num_classes, c.cfg_scale),
+            autocast_dtype=self.autocast_dtype)
         if self.latent_space is not None:
             images = self.latent_space.decode(images)
         save_grid(images, c.grid_samples_per_class, path)
@@ -83,7 +84,7 @@ class FlowMatchingObjective:
         Returns the metrics on rank 0 and {} on the other ranks.
         """
         c = self.config
-        cfg_scale = (c.cfg_scale if c.fid_cfg_scale is None else c.fid_cfg_scale) if c.num_classes else 1.0
+        cfg_scale = flow_matching.resolve_cfg_scale(c.fid_cfg_scale, c.num_classes, c.cfg_scale)
         images, nfe = flow_matching.generate_images(
             ema, fid.balanced_labels(c.fid_num_samples, c.num_classes),
             shape=input_shape(c), num_classes=c.num_classes, seed=c.seed,

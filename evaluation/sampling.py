@@ -1,0 +1,100 @@
+"""Sampling a flow-matching checkpoint: the flags generate_flow_matching.py and evaluate_fid.py share,
+and a checkpoint turned into the model, its latent decoder and the sampling settings.
+
+    add_sampling_flags(parser, sweep=False)          # --sampler/--num_steps/--cfg_scale (sweep: lists)
+    run = load_sampling_run(args, device)            # model rebuilt from the checkpoint's own config
+    images, nfe = run.generate(labels, seed=..., num_steps=..., sampler=..., cfg_scale=..., ...)
+
+Settings left unset come from the checkpoint (its sampler, steps and CFG scale); an unconditional
+model samples at CFG 1 (flow_matching.resolve_cfg_scale). Forward passes run in bf16 on CUDA and
+fp32 on the CPU unless --precision says otherwise; the ODE state is always fp32.
+"""
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+import flow_matching
+from configs.cli import finite_float
+from models.dit_2d import input_shape, load_flow_model
+from models.vqvae import LatentSpace
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
+    """The sampling flags of both scripts; with `sweep`, the solver, steps and scale take lists."""
+    if sweep:
+        p.add_argument("--samplers", nargs="+", default=None, choices=flow_matching.SAMPLERS,
+                       help="ODE solvers to sweep (default: the checkpoint's sampler)")
+        p.add_argument("--num_steps_list", type=int, nargs="+", default=None, metavar="N",
+                       help="ODE step counts to sweep (default: the checkpoint's num_sampling_steps)")
+        p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=None, metavar="S",
+                       help="guidance scales to sweep (default: the checkpoint's cfg_scale; 1 = none)")
+    else:
+        p.add_argument("--sampler", default=None, choices=flow_matching.SAMPLERS,
+                       help="ODE solver (default: the checkpoint's)")
+        p.add_argument("--num_steps", type=int, default=None,
+                       help="ODE steps (default: the checkpoint's num_sampling_steps)")
+        p.add_argument("--cfg_scale", type=finite_float, default=None,
+                       help="guidance scale (default: the checkpoint's); 1 = none")
+    p.add_argument("--guidance_interval", type=finite_float, nargs=2, default=None, metavar=("A", "B"),
+                   help="apply CFG only while A <= t <= B (t=0 noise, t=1 data)")
+    p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i) (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank) (default: %(default)s)")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA or raw training weights (default: %(default)s)")
+    p.add_argument("--vqvae_checkpoint", default=None,
+                   help="latent checkpoints: the VQ-VAE to decode with (default: the path it records)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="model forward precision; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+
+
+def check_sampling_flags(args, sweep: bool) -> None:
+    """ValueError naming the flag for values that cannot sample."""
+    steps = (args.num_steps_list or []) if sweep else ([args.num_steps] if args.num_steps is not None else [])
+    if steps and min(steps) < 1:
+        raise ValueError(f"--{'num_steps_list entries' if sweep else 'num_steps'} must be >= 1, got "
+                         f"{steps if sweep else steps[0]}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+
+
+@dataclass
+class SamplingRun:
+    """A checkpoint ready to sample: the model, its checkpoint, decoder and forward precision."""
+    model: torch.nn.Module
+    ckpt: Dict[str, Any]
+    latent_space: Optional[LatentSpace]
+    precision: str                      # "bf16" | "fp32"
+    device: torch.device
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return self.ckpt["config"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.config["num_classes"]
+
+    def cfg_scales(self, given: Optional[Sequence[float]]) -> List[float]:
+        """The scales to sample at: `given`, or the checkpoint's; [1] for an unconditional model."""
+        return [flow_matching.resolve_cfg_scale(s, self.num_classes, self.config["cfg_scale"])
+                for s in (given or [None])]
+
+    def generate(self, labels: torch.Tensor, **settings):
+        """flow_matching.generate_images for this checkpoint (its shape, classes, precision and
+        decoder); `settings` are generate_images' sampling keywords."""
+        return flow_matching.generate_images(
+            self.model, labels, shape=input_shape(self.config), num_classes=self.num_classes,
+            autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None, device=self.device,
+            decode=self.latent_space.decode if self.latent_space is not None else None, **settings)
+
+
+def load_sampling_run(args, device: torch.device) -> SamplingRun:
+    """The checkpoint of `args.checkpoint` with `args.weights`, its VQ-VAE decoder if it is a latent
+    model, and the forward precision of `args.precision`."""
+    model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
+    latent_space = LatentSpace.from_flow_checkpoint(ckpt, args.vqvae_checkpoint, device)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return SamplingRun(model, ckpt, latent_space, precision, device)
