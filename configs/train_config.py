@@ -5,6 +5,7 @@ trained by the one trainer.
 """
 
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class TrainConfig:
     save_every: int = field(default=5000, metadata={"help": "steps between checkpoints"})
     sample_every: int = field(default=1000, metadata={"help": "steps between sample grids from the EMA model; 0 disables"})
     keep_checkpoints: int = field(default=3, metadata={"help": "periodic checkpoints kept (the final one is always kept)"})
+    tensorboard: bool = field(default=False, metadata={"help": "also write every log record and sample grid to TensorBoard event files in --checkpoint_dir/tensorboard (pip install tensorboard)"})
     checkpoint_dir: str = field(default="checkpoints", metadata={"help": "where checkpoints, config.json and metrics.jsonl go"})
     sample_dir: str = field(default="samples", metadata={"help": "where sample grids go"})
     resume: Optional[str] = field(default=None, metadata={"help": "checkpoint path to resume from, or 'latest' (newest in checkpoint_dir)"})
@@ -72,6 +74,9 @@ class TrainConfig:
         if self.resume not in (None, "latest") and not os.path.isfile(self.resume):
             raise ValueError(f"--resume {self.resume} does not exist; pass a checkpoint file or "
                              f"--resume latest (the newest in --checkpoint_dir)")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard true needs the tensorboard package: pip install tensorboard "
+                             "(or pass --tensorboard false)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -64,6 +64,45 @@ def test_resume_is_bit_exact(tiny_flags, tmp_path):
                       load(os.path.join(half_dir, "flow_matching_final.pt")))
 
 
+def test_tensorboard_gets_every_record_and_grid(tiny_flags):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "4", "--sample_every", "2",
+                                                  "--tensorboard", "true"]) == 0
+    events = EventAccumulator(os.path.join(flag_value(tiny_flags, "--checkpoint_dir"), "tensorboard"),
+                              size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    records = [json.loads(line) for line in open(os.path.join(flag_value(tiny_flags, "--checkpoint_dir"),
+                                                                "metrics.jsonl"))]
+    for key in ("loss", "lr", "grad_norm", "probe_loss_ema", "probe_loss_raw"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"flow_matching/{key}")]
+        assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records], key
+    assert [e.step for e in events.Images("flow_matching/samples")] == [2, 4]
+
+
+def test_a_cpu_run_says_how_long_it_would_take(tiny_flags, capsys):
+    config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": flag_value(tiny_flags, "--data_dir"),
+                                              "image_size": 8, "hidden_size": 32, "depth": 1, "num_heads": 2,
+                                              "batch_size": 4, "num_workers": 0, "device": "cpu",
+                                              "data_loader": "workers", "num_classes": 3, "train_steps": 100_000})
+    loader, _ = get_flow_matching_dataloader(config, batch_size=4)
+    trainer = Trainer(config, dit_from_config(config), FlowMatchingObjective(config, torch.device("cpu")), loader,
+                      DistInfo(0, 0, 1, torch.device("cpu")))
+    trainer.step = 7
+
+    class Bar:
+        def write(self, line):
+            print(line)
+
+    trainer._estimate_cpu_time(1.0, Bar())   # 5 steps in 1 s: 0.2 s a step
+    out = capsys.readouterr().out
+    assert "a step takes 0.20 s" in out and "99993 steps need about 5.6 hours" in out and "--preset tiny (300 steps" in out
+    trainer.step = 99_000
+    trainer._estimate_cpu_time(1.0, Bar())   # 200 s left: nothing to say
+    assert capsys.readouterr().out == ""
+
+
 def test_fp16_trains_with_a_grad_scaler_and_resumes_exactly(tiny_flags, tmp_path):
     """--mixed_precision fp16: a GradScaler scales the loss, its state is checkpointed, and a
     resumed run matches the uninterrupted one bit for bit (scale included)."""

@@ -2,6 +2,7 @@
 
 from typing import Dict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,7 +64,7 @@ class FlowMatchingObjective:
         return torch.arange(rows).repeat_interleave(c.grid_samples_per_class)
 
     @torch.no_grad()
-    def sample(self, ema, path: str) -> None:
+    def sample(self, ema, path: str) -> np.ndarray:
         c = self.config
         y = self.grid_labels()
         noise = flow_matching.per_sample_noise(c.seed, range(len(y)), input_shape(c), self.device)
@@ -74,7 +75,7 @@ class FlowMatchingObjective:
             autocast_dtype=self.autocast_dtype)
         if self.latent_space is not None:
             images = self.latent_space.decode(images)
-        save_grid(images, c.grid_samples_per_class, path)
+        return save_grid(images, c.grid_samples_per_class, path)
 
     @torch.no_grad()
     def evaluate(self, ema) -> Dict[str, float]:
@@ -135,11 +136,11 @@ class VQVAEObjective:
                       "perplexity": stats["perplexity"], "code_usage": stats["code_usage"]}
 
     @torch.no_grad()
-    def sample(self, ema, path: str) -> None:
+    def sample(self, ema, path: str) -> np.ndarray:
         device = next(self.model.parameters()).device
         x = self.grid_images.to(device)
         recon = self.model.decode(self.model.encode(x))
-        save_grid(torch.cat([x, recon.float()]), len(x), path)
+        return save_grid(torch.cat([x, recon.float()]), len(x), path)
 
     def checkpoint_extras(self):
         return {}

@@ -3,7 +3,8 @@
 What differs between models is an *objective* with these members:
     kind                                 "flow_matching" | "vqvae" (checkpoint kind, final file name)
     loss(model, batch, draws)            -> (scalar loss, {name: scalar tensor} extra metrics)
-    sample(ema_model, path)              writes an image grid (class samples, reconstructions)
+    sample(ema_model, path)              writes an image grid (class samples, reconstructions), returns
+                                         it (H, W, C) uint8
     checkpoint_extras()                  -> dict stored in every checkpoint (may be empty)
     check_resume(ckpt, path)             raises ValueError when a checkpoint's extras do not fit
     probe_ema                            whether log lines compare the EMA's loss with the raw one's
@@ -11,7 +12,8 @@ What differs between models is an *objective* with these members:
     evaluate(ema_model)                  -> {name: number} (e.g. FID), called on every rank; rank
                                          0's result joins metrics.jsonl as its own record
 Everything else lives here: devices and torchrun, AMP, gradient accumulation, clipping, the LR
-schedule, EMA (its decay ramped up from the first step), logging to stdout and metrics.jsonl (with
+schedule, EMA (its decay ramped up from the first step), logging to stdout, metrics.jsonl and
+optionally TensorBoard (with
 the loss of the EMA and of the raw weights on a fixed probe batch, so a bad EMA shows), sample
 grids, atomic checkpoints, exact resume, SIGTERM/SIGINT, and a stop on a non-finite loss.
 
@@ -47,6 +49,8 @@ from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_gr
                             lr_factor, set_lr)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+# A CPU run times steps ESTIMATE_AFTER[0]..[1] after its start to estimate the whole run.
+ESTIMATE_AFTER = (2, 7)
 PROBE_SIZE = 64  # images in the fixed batch on which the EMA and the raw weights are compared
 
 
@@ -142,6 +146,7 @@ class Trainer:
         self.step, self.epoch, self.index = 0, 0, 0
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.stop_signal: Optional[int] = None
+        self.writer = None
         self.last_checkpoint: Optional[str] = None
         self.final_path = os.path.join(config.checkpoint_dir, FINAL_NAMES[objective.kind])
         self.metrics_path = run_file(config.checkpoint_dir, objective.kind, "metrics.jsonl")
@@ -154,16 +159,22 @@ class Trainer:
         """Train to config.train_steps; returns the final checkpoint's path."""
         c, main = self.config, self.dist.is_main
         probe = self.probe_batch() if main and self.objective.probe_ema else None
+        self.writer = self._tensorboard() if main and c.tensorboard else None
         batches = self.batches()
         handlers = self._install_signal_handlers()
         bar = tqdm(total=c.train_steps, initial=self.step, disable=not main, dynamic_ncols=True)
         loss_sum, steps_in_window, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+        first, timed = self.step, None
         try:
             while self.step < c.train_steps:
                 loss, grad_norm, extras = self.train_step(next(batches) for _ in range(self.accum_steps))
                 loss_sum += loss
                 steps_in_window += 1
                 bar.update(1)
+                if self.step - first == ESTIMATE_AFTER[0]:  # the first steps warm up: time the next ones
+                    timed = time.perf_counter()
+                elif self.step - first == ESTIMATE_AFTER[1] and main and self.device.type == "cpu":
+                    self._estimate_cpu_time(time.perf_counter() - timed, bar)
 
                 if self.step % c.log_every == 0 or self.step == c.train_steps:
                     self._log(loss_sum, grad_norm, extras, steps_in_window, time.perf_counter() - window_start, bar,
@@ -173,8 +184,11 @@ class Trainer:
                 if c.sample_every and self.step % c.sample_every == 0:
                     self._check_finite()
                     if main:
-                        self.objective.sample(self.ema, run_file(c.sample_dir, self.objective.kind,
-                                                                 f"step_{self.step:07d}.png"))
+                        grid = self.objective.sample(self.ema, run_file(c.sample_dir, self.objective.kind,
+                                                                        f"step_{self.step:07d}.png"))
+                        if self.writer is not None:
+                            self.writer.add_image(f"{self.objective.kind}/samples", grid, self.step,
+                                                  dataformats="HWC")
                     window_start = time.perf_counter()
                 if self.objective.eval_every and self.step % self.objective.eval_every == 0:
                     self._evaluate(bar)
@@ -188,8 +202,25 @@ class Trainer:
             return self.final_path
         finally:
             bar.close()
+            if self.writer is not None:
+                self.writer.close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+
+    def _tensorboard(self):
+        """A SummaryWriter in --checkpoint_dir/tensorboard (the package is imported only here)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(run_file(self.config.checkpoint_dir, self.objective.kind, "tensorboard"))
+
+    def _estimate_cpu_time(self, seconds: float, bar) -> None:
+        """On a CPU, say how long the whole run would take at the measured pace."""
+        steps = ESTIMATE_AFTER[1] - ESTIMATE_AFTER[0]
+        left = (self.config.train_steps - self.step) * seconds / steps
+        if left > 600:
+            bar.write(f"on this CPU a step takes {seconds / steps:.2f} s: the remaining "
+                      f"{self.config.train_steps - self.step} steps need about {left / 3600:.1f} hours. "
+                      f"This config is meant for a GPU; on a CPU, --preset tiny (300 steps of a small model) takes minutes")
 
     def train_step(self, micro_batches):
         """One optimizer step, top to bottom: LR; for each micro-batch an autocast forward and the
@@ -303,12 +334,16 @@ class Trainer:
             self._write_record({"step": self.step, **metrics}, bar)
 
     def _write_record(self, record: Dict[str, Any], bar) -> None:
-        """One line on stdout and one JSON line in metrics.jsonl (rank 0 only)."""
+        """One line on stdout and one JSON line in metrics.jsonl (and TensorBoard scalars; rank 0 only)."""
         line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
         bar.write(line)
         os.makedirs(self.config.checkpoint_dir, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{self.objective.kind}/{key}", value, record["step"])
 
     def _check_finite(self) -> None:
         """Stop on every rank together if any rank saw a non-finite loss (under fp16 the others may

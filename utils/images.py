@@ -31,6 +31,9 @@ def save_image(image: np.ndarray, path: str) -> None:
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
-def save_grid(x: torch.Tensor, nrow: int, path: str) -> None:
-    """Model-space images (N, C, H, W) in [-1, 1] -> one PNG grid with `nrow` images a row."""
-    save_image(make_grid(to_uint8(x), nrow), path)
+def save_grid(x: torch.Tensor, nrow: int, path: str) -> np.ndarray:
+    """Model-space images (N, C, H, W) in [-1, 1] -> one PNG grid with `nrow` images a row;
+    returns the grid (H', W', C) uint8."""
+    grid = make_grid(to_uint8(x), nrow)
+    save_image(grid, path)
+    return grid
