@@ -52,15 +52,18 @@ def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Te
                        num_classes: int, class_dropout_prob: float = 0.1,
                        time_sampling: str = "uniform", logit_normal_mean: float = 0.0,
                        logit_normal_std: float = 1.0, generator: Optional[torch.Generator] = None,
-                       rows: Optional[torch.Tensor] = None, num_rows: Optional[int] = None) -> torch.Tensor:
+                       rows: Optional[torch.Tensor] = None, num_rows: Optional[int] = None,
+                       noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MSE between model(x_t, t, y') and data - noise, averaged over every element.
 
     y' is y with labels dropped to the null label (`num_classes`) with probability
     `class_dropout_prob`; an unconditional model (num_classes = 0) gets y = None.
 
-    All randomness (t, noise, dropout) comes from `generator`. With `rows`, the draws are made
-    for a whole batch of `num_rows` samples and rows `rows` are kept: every split of one global
-    batch over ranks and micro-batches then gives each sample the same t, noise and dropout.
+    Randomness (t, dropout, and the noise unless `noise` is given) comes from `generator`. With
+    `rows`, the draws are made for a whole batch of `num_rows` samples and rows `rows` are kept:
+    every split of one global batch over ranks and micro-batches then gives each sample the same
+    t, noise and dropout (the trainer passes each sample's own `noise` instead, so that no
+    micro-batch draws the noise of the whole batch).
     """
     B = data.shape[0]
     n = B if rows is None else num_rows
@@ -69,7 +72,8 @@ def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Te
         return drawn if rows is None else drawn[rows]
 
     t = keep(sample_time(n, data.device, time_sampling, logit_normal_mean, logit_normal_std, generator))
-    noise = keep(torch.randn((n, *data.shape[1:]), device=data.device, dtype=data.dtype, generator=generator))
+    if noise is None:
+        noise = keep(torch.randn((n, *data.shape[1:]), device=data.device, dtype=data.dtype, generator=generator))
     if num_classes > 0 and class_dropout_prob > 0:
         drop = keep(torch.rand(n, device=data.device, generator=generator)) < class_dropout_prob
         y = torch.where(drop, torch.full_like(y, num_classes), y)

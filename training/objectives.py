@@ -54,7 +54,7 @@ class FlowMatchingObjective:
             model, x, y, num_classes=c.num_classes, class_dropout_prob=c.class_dropout_prob,
             time_sampling=c.time_sampling, logit_normal_mean=c.logit_normal_mean,
             logit_normal_std=c.logit_normal_std, generator=draws.generator, rows=draws.rows,
-            num_rows=draws.total)
+            num_rows=draws.total, noise=draws.normal(x.shape[1:], x.dtype))
         return loss, {}
 
     def grid_labels(self):

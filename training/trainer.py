@@ -60,11 +60,28 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class Draws:
-    """How a micro-batch draws its randomness: draw for all `total` samples of the global batch
-    from `generator`, keep `rows` (this micro-batch's positions in it)."""
+    """A micro-batch's share of the randomness of one global batch of `total` samples; `rows` are
+    its samples' positions in that batch (a device tensor, and `row_ids` the same as ints).
+
+    Small per-sample draws (t, label dropout) come from `generator` for all `total` samples, of
+    which `rows` are kept; the noise of sample r comes from its own seed (seed, r) (`normal`), so
+    a micro-batch draws only its own noise. Either way each sample gets the same draws however
+    the batch is split over ranks and micro-batches.
+    """
     generator: torch.Generator
     rows: torch.Tensor
     total: int
+    seed: int
+    row_ids: Sequence[int]
+
+    def normal(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal noise (len(rows), *shape) on the generator's device; row k depends only
+        on (seed, row_ids[k]). One small kernel a sample: no host sync, no global-batch tensor."""
+        out = torch.empty((len(self.row_ids), *shape), device=self.generator.device, dtype=dtype)
+        generator = torch.Generator(device=out.device)
+        for k, row in enumerate(self.row_ids):
+            out[k].normal_(generator=generator.manual_seed(hash((self.seed, row)) & (2 ** 63 - 1)))
+        return out
 
 
 @torch.no_grad()
@@ -237,11 +254,14 @@ class Trainer:
         positions = torch.arange(self.micro_batch, device=self.device)
         for micro, batch in enumerate(micro_batches):
             x, y = (t.to(self.device, non_blocking=True) for t in batch)
-            self.generator.manual_seed(step_seed(c.seed, self.step))
+            seed = step_seed(c.seed, self.step)
+            self.generator.manual_seed(seed)
             # The sampler deals samples to ranks round-robin: local sample k of this step on rank
             # r is sample r + world * k of the global batch, whose draws it keeps.
-            rows = self.dist.rank + world * (micro * self.micro_batch + positions)
-            draws = Draws(self.generator, rows, c.batch_size)
+            first = micro * self.micro_batch
+            rows = self.dist.rank + world * (first + positions)
+            row_ids = [self.dist.rank + world * (first + k) for k in range(self.micro_batch)]
+            draws = Draws(self.generator, rows, c.batch_size, seed, row_ids)
             last = micro == self.accum_steps - 1
             with contextlib.nullcontext() if last or not self.dist.distributed else self.model.no_sync():
                 with self.autocast():
@@ -278,7 +298,8 @@ class Trainer:
         try:
             for name, model in (("ema", self.ema), ("raw", self.raw_model)):
                 self.generator.manual_seed(self.config.seed)
-                draws = Draws(self.generator, torch.arange(len(x), device=self.device), len(x))
+                draws = Draws(self.generator, torch.arange(len(x), device=self.device), len(x),
+                              self.config.seed, range(len(x)))
                 with self.autocast():
                     loss, _ = self.objective.loss(model, (x, y), draws)
                 losses[f"probe_loss_{name}"] = loss.item()
