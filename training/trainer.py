@@ -41,9 +41,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from utils.checkpoint import (FINAL_NAMES, check_config_fits, find_latest,
-                                 load_checkpoint, periodic_checkpoint, prune_checkpoints, rng_state,
-                                 run_file, save_checkpoint, set_rng_state)
+from utils.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, load_checkpoint, periodic_checkpoint,
+                              prune_checkpoints, run_file, save_checkpoint, set_rng_state, training_checkpoint)
 from utils.distributed import DistInfo, any_rank, wait_for_all_ranks
 from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
                             lr_factor, set_lr)
@@ -384,17 +383,10 @@ class Trainer:
     # ------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"kind": self.objective.kind,
-                "model": self.raw_model.state_dict(),
-                "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "step": self.step,
-                "config": dataclasses.asdict(self.config),
-                "rng": rng_state(),
-                "data": {"epoch": self.epoch,
-                         "samples": self.index * self.micro_batch * self.dist.world_size},
-                **self.objective.checkpoint_extras()}
+        return training_checkpoint(self.objective.kind, self.raw_model, self.ema, self.optimizer, self.scaler,
+                                   self.step, self.config, self.epoch,
+                                   self.index * self.micro_batch * self.dist.world_size,
+                                   self.objective.checkpoint_extras())
 
     def _save(self, path: str) -> None:
         self._check_finite()

@@ -9,6 +9,7 @@ A checkpoint is a plain dict that `torch.load(weights_only=True)` reads:
     plus any extras the objective adds (e.g. latent statistics).
 """
 
+import dataclasses
 import glob
 import os
 import random
@@ -55,6 +56,18 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_checkpoint(kind: str, model: torch.nn.Module, ema: torch.nn.Module, optimizer, scaler,
+                        step: int, config, epoch: int, samples: int,
+                        extras: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The dict a training run saves (the format in the module docstring): the unwrapped model
+    and EMA, optimizer and GradScaler (None when off) state, step, config as a plain dict, RNG
+    state, data position (epoch, samples of it read by all ranks) and the objective's extras."""
+    return {"kind": kind, "model": model.state_dict(), "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "step": step, "config": dataclasses.asdict(config), "rng": rng_state(),
+            "data": {"epoch": epoch, "samples": samples}, **(extras or {})}
 
 
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
