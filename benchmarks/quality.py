@@ -32,9 +32,11 @@ import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
+from typing import Dict, List
 
 import torch
 
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "quality.jsonl"),
                    help="every row is appended here (default: %(default)s)")
     p.add_argument("--sample_batch_size", type=int, default=250, help="samples per forward (default: %(default)s)")
+    p.add_argument("--summarize", action="store_true",
+                   help="train nothing: print --results as a markdown table, seeds of one setting on one row "
+                        "(mean, spread = max - min)")
     return p
 
 
@@ -233,7 +238,37 @@ def git_commit() -> str:
         return "unknown"
 
 
+def summarize(path: str) -> str:
+    """--results as a markdown table: one row per (pipeline, config diff, weights, sampler, NFE, cfg,
+    N, reference), its FID over seeds as mean and spread (max - min), and the mean wall times."""
+    groups: Dict[tuple, List[dict]] = {}
+    with open(path) as f:
+        for row in map(json.loads, f):
+            key = (row["pipeline"], json.dumps(row["config_diff"], sort_keys=True), row["steps"], row["weights"],
+                   row["sampler"], row["nfe"], row["cfg_scale"], row["num_samples"], row["reference"])
+            groups.setdefault(key, []).append(row)
+    lines = ["| pipeline | config diff | steps | weights | sampler | NFE | cfg | N | seeds | FID mean | spread | "
+             "FID per seed | train s | eval s |", "|" + "---|" * 14]
+    for key, rows in groups.items():
+        fids = [r["fid"] for r in sorted(rows, key=lambda r: r["seed"])]
+        pipeline, diff, steps, weights, sampler, nfe, cfg, n, _ = key
+        lines.append(f"| {pipeline} | {diff if diff != '{}' else '-'} | {steps} | {weights} | {sampler} | {nfe} | "
+                     f"{cfg:g} | {n} | {','.join(str(r['seed']) for r in sorted(rows, key=lambda r: r['seed']))} | "
+                     f"{statistics.mean(fids):.2f} | {max(fids) - min(fids):.2f} | "
+                     f"{' / '.join(f'{v:.2f}' for v in fids)} | {statistics.mean(r['train_seconds'] for r in rows):.0f} | "
+                     f"{statistics.mean(r['eval_seconds'] for r in rows):.0f} |")
+    references = sorted({key[-1] for key in groups})
+    return "\n".join(lines + [f"\nreference: {'; '.join(references)}"])
+
+
 def main(argv=None) -> int:
+    if "--summarize" in (sys.argv[1:] if argv is None else argv):
+        args, _ = build_parser().parse_known_args(argv)
+        if not os.path.isfile(args.results):
+            print(f"error: --results {args.results} does not exist; run a benchmark first", file=sys.stderr)
+            return 2
+        print(summarize(args.results))
+        return 0
     args, config, data_flags, flags = parse(argv)
     device = resolve_device(config.device)
     run_dir = os.path.join(args.runs_dir, run_name(args, config, flags))
