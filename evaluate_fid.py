@@ -137,7 +137,7 @@ def evaluate(args, dist) -> None:
         run = load_sampling_run(args, device)
         config = run.config
         image_size, in_channels = config["image_size"], config["in_channels"]
-        cfg_scales = run.cfg_scales(args.cfg_scales)
+        cfg_scales = run.cfg_scales(args.cfg_scales, "--cfg_scales")
         if args.cfg_scales is None and run.num_classes and main:
             print(f"cfg_scale {cfg_scales[0]}: the checkpoint's sampling default, a visual setting; the "
                   f"lowest FID is often at a smaller scale: sweep with --cfg_scales 1 1.5 2 {cfg_scales[0]:g}")

@@ -85,13 +85,14 @@ def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Te
 
 # ----------------------------------------------------------------------------- guidance
 
-def resolve_cfg_scale(cfg_scale: Optional[float], num_classes: int, default: float) -> float:
+def resolve_cfg_scale(cfg_scale: Optional[float], num_classes: int, default: float,
+                      flag: str = "cfg_scale") -> float:
     """The guidance scale to sample at: `cfg_scale`, or `default` when None; an unconditional
-    model (num_classes = 0) samples at 1 and refuses any other scale (ValueError)."""
+    model (num_classes = 0) samples at 1 and refuses any other scale (ValueError naming `flag`)."""
     if num_classes == 0:
         if cfg_scale not in (None, 1.0):
-            raise ValueError(f"cfg_scale {cfg_scale} needs a class-conditional model; this one is "
-                             "unconditional (num_classes=0): use cfg_scale 1")
+            raise ValueError(f"{flag} {cfg_scale} needs a class-conditional model; this one is "
+                             f"unconditional (num_classes=0): use {flag} 1")
         return 1.0
     return default if cfg_scale is None else cfg_scale
 

@@ -93,7 +93,7 @@ def generate(args, dist) -> None:
     num_classes = run.num_classes
     num_steps = args.num_steps or run.config["num_sampling_steps"]
     sampler = args.sampler or run.config["sampler"]
-    [cfg_scale] = run.cfg_scales([args.cfg_scale] if args.cfg_scale is not None else None)
+    [cfg_scale] = run.cfg_scales([args.cfg_scale] if args.cfg_scale is not None else None, "--cfg_scale")
     labels = plan_labels(args, num_classes)
     n = len(labels)
 

@@ -77,9 +77,10 @@ class SamplingRun:
     def num_classes(self) -> int:
         return self.config["num_classes"]
 
-    def cfg_scales(self, given: Optional[Sequence[float]]) -> List[float]:
-        """The scales to sample at: `given`, or the checkpoint's; [1] for an unconditional model."""
-        return [flow_matching.resolve_cfg_scale(s, self.num_classes, self.config["cfg_scale"])
+    def cfg_scales(self, given: Optional[Sequence[float]], flag: str) -> List[float]:
+        """The scales to sample at: `given` (the values of `flag`), or the checkpoint's; [1] for an
+        unconditional model."""
+        return [flow_matching.resolve_cfg_scale(s, self.num_classes, self.config["cfg_scale"], flag)
                 for s in (given or [None])]
 
     def generate(self, labels: torch.Tensor, **settings):

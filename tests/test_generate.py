@@ -121,7 +121,7 @@ def truncated(checkpoint, tmp_path):
     ("label_range", "--class_label 3 is out of range"),
     ("uncond_label", "unconditional"),
     ("uncond_grid", "unconditional"),
-    ("uncond_cfg", "cfg_scale 2.0 needs a class-conditional model; this one is unconditional"),
+    ("uncond_cfg", "--cfg_scale 2.0 needs a class-conditional model"),
     ("steps", "--num_steps must be >= 1"),
     ("samples", "--num_samples must be >= 1"),
     ("sampler", "invalid choice: 'rk4'"),

@@ -85,7 +85,7 @@ class FlowMatchingObjective:
         Returns the metrics on rank 0 and {} on the other ranks.
         """
         c = self.config
-        cfg_scale = flow_matching.resolve_cfg_scale(c.fid_cfg_scale, c.num_classes, c.cfg_scale)
+        cfg_scale = flow_matching.resolve_cfg_scale(c.fid_cfg_scale, c.num_classes, c.cfg_scale, "--fid_cfg_scale")
         images, nfe = flow_matching.generate_images(
             ema, fid.balanced_labels(c.fid_num_samples, c.num_classes),
             shape=input_shape(c), num_classes=c.num_classes, seed=c.seed,
