@@ -186,6 +186,23 @@ class LabelModel(torch.nn.Module):
         return x * (1 + y.float()).reshape(-1, 1)
 
 
+@pytest.mark.parametrize("sampler, times", [("euler", [0.0, 0.25, 0.5, 0.75]),
+                                             ("heun", [0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0]),
+                                             ("midpoint", [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875])])
+def test_sample_gives_the_model_the_time_of_the_convention(sampler, times):
+    """sample() integrates from t = 0 (noise) to t = 1 (data) and tells the model those times, as
+    training does (t = 1 is data): every row of every forward gets the step's t."""
+    seen = []
+
+    def model(x, t, y):
+        seen.append(t.clone())
+        return torch.zeros_like(x)
+
+    fm.sample(model, torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 2]), num_classes=3, num_steps=4, sampler=sampler)
+    assert [t[0].item() for t in seen] == pytest.approx(times)
+    assert all(torch.equal(t, t[:1].expand_as(t)) for t in seen)
+
+
 def test_cfg_scales_match_the_formula_in_one_batched_call():
     num_classes = 4
     x, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
