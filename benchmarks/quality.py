@@ -270,6 +270,7 @@ def main(argv=None) -> int:
         print(summarize(args.results))
         return 0
     args, config, data_flags, flags = parse(argv)
+    commit = git_commit()  # the code that trains, even if the tree changes while the run goes on
     device = resolve_device(config.device)
     run_dir = os.path.join(args.runs_dir, run_name(args, config, flags))
     if os.path.exists(os.path.join(run_dir, "flow_matching_final.pt")) or os.path.exists(os.path.join(run_dir, "peer_final.pt")):
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
                    "batch_size": config.batch_size, "train_seconds": round(train_seconds, 1),
                    "weights": weights, **fields, "num_samples": args.num_samples,
                    "reference": reference, "fid": round(value, 3), "eval_seconds": round(seconds, 1),
-                   "machine": machine(device), "commit": git_commit(),
+                   "machine": machine(device), "commit": commit,
                    "time": datetime.datetime.now().isoformat(timespec="seconds")}
             rows.append(row)
             print(json.dumps(row), flush=True)
