@@ -15,7 +15,8 @@ from configs.train_config import TrainConfig
 
 # Fields that fix the network's shape: a checkpoint only loads into a config that agrees on them.
 ARCHITECTURE_FIELDS = ("image_size", "in_channels", "num_classes", "patch_size", "hidden_size",
-                       "depth", "num_heads", "mlp_ratio", "latent_size", "latent_channels")
+                       "depth", "num_heads", "mlp_ratio", "latent_size", "latent_channels", "qk_norm",
+                       "mlp", "positions")
 
 
 @dataclass
@@ -40,6 +41,10 @@ class FlowMatchingConfig(TrainConfig):
     depth: int = field(default=12, metadata={"help": "transformer blocks"})
     num_heads: int = field(default=12, metadata={"help": "attention heads"})
     mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden size / width"})
+    qk_norm: bool = field(default=False, metadata={"help": "RMS-normalize queries and keys per head (learned gain) before attention (SD3, ViT-22B): bounds the attention logits"})
+    mlp: Literal["gelu", "swiglu"] = field(default="gelu", metadata={"help": "feed-forward branch: gelu = DiT's Linear-GELU-Linear; swiglu = SiLU-gated (LLaMA), inner width 2/3 * mlp_ratio * width so the parameter count stays"})
+    positions: Literal["sincos", "rope", "sincos_rope"] = field(default="sincos", metadata={"help": "token positions: sincos = DiT's fixed 2D table added to the tokens; rope = 2D rotary positions in attention (rows rotate half of each head, columns the other half); sincos_rope = both (LightningDiT)"})
+    fp32_residual: bool = field(default=False, metadata={"help": "keep the residual stream in fp32 under bf16/fp16 autocast (DiT, SiT); false = the stream in the autocast dtype (half the memory traffic; adaLN-Zero updates below half a bf16 ulp of the stream are rounded away)"})
     class_dropout_prob: float = field(default=0.1, metadata={"help": "probability a label is replaced by the null label (trains CFG)"})
     # Flow matching
     time_sampling: Literal["uniform", "logit_normal"] = field(default="uniform", metadata={"help": "training distribution of t"})
@@ -49,6 +54,9 @@ class FlowMatchingConfig(TrainConfig):
     num_sampling_steps: int = field(default=50, metadata={"help": "ODE solver steps"})
     sampler: Literal["euler", "heun", "midpoint"] = field(default="euler", metadata={"help": "ODE solver"})
     cfg_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance scale; 1 = no guidance"})
+    guidance_interval_start: float = field(default=0.0, metadata={"help": "guidance applies only while guidance_interval_start <= t <= guidance_interval_end (Kynkaanniemi et al. 2024; t=0 noise); outside it the conditional velocity alone"})
+    guidance_interval_end: float = field(default=1.0, metadata={"help": "end of the guidance interval (see guidance_interval_start); 0, 1 = guidance on every step"})
+    time_shift: float = field(default=1.0, metadata={"help": "sampling time grid t(u) = u / (s - (s - 1) u) for u uniform in [0, 1]: s = 1 uniform, s > 1 more steps near noise (t = 0), s < 1 more near data; endpoints stay 0 and 1"})
     grid_samples_per_class: int = field(default=8, metadata={"help": "columns of the training sample grid (a row per class)"})
     # FID during training (evaluate_fid.py scores a finished checkpoint)
     fid_every: int = field(default=0, metadata={"help": "steps between FIDs of the EMA model (sampled with the settings above), logged to metrics.jsonl; 0 disables; needs requirements-eval.txt"})
@@ -79,6 +87,10 @@ class FlowMatchingConfig(TrainConfig):
             raise ValueError(f"--latent_size {self.latent_size} is not divisible by --patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"--hidden_size {self.hidden_size} is not divisible by --num_heads {self.num_heads}")
+        if self.positions != "sincos" and (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"--positions {self.positions} rotates pairs of each head's channels by rows and by "
+                             f"columns: the head dimension --hidden_size / --num_heads = "
+                             f"{self.hidden_size // self.num_heads} must be divisible by 4")
         if self.num_classes is not None and self.num_classes < 0:
             raise ValueError(f"--num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
@@ -93,6 +105,11 @@ class FlowMatchingConfig(TrainConfig):
         if os.path.commonpath([data_dir, cache]) == data_dir:
             raise ValueError(f"--data_cache_dir {self.data_cache_dir} lies inside --data_dir {self.data_dir}, "
                              f"which may be read-only; put the cache elsewhere (default: data_cache)")
+        if not 0.0 <= self.guidance_interval_start <= self.guidance_interval_end <= 1.0:
+            raise ValueError(f"--guidance_interval_start {self.guidance_interval_start} and --guidance_interval_end "
+                             f"{self.guidance_interval_end} must satisfy 0 <= start <= end <= 1")
+        if self.time_shift <= 0:
+            raise ValueError(f"--time_shift must be > 0 (1 = a uniform grid), got {self.time_shift}")
         if self.logit_normal_std <= 0:
             raise ValueError(f"--logit_normal_std must be > 0, got {self.logit_normal_std}")
         self._validate_fid()

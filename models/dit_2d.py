@@ -2,6 +2,9 @@
 
     v = DiT2D(...)(x_t, t, y)    x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int64 -> v (B, C, H, W)
 
+The brief's DiT is the default; `qk_norm`, `mlp="swiglu"`, `positions` ("rope" or "sincos_rope")
+and `fp32_residual` are the options of models/layers.py and of the stream's precision.
+
 Labels are 0..num_classes-1; label `num_classes` is the null label used for classifier-free
 guidance; num_classes=0 builds an unconditional model (y is ignored and may be None). The model
 only predicts: the loss and the samplers live in flow_matching.py.
@@ -13,15 +16,21 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from models.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, rope_2d_angles,
+                           sincos_2d)
+
+POSITIONS = ("sincos", "rope", "sincos_rope")
 from utils.checkpoint import load_model
 
 
 class DiT2D(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 3,
                  hidden_size: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, num_classes: int = 10):
+                 mlp_ratio: float = 4.0, num_classes: int = 10, qk_norm: bool = False,
+                 mlp: str = "gelu", positions: str = "sincos", fp32_residual: bool = False):
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
@@ -33,13 +42,20 @@ class DiT2D(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.gradient_checkpointing = False
+        self.fp32_residual = fp32_residual
         grid = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
-        self.register_buffer("pos_embed", sincos_2d(hidden_size, grid).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        # Fixed tables, rebuilt from the config: non-persistent buffers (not in checkpoints).
+        table = sincos_2d(hidden_size, grid).unsqueeze(0) if positions != "rope" else None  # (1, N, D)
+        angles = rope_2d_angles(hidden_size // num_heads, grid) if positions != "sincos" else None  # (N, Dh/2)
+        self.register_buffer("pos_embed", table, persistent=False)
+        self.register_buffer("rope_cos", None if angles is None else angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", None if angles is None else angles.sin(), persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, mlp)
+                                    for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
@@ -92,16 +108,21 @@ class DiT2D(nn.Module):
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
             self.check_labels(y)
         x = self.x_embedder(x)                                             # (B, N, D)
-        x = x + self.pos_embed.to(x.dtype)                                 # keeps a bf16 stream bf16
+        # An fp32 stream stays fp32 through the blocks: their residual adds promote the branches'
+        # bf16 outputs; otherwise the table is cast so that a bf16 stream stays bf16.
+        x = x.float() if self.fp32_residual else x
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)                             # (B, N, D)
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         c = self.t_embedder(t)                                             # (B, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y)                                     # (B, D)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if checkpointing:
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint(block, x, c, rope, use_reentrant=False)
             else:
-                x = block(x, c)                                            # (B, N, D)
+                x = block(x, c, rope)                                      # (B, N, D)
         x = self.final_layer(x, c)                                         # (B, N, p*p*C)
         return self.unpatchify(x)                                          # (B, C, H, W)
 
@@ -122,7 +143,15 @@ def dit_from_config(config) -> DiT2D:
     return DiT2D(input_size=size, patch_size=get("patch_size"),
                  in_channels=channels, hidden_size=get("hidden_size"),
                  depth=get("depth"), num_heads=get("num_heads"), mlp_ratio=get("mlp_ratio"),
-                 num_classes=get("num_classes"))
+                 num_classes=get("num_classes"), **options(config))
+
+
+def options(config) -> dict:
+    """The DiT2D options beyond the brief's DiT; a checkpoint written before they existed has
+    none of them and gets the brief's DiT."""
+    get = config.get if isinstance(config, dict) else lambda k, default: getattr(config, k)
+    return dict(qk_norm=get("qk_norm", False), mlp=get("mlp", "gelu"), positions=get("positions", "sincos"),
+                fp32_residual=get("fp32_residual", False))
 
 
 def load_flow_model(path: str, weights: str = "ema", device="cpu"):

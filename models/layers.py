@@ -1,8 +1,11 @@
-"""Building blocks of DiT2D: position tables, embedders, attention, MLP, the adaLN-Zero block and
-the final layer. Token tensors are (B, N, D): batch, tokens, width.
+"""Building blocks of DiT2D: norms, position tables (sin-cos and rotary), embedders, attention,
+MLPs, the adaLN-Zero block and the final layer. Token tensors are (B, N, D): batch, tokens, width.
 
-Precision: under bf16 (or fp16) autocast the residual stream and every activation stay in the
-autocast dtype. LayerNorm computes its statistics in fp32 inside the kernel and returns the input
+Options beyond DiT (each a config flag, measured in benchmarks/README.md): RMS-normalized queries
+and keys (qk-norm), a SwiGLU feed-forward branch and 2D rotary positions.
+
+Precision: under bf16 (or fp16) autocast the residual stream (unless DiT2D keeps it in fp32) and
+every activation stay in the autocast dtype. LayerNorm computes its statistics in fp32 inside the kernel and returns the input
 dtype, and the position table is cast to the stream's dtype, so nothing upcasts the stream to fp32
 (which would double the memory traffic of every elementwise op). The sampler integrates and the
 loss reduces in fp32 (flow_matching.py). `Linear` and `attention` come from models/precision.py: they are nn.Linear and SDPA, with a faster
@@ -10,6 +13,7 @@ route for bf16 autocast on CPUs without bf16 instructions.
 """
 
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,6 +42,23 @@ class LayerNorm(nn.LayerNorm):
             return super().forward(x)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * gain over the last dimension, computed in fp32, returned in x's dtype.
+
+    qk-norm's norm: the gain (init 1) is learned per channel of a head.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -64,6 +85,34 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
     return emb.float()
+
+
+def rope_2d_angles(head_dim: int, grid_size: int, theta: float = 10000.0) -> torch.Tensor:
+    """(grid_size**2, head_dim / 2) rotation angles of 2D rotary positions, row-major tokens.
+
+    A head's channels form head_dim / 2 pairs (channel i with channel i + head_dim / 2); the first
+    half of the pairs turn with the token's row, the second half with its column, each at the
+    frequencies theta^(-j / (head_dim / 4)), j = 0 .. head_dim / 4 - 1.
+    """
+    if head_dim % 4:
+        raise ValueError(f"head dimension {head_dim} (hidden_size / num_heads) must be divisible by 4 "
+                         f"for 2D rotary positions")
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)          # (Dh/4,)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (N, Dh/2)
+    return angles.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair (i, i + Dh/2) of x (B, H, N, Dh) by its angle (cos, sin: (N, Dh/2)).
+
+    Rotating q and k by angles linear in position makes q . k depend on positions only through
+    their difference: attention sees relative offsets. Computed in fp32, returned in x's dtype.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)                                # each (B, H, N, Dh/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -126,18 +175,29 @@ class LabelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------- block
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv matmul and PyTorch's SDPA kernels."""
+    """Multi-head self-attention with one fused qkv matmul and PyTorch's SDPA kernels.
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    qk_norm RMS-normalizes each head's query and key (learned gain): the logits q . k / sqrt(Dh)
+    are then bounded by sqrt(Dh) * gain, which keeps a high learning rate from saturating the
+    softmax. `rope` = (cos, sin) tables rotate q and k by their tokens' 2D positions.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = Linear(hidden_size, 3 * hidden_size)
         self.proj = Linear(hidden_size, hidden_size)
+        head_dim = hidden_size // num_heads
+        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # each (B, H, N, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         x = attention(q, k, v)                                             # (B, H, N, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))               # (B, N, D)
 
@@ -156,6 +216,24 @@ class Mlp(nn.Module):
         return self.fc2(h)                            # (B, N, D)
 
 
+class SwiGLU(nn.Module):
+    """SiLU-gated feed-forward branch (Shazeer 2020; LLaMA): fc2(silu(a) * b), [a, b] = fc1(x).
+
+    The inner width is 2/3 of the GELU MLP's, so the three matrices hold as many parameters as
+    its two. fc1 stacks the gate and value matrices (two row blocks for Muon).
+    """
+
+    def __init__(self, hidden_size: int, mlp_ratio: float):
+        super().__init__()
+        inner = int(2 * hidden_size * mlp_ratio / 3)
+        self.fc1 = Linear(hidden_size, 2 * inner)
+        self.fc2 = Linear(inner, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)   # each (B, N, inner)
+        return self.fc2(F.silu(gate) * value)         # (B, N, D)
+
+
 class DiTBlock(nn.Module):
     """Pre-norm transformer block whose norms are modulated by the conditioning (adaLN-Zero).
 
@@ -163,25 +241,33 @@ class DiTBlock(nn.Module):
     gates make the whole block the identity until training moves them.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool = False,
+                 mlp: str = "gelu"):
         super().__init__()
+        if mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be gelu or swiglu, got {mlp!r}")
         self.norm1 = LayerNorm(hidden_size)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
         self.norm2 = LayerNorm(hidden_size)
-        self.mlp = Mlp(hidden_size, mlp_ratio)
+        self.mlp = Mlp(hidden_size, mlp_ratio) if mlp == "gelu" else SwiGLU(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
             self.adaLN_modulation(c).chunk(6, dim=-1)                      # each (B, D)
-        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))
         x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x                                                           # (B, N, D)
 
     def fused_weights(self):
         """{name: (weight, row blocks)} of the weights that stack several matrices: q, k, v in
-        attn.qkv; the six modulations in adaLN (forward's chunk(6)). Muon orthogonalizes each block."""
-        return {"qkv": (self.attn.qkv.weight, 3), "adaln": (self.adaLN_modulation[-1].weight, 6)}
+        attn.qkv; the six modulations in adaLN (forward's chunk(6)); SwiGLU's gate and value in
+        mlp.fc1. Muon orthogonalizes each block."""
+        fused = {"qkv": (self.attn.qkv.weight, 3), "adaln": (self.adaLN_modulation[-1].weight, 6)}
+        if isinstance(self.mlp, SwiGLU):
+            fused["swiglu"] = (self.mlp.fc1.weight, 2)
+        return fused
 
 
 # ----------------------------------------------------------------------------- final layer

@@ -28,6 +28,19 @@ def test_ramp_values():
     assert ema_decay_at(10 ** 6, 0.999, True) == 0.999
     assert ema_decay_at(0, 0.9999, False) == 0.9999
     assert ema_decay_at(5000, 0.5, False) == 0.5
+    # --ema_gamma shapes the ramp: (1 + k) / (gamma + 2 + k); 8 is the default above.
+    assert ema_decay_at(0, 0.9999, True, gamma=3.0) == pytest.approx(1 / 5)
+    assert ema_decay_at(10, 0.9999, True, gamma=17.0) == pytest.approx(11 / 29)
+    assert ema_decay_at(10, 0.9999, True, gamma=8.0) == ema_decay_at(10, 0.9999, True)
+
+
+def test_the_trainer_ramps_with_ema_gamma(tiny_flags, tmp_path):
+    """One step with --ema_gamma 1: the update's decay is 1 / 3, so the EMA of the zero-initialized
+    output layer is exactly 2/3 of the trained weights."""
+    ckpt_dir = str(tmp_path / "gamma")
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1", "--ema_gamma", "1",
+                                                  "--checkpoint_dir", ckpt_dir]) == 0
+    assert output_layer_norm_ratio(os.path.join(ckpt_dir, "flow_matching_final.pt")) == pytest.approx(2 / 3, rel=1e-5)
 
 
 @pytest.mark.parametrize("warmup", [True, False])

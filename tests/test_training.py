@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,8 @@ from configs.flow_matching_config import FlowMatchingConfig
 from data.datasets import build_image_dataset
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
-from tests.conftest import ROOT, write_image_folder
+from evaluation import fid
+from tests.conftest import ROOT, StandIn, write_image_folder
 from utils import checkpoint as ckpt_lib
 from utils.distributed import DistInfo
 from training.objectives import FlowMatchingObjective
@@ -50,9 +52,17 @@ def assert_same_state(a, b):
 
 # ----------------------------------------------------------------------------- resume
 
-def test_resume_is_bit_exact(tiny_flags, tmp_path):
-    """2N steps in one go == N steps, then resume for N more (model, EMA, optimizer, data position)."""
-    common = tiny_flags + ["--micro_batch_size", "2", "--save_every", "100"]
+ALL_OPTIONS = ["--qk_norm", "true", "--mlp", "swiglu", "--positions", "sincos_rope", "--fp32_residual", "true",
+               "--mixed_precision", "bf16", "--time_sampling", "logit_normal", "--logit_normal_mean", "0.3",
+               "--ema_gamma", "4", "--adam_beta2", "0.95", "--time_shift", "2", "--guidance_interval_start", "0.2",
+               "--num_sampling_steps", "3", "--sampler", "heun"]
+
+
+@pytest.mark.parametrize("options", [[], ALL_OPTIONS], ids=["default", "all_options"])
+def test_resume_is_bit_exact(tiny_flags, tmp_path, options):
+    """2N steps in one go == N steps, then resume for N more (model, EMA, optimizer, data position),
+    with the brief's recipe and with every recipe option on."""
+    common = tiny_flags + ["--micro_batch_size", "2", "--save_every", "100", *options]
     full_dir, half_dir = str(tmp_path / "full"), str(tmp_path / "half")
     assert train_flow_matching.main(common + ["--train_steps", "6", "--checkpoint_dir", full_dir]) == 0
     assert train_flow_matching.main(common + ["--train_steps", "3", "--checkpoint_dir", half_dir]) == 0
@@ -398,6 +408,34 @@ def test_the_objective_draws_t_as_the_config_says(scheme, mean, std):
     else:
         z = torch.logit(t)
         assert abs(z.mean().item() - mean) < 0.01 and abs(z.std().item() / std - 1) < 0.01
+
+
+def test_the_objective_samples_with_the_configs_time_shift_and_guidance_interval(tmp_path):
+    """The training grid and the FID during training step through time_grid(4, --time_shift 3) =
+    0, 0.1, 0.25, 0.5, 1 (Heun: both ends of each step) and guide (null label) only while
+    0.1 <= t <= 0.25."""
+    pytest.importorskip("torch_fidelity")
+    config = make_config(FlowMatchingConfig, {"num_classes": 3, "image_size": 4, "patch_size": 2, "sampler": "heun",
+                                              "num_sampling_steps": 4, "time_shift": 3.0, "cfg_scale": 2.0,
+                                              "guidance_interval_start": 0.1, "guidance_interval_end": 0.25,
+                                              "grid_samples_per_class": 1, "fid_num_samples": 6, "fid_batch_size": 6})
+    seen = []
+
+    def model(x, t, y):
+        seen.append((t[0].item(), bool((y == 3).any())))
+        return torch.zeros_like(x)
+
+    objective = FlowMatchingObjective(config, torch.device("cpu"))
+    objective.fid_extractor = StandIn()
+    reference = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    objective.fid_reference = fid.image_statistics(reference, objective.fid_extractor)
+    expected = [(0.0, False), (0.1, True), (0.1, True), (0.25, True), (0.25, True), (0.5, False), (0.5, False),
+                (1.0, False)]
+    for run in (lambda: objective.sample(model, str(tmp_path / "grid.png")), lambda: objective.evaluate(model)):
+        seen.clear()
+        run()
+        assert [null for _, null in seen] == [null for _, null in expected]
+        assert [t for t, _ in seen] == pytest.approx([t for t, _ in expected], rel=1e-6)  # float32 t
 
 
 # ----------------------------------------------------------------------------- data

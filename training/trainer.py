@@ -92,17 +92,18 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         ema_buffer.copy_(buffer)
 
 
-def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+def ema_decay_at(step: int, decay: float, warmup: bool, gamma: float = 8.0) -> float:
     """The EMA decay of the update after optimizer step `step` (0-based).
 
-    With warmup, min(decay, (1 + step) / (10 + step)): the EMA starts at the trained weights and
-    weighs step j by ~j^8 (EDM2's power-function EMA, sigma_rel 0.09, centred 10% of the run back),
-    so it never holds a large share of the initial weights, whose adaLN-Zero gates and output
-    layer are zero. A fixed decay from step 1
-    keeps decay ** step of them: 37% at step 10,000 for 0.9999, a velocity shrunk toward zero.
+    With warmup, min(decay, (1 + step) / (gamma + 2 + step)), which is (1 + step) / (10 + step) for
+    the default gamma = 8: the EMA starts at the trained weights and weighs step j by
+    ~j^gamma (EDM2's power-function EMA; sigma_rel 0.09 for gamma 8, an average centred 10% of the
+    run back), so it never holds a large share of the initial weights, whose adaLN-Zero gates and
+    output layer are zero. A fixed decay from step 1 keeps decay ** step of them: 37% at step
+    10,000 for 0.9999, a velocity shrunk toward zero.
     It depends on the step only, so a resumed run continues the same sequence.
     """
-    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
+    return min(decay, (1.0 + step) / (gamma + 2.0 + step)) if warmup else decay
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -272,7 +273,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.raw_model, ema_decay_at(self.step, c.ema_decay, c.ema_warmup))
+        update_ema(self.ema, self.raw_model, ema_decay_at(self.step, c.ema_decay, c.ema_warmup, c.ema_gamma))
         loss = loss_sum / self.accum_steps
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
                                           self.step, self.first_bad_step)
