@@ -10,8 +10,9 @@ Features are the 2048-d pool3 features of the TensorFlow FID Inception (2015-12-
 torch-fidelity (pip install -r requirements-eval.txt); offline, pass --inception_weights PATH.
 Reference statistics are cached in --fid_cache_dir, so a second evaluation against the same set
 skips them. A checkpoint is sampled with balanced classes (sample i has class i mod K) from noise
-seeded by (--seed, i), once for every combination of --samplers, --num_steps_list and
---cfg_scales; the script prints a table of FID against NFE and scale and appends every row to
+seeded by (--seed, i), once for every combination of --samplers, --num_steps_list, --cfg_scales
+and --time_shifts (each defaults to the checkpoint's setting, as --guidance_interval does); the
+script prints a table of FID against NFE, shift, scale and interval and appends every row to
 --output_jsonl. Image sets (--images, the reference) are read at the model's resolution exactly as
 training reads them.
 """
@@ -79,8 +80,8 @@ def validate(args) -> None:
     if args.ref_num_images < 0 or args.ref_num_images == 1:
         raise ValueError(f"--ref_num_images must be 0 (all) or >= 2, got {args.ref_num_images}")
     if args.checkpoint is None:
-        sweep = [f"--{name}" for name in ("cfg_scales", "num_steps_list", "samplers", "guidance_interval")
-                 if getattr(args, name) is not None]
+        sweep = [f"--{name}" for name in ("cfg_scales", "num_steps_list", "samplers", "time_shifts",
+                                          "guidance_interval") if getattr(args, name) is not None]
         if sweep:
             raise ValueError(f"{', '.join(sweep)} only apply to --checkpoint; drop them to score "
                              f"{args.samples or args.images} as it is")
@@ -138,6 +139,7 @@ def evaluate(args, dist) -> None:
         config = run.config
         image_size, in_channels = config["image_size"], config["in_channels"]
         cfg_scales = run.cfg_scales(args.cfg_scales, "--cfg_scales")
+        guidance_interval = run.guidance_interval(args.guidance_interval)
         if args.cfg_scales is None and run.num_classes and main:
             print(f"cfg_scale {cfg_scales[0]}: the checkpoint's sampling default, a visual setting; the "
                   f"lowest FID is often at a smaller scale: sweep with --cfg_scales 1 1.5 2 {cfg_scales[0]:g}")
@@ -166,7 +168,8 @@ def evaluate(args, dist) -> None:
                "seconds": round(time.perf_counter() - start, 1),
                "time": datetime.datetime.now().isoformat(timespec="seconds")}
         print(f"FID {row['fid']:.3f} from {n} images" + (
-            f" ({row['sampler']}, {row['num_steps']} steps, NFE {row['nfe']}, cfg_scale {row['cfg_scale']})"
+            f" ({row['sampler']}, {row['num_steps']} steps, NFE {row['nfe']}, time_shift {row['time_shift']:g}, "
+            f"cfg_scale {row['cfg_scale']}, guidance_interval {row['guidance_interval']})"
             if "nfe" in row else ""))
         with open(args.output_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -174,18 +177,19 @@ def evaluate(args, dist) -> None:
 
     if args.checkpoint:
         labels = fid.balanced_labels(args.num_samples or DEFAULT_NUM_SAMPLES, run.num_classes)
-        for sampler, num_steps, cfg_scale in itertools.product(
+        for sampler, num_steps, cfg_scale, time_shift in itertools.product(
                 args.samplers or [config["sampler"]], args.num_steps_list or [config["num_sampling_steps"]],
-                cfg_scales):
+                cfg_scales, run.time_shifts(args.time_shifts)):
             start = time.perf_counter()
             images, nfe = run.generate(
                 labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-                guidance_interval=args.guidance_interval, batch_size=args.batch_size, rank=dist.rank,
-                world_size=dist.world_size, progress=main)
+                guidance_interval=guidance_interval, time_shift=time_shift, batch_size=args.batch_size,
+                rank=dist.rank, world_size=dist.world_size, progress=main)
             if main:
                 stats = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True)
                 report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe,
-                       cfg_scale=cfg_scale, guidance_interval=args.guidance_interval, step=run.ckpt["step"],
+                       cfg_scale=cfg_scale, time_shift=time_shift, guidance_interval=guidance_interval,
+                       step=run.ckpt["step"],
                        weights=args.weights, seed=args.seed, precision=run.precision)
             wait_for_all_ranks()  # and its Inception features, before the next setting's sampling
     elif main:
@@ -206,10 +210,13 @@ def format_table(rows, reference: str) -> str:
     first = rows[0]
     what = first["path"] + (f" (step {first['step']}, {first['weights']} weights)" if "step" in first else "")
     lines = [f"FID of {what} vs {reference}",
-             f"{'samples':>8} {'sampler':>8} {'steps':>6} {'NFE':>5} {'cfg_scale':>9} {'FID':>9}"]
+             f"{'samples':>8} {'sampler':>8} {'steps':>6} {'NFE':>5} {'shift':>5} {'cfg_scale':>9} {'interval':>9} "
+             f"{'FID':>9}"]
     for r in rows:
+        interval = "-" if r.get("guidance_interval") is None else "{:g},{:g}".format(*r["guidance_interval"])
         lines.append(f"{r['num_samples']:>8} {r.get('sampler', '-'):>8} {r.get('num_steps', '-'):>6} "
-                     f"{r.get('nfe', '-'):>5} {r.get('cfg_scale', '-'):>9} {r['fid']:>9.3f}")
+                     f"{r.get('nfe', '-'):>5} {r.get('time_shift', '-'):>5} {r.get('cfg_scale', '-'):>9} "
+                     f"{interval:>9} {r['fid']:>9.3f}")
     return "\n".join(lines)
 
 

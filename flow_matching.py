@@ -9,7 +9,8 @@ t = 0 (Gaussian noise) to t = 1 (data). Training, generation, evaluation and ben
 this module; nothing else carries a sampling loop.
 """
 
-from typing import Callable, Optional, Sequence, Tuple
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -97,6 +98,11 @@ def resolve_cfg_scale(cfg_scale: Optional[float], num_classes: int, default: flo
     return default if cfg_scale is None else cfg_scale
 
 
+def guidance_interval_or_none(start: float, end: float) -> Optional[Tuple[float, float]]:
+    """A config's guidance interval as sample() takes it: None for (0, 1), guidance on every step."""
+    return None if (start, end) == (0.0, 1.0) else (start, end)
+
+
 def guided_velocity(model: Callable, y: Optional[torch.Tensor], *, num_classes: int,
                     cfg_scale: float = 1.0,
                     guidance_interval: Optional[Sequence[float]] = None) -> VelocityFn:
@@ -129,19 +135,37 @@ def guided_velocity(model: Callable, y: Optional[torch.Tensor], *, num_classes: 
 
 # ----------------------------------------------------------------------------- ODE solvers
 
-def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int,
-              sampler: str = "euler") -> Tuple[torch.Tensor, int]:
-    """Integrate dx/dt = velocity(x, t) from t = 0 to t = 1 on a uniform grid of num_steps steps.
+def time_grid(num_steps: int, shift: float = 1.0) -> List[float]:
+    """The num_steps + 1 times a solver steps through, from exactly 0 (noise) to exactly 1 (data):
+    t(u) = u / (shift - (shift - 1) * u) for u = linspace(0, 1, num_steps + 1), in float64.
 
-    Returns (x at t = 1, NFE): the number of velocity evaluations per sample (a CFG evaluation is
-    one batched forward and counts once). Euler is first order with 1 NFE per step; Heun
-    (trapezoidal predictor-corrector) and midpoint are second order with 2 NFE per step.
+    shift = 1 is the uniform grid; shift > 1 puts more (smaller) steps near noise (t = 0), shift < 1
+    near data. This is SD3's timestep shift sigma' = s * sigma / (1 + (s - 1) * sigma) (Esser et al.
+    2024, resolution-dependent shifting: more time at high noise for images of more pixels),
+    written for the noise level sigma = 1 - t of this repo's path: 1 - t' = s * (1 - t) / (s - (s - 1) * t).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 < shift < math.inf:
+        raise ValueError(f"time shift must be a finite number > 0 (1 = a uniform grid), got {shift}")
+    u = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
+    # The same t(u) as u / (u + shift * (1 - u)): at u = 1 the denominator is exactly 1 for any shift.
+    return (u / (u + shift * (1 - u))).tolist()
+
+
+def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int, sampler: str = "euler",
+              time_shift: float = 1.0) -> Tuple[torch.Tensor, int]:
+    """Integrate dx/dt = velocity(x, t) from t = 0 to t = 1 over the num_steps steps of
+    time_grid(num_steps, time_shift) (uniform for shift 1).
+
+    Returns (x at t = 1, NFE): the number of velocity evaluations per sample (a CFG evaluation is
+    one batched forward and counts once). Euler is first order with 1 NFE per step; Heun
+    (trapezoidal predictor-corrector) and midpoint (at the middle of each step) are second order
+    with 2 NFE per step.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    ts = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64).tolist()
+    ts = time_grid(num_steps, time_shift)
     nfe = 0
     for t0, t1 in zip(ts[:-1], ts[1:]):
         dt = t1 - t0
@@ -163,9 +187,10 @@ def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int,
 @torch.no_grad()
 def sample(model: Callable, noise: torch.Tensor, y: Optional[torch.Tensor], *, num_classes: int,
            num_steps: int = 50, sampler: str = "euler", cfg_scale: float = 1.0,
-           guidance_interval: Optional[Sequence[float]] = None,
+           guidance_interval: Optional[Sequence[float]] = None, time_shift: float = 1.0,
            autocast_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, int]:
-    """Generate from noise (t = 0) to data (t = 1). Returns (samples, NFE per sample).
+    """Generate from noise (t = 0) to data (t = 1) on time_grid(num_steps, time_shift). Returns
+    (samples, NFE per sample).
 
     The state is integrated in float32; `autocast_dtype` (e.g. torch.bfloat16) applies to the
     model's forward passes only.
@@ -186,7 +211,7 @@ def sample(model: Callable, noise: torch.Tensor, y: Optional[torch.Tensor], *, n
 
     field = guided_velocity(forward, y, num_classes=num_classes, cfg_scale=cfg_scale,
                             guidance_interval=guidance_interval)
-    return integrate(field, noise.float(), num_steps, sampler)
+    return integrate(field, noise.float(), num_steps, sampler, time_shift)
 
 
 # ----------------------------------------------------------------------------- noise
@@ -215,9 +240,10 @@ def per_sample_noise(seed: int, indices: Sequence[int], shape: Sequence[int],
 
 def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[int], num_classes: int,
                     seed: int, num_steps: int, sampler: str = "euler", cfg_scale: float = 1.0,
-                    guidance_interval: Optional[Sequence[float]] = None, batch_size: int = 64,
-                    autocast_dtype: Optional[torch.dtype] = None, device="cpu", rank: int = 0,
-                    world_size: int = 1, decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    guidance_interval: Optional[Sequence[float]] = None, time_shift: float = 1.0,
+                    batch_size: int = 64, autocast_dtype: Optional[torch.dtype] = None, device="cpu",
+                    rank: int = 0, world_size: int = 1,
+                    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                     on_batch: Optional[Callable[[int, np.ndarray], None]] = None,
                     progress: bool = False) -> Tuple[Optional[np.ndarray], int]:
     """Sample one image per entry of `labels` (ignored when num_classes = 0) as uint8 (N, H, W, C).
@@ -236,7 +262,7 @@ def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[in
         noise = per_sample_noise(seed, index, shape, device)
         y = labels[first:index.stop].to(device) if num_classes else None
         x, nfe = sample(model, noise, y, num_classes=num_classes, num_steps=num_steps, sampler=sampler,
-                        cfg_scale=cfg_scale, guidance_interval=guidance_interval,
+                        cfg_scale=cfg_scale, guidance_interval=guidance_interval, time_shift=time_shift,
                         autocast_dtype=autocast_dtype)
         mine[first] = to_uint8(decode(x) if decode is not None else x)
         if on_batch is not None:

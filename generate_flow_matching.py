@@ -4,6 +4,7 @@
     python generate_flow_matching.py --checkpoint ... --num_samples 16 --class_label 5
     python generate_flow_matching.py --checkpoint ... --class_grid --samples_per_class 8
     python generate_flow_matching.py --checkpoint ... --num_samples 16 --num_steps 100 --cfg_scale 4.0
+    python generate_flow_matching.py --checkpoint ... --num_samples 16 --time_shift 3 --guidance_interval 0.2 0.9
     torchrun --nproc_per_node 8 generate_flow_matching.py --checkpoint ... --num_samples 50000 --save_npz
 
 A latent checkpoint (trained with --vqvae_checkpoint) is decoded to pixels through the VQ-VAE it
@@ -94,13 +95,15 @@ def generate(args, dist) -> None:
     num_steps = args.num_steps or run.config["num_sampling_steps"]
     sampler = args.sampler or run.config["sampler"]
     [cfg_scale] = run.cfg_scales([args.cfg_scale] if args.cfg_scale is not None else None, "--cfg_scale")
+    [time_shift] = run.time_shifts([args.time_shift] if args.time_shift is not None else None)
+    guidance_interval = run.guidance_interval(args.guidance_interval)
     labels = plan_labels(args, num_classes)
     n = len(labels)
 
     start = time.perf_counter()
     images, nfe = run.generate(
         labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-        guidance_interval=args.guidance_interval, batch_size=args.batch_size, rank=dist.rank,
+        guidance_interval=guidance_interval, time_shift=time_shift, batch_size=args.batch_size, rank=dist.rank,
         world_size=dist.world_size, progress=dist.is_main,
         on_batch=lambda first, batch: write_images(args.output_dir, batch, labels[first:first + len(batch)],
                                                    first, num_classes))
@@ -113,7 +116,8 @@ def generate(args, dist) -> None:
     if args.save_npz:
         np.savez(os.path.join(args.output_dir, "samples.npz"), images=images, labels=labels.numpy())
     seconds = time.perf_counter() - start
-    print(f"{n} samples, {nfe} NFE per sample ({sampler}, {num_steps} steps, cfg_scale {cfg_scale}), "
+    print(f"{n} samples, {nfe} NFE per sample ({sampler}, {num_steps} steps, time_shift {time_shift:g}, cfg_scale "
+          f"{cfg_scale}, guidance_interval {guidance_interval or 'all t'}), "
           f"{seconds:.1f}s ({n / seconds:.1f} images/s on {dist.world_size} rank(s)); wrote "
           f"{os.path.join(args.output_dir, 'grid.png')}, {os.path.join(args.output_dir, 'images')}/"
           + (f", {os.path.join(args.output_dir, 'samples.npz')}" if args.save_npz else ""))

@@ -3,15 +3,23 @@
     python benchmarks/quality.py --seed 0                      # the repo: EMA and raw weights of one run
     python benchmarks/quality.py --seed 0 --pipeline peer      # torchcfm + diffusers' DiT, same budget
     python benchmarks/quality.py --seed 1 --ema_warmup false   # any train_flow_matching.py flag: a variant
+    python benchmarks/quality.py --checkpoint benchmarks/runs/repo_seed0/flow_matching_final.pt --time_shifts 1 3
+                                                               # score a finished run again, train nothing
 
 The repo's run is `train_flow_matching.py --preset proxy16` (DiT width 192 / depth 6 on CIFAR-10 at
 16x16, 1,000 steps of batch 64, ~10 min on 2 CPU cores) plus the flags given here, trained by the
 script itself in a subprocess. 16x16 images (64 tokens) are the choice that lets a 2-core CPU train
 a 6-block DiT for ~1.5 epochs in a run, enough to separate recipes; FID on them is a proxy, not a
 CIFAR-10 FID. The checkpoint is then sampled (balanced classes, noise seeded by (--seed, i)) with
-each combination of --weights, --samplers, --num_steps_list and --cfg_scales and scored with the
-repo's FID pipeline (TensorFlow Inception features) against a fixed random subset of the training
-images at the same resolution, whose statistics are cached.
+each combination of --weights, --samplers, --num_steps_list, --cfg_scales, --time_shifts and
+--guidance_intervals and scored with the repo's FID pipeline (TensorFlow Inception features)
+against a fixed random subset of the training images at the same resolution, whose statistics are
+cached.
+
+--checkpoint PATH trains nothing: it scores the final checkpoint of a repo run (one this script
+trained, or train_flow_matching.py's) with the same flags, its own config and seed, in rows of the
+same form as a trained run's, so --summarize groups them with the trained rows of the same
+settings; their train_seconds is null, as the trainer logs no elapsed time in metrics.jsonl.
 
 The peer (`--pipeline peer`) is what a researcher assembles in an afternoon from maintained
 libraries: diffusers' DiTTransformer2DModel of the same width, depth, heads and patch, torchcfm's
@@ -22,7 +30,8 @@ raw weights are scored). It is sampled and scored by the same code as the repo. 
 flags it uses (PEER_FLAGS); `pip install -r benchmarks/requirements.txt` installs it.
 
 One row per scored setting is printed and appended to --results (config diff, steps, wall time,
-weights, sampler, NFE, cfg, N, reference, FID); benchmarks/README.md holds the table.
+weights, sampler, NFE, cfg, time shift, guidance interval, N, reference, FID); benchmarks/README.md
+holds the table.
 """
 
 import argparse
@@ -36,7 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -54,6 +63,7 @@ from evaluation import fid  # noqa: E402
 from models.dit_2d import input_shape, load_flow_model  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from training.optim import lr_factor  # noqa: E402
+from utils.checkpoint import load_checkpoint  # noqa: E402
 
 PRESET = "proxy16"
 SHARED_CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10", "train")
@@ -62,7 +72,24 @@ PEER_FLAGS = ("seed", "dataset", "data_dir", "data_cache_dir", "data_loader", "n
               "image_size", "hidden_size", "depth", "num_heads", "patch_size", "batch_size", "train_steps",
               "lr", "weight_decay", "adam_beta1", "adam_beta2", "warmup_steps", "lr_schedule", "min_lr_ratio",
               "grad_clip", "class_dropout_prob", "log_every")
+# The config flags --checkpoint takes: --seed (the run's own; any other is refused) and --device
+# (where to score). Every other flag would describe a training that is not the one scored.
+CHECKPOINT_FLAGS = ("seed", "device")
 DEFAULT_WEIGHTS = os.path.expanduser(os.path.join("~", ".cache", "fid_weights", "fid_inception.pth"))
+
+
+def guidance_interval_arg(text: str) -> Optional[Tuple[float, float]]:
+    """argparse type of --guidance_intervals: "A,B" (0 <= A <= B <= 1) -> (A, B); "none" -> None, as
+    is "0,1" (both guide every step, so their rows group together)."""
+    if text.lower() == "none":
+        return None
+    try:
+        start, end = (finite_float(value) for value in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f'expected "A,B" or "none", got {text!r}') from None
+    if not 0 <= start <= end <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must satisfy 0 <= A <= B <= 1")
+    return flow_matching.guidance_interval_or_none(start, end)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="solver steps (default: %(default)s)")
     p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=[1.5], metavar="S",
                    help="guidance scales (default: %(default)s)")
+    p.add_argument("--time_shifts", type=finite_float, nargs="+", default=[1.0], metavar="S",
+                   help="time-grid shifts (flow_matching.time_grid: 1 = uniform, > 1 more steps near noise) "
+                        "(default: %(default)s)")
+    p.add_argument("--guidance_intervals", type=guidance_interval_arg, nargs="+", default=[None], metavar="A,B",
+                   help='intervals of t where CFG applies, each "A,B" (0 <= A <= B <= 1) or "none" (every step) '
+                        "(default: none)")
+    p.add_argument("--checkpoint", default=None,
+                   help="train nothing: score this final checkpoint of a repo run (its config and seed); its grids "
+                        "go to --runs_dir/scored_<its folder>")
     p.add_argument("--num_samples", type=int, default=1000, help="samples per FID (default: %(default)s)")
     p.add_argument("--ref_num_images", type=int, default=2000,
                    help="reference: a fixed random subset of this many training images (default: %(default)s)")
@@ -107,6 +143,8 @@ def parse(argv):
                           default_preset="cifar10")
     if args.num_samples < 2 or args.ref_num_images < 2:
         bench.error(f"--num_samples and --ref_num_images must be >= 2, got {args.num_samples}, {args.ref_num_images}")
+    if min(args.time_shifts) <= 0:
+        bench.error(f"--time_shifts entries must be > 0 (1 = a uniform grid), got {args.time_shifts}")
     if not os.path.isfile(args.inception_weights):
         bench.error(f"--inception_weights {args.inception_weights} is not a file; build it with "
                     f"../shared/tools/make_fid_inception_weights.py (its docstring has the commands)")
@@ -120,7 +158,29 @@ def parse(argv):
         if unused:
             bench.error(f"{' '.join(unused)}: the peer pipeline does not use these; it takes "
                         f"{' '.join('--' + k for k in PEER_FLAGS)}")
+    if args.checkpoint:
+        config = checkpoint_config(bench, args, config, rest)
     return args, config, data, rest
+
+
+def checkpoint_config(bench, args, flags_config, flags) -> FlowMatchingConfig:
+    """The config of the run --checkpoint holds (on the --device of the flags); exits with code 2 for
+    a missing or foreign checkpoint, the peer pipeline, a training flag or another seed than the run's."""
+    given = {f[2:].split("=")[0] for f in flags if f.startswith("--")}
+    training = sorted(given - set(CHECKPOINT_FLAGS))
+    if args.pipeline != "repo":
+        bench.error("--checkpoint scores a run of the repo pipeline (a flow_matching_final.pt); drop --pipeline peer")
+    if training:
+        bench.error(f"{' '.join('--' + k for k in training)}: training flags do not apply to --checkpoint, which "
+                    f"scores a finished run with its own config")
+    try:
+        config = FlowMatchingConfig(**load_checkpoint(args.checkpoint, kind="flow_matching")["config"])
+    except (FileNotFoundError, ValueError) as err:
+        bench.error(f"--checkpoint: {err}")
+    if "seed" in given and flags_config.seed != config.seed:
+        bench.error(f"--seed {flags_config.seed}: {args.checkpoint} was trained with seed {config.seed}, the seed "
+                    f"its rows carry; drop --seed")
+    return dataclasses.replace(config, device=flags_config.device)
 
 
 def run_name(args, config, flags) -> str:
@@ -212,20 +272,23 @@ def train_peer(config, run_dir: str, device: torch.device):
 # ----------------------------------------------------------------------------- scoring
 
 def score(model, config, args, device, extractor, ref_stats, grid_path: str):
-    """FID of each sampler x steps x cfg setting: [(fields, fid, seconds)]; saves a grid of the first."""
+    """FID of each sampler x steps x cfg x shift x interval setting: [(fields, fid, seconds)]; saves a
+    grid of the first."""
     labels = fid.balanced_labels(args.num_samples, config.num_classes)
     out = []
-    for sampler, num_steps, cfg_scale in itertools.product(args.samplers, args.num_steps_list, args.cfg_scales):
+    for sampler, num_steps, cfg_scale, time_shift, interval in itertools.product(
+            args.samplers, args.num_steps_list, args.cfg_scales, args.time_shifts, args.guidance_intervals):
         start = time.perf_counter()
         images, nfe = flow_matching.generate_images(
             model, labels, shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
-            num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=args.sample_batch_size,
-            device=device, progress=True)
+            num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale, guidance_interval=interval,
+            time_shift=time_shift, batch_size=args.sample_batch_size, device=device, progress=True)
         if not out:  # 10 samples of each class, a row per class
             order = labels[:10 * config.num_classes].argsort(stable=True).numpy()
             save_image(make_grid(images[order], 10), grid_path)
         stats = fid.image_statistics(images, extractor, device, 100, progress=True)
-        out.append((dict(sampler=sampler, num_steps=num_steps, nfe=nfe, cfg_scale=cfg_scale),
+        out.append((dict(sampler=sampler, num_steps=num_steps, nfe=nfe, cfg_scale=cfg_scale, time_shift=time_shift,
+                         guidance_interval=list(interval) if interval else None),
                     fid.frechet_distance(stats, ref_stats), time.perf_counter() - start))
     return out
 
@@ -240,23 +303,33 @@ def git_commit() -> str:
 
 def summarize(path: str) -> str:
     """--results as a markdown table: one row per (pipeline, config diff, weights, sampler, NFE, cfg,
-    N, reference), its FID over seeds as mean and spread (max - min), and the mean wall times."""
+    time shift, guidance interval, N, reference), its FID over seeds as mean and spread (max - min),
+    and the mean wall times (of the rows that know theirs: a scored --checkpoint has no train time).
+    Rows written before the shift and interval existed sampled with 1 and none."""
     groups: Dict[tuple, List[dict]] = {}
     with open(path) as f:
         for row in map(json.loads, f):
+            interval = row.get("guidance_interval")
             key = (row["pipeline"], json.dumps(row["config_diff"], sort_keys=True), row["steps"], row["weights"],
-                   row["sampler"], row["nfe"], row["cfg_scale"], row["num_samples"], row["reference"])
+                   row["sampler"], row["nfe"], row["cfg_scale"], row.get("time_shift", 1.0),
+                   "-" if interval is None else "{:g},{:g}".format(*interval), row["num_samples"], row["reference"])
             groups.setdefault(key, []).append(row)
-    lines = ["| pipeline | config diff | steps | weights | sampler | NFE | cfg | N | seeds | FID mean | spread | "
-             "FID per seed | train s | eval s |", "|" + "---|" * 14]
+
+    def mean_seconds(values) -> str:
+        known = [v for v in values if v is not None]
+        return f"{statistics.mean(known):.0f}" if known else "-"
+
+    lines = ["| pipeline | config diff | steps | weights | sampler | NFE | cfg | shift | interval | N | seeds | "
+             "FID mean | spread | FID per seed | train s | eval s |", "|" + "---|" * 16]
     for key, rows in groups.items():
-        fids = [r["fid"] for r in sorted(rows, key=lambda r: r["seed"])]
-        pipeline, diff, steps, weights, sampler, nfe, cfg, n, _ = key
+        rows = sorted(rows, key=lambda r: r["seed"])
+        fids = [r["fid"] for r in rows]
+        pipeline, diff, steps, weights, sampler, nfe, cfg, shift, interval, n, _ = key
         lines.append(f"| {pipeline} | {diff if diff != '{}' else '-'} | {steps} | {weights} | {sampler} | {nfe} | "
-                     f"{cfg:g} | {n} | {','.join(str(r['seed']) for r in sorted(rows, key=lambda r: r['seed']))} | "
+                     f"{cfg:g} | {shift:g} | {interval} | {n} | {','.join(str(r['seed']) for r in rows)} | "
                      f"{statistics.mean(fids):.2f} | {max(fids) - min(fids):.2f} | "
-                     f"{' / '.join(f'{v:.2f}' for v in fids)} | {statistics.mean(r['train_seconds'] for r in rows):.0f} | "
-                     f"{statistics.mean(r['eval_seconds'] for r in rows):.0f} |")
+                     f"{' / '.join(f'{v:.2f}' for v in fids)} | {mean_seconds(r['train_seconds'] for r in rows)} | "
+                     f"{mean_seconds(r['eval_seconds'] for r in rows)} |")
     references = sorted({key[-1] for key in groups})
     return "\n".join(lines + [f"\nreference: {'; '.join(references)}"])
 
@@ -272,10 +345,14 @@ def main(argv=None) -> int:
     args, config, data_flags, flags = parse(argv)
     commit = git_commit()  # the code that trains, even if the tree changes while the run goes on
     device = resolve_device(config.device)
-    run_dir = os.path.join(args.runs_dir, run_name(args, config, flags))
-    if os.path.exists(os.path.join(run_dir, "flow_matching_final.pt")) or os.path.exists(os.path.join(run_dir, "peer_final.pt")):
-        print(f"error: {run_dir} holds a finished run; delete it or pass another --runs_dir", file=sys.stderr)
-        return 2
+    if args.checkpoint:  # its grids go beside the runs' own, never into the checkpoint's folder
+        scored = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+        run_dir = os.path.join(args.runs_dir, f"scored_{scored}")
+    else:
+        run_dir = os.path.join(args.runs_dir, run_name(args, config, flags))
+        if any(os.path.exists(os.path.join(run_dir, name)) for name in ("flow_matching_final.pt", "peer_final.pt")):
+            print(f"error: {run_dir} holds a finished run; delete it or pass another --runs_dir", file=sys.stderr)
+            return 2
     # Reference statistics first: a missing weights file or data folder fails before the training.
     extractor = fid.InceptionFeatures(args.inception_weights).to(device).eval()
     ref = fid.ImageSet(config.dataset, config.data_dir, config.image_size, config.in_channels,
@@ -286,8 +363,9 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     if args.pipeline == "repo":
-        path = train_repo(config, data_flags + flags, run_dir)
-        train_seconds = time.perf_counter() - start
+        path = args.checkpoint or train_repo(config, data_flags + flags, run_dir)
+        # A scored checkpoint's training time is unknown: its metrics.jsonl logs images/s, no elapsed time.
+        train_seconds = None if args.checkpoint else round(time.perf_counter() - start, 1)
         models = {}
         for weights in args.weights:
             models[weights], ckpt = load_flow_model(path, "ema" if weights == "ema" else "model", device)
@@ -295,7 +373,7 @@ def main(argv=None) -> int:
         steps = ckpt["step"]
     else:
         model = train_peer(config, run_dir, device)
-        train_seconds, steps, models = time.perf_counter() - start, config.train_steps, {"raw": model}
+        train_seconds, steps, models = round(time.perf_counter() - start, 1), config.train_steps, {"raw": model}
 
     default = dataclasses.asdict(parse_config(FlowMatchingConfig, PRESETS, ["--preset", PRESET]))
     diff = {k: v for k, v in dataclasses.asdict(config).items()
@@ -307,7 +385,7 @@ def main(argv=None) -> int:
                                             os.path.join(run_dir, f"grid_{weights}.png")):
             row = {"pipeline": args.pipeline, "config_diff": diff, "data": config.data_dir,
                    "seed": config.seed, "steps": steps,
-                   "batch_size": config.batch_size, "train_seconds": round(train_seconds, 1),
+                   "batch_size": config.batch_size, "train_seconds": train_seconds,
                    "weights": weights, **fields, "num_samples": args.num_samples,
                    "reference": reference, "fid": round(value, 3), "eval_seconds": round(seconds, 1),
                    "machine": machine(device), "commit": commit,
@@ -318,11 +396,13 @@ def main(argv=None) -> int:
             with open(args.results, "a") as f:
                 f.write(json.dumps(row) + "\n")
     print(f"\n{'pipeline':>8} {'seed':>4} {'steps':>5} {'weights':>7} {'sampler':>7} {'NFE':>4} {'cfg':>4} "
-          f"{'N':>5} {'FID':>8}   diff")
+          f"{'shift':>5} {'interval':>10} {'N':>5} {'FID':>8}   diff")
     for r in rows:
         print(f"{r['pipeline']:>8} {r['seed']:>4} {r['steps']:>5} {r['weights']:>7} {r['sampler']:>7} "
-              f"{r['nfe']:>4} {r['cfg_scale']:>4} {r['num_samples']:>5} {r['fid']:>8.2f}   {r['config_diff'] or '-'}")
-    print(f"reference: {reference} ({ref_path}); train {train_seconds:.0f} s; appended to {args.results}")
+              f"{r['nfe']:>4} {r['cfg_scale']:>4} {r['time_shift']:>5} {str(r['guidance_interval'] or '-'):>10} "
+              f"{r['num_samples']:>5} {r['fid']:>8.2f}   {r['config_diff'] or '-'}")
+    print(f"reference: {reference} ({ref_path}); train {'-' if train_seconds is None else f'{train_seconds:.0f}'} s; "
+          f"appended to {args.results}")
     return 0
 
 

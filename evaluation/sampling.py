@@ -1,18 +1,19 @@
 """Sampling a flow-matching checkpoint: the flags generate_flow_matching.py and evaluate_fid.py share,
 and a checkpoint turned into the model, its latent decoder and the sampling settings.
 
-    add_sampling_flags(parser, sweep=False)          # --sampler/--num_steps/--cfg_scale (sweep: lists)
-    run = load_sampling_run(args, device)            # model rebuilt from the checkpoint's own config
+    add_sampling_flags(parser, sweep=False)   # --sampler/--num_steps/--cfg_scale/--time_shift (sweep: lists)
+    run = load_sampling_run(args, device)     # model rebuilt from the checkpoint's own config
     images, nfe = run.generate(labels, seed=..., num_steps=..., sampler=..., cfg_scale=..., ...)
 
-Settings left unset come from the checkpoint (its sampler, steps and CFG scale); an unconditional
-model samples at CFG 1 (flow_matching.resolve_cfg_scale). Forward passes run in bf16 on CUDA and
-fp32 on the CPU unless --precision says otherwise; the ODE state is always fp32.
+Settings left unset come from the checkpoint (its sampler, steps, CFG scale, guidance interval and
+time shift; a checkpoint older than the last two fields guides every step of a uniform grid); an
+unconditional model samples at CFG 1 (flow_matching.resolve_cfg_scale). Forward passes run in bf16
+on CUDA and fp32 on the CPU unless --precision says otherwise; the ODE state is always fp32.
 """
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,7 +24,7 @@ from models.vqvae import LatentSpace
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
-    """The sampling flags of both scripts; with `sweep`, the solver, steps and scale take lists."""
+    """The sampling flags of both scripts; with `sweep`, the solver, steps, scale and shift take lists."""
     if sweep:
         p.add_argument("--samplers", nargs="+", default=None, choices=flow_matching.SAMPLERS,
                        help="ODE solvers to sweep (default: the checkpoint's sampler)")
@@ -31,6 +32,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
                        help="ODE step counts to sweep (default: the checkpoint's num_sampling_steps)")
         p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=None, metavar="S",
                        help="guidance scales to sweep (default: the checkpoint's cfg_scale; 1 = none)")
+        p.add_argument("--time_shifts", type=finite_float, nargs="+", default=None, metavar="S",
+                       help="time-grid shifts to sweep (default: the checkpoint's time_shift; see --time_shift)")
     else:
         p.add_argument("--sampler", default=None, choices=flow_matching.SAMPLERS,
                        help="ODE solver (default: the checkpoint's)")
@@ -38,8 +41,12 @@ def add_sampling_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
                        help="ODE steps (default: the checkpoint's num_sampling_steps)")
         p.add_argument("--cfg_scale", type=finite_float, default=None,
                        help="guidance scale (default: the checkpoint's); 1 = none")
+        p.add_argument("--time_shift", type=finite_float, default=None, metavar="S",
+                       help="time grid t(u) = u / (S - (S - 1) u), u uniform: 1 = uniform, > 1 more steps near "
+                            "noise (t=0), < 1 near data (SD3's shift) (default: the checkpoint's time_shift)")
     p.add_argument("--guidance_interval", type=finite_float, nargs=2, default=None, metavar=("A", "B"),
-                   help="apply CFG only while A <= t <= B (t=0 noise, t=1 data)")
+                   help="apply CFG only while A <= t <= B (t=0 noise, t=1 data); 0 1 = every step "
+                        "(default: the checkpoint's guidance_interval_start / _end)")
     p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i) (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass (per rank) (default: %(default)s)")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA or raw training weights (default: %(default)s)")
@@ -52,10 +59,22 @@ def add_sampling_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
 
 def check_sampling_flags(args, sweep: bool) -> None:
     """ValueError naming the flag for values that cannot sample."""
-    steps = (args.num_steps_list or []) if sweep else ([args.num_steps] if args.num_steps is not None else [])
+    def given(single: str, plural: str):
+        """(the flag's name, its values) for a flag that takes a list in sweep mode."""
+        if sweep:
+            return f"--{plural} entries", getattr(args, plural) or []
+        value = getattr(args, single)
+        return f"--{single}", [] if value is None else [value]
+
+    flag, steps = given("num_steps", "num_steps_list")
     if steps and min(steps) < 1:
-        raise ValueError(f"--{'num_steps_list entries' if sweep else 'num_steps'} must be >= 1, got "
-                         f"{steps if sweep else steps[0]}")
+        raise ValueError(f"{flag} must be >= 1, got {steps if sweep else steps[0]}")
+    flag, shifts = given("time_shift", "time_shifts")
+    if shifts and min(shifts) <= 0:
+        raise ValueError(f"{flag} must be > 0 (1 = a uniform grid), got {shifts if sweep else shifts[0]}")
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1:
+        raise ValueError(f"--guidance_interval A B must satisfy 0 <= A <= B <= 1, got "
+                         f"{' '.join(map(str, args.guidance_interval))}")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
 
@@ -82,6 +101,17 @@ class SamplingRun:
         unconditional model."""
         return [flow_matching.resolve_cfg_scale(s, self.num_classes, self.config["cfg_scale"], flag)
                 for s in (given or [None])]
+
+    def time_shifts(self, given: Optional[Sequence[float]]) -> List[float]:
+        """The time-grid shifts to sample at: `given`, or the checkpoint's (1 before the field existed)."""
+        return list(given or [self.config.get("time_shift", 1.0)])
+
+    def guidance_interval(self, given: Optional[Sequence[float]]) -> Optional[Tuple[float, float]]:
+        """The interval of t that CFG applies in: `given`, or the checkpoint's (every step before the
+        fields existed); None for (0, 1), every step."""
+        start, end = given or (self.config.get("guidance_interval_start", 0.0),
+                               self.config.get("guidance_interval_end", 1.0))
+        return flow_matching.guidance_interval_or_none(start, end)
 
     def generate(self, labels: torch.Tensor, **settings):
         """flow_matching.generate_images for this checkpoint (its shape, classes, precision and

@@ -123,7 +123,8 @@ def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder,
                "--samplers", "euler", "heun", "--num_steps_list", "1", "2", "--cfg_scales", "1", "2.5") == 0
     out = capsys.readouterr().out
     table = out[out.index("FID of "):].splitlines()
-    assert "vs 18 images of" in table[0] and table[1].split() == ["samples", "sampler", "steps", "NFE", "cfg_scale", "FID"]
+    assert "vs 18 images of" in table[0]
+    assert table[1].split() == ["samples", "sampler", "steps", "NFE", "shift", "cfg_scale", "interval", "FID"]
     got = rows(tmp_path)
     assert len(got) == 8 == len(table) - 3   # header, column names, rows, "appended ..."
     assert [(r["sampler"], r["num_steps"], r["nfe"], r["cfg_scale"]) for r in got[:4]] == [
@@ -131,6 +132,7 @@ def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder,
     assert {r["nfe"] for r in got[4:]} == {2, 4}
     for r, line in zip(got, table[2:]):
         assert r["num_samples"] == 6 and r["step"] == 2 and r["weights"] == "ema" and r["source"] == "checkpoint"
+        assert r["time_shift"] == 1.0 and r["guidance_interval"] is None  # the checkpoint's defaults
         assert np.isfinite(r["fid"]) and r["fid"] > 0
         assert line.split()[-1] == f"{r['fid']:.3f}"
 
@@ -144,6 +146,10 @@ def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder,
     (["--images", "REF", "--ref_data_dir", "REF", "--ref_num_images", "40"], "40 images were asked of"),
     (["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
     (["--checkpoint", "missing.pt", "--cfg_scales", "1", "inf"], "--cfg_scales: must be a finite number, got 'inf'"),
+    (["--samples", "NPZ", "--ref_data_dir", "REF", "--time_shifts", "2"], "--time_shifts only apply to --checkpoint"),
+    (["--checkpoint", "missing.pt", "--time_shifts", "1", "0"], "--time_shifts entries must be > 0 (1 = a uniform grid), got [1.0, 0.0]"),
+    (["--checkpoint", "missing.pt", "--guidance_interval", "0.8", "0.2"], "--guidance_interval A B must satisfy 0 <= A <= B <= 1, got 0.8 0.2"),
+    (["--checkpoint", "missing.pt", "--guidance_interval", "0", "1.5"], "--guidance_interval A B must satisfy"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(stand_in, folder, tmp_path, capsys, flags, expected):
     npz = tmp_path / "samples.npz"

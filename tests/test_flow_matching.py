@@ -110,13 +110,43 @@ def point_field(mu):
     return lambda x, t: (mu - x) / (1 - t)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0, 1 / 3])
 @pytest.mark.parametrize("steps", [1, 2, 3, 7, 50])
-def test_euler_lands_exactly_on_a_single_point(steps):
+def test_euler_lands_exactly_on_a_single_point(steps, shift):
+    """Whatever the grid: its last step starts at t0 and has dt = 1 - t0, which cancels 1 / (1 - t0)."""
     mu = torch.tensor([[1.5, -2.0, 0.25]], dtype=torch.float64)
     x0 = torch.randn(5, 3, dtype=torch.float64)
-    x1, nfe = fm.integrate(point_field(mu), x0, steps, "euler")
+    x1, nfe = fm.integrate(point_field(mu), x0, steps, "euler", time_shift=shift)
     torch.testing.assert_close(x1, mu.expand(5, 3), rtol=0, atol=1e-12)
     assert nfe == steps
+
+
+def test_time_grid_runs_from_exactly_0_to_exactly_1_and_increases():
+    for shift in (1.0, 3.0, 1 / 3, 0.1, 7.3, 1e-3, 1e3):
+        for steps in (1, 2, 3, 7, 50, 1000):
+            ts = fm.time_grid(steps, shift)
+            assert len(ts) == steps + 1 and ts[0] == 0.0 and ts[-1] == 1.0, (shift, steps)
+            assert all(a < b for a, b in zip(ts, ts[1:])), (shift, steps)
+
+
+def test_time_grid_shift_moves_the_steps_toward_noise_or_data():
+    for steps in (1, 3, 10, 50):
+        assert fm.time_grid(steps, 1.0) == torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+    for steps in (2, 5, 20):
+        toward_noise, toward_data = fm.time_grid(steps, 3.0), fm.time_grid(steps, 1 / 3)
+        assert toward_noise[1] - toward_noise[0] < toward_noise[-1] - toward_noise[-2]  # small steps near t = 0
+        assert toward_data[1] - toward_data[0] > toward_data[-1] - toward_data[-2]
+    # u = 1/4, s = 3: t = u / (s - (s - 1) u) = 0.25 / 2.5; SD3's sigma' = s sigma / (1 + (s - 1) sigma) at
+    # sigma = 1 - u = 0.75 is 2.25 / 2.5 = 0.9 = 1 - t.
+    assert fm.time_grid(4, 3.0)[1] == pytest.approx(0.1, rel=1e-15)
+    assert fm.time_grid(4, 3.0) == pytest.approx([0.0, 0.1, 0.25, 0.5, 1.0], rel=1e-15)
+    assert fm.time_grid(4, 1 / 3) == pytest.approx([0.0, 0.5, 0.75, 0.9, 1.0], rel=1e-15)
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.0, math.inf, math.nan])
+def test_time_grid_refuses_a_shift_that_is_not_positive_and_finite(shift):
+    with pytest.raises(ValueError, match=f"time shift must be .* got {shift}"):
+        fm.time_grid(4, shift)
 
 
 def gaussian_field(m, s):
@@ -201,6 +231,50 @@ def test_sample_gives_the_model_the_time_of_the_convention(sampler, times):
     fm.sample(model, torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 2]), num_classes=3, num_steps=4, sampler=sampler)
     assert [t[0].item() for t in seen] == pytest.approx(times)
     assert all(torch.equal(t, t[:1].expand_as(t)) for t in seen)
+
+
+@pytest.mark.parametrize("sampler, times", [("euler", [0.0, 0.1, 0.25, 0.5]),
+                                             ("heun", [0.0, 0.1, 0.1, 0.25, 0.25, 0.5, 0.5, 1.0]),
+                                             ("midpoint", [0.0, 0.05, 0.1, 0.175, 0.25, 0.375, 0.5, 0.75])])
+def test_generate_images_steps_through_the_shifted_grid(sampler, times):
+    """time_shift reaches the solver through generate_images and sample: 4 steps at shift 3 are
+    the grid 0, 0.1, 0.25, 0.5, 1 (midpoint: the middle of each step)."""
+    seen = []
+
+    def model(x, t, y):
+        seen.append(t[0].item())
+        return torch.zeros_like(x)
+
+    fm.generate_images(model, torch.tensor([0, 1]), shape=(1, 2, 2), num_classes=3, seed=0, num_steps=4,
+                       sampler=sampler, time_shift=3.0)
+    assert seen == pytest.approx(times, rel=1e-6)  # the model gets t in float32
+
+
+@pytest.mark.parametrize("sampler, interval, guided", [
+    ("euler", (0.25, 0.75), [False, True, True, True]),                              # t = 0, .25, .5, .75
+    ("heun", (0.25, 0.5), [False, True, True, True, True, False, False, False]),      # 0, .25, .25, .5, .5, .75, .75, 1
+    ("heun", (0.0, 0.0), [True] + [False] * 7),
+    ("heun", (1.0, 1.0), [False] * 7 + [True]),
+])
+def test_guidance_interval_includes_both_of_its_ends(sampler, interval, guided):
+    """The model sees the null label exactly at the grid times a <= t <= b (grids that hit a and b)."""
+    seen = []
+
+    def model(x, t, y):
+        null = y == 3
+        assert null.sum() in (0, len(y) // 2)                # all conditional, or a CFG batch: half null
+        seen.append(bool(null.any()))
+        return torch.zeros_like(x)
+
+    fm.sample(model, torch.randn(2, 1, 2, 2), torch.tensor([0, 2]), num_classes=3, num_steps=4, sampler=sampler,
+              cfg_scale=2.0, guidance_interval=interval)
+    assert seen == guided
+
+
+def test_a_config_interval_of_0_1_is_no_interval():
+    assert fm.guidance_interval_or_none(0.0, 1.0) is None
+    assert fm.guidance_interval_or_none(0.0, 0.9) == (0.0, 0.9)
+    assert fm.guidance_interval_or_none(0.1, 1.0) == (0.1, 1.0)
 
 
 def test_cfg_scales_match_the_formula_in_one_batched_call():

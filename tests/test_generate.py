@@ -82,7 +82,7 @@ def test_same_seed_same_images_whatever_the_batch_size(checkpoint, tmp_path):
 @pytest.mark.parametrize("flags,nfe", [
     (["--sampler", "heun"], 4), (["--sampler", "midpoint", "--num_steps", "3"], 6),
     (["--cfg_scale", "4.0"], 2), (["--guidance_interval", "0.2", "0.8"], 2), (["--weights", "model"], 2),
-    (["--precision", "bf16"], 2)])
+    (["--precision", "bf16"], 2), (["--time_shift", "3"], 2), (["--time_shift", "0.5", "--sampler", "heun"], 4)])
 def test_solver_and_guidance_flags(checkpoint, tmp_path, capsys, flags, nfe):
     assert run(checkpoint, tmp_path, "--num_samples", "2", *flags) == 0
     assert f"{nfe} NFE per sample" in capsys.readouterr().out
@@ -128,6 +128,9 @@ def truncated(checkpoint, tmp_path):
     ("output", "cannot be written"),
     ("cfg_inf", "--cfg_scale: must be a finite number, got 'inf'"),
     ("interval_nan", "--guidance_interval: must be a finite number, got 'nan'"),
+    ("interval_order", "--guidance_interval A B must satisfy 0 <= A <= B <= 1, got 0.9 0.1"),
+    ("shift", "--time_shift must be > 0 (1 = a uniform grid), got -1.0"),
+    ("shift_inf", "--time_shift: must be a finite number, got 'inf'"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpoint, tmp_path, capsys, case, needle):
     out = tmp_path / "out"
@@ -147,6 +150,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpo
         "output": ["--checkpoint", checkpoint, "--output_dir", str(blocker / "sub")],
         "cfg_inf": ["--checkpoint", checkpoint, "--cfg_scale", "inf"],
         "interval_nan": ["--checkpoint", checkpoint, "--guidance_interval", "0", "nan"],
+        "interval_order": ["--checkpoint", checkpoint, "--guidance_interval", "0.9", "0.1"],
+        "shift": ["--checkpoint", checkpoint, "--time_shift", "-1"],
+        "shift_inf": ["--checkpoint", checkpoint, "--time_shift", "inf"],
     }[case]
     if case != "output":
         argv += ["--output_dir", str(out)]

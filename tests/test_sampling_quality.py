@@ -23,6 +23,7 @@ from evaluation import fid
 from models.dit_2d import input_shape
 from tests.conftest import StandIn
 from models.dit_2d import load_flow_model
+from utils.checkpoint import load_checkpoint, save_checkpoint
 
 NUM_STEPS = 10
 
@@ -111,6 +112,7 @@ def direct(checkpoint, labels, weights="ema", **settings):
     (["--cfg_scale", "3", "--guidance_interval", "0.5", "1"], dict(cfg_scale=3.0, guidance_interval=(0.5, 1.0))),
     (["--cfg_scale", "1", "--precision", "bf16"], dict(cfg_scale=1.0, autocast_dtype=torch.bfloat16)),
     (["--cfg_scale", "1", "--sampler", "heun"], dict(cfg_scale=1.0, sampler="heun")),
+    (["--cfg_scale", "1", "--time_shift", "3"], dict(cfg_scale=1.0, time_shift=3.0)),
 ])
 def test_generate_flags_reach_the_sampler(overfit, tmp_path, flags, settings):
     """The script's samples are flow_matching's for the flag's setting, and differ from the
@@ -123,27 +125,83 @@ def test_generate_flags_reach_the_sampler(overfit, tmp_path, flags, settings):
     assert not np.array_equal(samples, baseline)
 
 
-def test_evaluate_fid_scores_each_cfg_scale_of_the_sweep(overfit, tmp_path, monkeypatch):
-    """evaluate_fid.py --cfg_scales 1 4: each row is the FID of that scale's samples."""
+def evaluate(checkpoint, images, tmp_path, monkeypatch, *flags):
+    """The rows of evaluate_fid.py on 12 samples of `checkpoint` (stand-in features) against three
+    copies of each class image, and the FID of `settings`' samples (as direct() makes them)."""
     pytest.importorskip("torch_fidelity")
     monkeypatch.setattr(fid, "InceptionFeatures", StandIn)
-    checkpoint, images = overfit
     ref = tmp_path / "ref"
     for c, image in enumerate(images):
-        os.makedirs(ref / f"class_{c}")
+        os.makedirs(ref / f"class_{c}", exist_ok=True)
         for i in range(3):
             Image.fromarray(image).save(ref / f"class_{c}" / f"{i}.png")
     out = tmp_path / "fid.jsonl"
-    assert evaluate_fid.main(["--checkpoint", checkpoint, "--num_samples", "12", "--cfg_scales", "1", "4",
-                              "--num_steps_list", str(NUM_STEPS), "--ref_data_dir", str(ref),
-                              "--fid_cache_dir", str(tmp_path / "cache"), "--device", "cpu", "--num_workers", "0",
-                              "--output_jsonl", str(out)]) == 0
-    rows = [json.loads(line) for line in open(out)]
-    assert [r["cfg_scale"] for r in rows] == [1.0, 4.0]
+    if out.exists():
+        out.unlink()
+    assert evaluate_fid.main(["--checkpoint", checkpoint, "--num_samples", "12", "--num_steps_list", str(NUM_STEPS),
+                              "--ref_data_dir", str(ref), "--fid_cache_dir", str(tmp_path / "cache"),
+                              "--device", "cpu", "--num_workers", "0", "--output_jsonl", str(out), *flags]) == 0
     net = StandIn()
     ref_stats = fid.image_statistics(np.repeat(images, 3, axis=0), net)
     labels = fid.balanced_labels(12, 3).numpy()
+
+    def fid_of(**settings):
+        return fid.frechet_distance(fid.image_statistics(direct(checkpoint, labels, **settings), net), ref_stats)
+
+    return [json.loads(line) for line in open(out)], fid_of
+
+
+def test_evaluate_fid_scores_each_cfg_scale_of_the_sweep(overfit, tmp_path, monkeypatch):
+    """evaluate_fid.py --cfg_scales 1 4: each row is the FID of that scale's samples."""
+    checkpoint, images = overfit
+    rows, fid_of = evaluate(checkpoint, images, tmp_path, monkeypatch, "--cfg_scales", "1", "4")
+    assert [r["cfg_scale"] for r in rows] == [1.0, 4.0]
     for row, scale in zip(rows, (1.0, 4.0)):
-        stats = fid.image_statistics(direct(checkpoint, labels, cfg_scale=scale), net)
-        assert row["fid"] == pytest.approx(fid.frechet_distance(stats, ref_stats), rel=1e-6)
+        assert row["fid"] == pytest.approx(fid_of(cfg_scale=scale), rel=1e-6)
+    assert rows[0]["fid"] != pytest.approx(rows[1]["fid"], rel=1e-3)
+
+
+def with_config(checkpoint, path, **fields):
+    """A copy of `checkpoint` with these config fields set; None removes one (an older checkpoint)."""
+    ckpt = load_checkpoint(checkpoint)
+    for name, value in fields.items():
+        if value is None:
+            del ckpt["config"][name]
+        else:
+            ckpt["config"][name] = value
+    save_checkpoint(ckpt, str(path))
+    return str(path)
+
+
+SHIFTED = dict(time_shift=3.0, guidance_interval_start=0.5, guidance_interval_end=1.0)
+OLDER = dict(time_shift=None, guidance_interval_start=None, guidance_interval_end=None)
+
+
+@pytest.mark.parametrize("fields, flags, settings", [
+    (SHIFTED, [], dict(time_shift=3.0, guidance_interval=(0.5, 1.0))),           # the checkpoint's settings
+    (SHIFTED, ["--time_shift", "1", "--guidance_interval", "0", "1"], {}),       # the flags win
+    (SHIFTED, ["--guidance_interval", "0", "0.5"], dict(time_shift=3.0, guidance_interval=(0.0, 0.5))),
+    (OLDER, [], {}),                                                             # older: uniform, CFG on every step
+])
+def test_generate_defaults_to_the_checkpoints_time_shift_and_guidance_interval(overfit, tmp_path, fields, flags,
+                                                                              settings):
+    checkpoint = with_config(overfit[0], tmp_path / "ckpt.pt", **fields)
+    samples, labels = generate(checkpoint, tmp_path / "out", "--class_grid", "--samples_per_class", "2", *flags)
+    expected = direct(checkpoint, labels, cfg_scale=3.0, **settings)  # 3: the checkpoint's scale
+    assert np.abs(samples.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_evaluate_fid_sweeps_time_shifts_and_records_shift_and_interval(overfit, tmp_path, monkeypatch):
+    """Without flags a row is sampled and recorded at the checkpoint's shift and interval;
+    --time_shifts sweeps the shift."""
+    checkpoint = with_config(overfit[0], tmp_path / "ckpt.pt", **SHIFTED)
+    rows, fid_of = evaluate(checkpoint, overfit[1], tmp_path, monkeypatch)
+    assert [(r["time_shift"], r["guidance_interval"], r["cfg_scale"]) for r in rows] == [(3.0, [0.5, 1.0], 3.0)]
+    assert rows[0]["fid"] == pytest.approx(fid_of(cfg_scale=3.0, time_shift=3.0, guidance_interval=(0.5, 1.0)),
+                                           rel=1e-6)
+    rows, _ = evaluate(checkpoint, overfit[1], tmp_path, monkeypatch, "--time_shifts", "1", "0.5")
+    assert [(r["time_shift"], r["guidance_interval"]) for r in rows] == [(1.0, [0.5, 1.0]), (0.5, [0.5, 1.0])]
+    for row in rows:
+        assert row["fid"] == pytest.approx(fid_of(cfg_scale=3.0, time_shift=row["time_shift"],
+                                                  guidance_interval=(0.5, 1.0)), rel=1e-6)
     assert rows[0]["fid"] != pytest.approx(rows[1]["fid"], rel=1e-3)

@@ -18,7 +18,8 @@ MAX_GRID_CLASSES = 16
 
 
 class FlowMatchingObjective:
-    """Flow-matching MSE for training; an EMA class grid (a row per class) and FID for monitoring.
+    """Flow-matching MSE for training; an EMA class grid (a row per class) and FID for monitoring,
+    both sampled with the config's settings (solver, steps, CFG scale and interval, time shift).
 
     With a `latent_space` (models.vqvae.LatentSpace) the model works on normalized VQ-VAE
     latents: grids and FID samples are decoded to pixels and the checkpoint stores the
@@ -34,6 +35,8 @@ class FlowMatchingObjective:
         self.rank, self.world_size = rank, world_size
         self.latent_space = latent_space
         self.eval_every = config.fid_every
+        self.guidance_interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start,
+                                                                         config.guidance_interval_end)
         if config.fid_every and rank == 0:
             # Before the first step: a missing weights file or reference set fails now, not hours in.
             self.fid_extractor = fid.InceptionFeatures(config.inception_weights).to(device).eval()
@@ -72,7 +75,7 @@ class FlowMatchingObjective:
             ema, noise, y.to(self.device) if c.num_classes else None, num_classes=c.num_classes,
             num_steps=c.num_sampling_steps, sampler=c.sampler,
             cfg_scale=flow_matching.resolve_cfg_scale(None, c.num_classes, c.cfg_scale),
-            autocast_dtype=self.autocast_dtype)
+            guidance_interval=self.guidance_interval, time_shift=c.time_shift, autocast_dtype=self.autocast_dtype)
         if self.latent_space is not None:
             images = self.latent_space.decode(images)
         return save_grid(images, c.grid_samples_per_class, path)
@@ -90,8 +93,8 @@ class FlowMatchingObjective:
             ema, fid.balanced_labels(c.fid_num_samples, c.num_classes),
             shape=input_shape(c), num_classes=c.num_classes, seed=c.seed,
             num_steps=c.num_sampling_steps, sampler=c.sampler, cfg_scale=cfg_scale,
-            batch_size=c.fid_batch_size, autocast_dtype=self.autocast_dtype, device=self.device,
-            rank=self.rank, world_size=self.world_size,
+            guidance_interval=self.guidance_interval, time_shift=c.time_shift, batch_size=c.fid_batch_size,
+            autocast_dtype=self.autocast_dtype, device=self.device, rank=self.rank, world_size=self.world_size,
             decode=self.latent_space.decode if self.latent_space is not None else None)
         if self.rank != 0:
             return {}

@@ -1,0 +1,127 @@
+"""benchmarks/quality.py on a tiny run with stand-in Inception features: --checkpoint scores a
+finished run in rows of the same form as the run's own (so --summarize groups them), the time
+shift and guidance interval settings reach the sampler and the rows, bad flags exit 2."""
+
+import glob
+import json
+import os
+
+import pytest
+
+import flow_matching
+import train_flow_matching
+from benchmarks import quality
+from evaluation import fid
+from tests.conftest import TINY_FLAGS, StandIn, write_image_folder
+
+SCORING = ["--num_samples", "6", "--ref_num_images", "12", "--num_steps_list", "2", "--cfg_scales", "1.5",
+           "--time_shifts", "1", "3", "--guidance_intervals", "none", "0.5,1", "--sample_batch_size", "4"]
+# The proxy16 preset shrunk to seconds; a relative data folder keeps the run's folder name short.
+TRAINING = ["--dataset", "imagefolder", "--data_dir", "images", "--image_size", "8", "--hidden_size", "32",
+            "--depth", "1", "--num_heads", "2", "--batch_size", "4", "--train_steps", "3", "--lr", "0.01",
+            "--warmup_steps", "0", "--num_workers", "0", "--data_loader", "workers", "--device", "cpu",
+            "--sample_every", "0"]
+# What differs between two scorings of one checkpoint (and the training time a scoring cannot know).
+PER_RUN = ("train_seconds", "eval_seconds", "time")
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    """The flags every call shares; the working directory (tmp_path) holds images/ and the outputs."""
+    write_image_folder(tmp_path / "images")
+    monkeypatch.setattr(fid, "InceptionFeatures", StandIn)
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"")  # must exist; the stand-in ignores it
+    return ["--inception_weights", str(weights), "--results", "results.jsonl", "--runs_dir", "runs"]
+
+
+def results():
+    with open("results.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_scored_checkpoint_gives_the_rows_of_its_training_run(bench, monkeypatch):
+    pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
+    sampled, generate_images = [], flow_matching.generate_images
+
+    def spy(*args, **settings):
+        sampled.append((settings["time_shift"], settings["guidance_interval"]))
+        return generate_images(*args, **settings)
+
+    monkeypatch.setattr(flow_matching, "generate_images", spy)
+    assert quality.main(bench + SCORING + TRAINING) == 0
+    [checkpoint] = glob.glob(os.path.join("runs", "*", "flow_matching_final.pt"))
+    assert quality.main(bench + SCORING + ["--checkpoint", checkpoint, "--seed", "0", "--device", "cpu"]) == 0
+    rows = results()
+    trained, scored = rows[:8], rows[8:]
+    assert len(scored) == 8
+    settings = [(w, s, i) for w in ("ema", "raw") for s in (1.0, 3.0) for i in (None, [0.5, 1.0])]
+    for t, s, setting in zip(trained, scored, settings):
+        assert (s["weights"], s["time_shift"], s["guidance_interval"]) == setting
+        assert t.keys() == s.keys()
+        assert {k: v for k, v in t.items() if k not in PER_RUN} == {k: v for k, v in s.items() if k not in PER_RUN}
+        assert t["train_seconds"] > 0 and s["train_seconds"] is None
+    assert sampled == [(s, None if i is None else tuple(i)) for _, s, i in settings] * 2  # trained, then scored
+    assert scored[0]["config_diff"]["hidden_size"] == 32 and scored[0]["steps"] == 3
+    table = quality.summarize("results.jsonl").splitlines()
+    lines = [line for line in table[2:] if line.startswith("| repo")]
+    assert len(lines) == 8   # each setting's trained and scored rows share a line
+    for line, t in zip(lines, trained):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[10] == "0,0" and cells[14] == f"{t['train_seconds']:.0f}"  # seeds; train s of the trained row
+    folder = os.path.basename(os.path.dirname(checkpoint))
+    assert os.path.isfile(os.path.join("runs", f"scored_{folder}", "grid_ema.png"))
+
+
+@pytest.fixture
+def checkpoint(bench, tmp_path):
+    """A one-step run of seed 3 on the images of `bench`."""
+    flags = TINY_FLAGS + ["--data_dir", str(tmp_path / "images"), "--checkpoint_dir", str(tmp_path / "ckpt"),
+                          "--train_steps", "1", "--seed", "3"]
+    assert train_flow_matching.main(flags) == 0
+    return str(tmp_path / "ckpt" / "flow_matching_final.pt")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--checkpoint", "missing.pt"], "--checkpoint: checkpoint missing.pt does not exist"),
+    (["--checkpoint", "CKPT", "--lr", "1e-3", "--depth", "3"],
+     "--depth --lr: training flags do not apply to --checkpoint"),
+    (["--checkpoint", "CKPT", "--seed", "0"], "--seed 0: CKPT was trained with seed 3"),
+    (["--checkpoint", "CKPT", "--pipeline", "peer", "--weights", "raw"], "drop --pipeline peer"),
+    (["--checkpoint", "CKPT", "--guidance_intervals", "none", "0.8,0.2"], "'0.8,0.2' must satisfy 0 <= A <= B <= 1"),
+    (["--checkpoint", "CKPT", "--guidance_intervals", "0.5"], "expected \"A,B\" or \"none\", got '0.5'"),
+    (["--checkpoint", "CKPT", "--time_shifts", "1", "0"], "--time_shifts entries must be > 0"),
+])
+def test_bad_flags_exit_2_with_one_line(bench, checkpoint, capsys, flags, expected):
+    flags = [checkpoint if f == "CKPT" else f for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(bench + flags)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert expected.replace("CKPT", checkpoint) in err, err
+    assert not os.path.exists("results.jsonl")
+
+
+def test_guidance_intervals_parse_to_pairs_or_none():
+    assert quality.guidance_interval_arg("none") is None
+    assert quality.guidance_interval_arg("0,1") is None   # every step, as "none"
+    assert quality.guidance_interval_arg("0.2,0.9") == (0.2, 0.9)
+    assert quality.guidance_interval_arg("0.5,0.5") == (0.5, 0.5)
+
+
+def test_summarize_groups_by_time_shift_and_interval_reading_old_rows_as_1_and_none(tmp_path):
+    base = {"pipeline": "repo", "config_diff": {}, "steps": 1000, "weights": "ema", "sampler": "euler", "nfe": 20,
+            "cfg_scale": 1.5, "num_samples": 1000, "reference": "ref", "eval_seconds": 10.0}
+    rows = [dict(base, seed=0, fid=60.0, train_seconds=100.0),                                 # before the fields
+            dict(base, seed=1, fid=62.0, train_seconds=None, time_shift=1.0, guidance_interval=None),
+            dict(base, seed=0, fid=50.0, train_seconds=100.0, time_shift=3.0, guidance_interval=None),
+            dict(base, seed=0, fid=55.0, train_seconds=None, time_shift=1.0, guidance_interval=[0.2, 0.9])]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = quality.summarize(str(path)).splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[6:9] == ["cfg", "shift", "interval"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:5]]
+    assert [(c[7], c[8], c[10], c[11]) for c in cells] == [("1", "-", "0,1", "61.00"), ("3", "-", "0", "50.00"),
+                                                           ("1", "0.2,0.9", "0", "55.00")]
+    assert [c[14] for c in cells] == ["100", "100", "-"]   # train s: the mean of the rows that know it
