@@ -75,6 +75,10 @@ PEER_FLAGS = ("seed", "dataset", "data_dir", "data_cache_dir", "data_loader", "n
 # The config flags --checkpoint takes: --seed (the run's own; any other is refused) and --device
 # (where to score). Every other flag would describe a training that is not the one scored.
 CHECKPOINT_FLAGS = ("seed", "device")
+# Config fields that change where a run writes or what it logs, never what it learns: left out of a
+# row's config diff, so that (e.g.) a run saving every 250 steps shares the baseline's table row.
+NOT_RECIPE = ("checkpoint_dir", "sample_dir", "num_classes", "seed", "dataset", "data_dir", "data_cache_dir",
+              "save_every", "keep_checkpoints", "log_every", "sample_every", "tensorboard", "resume")
 DEFAULT_WEIGHTS = os.path.expanduser(os.path.join("~", ".cache", "fid_weights", "fid_inception.pth"))
 
 
@@ -376,9 +380,7 @@ def main(argv=None) -> int:
         train_seconds, steps, models = round(time.perf_counter() - start, 1), config.train_steps, {"raw": model}
 
     default = dataclasses.asdict(parse_config(FlowMatchingConfig, PRESETS, ["--preset", PRESET]))
-    diff = {k: v for k, v in dataclasses.asdict(config).items()
-            if default.get(k) != v and k not in ("checkpoint_dir", "sample_dir", "num_classes", "seed",
-                                                 "dataset", "data_dir")}
+    diff = {k: v for k, v in dataclasses.asdict(config).items() if default.get(k) != v and k not in NOT_RECIPE}
     rows = []
     for weights, model in models.items():
         for fields, value, seconds in score(model, config, args, device, extractor, ref_stats,
