@@ -139,6 +139,7 @@ def evaluate(args, dist) -> None:
         config = run.config
         image_size, in_channels = config["image_size"], config["in_channels"]
         cfg_scales = run.cfg_scales(args.cfg_scales, "--cfg_scales")
+        samplers = run.samplers(args.samplers, "--samplers")
         guidance_interval = run.guidance_interval(args.guidance_interval)
         if args.cfg_scales is None and run.num_classes and main:
             print(f"cfg_scale {cfg_scales[0]}: the checkpoint's sampling default, a visual setting; the "
@@ -178,7 +179,7 @@ def evaluate(args, dist) -> None:
     if args.checkpoint:
         labels = fid.balanced_labels(args.num_samples or DEFAULT_NUM_SAMPLES, run.num_classes)
         for sampler, num_steps, cfg_scale, time_shift in itertools.product(
-                args.samplers or [config["sampler"]], args.num_steps_list or [config["num_sampling_steps"]],
+                samplers, args.num_steps_list or [config["num_sampling_steps"]],
                 cfg_scales, run.time_shifts(args.time_shifts)):
             start = time.perf_counter()
             images, nfe = run.generate(

@@ -21,9 +21,11 @@ from tqdm import tqdm
 from utils.images import to_uint8
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
-SAMPLERS = ("euler", "heun", "midpoint")
+SAMPLERS = ("euler", "heun", "midpoint", "meanflow")
+OBJECTIVES = ("flow_matching", "meanflow")
 
-VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
+# v(x, t), or with r the average velocity u(x, t, r) of a MeanFlow model (r = None: instantaneous).
+VelocityFn = Callable[..., torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- the path
@@ -84,6 +86,106 @@ def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Te
     return F.mse_loss(v.float(), target_velocity(noise, data).float())
 
 
+# ----------------------------------------------------------------------------- MeanFlow
+
+def sample_time_pair(batch: int, device, ratio: float, scheme: str = "uniform", mean: float = 0.0,
+                     std: float = 1.0, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MeanFlow's (t, r), each (batch,), t <= r: two draws of sample_time, t the smaller (nearer
+    noise); then r = t (an instantaneous velocity) for all but a share `ratio` of the samples."""
+    a = sample_time(batch, device, scheme, mean, std, generator)
+    b = sample_time(batch, device, scheme, mean, std, generator)
+    t, r = torch.minimum(a, b), torch.maximum(a, b)
+    keep = torch.rand(batch, device=device, generator=generator) < ratio
+    return t, torch.where(keep, r, t)
+
+
+def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor], *, num_classes: int,
+                  class_dropout_prob: float = 0.1, ratio: float = 0.25, time_sampling: str = "uniform",
+                  logit_normal_mean: float = 0.0, logit_normal_std: float = 1.0,
+                  guidance_scale: float = 1.0, guidance_mix: float = 0.0, adaptive_p: float = 1.0,
+                  adaptive_c: float = 1e-3, jvp_model: Optional[Callable] = None,
+                  generator: Optional[torch.Generator] = None, rows: Optional[torch.Tensor] = None,
+                  num_rows: Optional[int] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MeanFlow (Geng et al. 2025): regress the average velocity u(x_t, t, r) onto its identity.
+
+    In this repo's convention (t = 0 noise, t = 1 data) the flow moves forward in t, and the
+    average velocity from t to r >= t along the trajectory x_s of the (marginal) velocity v is
+
+        u(x_t, t, r) = 1 / (r - t) * integral_t^r v(x_s, s) ds,   so   x_r = x_t + (r - t) u(x_t, t, r).
+
+    Differentiating (r - t) u = integral_t^r v ds in t, with r fixed and x_t moving along the flow:
+
+        -u + (r - t) du/dt = -v(x_t, t)   =>   u = v + (r - t) du/dt,
+        du/dt = v . d_x u + d_t u         (the total derivative: a JVP with tangent (v, 1, 0) on (x, t, r)).
+
+    This is the paper's u = v - (t - r) du/dt, with its t (noise side) and r written in our
+    orientation. The target replaces v by the conditional velocity data - noise (whose mean given x_t
+    is v, as in flow matching) and du/dt by the model's own JVP, under a stop-gradient:
+
+        target = v_g + (r - t) * sg(du_theta/dt),      loss = sg(w) * ||u_theta - target||^2,
+
+    per sample, with the adaptive weight w = 1 / (||.||^2 + c)^p (the mean square over elements;
+    p = 0 is plain MSE). At r = t the target is v_g: the flow-matching loss. du/dt is taken by
+    forward-mode AD (torch.func.jvp) only on the samples with r != t, without a graph (it is a
+    target); `jvp_model` is the model to differentiate (the unwrapped module under DDP or compile:
+    the gradient still comes from `model`'s own forward, which DDP all-reduces).
+
+    Guidance (the paper's guided target, so that one evaluation gives a guided sample): for samples
+    whose label was kept, v_g = w_s * v + k * u(x_t, t, t | y) + (1 - w_s - k) * u(x_t, t, t | null),
+    both u under a stop-gradient; its fixed point is CFG at scale w_s / (1 - k) on the average
+    velocity. Dropped labels (the null class) keep v_g = v. w_s = 1, k = 0 turns it off.
+    Randomness follows flow_matching_loss (`generator`, `rows`, `noise`).
+    """
+    B = data.shape[0]
+    n = B if rows is None else num_rows
+
+    def keep(drawn: torch.Tensor) -> torch.Tensor:
+        return drawn if rows is None else drawn[rows]
+
+    t, r = sample_time_pair(n, data.device, ratio, time_sampling, logit_normal_mean, logit_normal_std, generator)
+    t, r = keep(t), keep(r)
+    if noise is None:
+        noise = keep(torch.randn((n, *data.shape[1:]), device=data.device, dtype=data.dtype, generator=generator))
+    if num_classes > 0:
+        drop = keep(torch.rand(n, device=data.device, generator=generator)) < class_dropout_prob
+        y = torch.where(drop, torch.full_like(y, num_classes), y)
+    else:
+        y = None
+    x_t = interpolate(noise, data, t)
+    target = meanflow_target(jvp_model or model, x_t, t, r, y, target_velocity(noise, data).float(),
+                             num_classes=num_classes, guidance_scale=guidance_scale, guidance_mix=guidance_mix)
+    u = model(x_t, t, y, r).float()
+    squared = (u - target).pow(2).flatten(1).mean(1)                     # (B,)
+    weight = 1.0 / (squared.detach() + adaptive_c) ** adaptive_p if adaptive_p else 1.0
+    return (weight * squared).mean()
+
+
+@torch.no_grad()
+def meanflow_target(model: Callable, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+                    y: Optional[torch.Tensor], v: torch.Tensor, *, num_classes: int = 0,
+                    guidance_scale: float = 1.0, guidance_mix: float = 0.0) -> torch.Tensor:
+    """MeanFlow's regression target v_g + (r - t) du/dt for the velocity v, in v's dtype, without a graph.
+
+    `model(x, t, y, r)` is the average velocity; y holds the null label `num_classes` where it was
+    dropped (no guidance there). du/dt is the JVP with tangent (v_g, 1, 0) on (x, t, r), taken only
+    on the samples with r != t (at r = t the target is v_g). See meanflow_loss for the math.
+    """
+    shape = (-1, *([1] * (v.dim() - 1)))
+    if y is not None and (guidance_scale != 1.0 or guidance_mix != 0.0):
+        u_c, u_u = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, num_classes)]),
+                         torch.cat([t, t])).to(v.dtype).chunk(2)
+        guided = guidance_scale * v + guidance_mix * u_c + (1 - guidance_scale - guidance_mix) * u_u
+        v = torch.where((y != num_classes).reshape(shape), guided, v)
+    target = v.clone()
+    jump = (r != t).nonzero().squeeze(1)
+    if jump.numel():
+        ys = None if y is None else y[jump]
+        _, dudt = torch.func.jvp(lambda x_, t_, r_: model(x_, t_, ys, r_), (x_t[jump], t[jump], r[jump]),
+                                 (v[jump].to(x_t.dtype), torch.ones_like(t[jump]), torch.zeros_like(r[jump])))
+        target[jump] += (r - t)[jump].reshape(shape).to(v.dtype) * dudt.to(v.dtype)
+    return target
+
+
 # ----------------------------------------------------------------------------- guidance
 
 def resolve_cfg_scale(cfg_scale: Optional[float], num_classes: int, default: float,
@@ -111,7 +213,8 @@ def guided_velocity(model: Callable, y: Optional[torch.Tensor], *, num_classes: 
     v = v_u + s * (v_c - v_u), cond and uncond in one batched forward. s == 1 (or an
     unconditional model) runs the conditional pass alone. With `guidance_interval` (a, b),
     guidance applies only while a <= t <= b; outside it the conditional velocity is used.
-    The returned function takes x (B, ...) and t as a Python float.
+    The returned function takes x (B, ...), t as a Python float and, for a MeanFlow model's
+    average velocity from t to r, r as a Python float (guidance then mixes average velocities).
     """
     resolve_cfg_scale(cfg_scale, num_classes, cfg_scale)
     if guidance_interval is not None:
@@ -120,14 +223,17 @@ def guided_velocity(model: Callable, y: Optional[torch.Tensor], *, num_classes: 
             raise ValueError(f"guidance interval must satisfy 0 <= a <= b <= 1, got ({lo}, {hi})")
     y_both = None if cfg_scale == 1.0 else torch.cat([y, torch.full_like(y, num_classes)])
 
-    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+    def velocity(x: torch.Tensor, t: float, r: Optional[float] = None) -> torch.Tensor:
         B = x.shape[0]
         guided = y_both is not None and (guidance_interval is None
                                          or guidance_interval[0] <= t <= guidance_interval[1])
+        rows = 2 * B if guided else B
+        times = [torch.full((rows,), t, device=x.device)]
+        if r is not None:
+            times.append(torch.full((rows,), r, device=x.device))
         if not guided:
-            return model(x, torch.full((B,), t, device=x.device), y)
-        t_both = torch.full((2 * B,), t, device=x.device)
-        v_c, v_u = model(torch.cat([x, x]), t_both, y_both).chunk(2)      # each (B, C, H, W)
+            return model(x, times[0], y, *times[1:])
+        v_c, v_u = model(torch.cat([x, x]), times[0], y_both, *times[1:]).chunk(2)   # each (B, C, H, W)
         return v_u + cfg_scale * (v_c - v_u)
 
     return velocity
@@ -161,7 +267,8 @@ def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int, sampler: st
     Returns (x at t = 1, NFE): the number of velocity evaluations per sample (a CFG evaluation is
     one batched forward and counts once). Euler is first order with 1 NFE per step; Heun
     (trapezoidal predictor-corrector) and midpoint (at the middle of each step) are second order
-    with 2 NFE per step.
+    with 2 NFE per step. `meanflow` needs a MeanFlow model (velocity(x, t, r) is its average
+    velocity): each step is one jump x_r = x_t + (r - t) u(x_t, t, r), exact for the exact u.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
@@ -171,6 +278,9 @@ def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int, sampler: st
         dt = t1 - t0
         if sampler == "euler":
             x = x + dt * velocity(x, t0)
+            nfe += 1
+        elif sampler == "meanflow":
+            x = x + dt * velocity(x, t0, t1)
             nfe += 1
         elif sampler == "heun":
             v0 = velocity(x, t0)
@@ -204,10 +314,10 @@ def sample(model: Callable, noise: torch.Tensor, y: Optional[torch.Tensor], *, n
     else:
         y = None
 
-    def forward(x, t, labels):
+    def forward(x, t, labels, *r):
         with torch.autocast(noise.device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
-            return model(x, t, labels).float()
+            return model(x, t, labels, *r).float()
 
     field = guided_velocity(forward, y, num_classes=num_classes, cfg_scale=cfg_scale,
                             guidance_interval=guidance_interval)

@@ -93,7 +93,7 @@ def generate(args, dist) -> None:
     run = load_sampling_run(args, dist.device)
     num_classes = run.num_classes
     num_steps = args.num_steps or run.config["num_sampling_steps"]
-    sampler = args.sampler or run.config["sampler"]
+    sampler, = run.samplers([args.sampler] if args.sampler else None, "--sampler")
     [cfg_scale] = run.cfg_scales([args.cfg_scale] if args.cfg_scale is not None else None, "--cfg_scale")
     [time_shift] = run.time_shifts([args.time_shift] if args.time_shift is not None else None)
     guidance_interval = run.guidance_interval(args.guidance_interval)

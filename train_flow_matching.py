@@ -4,6 +4,8 @@
     python train_flow_matching.py --preset tiny --dataset imagefolder --data_dir PATH --device cpu
     torchrun --nproc_per_node 8 train_flow_matching.py  # batch_size stays the global batch
     python train_flow_matching.py --vqvae_checkpoint checkpoints/vqvae.pt   # on VQ-VAE latents
+    python train_flow_matching.py --objective meanflow --init_from checkpoints/flow_matching_final.pt
+                                                        # 1-2 step sampling from a flow-matching run
 
 Every config field is a flag (`--help` lists them). Writes checkpoints, config.json and
 metrics.jsonl to --checkpoint_dir and EMA sample grids to --sample_dir.
@@ -17,7 +19,7 @@ import torch
 
 from configs.flow_matching_config import ARCHITECTURE_FIELDS, parse_flow_matching_config
 from data.flow_matching_dataset import get_flow_matching_dataloader
-from models.dit_2d import dit_from_config
+from models.dit_2d import dit_from_config, initial_weights
 from models.vqvae import VQVAE
 from utils.checkpoint import check_nothing_ahead
 from training.launch import announce_run, launch
@@ -38,10 +40,16 @@ def train(config, dist) -> None:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = dit_from_config(config)
     model.gradient_checkpointing = config.gradient_checkpointing
+    initial_ema = None
+    if config.init_from is not None:
+        # Every field of the network but the objective: a flow-matching run may start a MeanFlow one.
+        fields = [f for f in ARCHITECTURE_FIELDS if f != "objective"]
+        state, initial_ema = initial_weights(config.init_from, model, config, fields)
+        model.load_state_dict(state, strict=True)
     announce_run(config, model, "flow_matching", dist)
     objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
                                       dist.rank, dist.world_size, latent_space=info.latent_space)
-    path = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS).fit()
+    path = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS, initial_ema).fit()
     if dist.is_main:
         print(f"done: {path}")
 

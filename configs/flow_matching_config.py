@@ -5,8 +5,10 @@ run that finishes in a few minutes on 2 cores and still shows a falling loss) an
 quality benchmark's proxy run, benchmarks/quality.py).
 """
 
+import dataclasses
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -16,7 +18,7 @@ from configs.train_config import TrainConfig
 # Fields that fix the network's shape: a checkpoint only loads into a config that agrees on them.
 ARCHITECTURE_FIELDS = ("image_size", "in_channels", "num_classes", "patch_size", "hidden_size",
                        "depth", "num_heads", "mlp_ratio", "latent_size", "latent_channels", "qk_norm",
-                       "mlp", "positions")
+                       "mlp", "positions", "objective")
 
 
 @dataclass
@@ -46,13 +48,21 @@ class FlowMatchingConfig(TrainConfig):
     positions: Literal["sincos", "rope", "sincos_rope"] = field(default="sincos", metadata={"help": "token positions: sincos = DiT's fixed 2D table added to the tokens; rope = 2D rotary positions in attention (rows rotate half of each head, columns the other half); sincos_rope = both (LightningDiT)"})
     fp32_residual: bool = field(default=False, metadata={"help": "keep the residual stream in fp32 under bf16/fp16 autocast (DiT, SiT); false = the stream in the autocast dtype (half the memory traffic; adaLN-Zero updates below half a bf16 ulp of the stream are rounded away)"})
     class_dropout_prob: float = field(default=0.1, metadata={"help": "probability a label is replaced by the null label (trains CFG)"})
+    # Objective
+    objective: Literal["flow_matching", "meanflow"] = field(default="flow_matching", metadata={"help": "flow_matching = regress the velocity v(x_t, t); meanflow = regress the average velocity u(x_t, t, r) (Geng et al. 2025) for 1-2 step sampling (--sampler meanflow); the DiT then also embeds r - t"})
+    init_from: Optional[str] = field(default=None, metadata={"help": "start from the weights (model and EMA) of this flow-matching or MeanFlow checkpoint, with a fresh optimizer and step 0 (e.g. turn a flow-matching run into a MeanFlow one); --resume of a run takes precedence"})
+    meanflow_ratio: float = field(default=0.25, metadata={"help": "MeanFlow: share of samples with r != t (the rest learn the instantaneous velocity, r = t)"})
+    meanflow_adaptive_p: float = field(default=1.0, metadata={"help": "MeanFlow: adaptive loss weight 1 / (||error||^2 + c)^p per sample; 0 = plain MSE"})
+    meanflow_adaptive_c: float = field(default=1e-3, metadata={"help": "MeanFlow: the constant c of the adaptive weight"})
+    meanflow_guidance_scale: float = field(default=1.0, metadata={"help": "MeanFlow guided target: v_g = w * v + k * u(x, t, t | y) + (1 - w - k) * u(x, t, t | null) for kept labels, i.e. CFG at scale w / (1 - k) learned into the model (sample it at --cfg_scale 1); w = 1, k = 0 = unguided"})
+    meanflow_guidance_mix: float = field(default=0.5, metadata={"help": "MeanFlow guided target: the mixing ratio k (see --meanflow_guidance_scale); the default w = 1, k = 0.5 learns CFG scale 2"})
     # Flow matching
     time_sampling: Literal["uniform", "logit_normal"] = field(default="uniform", metadata={"help": "training distribution of t"})
     logit_normal_mean: float = field(default=0.0, metadata={"help": "mean of logit(t) for logit_normal"})
     logit_normal_std: float = field(default=1.0, metadata={"help": "std of logit(t) for logit_normal"})
     # Sampling (training grids and the default of generate_flow_matching.py)
     num_sampling_steps: int = field(default=50, metadata={"help": "ODE solver steps"})
-    sampler: Literal["euler", "heun", "midpoint"] = field(default="euler", metadata={"help": "ODE solver"})
+    sampler: Literal["euler", "heun", "midpoint", "meanflow"] = field(default="euler", metadata={"help": "ODE solver; meanflow = jumps with a MeanFlow model's average velocity (the default with --objective meanflow)"})
     cfg_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance scale; 1 = no guidance"})
     guidance_interval_start: float = field(default=0.0, metadata={"help": "guidance applies only while guidance_interval_start <= t <= guidance_interval_end (Kynkaanniemi et al. 2024; t=0 noise); outside it the conditional velocity alone"})
     guidance_interval_end: float = field(default=1.0, metadata={"help": "end of the guidance interval (see guidance_interval_start); 0, 1 = guidance on every step"})
@@ -110,6 +120,20 @@ class FlowMatchingConfig(TrainConfig):
                              f"{self.guidance_interval_end} must satisfy 0 <= start <= end <= 1")
         if self.time_shift <= 0:
             raise ValueError(f"--time_shift must be > 0 (1 = a uniform grid), got {self.time_shift}")
+        if self.sampler == "meanflow" and self.objective != "meanflow":
+            raise ValueError("--sampler meanflow needs a MeanFlow model (--objective meanflow); a flow-matching "
+                             "model samples with --sampler euler, heun or midpoint")
+        if not 0.0 <= self.meanflow_ratio <= 1.0:
+            raise ValueError(f"--meanflow_ratio must be in [0, 1], got {self.meanflow_ratio}")
+        if self.meanflow_adaptive_p < 0 or self.meanflow_adaptive_c <= 0:
+            raise ValueError(f"--meanflow_adaptive_p must be >= 0 and --meanflow_adaptive_c > 0, got "
+                             f"{self.meanflow_adaptive_p}, {self.meanflow_adaptive_c}")
+        if not self.meanflow_guidance_mix < 1.0:
+            raise ValueError(f"--meanflow_guidance_mix must be < 1 (the learned scale is w / (1 - k)), got "
+                             f"{self.meanflow_guidance_mix}")
+        if self.init_from is not None and not os.path.isfile(self.init_from):
+            raise ValueError(f"--init_from {self.init_from} does not exist; pass a flow-matching or MeanFlow "
+                             f"checkpoint (e.g. checkpoints/flow_matching_final.pt)")
         if self.logit_normal_std <= 0:
             raise ValueError(f"--logit_normal_std must be > 0, got {self.logit_normal_std}")
         self._validate_fid()
@@ -148,5 +172,16 @@ PRESETS = {
 }
 
 
+# A MeanFlow run's sampling defaults (its grids, and generate_flow_matching.py on its checkpoint),
+# over the preset's unless given as flags: average-velocity jumps, and no CFG on top of the
+# guidance its training target already holds.
+MEANFLOW_SAMPLING = {"sampler": "meanflow", "cfg_scale": 1.0}
+
+
 def parse_flow_matching_config(argv=None) -> FlowMatchingConfig:
-    return parse_config(FlowMatchingConfig, PRESETS, argv, default_preset="cifar10")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = parse_config(FlowMatchingConfig, PRESETS, argv, default_preset="cifar10")
+    if config.objective == "meanflow":
+        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+        config = dataclasses.replace(config, **{k: v for k, v in MEANFLOW_SAMPLING.items() if k not in given})
+    return config

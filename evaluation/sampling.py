@@ -102,6 +102,16 @@ class SamplingRun:
         return [flow_matching.resolve_cfg_scale(s, self.num_classes, self.config["cfg_scale"], flag)
                 for s in (given or [None])]
 
+    def samplers(self, given: Optional[Sequence[str]], flag: str) -> List[str]:
+        """The solvers to sample with: `given` (the values of `flag`), or the checkpoint's.
+        ValueError for `meanflow` on a flow-matching checkpoint, which has no average velocity."""
+        samplers = list(given or [self.config["sampler"]])
+        if "meanflow" in samplers and self.config.get("objective", "flow_matching") != "meanflow":
+            raise ValueError(f"{flag} meanflow needs a MeanFlow checkpoint (trained with --objective meanflow); "
+                             f"{self.config.get('objective', 'flow_matching')} checkpoints sample with "
+                             f"euler, heun or midpoint")
+        return samplers
+
     def time_shifts(self, given: Optional[Sequence[float]]) -> List[float]:
         """The time-grid shifts to sample at: `given`, or the checkpoint's (1 before the field existed)."""
         return list(given or [self.config.get("time_shift", 1.0)])

@@ -1,6 +1,11 @@
 """DiT2D: a Diffusion Transformer over 2D patches that predicts the flow-matching velocity.
 
     v = DiT2D(...)(x_t, t, y)    x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int64 -> v (B, C, H, W)
+    u = DiT2D(..., two_times=True)(x_t, t, y, r)     MeanFlow: the average velocity from t to r
+
+With `two_times` (the MeanFlow objective) the conditioning also embeds the interval r - t; that
+embedder's output layer starts at zero, so a flow-matching checkpoint loads into it and predicts
+its own velocity, and r = t (or r omitted) always asks for the instantaneous velocity.
 
 The brief's DiT is the default; `qk_norm`, `mlp="swiglu"`, `positions` ("rope" or "sincos_rope")
 and `fp32_residual` are the options of models/layers.py and of the stream's precision.
@@ -10,6 +15,7 @@ guidance; num_classes=0 builds an unconditional model (y is ignored and may be N
 only predicts: the loss and the samplers live in flow_matching.py.
 """
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -20,14 +26,15 @@ from models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, Time
                            sincos_2d)
 
 POSITIONS = ("sincos", "rope", "sincos_rope")
-from utils.checkpoint import load_model
+from utils.checkpoint import check_config_fits, load_checkpoint, load_model, with_defaults
 
 
 class DiT2D(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 3,
                  hidden_size: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, num_classes: int = 10, qk_norm: bool = False,
-                 mlp: str = "gelu", positions: str = "sincos", fp32_residual: bool = False):
+                 mlp: str = "gelu", positions: str = "sincos", fp32_residual: bool = False,
+                 two_times: bool = False):
         super().__init__()
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
@@ -48,6 +55,7 @@ class DiT2D(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.r_embedder = TimestepEmbedder(hidden_size) if two_times else None   # embeds r - t
         # Fixed tables, rebuilt from the config: non-persistent buffers (not in checkpoints).
         table = sincos_2d(hidden_size, grid).unsqueeze(0) if positions != "rope" else None  # (1, N, D)
         angles = rope_2d_angles(hidden_size // num_heads, grid) if positions != "sincos" else None  # (N, Dh/2)
@@ -75,6 +83,12 @@ class DiT2D(nn.Module):
             nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.r_embedder is not None:
+            # Zero output: the interval changes nothing until trained, so flow-matching weights
+            # loaded into this model give exactly their velocity.
+            nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.r_embedder.mlp[2].weight)
+            nn.init.zeros_(self.r_embedder.mlp[2].bias)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -102,7 +116,8 @@ class DiT2D(nn.Module):
         x = x.reshape(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5)          # (B, C, h, p, w, p)
         return x.reshape(B, C, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
+                r: Optional[torch.Tensor] = None) -> torch.Tensor:
         # Label checks read values back to the host; on CUDA that would stall every step, and the
         # loaders and samplers there validate labels where they enter.
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -117,6 +132,10 @@ class DiT2D(nn.Module):
         c = self.t_embedder(t)                                             # (B, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y)                                     # (B, D)
+        if self.r_embedder is not None:
+            c = c + self.r_embedder(r - t if r is not None else torch.zeros_like(t))  # (B, D)
+        else:
+            assert r is None, "a flow-matching DiT2D predicts the velocity at t only: build it with two_times"
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if checkpointing:
@@ -151,10 +170,35 @@ def options(config) -> dict:
     none of them and gets the brief's DiT."""
     get = config.get if isinstance(config, dict) else lambda k, default: getattr(config, k)
     return dict(qk_norm=get("qk_norm", False), mlp=get("mlp", "gelu"), positions=get("positions", "sincos"),
-                fp32_residual=get("fp32_residual", False))
+                fp32_residual=get("fp32_residual", False),
+                two_times=get("objective", "flow_matching") == "meanflow")
 
 
 def load_flow_model(path: str, weights: str = "ema", device="cpu"):
     """The DiT2D of a flow-matching checkpoint, rebuilt from its config, with its EMA (default) or
     raw ('model') weights: (model in eval mode on `device`, checkpoint dict)."""
     return load_model(path, "flow_matching", dit_from_config, weights, device)
+
+
+def initial_weights(path: str, model: DiT2D, config, fields) -> Tuple[dict, dict]:
+    """(model state, EMA state) of the flow-matching or MeanFlow checkpoint `path`, ready to load
+    strictly into `model` (a run started with --init_from).
+
+    The checkpoint must agree with `config` on `fields` (the architecture). A flow-matching
+    checkpoint lacks the interval embedder of a MeanFlow model: those entries come from `model`'s
+    own initialization, whose zero output layer leaves the loaded velocity unchanged.
+    """
+    ckpt = load_checkpoint(path, kind="flow_matching")
+    check_config_fits(with_defaults(ckpt["config"], config), dataclasses.asdict(config), fields, path)
+    own = model.state_dict()
+    states = []
+    for key in ("model", "ema"):
+        state = dict(ckpt[key])
+        missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+        if unexpected or any(not k.startswith("r_embedder.") for k in missing):
+            raise ValueError(f"--init_from {path}: its weights do not fit this model (missing "
+                             f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); a MeanFlow "
+                             f"checkpoint only initializes a MeanFlow run")
+        state.update({k: own[k] for k in missing})
+        states.append(state)
+    return states[0], states[1]

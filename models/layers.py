@@ -152,7 +152,7 @@ class TimestepEmbedder(nn.Module):
                                  Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = (1000.0 * t.float()).unsqueeze(1) * self.freqs.unsqueeze(0)  # (B, F/2)
+        args = (1000.0 * t.to(self.freqs.dtype)).unsqueeze(1) * self.freqs.unsqueeze(0)  # (B, F/2), fp32 or a float64 model
         features = torch.cat([args.cos(), args.sin()], dim=-1)             # (B, F)
         return self.mlp(features)                                          # (B, D)
 

@@ -54,8 +54,21 @@ class Linear(nn.Linear):
         return out.to(torch.bfloat16)
 
 
+def _forward_ad(x: torch.Tensor) -> bool:
+    """True when x carries a forward-mode tangent (torch.func.jvp or forward_ad dual tensors)."""
+    return (torch._C._functorch.is_functorch_wrapped_tensor(x)
+            or torch.autograd.forward_ad.unpack_dual(x).tangent is not None)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA over (B, H, N, Dh); flash / memory-efficient kernels on CUDA."""
+    """SDPA over (B, H, N, Dh); flash / memory-efficient kernels on CUDA.
+
+    Under forward-mode AD (MeanFlow's JVP) it is written out as softmax(q k^T / sqrt(Dh)) v: the
+    fused SDPA kernels (flash on CUDA and CPU) have no forward-mode derivative.
+    """
+    if _forward_ad(q):
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5                  # (B, H, N, N)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v
     if not _bf16_via_fp32(q):
         return F.scaled_dot_product_attention(q, k, v)
     with torch.autocast("cpu", enabled=False):

@@ -70,6 +70,20 @@ def test_two_ranks_match_one_process(two_rank_run):
     assert max_weight_difference(final, load_checkpoint(os.path.join(ckpt_dir, "checkpoint_0000002.pt"))) > 1e-3
 
 
+def test_two_ranks_match_one_process_with_meanflow(two_rank_run):
+    """MeanFlow's JVP runs on the module under DDP; the gradient comes from DDP's own forward, so
+    the ranks' gradients are still all-reduced: loss, grad norm and weights match one process."""
+    root, flags, _ = two_rank_run
+    flags = flags + ["--objective", "meanflow", "--meanflow_ratio", "0.5", "--meanflow_adaptive_p", "0"]
+    two_dir, one_dir = str(root / "mf2"), str(root / "mf1")
+    torchrun("train_flow_matching.py", *flags, "--checkpoint_dir", two_dir, "--sample_dir", str(root / "smf2"))
+    assert train_flow_matching.main(flags + ["--checkpoint_dir", one_dir, "--sample_dir", str(root / "smf1")]) == 0
+    np.testing.assert_allclose(logged(two_dir, "loss"), logged(one_dir, "loss"), rtol=1e-4)
+    np.testing.assert_allclose(logged(two_dir, "grad_norm"), logged(one_dir, "grad_norm"), rtol=1e-4)
+    assert max_weight_difference(load_checkpoint(os.path.join(two_dir, "flow_matching_final.pt")),
+                                 load_checkpoint(os.path.join(one_dir, "flow_matching_final.pt"))) < 1e-4
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path):
     """The step-2 checkpoint of the 2-rank run, resumed by one process for step 3, reads the
     batch the 2 ranks read at step 3 and ends at their weights and data position."""

@@ -58,7 +58,11 @@ ALL_OPTIONS = ["--qk_norm", "true", "--mlp", "swiglu", "--positions", "sincos_ro
                "--num_sampling_steps", "3", "--sampler", "heun"]
 
 
-@pytest.mark.parametrize("options", [[], ALL_OPTIONS], ids=["default", "all_options"])
+MEANFLOW = ["--objective", "meanflow", "--meanflow_ratio", "0.5", "--meanflow_adaptive_p", "0.5",
+            "--mixed_precision", "bf16"]
+
+
+@pytest.mark.parametrize("options", [[], ALL_OPTIONS, MEANFLOW], ids=["default", "all_options", "meanflow"])
 def test_resume_is_bit_exact(tiny_flags, tmp_path, options):
     """2N steps in one go == N steps, then resume for N more (model, EMA, optimizer, data position),
     with the brief's recipe and with every recipe option on."""
@@ -188,6 +192,18 @@ def test_resume_with_a_different_architecture_is_a_clear_error(tiny_flags, tmp_p
     code = train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--depth", "3", "--resume", "latest"])
     assert code == 2
     assert "depth: checkpoint 2 vs now 3" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_the_recipe_options_resumes(tiny_flags, tmp_path):
+    """Its config lacks the fields added since (the architecture options, the objective): they had
+    their defaults then, so the run resumes."""
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1"]) == 0
+    path = os.path.join(flag_value(tiny_flags, "--checkpoint_dir"), "flow_matching_final.pt")
+    ckpt = load(path)
+    for name in ("qk_norm", "mlp", "positions", "fp32_residual", "objective", "ema_gamma", "time_shift"):
+        del ckpt["config"][name]
+    torch.save(ckpt, path)
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--resume", path]) == 0
 
 
 def test_resume_missing_checkpoint_is_a_clear_error(tiny_flags, capsys):

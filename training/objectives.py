@@ -17,6 +17,14 @@ from utils.distributed import wait_for_all_ranks
 MAX_GRID_CLASSES = 16
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under torch.compile and DDP wrappers: MeanFlow's JVP runs on it (forward-mode AD
+    goes through neither; its output is a target, so no gradient needs DDP's all-reduce)."""
+    while hasattr(model, "_orig_mod") or isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
 class FlowMatchingObjective:
     """Flow-matching MSE for training; an EMA class grid (a row per class) and FID for monitoring,
     both sampled with the config's settings (solver, steps, CFG scale and interval, time shift).
@@ -53,6 +61,15 @@ class FlowMatchingObjective:
     def loss(self, model, batch, draws):
         x, y = batch
         c = self.config
+        if c.objective == "meanflow":
+            loss = flow_matching.meanflow_loss(
+                model, x, y, num_classes=c.num_classes, class_dropout_prob=c.class_dropout_prob,
+                ratio=c.meanflow_ratio, time_sampling=c.time_sampling, logit_normal_mean=c.logit_normal_mean,
+                logit_normal_std=c.logit_normal_std, guidance_scale=c.meanflow_guidance_scale,
+                guidance_mix=c.meanflow_guidance_mix, adaptive_p=c.meanflow_adaptive_p,
+                adaptive_c=c.meanflow_adaptive_c, jvp_model=unwrap(model), generator=draws.generator,
+                rows=draws.rows, num_rows=draws.total, noise=draws.normal(x.shape[1:], x.dtype))
+            return loss, {}
         loss = flow_matching.flow_matching_loss(
             model, x, y, num_classes=c.num_classes, class_dropout_prob=c.class_dropout_prob,
             time_sampling=c.time_sampling, logit_normal_mean=c.logit_normal_mean,

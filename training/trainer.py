@@ -42,7 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from utils.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, load_checkpoint, periodic_checkpoint,
-                              prune_checkpoints, run_file, save_checkpoint, set_rng_state, training_checkpoint)
+                              prune_checkpoints, run_file, save_checkpoint, set_rng_state, training_checkpoint,
+                              with_defaults)
 from utils.distributed import DistInfo, any_rank, wait_for_all_ranks
 from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
                             lr_factor, set_lr)
@@ -136,7 +137,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, config, model: torch.nn.Module, objective, loader, dist: DistInfo,
-                 architecture_fields: Sequence[str] = ()):
+                 architecture_fields: Sequence[str] = (), initial_ema: Optional[Dict[str, torch.Tensor]] = None):
         self.config, self.objective, self.loader, self.dist = config, objective, loader, dist
         self.device = dist.device
         self.architecture_fields = architecture_fields
@@ -148,6 +149,8 @@ class Trainer:
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
         self.raw_model = model.to(self.device)
         self.ema = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+        if initial_ema is not None:  # --init_from: the EMA of the run it starts from (a resume overrides it)
+            self.ema.load_state_dict(initial_ema, strict=True)
         self.optimizer = build_optimizer(self.raw_model, config, self.device)
         if dist.is_main:
             print(describe_param_groups(self.optimizer))
@@ -413,7 +416,7 @@ class Trainer:
                     print(f"--resume latest: no checkpoint in {self.config.checkpoint_dir}; starting from scratch")
                 return
         ckpt = load_checkpoint(path, kind=self.objective.kind)
-        check_config_fits(ckpt["config"], dataclasses.asdict(self.config),
+        check_config_fits(with_defaults(ckpt["config"], self.config), dataclasses.asdict(self.config),
                           (*self.architecture_fields, *OPTIMIZER_FIELDS), path)
         self.objective.check_resume(ckpt, path)
         self.raw_model.load_state_dict(ckpt["model"], strict=True)

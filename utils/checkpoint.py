@@ -163,6 +163,13 @@ def prune_checkpoints(checkpoint_dir: str, keep: int, kind: str = "flow_matching
         os.remove(path)
 
 
+def with_defaults(saved: Dict[str, Any], config) -> Dict[str, Any]:
+    """A checkpoint's config with every field it predates set to its default in `config`'s
+    dataclass (the value those runs had)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    return {**defaults, **saved}
+
+
 def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, path: str) -> None:
     """ValueError listing every architecture field on which the two configs disagree."""
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
