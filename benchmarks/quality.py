@@ -103,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repo = train_flow_matching.py; peer = torchcfm + diffusers (default: %(default)s)")
     p.add_argument("--weights", nargs="+", default=None, choices=("ema", "raw"),
                    help="weights to score (default: ema raw for the repo; raw for the peer, which has no EMA)")
-    p.add_argument("--samplers", nargs="+", default=["euler"], choices=flow_matching.SAMPLERS,
-                   help="ODE solvers (default: %(default)s)")
-    p.add_argument("--num_steps_list", type=int, nargs="+", default=[20], metavar="N",
-                   help="solver steps (default: %(default)s)")
-    p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=[1.5], metavar="S",
-                   help="guidance scales (default: %(default)s)")
+    p.add_argument("--samplers", nargs="+", default=None, choices=flow_matching.SAMPLERS,
+                   help="ODE solvers (default: the run's --sampler: euler for proxy16, meanflow for a MeanFlow run)")
+    p.add_argument("--num_steps_list", type=int, nargs="+", default=None, metavar="N",
+                   help="solver steps (default: the run's --num_sampling_steps, 20 for proxy16)")
+    p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=None, metavar="S",
+                   help="guidance scales (default: the run's --cfg_scale: 1.5 for proxy16, 1 for a MeanFlow run)")
     p.add_argument("--time_shifts", type=finite_float, nargs="+", default=[1.0], metavar="S",
                    help="time-grid shifts (flow_matching.time_grid: 1 = uniform, > 1 more steps near noise) "
                         "(default: %(default)s)")
@@ -164,6 +164,9 @@ def parse(argv):
                         f"{' '.join('--' + k for k in PEER_FLAGS)}")
     if args.checkpoint:
         config = checkpoint_config(bench, args, config, rest)
+    if "meanflow" in (args.samplers or []) and config.objective != "meanflow":
+        bench.error("--samplers meanflow needs a MeanFlow run (--objective meanflow): a flow-matching model "
+                    "has no average velocity")
     return args, config, data, rest
 
 
@@ -281,7 +284,8 @@ def score(model, config, args, device, extractor, ref_stats, grid_path: str):
     labels = fid.balanced_labels(args.num_samples, config.num_classes)
     out = []
     for sampler, num_steps, cfg_scale, time_shift, interval in itertools.product(
-            args.samplers, args.num_steps_list, args.cfg_scales, args.time_shifts, args.guidance_intervals):
+            args.samplers or [config.sampler], args.num_steps_list or [config.num_sampling_steps],
+            args.cfg_scales or [config.cfg_scale], args.time_shifts, args.guidance_intervals):
         start = time.perf_counter()
         images, nfe = flow_matching.generate_images(
             model, labels, shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
