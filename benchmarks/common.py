@@ -123,3 +123,54 @@ def write_json(path: Optional[str], record: Dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- line charts (PIL, no matplotlib)
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def draw_panel(draw, box, series: Dict[str, List[tuple]], xlabel: str, y_range, y_format: str = "{:.3f}") -> None:
+    """One framed panel of lines: `series` maps a name to its (x, y) points; x from 0 to its max."""
+    left, top, right, bottom = box
+    x_max = max(x for points in series.values() for x, _ in points)
+    y_lo, y_hi = y_range
+    draw.rectangle(box, outline=(0, 0, 0))
+
+    def to_px(x, y):
+        return (left + (right - left) * x / x_max,
+                bottom - (bottom - top) * (min(max(y, y_lo), y_hi) - y_lo) / (y_hi - y_lo))
+
+    for i in range(5):
+        y = y_lo + (y_hi - y_lo) * i / 4
+        _, py = to_px(0, y)
+        draw.line([(left - 4, py), (left, py)], fill=(0, 0, 0))
+        draw.text((left - 44, py - 6), y_format.format(y), fill=(0, 0, 0))
+        x = x_max * i / 4
+        px, _ = to_px(x, y_lo)
+        draw.line([(px, bottom), (px, bottom + 4)], fill=(0, 0, 0))
+        draw.text((px - 12, bottom + 8), f"{x:.0f}", fill=(0, 0, 0))
+    draw.text(((left + right) / 2 - 20, bottom + 24), xlabel, fill=(0, 0, 0))
+    for color, points in zip(COLORS * 4, series.values()):
+        pixels = [to_px(x, y) for x, y in points]
+        draw.line(pixels, fill=color, width=2)
+        for px, py in pixels:
+            draw.ellipse([(px - 3, py - 3), (px + 3, py + 3)], fill=color)
+
+
+def save_chart(panels: List[tuple], names: List[str], title: str, path: str, y_range,
+               y_format: str = "{:.3f}") -> None:
+    """Panels side by side, each (series, xlabel) with the same names and colours; a legend below."""
+    from PIL import Image, ImageDraw
+    width, height = 550 * len(panels), 480
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.text((70, 12), title, fill=(0, 0, 0))
+    for k, (series, xlabel) in enumerate(panels):
+        draw_panel(draw, (70 + 550 * k, 40, 520 + 550 * k, 380), series, xlabel, y_range, y_format)
+    for i, (name, color) in enumerate(zip(names, COLORS * 4)):
+        x, y = 70 + 340 * (i % 3), 420 + 16 * (i // 3)
+        draw.line([(x, y + 6), (x + 24, y + 6)], fill=color, width=3)
+        draw.text((x + 30, y), name, fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)

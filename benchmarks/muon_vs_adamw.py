@@ -28,18 +28,17 @@ import time
 from typing import Dict, List
 
 import torch
-from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import flow_matching  # noqa: E402
+from benchmarks.common import save_chart  # noqa: E402
 from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
 from data.datasets import build_image_dataset  # noqa: E402
 from models.dit_2d import dit_from_config, load_flow_model  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 
 
 def parse_args(argv=None):
@@ -167,48 +166,15 @@ def step_at_time(curve, seconds: float) -> int:
     return done[-1]["step"] if done else 0
 
 
-# ----------------------------------------------------------------------------- plot (PIL, no matplotlib)
-
-def draw_panel(draw, box, curves: Dict[str, list], key: str, xlabel: str, y_range):
-    left, top, right, bottom = box
-    x_max = max(p[key] for c in curves.values() for p in c)
-    y_lo, y_hi = y_range
-    draw.rectangle(box, outline=(0, 0, 0))
-
-    def to_px(x, y):
-        return (left + (right - left) * x / x_max,
-                bottom - (bottom - top) * (min(max(y, y_lo), y_hi) - y_lo) / (y_hi - y_lo))
-
-    for i in range(5):
-        y = y_lo + (y_hi - y_lo) * i / 4
-        _, py = to_px(0, y)
-        draw.line([(left - 4, py), (left, py)], fill=(0, 0, 0))
-        draw.text((left - 44, py - 6), f"{y:.3f}", fill=(0, 0, 0))
-        x = x_max * i / 4
-        px, _ = to_px(x, y_lo)
-        draw.line([(px, bottom), (px, bottom + 4)], fill=(0, 0, 0))
-        draw.text((px - 12, bottom + 8), f"{x:.0f}", fill=(0, 0, 0))
-    draw.text(((left + right) / 2 - 20, bottom + 24), xlabel, fill=(0, 0, 0))
-    for color, curve in zip(COLORS * 4, curves.values()):
-        draw.line([to_px(p[key], p["loss"]) for p in curve], fill=color, width=2)
-
+# ----------------------------------------------------------------------------- plot
 
 def plot(curves: Dict[str, list], path: str) -> None:
-    width, height = 1100, 480
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
     losses = sorted(p["loss"] for c in curves.values() for p in c)
     # Skip the first windows' high losses so the region where runs differ fills the panel.
     y_range = (losses[0] * 0.98, losses[int(0.9 * (len(losses) - 1))] * 1.02)
-    draw.text((70, 12), "training loss (mean over each log window)", fill=(0, 0, 0))
-    draw_panel(draw, (70, 40, 520, 380), curves, "step", "optimizer steps", y_range)
-    draw_panel(draw, (620, 40, 1070, 380), curves, "seconds", "training seconds", y_range)
-    for i, (name, color) in enumerate(zip(curves, COLORS * 4)):
-        x, y = 70 + 340 * (i % 3), 420 + 16 * (i // 3)
-        draw.line([(x, y + 6), (x + 24, y + 6)], fill=color, width=3)
-        draw.text((x + 30, y), name, fill=(0, 0, 0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image.save(path)
+    panels = [({name: [(p[key], p["loss"]) for p in curve] for name, curve in curves.items()}, label)
+              for key, label in (("step", "optimizer steps"), ("seconds", "training seconds"))]
+    save_chart(panels, list(curves), "training loss (mean over each log window)", path, y_range)
 
 
 # ----------------------------------------------------------------------------- main

@@ -54,7 +54,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import flow_matching  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, save_chart  # noqa: E402
 from configs.cli import ArgumentParser, finite_float, parse_config  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
 from data.flow_matching_dataset import get_flow_matching_dataloader  # noqa: E402
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "quality.jsonl"),
                    help="every row is appended here (default: %(default)s)")
     p.add_argument("--sample_batch_size", type=int, default=250, help="samples per forward (default: %(default)s)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="with --summarize: also draw FID against training steps for the settings scored at "
+                        ">= 2 step counts (e.g. a run's --save_every checkpoints scored with --checkpoint)")
     p.add_argument("--summarize", action="store_true",
                    help="train nothing: print --results as a markdown table, seeds of one setting on one row "
                         "(mean, spread = max - min)")
@@ -309,11 +312,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def summarize(path: str) -> str:
-    """--results as a markdown table: one row per (pipeline, config diff, weights, sampler, NFE, cfg,
-    time shift, guidance interval, N, reference), its FID over seeds as mean and spread (max - min),
-    and the mean wall times (of the rows that know theirs: a scored --checkpoint has no train time).
-    Rows written before the shift and interval existed sampled with 1 and none."""
+def read_groups(path: str) -> Dict[tuple, List[dict]]:
+    """Rows of --results grouped by setting (pipeline, config diff, steps, weights, sampler, NFE, cfg,
+    time shift, guidance interval, N, reference); rows from before the shift and interval existed
+    sampled with 1 and none."""
     groups: Dict[tuple, List[dict]] = {}
     with open(path) as f:
         for row in map(json.loads, f):
@@ -322,6 +324,31 @@ def summarize(path: str) -> str:
                    row["sampler"], row["nfe"], row["cfg_scale"], row.get("time_shift", 1.0),
                    "-" if interval is None else "{:g},{:g}".format(*interval), row["num_samples"], row["reference"])
             groups.setdefault(key, []).append(row)
+    return groups
+
+
+def plot(path: str, out: str) -> str:
+    """FID (mean over seeds) against training steps, a line per setting scored at >= 2 step counts."""
+    curves: Dict[str, List[tuple]] = {}
+    for key, rows in sorted(read_groups(path).items(), key=lambda item: item[0][2]):
+        pipeline, diff, steps, weights, sampler, nfe, cfg = key[:7]
+        name = f"{pipeline} {diff if diff != '{}' else 'baseline'} {weights} {sampler} NFE {nfe} cfg {cfg:g}"
+        curves.setdefault(name, []).append((steps, statistics.mean(r["fid"] for r in rows)))
+    curves = {k: v for k, v in curves.items() if len(v) >= 2}
+    if not curves:
+        return f"no setting of {path} was scored at two or more step counts: nothing to plot"
+    fids = [y for points in curves.values() for _, y in points]
+    save_chart([(curves, "training steps")], list(curves), f"FID (N and reference of {path}) vs training steps",
+               out, (min(fids) * 0.95, max(fids) * 1.05), "{:.1f}")
+    return f"wrote {out}: " + "; ".join(f"{k}: " + ", ".join(f"{x} {y:.2f}" for x, y in v) for k, v in curves.items())
+
+
+def summarize(path: str) -> str:
+    """--results as a markdown table: one row per (pipeline, config diff, weights, sampler, NFE, cfg,
+    time shift, guidance interval, N, reference), its FID over seeds as mean and spread (max - min),
+    and the mean wall times (of the rows that know theirs: a scored --checkpoint has no train time).
+    Rows written before the shift and interval existed sampled with 1 and none."""
+    groups = read_groups(path)
 
     def mean_seconds(values) -> str:
         known = [v for v in values if v is not None]
@@ -349,6 +376,8 @@ def main(argv=None) -> int:
             print(f"error: --results {args.results} does not exist; run a benchmark first", file=sys.stderr)
             return 2
         print(summarize(args.results))
+        if args.plot:
+            print(plot(args.results, args.plot))
         return 0
     args, config, data_flags, flags = parse(argv)
     commit = git_commit()  # the code that trains, even if the tree changes while the run goes on
