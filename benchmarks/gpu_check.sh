@@ -10,7 +10,8 @@
 #
 #   bash benchmarks/gpu_check.sh [quality] [speed]     # default: both, quality first
 #
-# quality: the winning recipe ($QUALITY_PRESET) at DiT-B/2 trained for $QUALITY_SECONDS (default 330 s)
+# quality: a recipe ($QUALITY_PRESET; cifar10, the brief's DiT-B/2, until the recipe ablations of
+#   benchmarks/README.md name a winning preset) at DiT-B/2 trained for $QUALITY_SECONDS (default 300 s)
 #   on one GPU, stopped by SIGTERM (the trainer saves a checkpoint and exits: the preemption path),
 #   then FID of its EMA at 10,000 samples against the 50,000 CIFAR-10 train images at the preset's
 #   sampling settings (35 and 10 NFE).
@@ -40,22 +41,23 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 quality() {
-    local preset="${QUALITY_PRESET:-cifar10_best}" run=/tmp/gpu_check_quality
+    local preset="${QUALITY_PRESET:-cifar10}" run=/tmp/gpu_check_quality
     if [ ! -d datasets/cifar10_train ] || [ ! -f .fid/fid_inception.pth ]; then
         step "quality skipped: carry datasets/cifar10_train and .fid/fid_inception.pth"; return
     fi
-    step "quality: --preset $preset (DiT-B/2) for ${QUALITY_SECONDS:-330} s, compiled, then SIGTERM"
+    step "quality: --preset $preset (DiT-B/2) for ${QUALITY_SECONDS:-300} s, compiled, then SIGTERM"
     rm -rf "$run"
-    timeout -s TERM "${QUALITY_SECONDS:-330}" python train_flow_matching.py --preset "$preset" \
+    timeout -s TERM "${QUALITY_SECONDS:-300}" python train_flow_matching.py --preset "$preset" \
         --dataset imagefolder --data_dir datasets/cifar10_train --compile true --data_loader device \
         --sample_every 0 --save_every 100000 --log_every 500 --num_workers 8 \
         --checkpoint_dir "$run" --data_cache_dir /tmp/gpu_check_cache
     cp "$run/metrics.jsonl" "$OUT/quality_train_metrics.jsonl"
     local ckpt; ckpt=$(ls -t "$run"/flow_matching_*.pt | head -n1)
-    step "quality: FID of $ckpt, EMA, 10,000 samples vs the 50,000 train images, at 35 and 10 NFE"
+    step "quality: FID of $ckpt, EMA, 10,000 samples vs the 50,000 train images, 35 and 10 Euler NFE, CFG 1.5"
     python evaluate_fid.py --checkpoint "$ckpt" --num_samples 10000 --batch_size 1000 \
         --ref_dataset imagefolder --ref_data_dir datasets/cifar10_train --inception_weights .fid/fid_inception.pth \
-        --fid_cache_dir /tmp/gpu_check_cache/fid --output_jsonl "$OUT/quality_fid.jsonl" ${QUALITY_FID_FLAGS:-}
+        --fid_cache_dir /tmp/gpu_check_cache/fid --output_jsonl "$OUT/quality_fid.jsonl" \
+        ${QUALITY_FID_FLAGS:---num_steps_list 35 10 --cfg_scales 1.5}
 }
 
 speed() {
