@@ -52,7 +52,7 @@ quality() {
         --sample_every 0 --save_every 100000 --log_every 500 --num_workers 8 \
         --checkpoint_dir "$run" --data_cache_dir /tmp/gpu_check_cache
     cp "$run/metrics.jsonl" "$OUT/quality_train_metrics.jsonl"
-    local ckpt; ckpt=$(ls -t "$run"/flow_matching_*.pt | head -n1)
+    local ckpt; ckpt=$(ls -t "$run"/*.pt | head -n1)   # the checkpoint SIGTERM wrote (or the final one)
     step "quality: FID of $ckpt, EMA, 10,000 samples vs the 50,000 train images, 35 and 10 Euler NFE, CFG 1.5"
     python evaluate_fid.py --checkpoint "$ckpt" --num_samples 10000 --batch_size 1000 \
         --ref_dataset imagefolder --ref_data_dir datasets/cifar10_train --inception_weights .fid/fid_inception.pth \
