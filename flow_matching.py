@@ -267,7 +267,11 @@ def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int, sampler: st
     Returns (x at t = 1, NFE): the number of velocity evaluations per sample (a CFG evaluation is
     one batched forward and counts once). Euler is first order with 1 NFE per step; Heun
     (trapezoidal predictor-corrector) and midpoint (at the middle of each step) are second order
-    with 2 NFE per step. `meanflow` needs a MeanFlow model (velocity(x, t, r) is its average
+    with 2 NFE per step, except Heun's last step, an Euler step (2K - 1 NFE in all): its corrector
+    would evaluate the model at t = 1, where the learned velocity E[data - noise | x_1] = x_1 is a
+    singular limit of the field just before it (the 1 / (1 - t) in v = (E[data | x_t] - x_t) / (1 - t)),
+    not the slope of the trajectory; EDM's Heun skips its correction at sigma = 0 for the same
+    reason. Measured on the quality proxy at 5 steps: FID 160 with the correction at t = 1. `meanflow` needs a MeanFlow model (velocity(x, t, r) is its average
     velocity): each step is one jump x_r = x_t + (r - t) u(x_t, t, r), exact for the exact u.
     """
     if sampler not in SAMPLERS:
@@ -282,11 +286,14 @@ def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int, sampler: st
         elif sampler == "meanflow":
             x = x + dt * velocity(x, t0, t1)
             nfe += 1
-        elif sampler == "heun":
+        elif sampler == "heun" and t1 < 1.0:
             v0 = velocity(x, t0)
             v1 = velocity(x + dt * v0, t1)
             x = x + 0.5 * dt * (v0 + v1)
             nfe += 2
+        elif sampler == "heun":  # the last step: Euler, as EDM's sampler (see the docstring)
+            x = x + dt * velocity(x, t0)
+            nfe += 1
         else:
             v0 = velocity(x, t0)
             x = x + dt * velocity(x + 0.5 * dt * v0, t0 + 0.5 * dt)
