@@ -10,11 +10,12 @@
 #
 #   bash benchmarks/gpu_check.sh [quality] [speed]     # default: both, quality first
 #
-# quality: a recipe ($QUALITY_PRESET; cifar10, the brief's DiT-B/2, until the recipe ablations of
-#   benchmarks/README.md name a winning preset) at DiT-B/2 trained for $QUALITY_SECONDS (default 300 s)
+# quality: a recipe ($QUALITY_PRESET; default cifar10_qk_swiglu_rope, the winner of the recipe
+#   ablations in benchmarks/README.md; cifar10 is the brief's DiT-B/2) trained for $QUALITY_SECONDS
+#   (default 300 s: with the FID it fits one 10-minute call; 480 s when the quality stage runs alone)
 #   on one GPU, stopped by SIGTERM (the trainer saves a checkpoint and exits: the preemption path),
-#   then FID of its EMA at 10,000 samples against the 50,000 CIFAR-10 train images at the preset's
-#   sampling settings (35 and 10 NFE).
+#   then FID of its EMA at 10,000 samples against the 50,000 CIFAR-10 train images with the preset's
+#   sampler at 34 and 10 NFE (midpoint 17 and 5 steps; Euler 35 and 10 for cifar10), CFG 1.5.
 # speed: DiT-B/2 (the seed's config) bf16 training throughput + MFU + peak memory at batch 128,
 #   eager and compiled; the tiny preset; sampling 35 NFE with and without CFG (5,000 samples timed,
 #   extrapolated to 50,000); the diffusers comparison at DiT-B/2 (when .whl is carried); a short
@@ -41,7 +42,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 quality() {
-    local preset="${QUALITY_PRESET:-cifar10}" run=/tmp/gpu_check_quality
+    local preset="${QUALITY_PRESET:-cifar10_qk_swiglu_rope}" run=/tmp/gpu_check_quality steps="17 5"
+    [ "$preset" = cifar10 ] && steps="35 10"
     if [ ! -d datasets/cifar10_train ] || [ ! -f .fid/fid_inception.pth ]; then
         step "quality skipped: carry datasets/cifar10_train and .fid/fid_inception.pth"; return
     fi
@@ -53,11 +55,11 @@ quality() {
         --checkpoint_dir "$run" --data_cache_dir /tmp/gpu_check_cache
     cp "$run/metrics.jsonl" "$OUT/quality_train_metrics.jsonl"
     local ckpt; ckpt=$(ls -t "$run"/*.pt | head -n1)   # the checkpoint SIGTERM wrote (or the final one)
-    step "quality: FID of $ckpt, EMA, 10,000 samples vs the 50,000 train images, 35 and 10 Euler NFE, CFG 1.5"
+    step "quality: FID of $ckpt, EMA, 10,000 samples vs the 50,000 train images, the preset's sampler at $steps steps, CFG 1.5"
     python evaluate_fid.py --checkpoint "$ckpt" --num_samples 10000 --batch_size 1000 \
         --ref_dataset imagefolder --ref_data_dir datasets/cifar10_train --inception_weights .fid/fid_inception.pth \
         --fid_cache_dir /tmp/gpu_check_cache/fid --output_jsonl "$OUT/quality_fid.jsonl" \
-        ${QUALITY_FID_FLAGS:---num_steps_list 35 10 --cfg_scales 1.5}
+        ${QUALITY_FID_FLAGS:---num_steps_list $steps --cfg_scales 1.5}
 }
 
 speed() {

@@ -3,11 +3,14 @@
     python benchmarks/quality.py --seed 0                      # the repo: EMA and raw weights of one run
     python benchmarks/quality.py --seed 0 --pipeline peer      # torchcfm + diffusers' DiT, same budget
     python benchmarks/quality.py --seed 1 --ema_warmup false   # any train_flow_matching.py flag: a variant
+    python benchmarks/quality.py --seed 0 --preset proxy16_qk_swiglu_rope --weights ema
+                                                               # the winning recipe (its proxy-size preset)
     python benchmarks/quality.py --checkpoint benchmarks/runs/repo_seed0/flow_matching_final.pt --time_shifts 1 3
                                                                # score a finished run again, train nothing
 
 The repo's run is `train_flow_matching.py --preset proxy16` (DiT width 192 / depth 6 on CIFAR-10 at
-16x16, 1,000 steps of batch 64, ~10 min on 2 CPU cores) plus the flags given here, trained by the
+16x16, 1,000 steps of batch 64, ~10 min on 2 CPU cores) plus the flags given here (a --preset among
+them replaces proxy16; rows still show their config's difference from proxy16), trained by the
 script itself in a subprocess. 16x16 images (64 tokens) are the choice that lets a 2-core CPU train
 a 6-block DiT for ~1.5 epochs in a run, enough to separate recipes; FID on them is a proxy, not a
 CIFAR-10 FID. The checkpoint is then sampled (balanced classes, noise seeded by (--seed, i)) with
@@ -75,10 +78,15 @@ PEER_FLAGS = ("seed", "dataset", "data_dir", "data_cache_dir", "data_loader", "n
 # The config flags --checkpoint takes: --seed (the run's own; any other is refused) and --device
 # (where to score). Every other flag would describe a training that is not the one scored.
 CHECKPOINT_FLAGS = ("seed", "device")
-# Config fields that change where a run writes or what it logs, never what it learns: left out of a
-# row's config diff, so that (e.g.) a run saving every 250 steps shares the baseline's table row.
+# Config fields that change where a run writes, what it logs or how its grids are sampled, never what
+# it learns: left out of a row's config diff, so that (e.g.) a run saving every 250 steps, or a preset
+# that samples with another solver, shares the table row of the training it repeats (a row names its
+# own sampler, NFE, scale, shift and interval).
 NOT_RECIPE = ("checkpoint_dir", "sample_dir", "num_classes", "seed", "dataset", "data_dir", "data_cache_dir",
-              "save_every", "keep_checkpoints", "log_every", "sample_every", "tensorboard", "resume")
+              "save_every", "keep_checkpoints", "log_every", "sample_every", "tensorboard", "resume",
+              "sampler", "num_sampling_steps", "cfg_scale", "guidance_interval_start", "guidance_interval_end",
+              "time_shift", "grid_samples_per_class", "fid_every", "fid_num_samples", "fid_cfg_scale",
+              "fid_batch_size")
 DEFAULT_WEIGHTS = os.path.expanduser(os.path.join("~", ".cache", "fid_weights", "fid_inception.pth"))
 
 
@@ -304,6 +312,12 @@ def score(model, config, args, device, extractor, ref_stats, grid_path: str):
     return out
 
 
+def config_diff(config: FlowMatchingConfig) -> dict:
+    """The fields of a run's config that differ from the proxy16 preset and change what it learns."""
+    default = dataclasses.asdict(parse_config(FlowMatchingConfig, PRESETS, ["--preset", PRESET]))
+    return {k: v for k, v in dataclasses.asdict(config).items() if default.get(k) != v and k not in NOT_RECIPE}
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -412,8 +426,7 @@ def main(argv=None) -> int:
         model = train_peer(config, run_dir, device)
         train_seconds, steps, models = round(time.perf_counter() - start, 1), config.train_steps, {"raw": model}
 
-    default = dataclasses.asdict(parse_config(FlowMatchingConfig, PRESETS, ["--preset", PRESET]))
-    diff = {k: v for k, v in dataclasses.asdict(config).items() if default.get(k) != v and k not in NOT_RECIPE}
+    diff = config_diff(config)
     rows = []
     for weights, model in models.items():
         for fields, value, seconds in score(model, config, args, device, extractor, ref_stats,

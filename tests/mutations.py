@@ -349,6 +349,14 @@ MUTATIONS: List[Mutation] = [
     Mutation("resume_old_checkpoint_without_defaults", "training/trainer.py",
              'check_config_fits(with_defaults(ckpt["config"], self.config),', 'check_config_fits(ckpt["config"],',
              ["tests/test_training.py"], "a checkpoint from before a field existed no longer resumes"),
+    Mutation("quality_diff_counts_the_sampler", "benchmarks/quality.py",
+             '"sampler", "num_sampling_steps", "cfg_scale",', '"cfg_scale",',
+             ["tests/test_quality_benchmark.py::test_a_preset_shares_the_row_of_the_flags_it_stands_for"],
+             "the winning preset's run gets a table row of its own, apart from its ablation"),
+    Mutation("winner_preset_drops_rope", "configs/flow_matching_config.py",
+             'positions="sincos_rope", sampler="midpoint"', 'positions="sincos", sampler="midpoint"',
+             ["tests/test_config.py::test_the_winning_presets_are_one_recipe_at_two_sizes"],
+             "the preset is not the recipe that was measured"),
 ]
 
 

@@ -11,6 +11,8 @@ import pytest
 import flow_matching
 import train_flow_matching
 from benchmarks import quality
+from configs.cli import parse_config
+from configs.flow_matching_config import PRESETS, FlowMatchingConfig
 from evaluation import fid
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder
 
@@ -125,3 +127,16 @@ def test_summarize_groups_by_time_shift_and_interval_reading_old_rows_as_1_and_n
     assert [(c[7], c[8], c[10], c[11]) for c in cells] == [("1", "-", "0,1", "61.00"), ("3", "-", "0", "50.00"),
                                                            ("1", "0.2,0.9", "0", "55.00")]
     assert [c[14] for c in cells] == ["100", "100", "-"]   # train s: the mean of the rows that know it
+
+
+def test_a_preset_shares_the_row_of_the_flags_it_stands_for():
+    """The winning preset's run groups with the ablation runs of the same training flags (its own
+    sampler is a column of the row, not a recipe difference); a training field stays in the diff."""
+    def diff(*argv):
+        return quality.config_diff(parse_config(FlowMatchingConfig, PRESETS, ["--preset", "proxy16", *argv]))
+
+    winner = {"qk_norm": True, "mlp": "swiglu", "positions": "sincos_rope"}
+    assert diff("--preset", "proxy16_qk_swiglu_rope") == winner
+    assert diff("--qk_norm", "true", "--mlp", "swiglu", "--positions", "sincos_rope") == winner
+    assert diff("--sampler", "heun", "--cfg_scale", "3", "--save_every", "250") == {}
+    assert diff("--lr", "0.002", "--ema_gamma", "7") == {"lr": 0.002, "ema_gamma": 7.0}
