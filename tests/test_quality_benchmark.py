@@ -140,3 +140,17 @@ def test_a_preset_shares_the_row_of_the_flags_it_stands_for():
     assert diff("--qk_norm", "true", "--mlp", "swiglu", "--positions", "sincos_rope") == winner
     assert diff("--sampler", "heun", "--cfg_scale", "3", "--save_every", "250") == {}
     assert diff("--lr", "0.002", "--ema_gamma", "7") == {"lr": 0.002, "ema_gamma": 7.0}
+
+
+def test_fid_curves_join_steps_of_one_setting_only(tmp_path):
+    """The FID-vs-steps plot's lines: a setting's rows at different step counts, never two settings
+    (here: two time shifts) scored at the same step."""
+    base = {"pipeline": "repo", "config_diff": {}, "weights": "ema", "sampler": "midpoint", "nfe": 10,
+            "cfg_scale": 1.5, "num_samples": 1000, "reference": "ref", "eval_seconds": 1.0, "train_seconds": None}
+    rows = [dict(base, steps=1000, seed=0, fid=60.0), dict(base, steps=1000, seed=1, fid=62.0),
+            dict(base, steps=500, seed=0, fid=70.0),
+            dict(base, steps=1000, seed=0, fid=80.0, time_shift=3.0),      # one step count: no line
+            dict(base, steps=1000, seed=0, fid=90.0, time_shift=0.5)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert list(quality.curves(str(path)).values()) == [[(500, 70.0), (1000, 61.0)]]
