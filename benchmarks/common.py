@@ -162,14 +162,18 @@ def save_chart(panels: List[tuple], names: List[str], title: str, path: str, y_r
                y_format: str = "{:.3f}") -> None:
     """Panels side by side, each (series, xlabel) with the same names and colours; a legend below."""
     from PIL import Image, ImageDraw
-    width, height = 550 * len(panels), 480
+    width = 550 * len(panels)
+    # Legend columns as wide as the longest name (PIL's default font: ~6 px a character).
+    column = max(340, 30 + 6 * max(map(len, names)) + 20)
+    per_row = max(1, min(3, (width - 70) // column))
+    height = max(480, 430 + 16 * -(-len(names) // per_row))
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     draw.text((70, 12), title, fill=(0, 0, 0))
     for k, (series, xlabel) in enumerate(panels):
         draw_panel(draw, (70 + 550 * k, 40, 520 + 550 * k, 380), series, xlabel, y_range, y_format)
     for i, (name, color) in enumerate(zip(names, COLORS * 4)):
-        x, y = 70 + 340 * (i % 3), 420 + 16 * (i // 3)
+        x, y = 70 + column * (i % per_row), 420 + 16 * (i // per_row)
         draw.line([(x, y + 6), (x + 24, y + 6)], fill=color, width=3)
         draw.text((x + 30, y), name, fill=(0, 0, 0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
