@@ -341,30 +341,33 @@ def read_groups(path: str) -> Dict[tuple, List[dict]]:
     return groups
 
 
-def curves(path: str) -> Dict[str, List[tuple]]:
+def curves(path: str) -> Dict[tuple, List[tuple]]:
     """(steps, FID mean over seeds) of each setting (every key field but the steps) scored at >= 2
-    step counts, named by its fields (shift and interval only when not 1 and none)."""
-    out: Dict[str, List[tuple]] = {}
+    step counts, keyed by (its name, N, reference); the name gives shift and interval only when not
+    1 and none."""
+    out: Dict[tuple, List[tuple]] = {}
     for key, rows in sorted(read_groups(path).items(), key=lambda item: item[0][2]):
         pipeline, diff, steps, weights, sampler, nfe, cfg, shift, interval, n, reference = key
         name = (f"{pipeline} {diff if diff != '{}' else 'baseline'} {weights} {sampler} NFE {nfe} cfg {cfg:g}"
-                + (f" shift {shift:g}" if shift != 1 else "") + (f" interval {interval}" if interval != "-" else "")
-                + f" N {n} vs {reference}")
-        out.setdefault(name, []).append((steps, statistics.mean(r["fid"] for r in rows)))
+                + (f" shift {shift:g}" if shift != 1 else "") + (f" interval {interval}" if interval != "-" else ""))
+        out.setdefault((name, n, reference), []).append((steps, statistics.mean(r["fid"] for r in rows)))
     return {k: v for k, v in out.items() if len(v) >= 2}
 
 
 def plot(path: str, out: str) -> str:
     """FID (mean over seeds) against training steps, a line per setting scored at >= 2 step counts."""
-    curves_ = curves(path)
-    if not curves_:
+    lines = curves(path)
+    if not lines:
         return f"no setting of {path} was scored at two or more step counts: nothing to plot"
-    fids = [y for points in curves_.values() for _, y in points]
-    labels = [k.rsplit(" N ", 1)[0] for k in curves_]   # the title names N and the reference
-    save_chart([(dict(zip(labels, curves_.values())), "training steps")], labels,
+    # The title names N and the reference when the lines share them; otherwise each label does.
+    shared = len({(n, ref) for _, n, ref in lines}) == 1
+    labels = [name if shared else f"{name} N {n} vs {ref}" for name, n, ref in lines]
+    fids = [y for points in lines.values() for _, y in points]
+    save_chart([(dict(zip(labels, lines.values())), "training steps")], labels,
                f"FID (N and reference of {path}) vs training steps", out, (min(fids) * 0.95, max(fids) * 1.05),
                "{:.1f}")
-    return f"wrote {out}: " + "; ".join(f"{k}: " + ", ".join(f"{x} {y:.2f}" for x, y in v) for k, v in curves_.items())
+    return f"wrote {out}: " + "; ".join(f"{k}: " + ", ".join(f"{x} {y:.2f}" for x, y in v)
+                                        for k, v in zip(labels, lines.values()))
 
 
 def summarize(path: str) -> str:
