@@ -17,7 +17,8 @@
 #   then FID of its EMA at 10,000 samples against the 50,000 CIFAR-10 train images with the preset's
 #   sampler at 34 and 10 NFE (midpoint 17 and 5 steps; Euler 35 and 10 for cifar10), CFG 1.5.
 # speed: DiT-B/2 (the seed's config) bf16 training throughput + MFU + peak memory at batch 128,
-#   eager and compiled; the same compiled for cifar10_qk_swiglu_rope (the recipe options' cost);
+#   eager and compiled; the same compiled for cifar10_qk_swiglu_rope (the recipe options' cost),
+#   with --fp32_residual true, and with --objective meanflow (the MeanFlow step's cost: its JVP);
 #   the tiny preset; sampling 35 NFE with and without CFG (5,000 samples timed, extrapolated to
 #   50,000); the diffusers comparison at DiT-B/2 (when .whl is carried); a short
 #   real CIFAR-10 training run with the on-device loader. Each speed step starts only while the
@@ -82,6 +83,11 @@ speed() {
     if fits "train DiT-B/2, fp32 residual stream (its speed cost), compiled"; then
         step "train DiT-B/2 batch 128 bf16 compiled, --fp32_residual true (the recipe option's speed cost)"
         python benchmarks/train_throughput.py --device cuda --batch_size 128 --compile true --fp32_residual true \
+            --steps 20 --windows 3 --warmup 5 --peak_tflops "$PEAK" --json "$JSON"
+    fi
+    if fits "train DiT-B/2 MeanFlow (its step cost), compiled"; then
+        step "train DiT-B/2 batch 128 bf16 compiled, --objective meanflow (the JVP on 25% of rows, eager, through the written-out attention)"
+        python benchmarks/train_throughput.py --device cuda --batch_size 128 --compile true --objective meanflow \
             --steps 20 --windows 3 --warmup 5 --peak_tflops "$PEAK" --json "$JSON"
     fi
     if fits "train DiT-B/2 compiled, gradient checkpointing (memory)"; then
