@@ -103,7 +103,7 @@ def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor]
                   class_dropout_prob: float = 0.1, ratio: float = 0.25, time_sampling: str = "uniform",
                   logit_normal_mean: float = 0.0, logit_normal_std: float = 1.0,
                   guidance_scale: float = 1.0, guidance_mix: float = 0.0, adaptive_p: float = 1.0,
-                  adaptive_c: float = 1e-3, jvp_model: Optional[Callable] = None,
+                  adaptive_c: float = 1e-3, tangent: str = "conditional", jvp_model: Optional[Callable] = None,
                   generator: Optional[torch.Generator] = None, rows: Optional[torch.Tensor] = None,
                   num_rows: Optional[int] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MeanFlow (Geng et al. 2025): regress the average velocity u(x_t, t, r) onto its identity.
@@ -134,6 +134,13 @@ def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor]
     whose label was kept, v_g = w_s * v + k * u(x_t, t, t | y) + (1 - w_s - k) * u(x_t, t, t | null),
     both u under a stop-gradient; its fixed point is CFG at scale w_s / (1 - k) on the average
     velocity. Dropped labels (the null class) keep v_g = v. w_s = 1, k = 0 turns it off.
+
+    The JVP's tangent along x: `tangent="conditional"` is the paper's v_g, a single noisy draw of the
+    velocity; `"predicted"` is the model's own instantaneous velocity u_theta(x_t, t, t | y) (with
+    guidance, the guided velocity it learns), under a stop-gradient: the change of Improved MeanFlow
+    (Geng et al. 2025b) that makes du/dt follow the trajectory the sampler follows, at the price of a
+    forward on the jumping samples when guidance does not already provide it. Both have the exact u
+    as a fixed point; the regression target keeps v_g either way.
     Randomness follows flow_matching_loss (`generator`, `rows`, `noise`).
     """
     B = data.shape[0]
@@ -153,7 +160,8 @@ def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor]
         y = None
     x_t = interpolate(noise, data, t)
     target = meanflow_target(jvp_model or model, x_t, t, r, y, target_velocity(noise, data).float(),
-                             num_classes=num_classes, guidance_scale=guidance_scale, guidance_mix=guidance_mix)
+                             num_classes=num_classes, guidance_scale=guidance_scale, guidance_mix=guidance_mix,
+                             tangent=tangent)
     u = model(x_t, t, y, r).float()
     squared = (u - target).pow(2).flatten(1).mean(1)                     # (B,)
     weight = 1.0 / (squared.detach() + adaptive_c) ** adaptive_p if adaptive_p else 1.0
@@ -163,14 +171,18 @@ def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor]
 @torch.no_grad()
 def meanflow_target(model: Callable, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
                     y: Optional[torch.Tensor], v: torch.Tensor, *, num_classes: int = 0,
-                    guidance_scale: float = 1.0, guidance_mix: float = 0.0) -> torch.Tensor:
+                    guidance_scale: float = 1.0, guidance_mix: float = 0.0,
+                    tangent: str = "conditional") -> torch.Tensor:
     """MeanFlow's regression target v_g + (r - t) du/dt for the velocity v, in v's dtype, without a graph.
 
     `model(x, t, y, r)` is the average velocity; y holds the null label `num_classes` where it was
-    dropped (no guidance there). du/dt is the JVP with tangent (v_g, 1, 0) on (x, t, r), taken only
-    on the samples with r != t (at r = t the target is v_g). See meanflow_loss for the math.
+    dropped (no guidance there). du/dt is the JVP with tangent (d, 1, 0) on (x, t, r), d = v_g
+    (`tangent="conditional"`) or the model's u(x, t, t | y) (`"predicted"`), taken only on the
+    samples with r != t (at r = t the target is v_g). See meanflow_loss for the math.
     """
+    assert tangent in ("conditional", "predicted"), tangent
     shape = (-1, *([1] * (v.dim() - 1)))
+    u_c = None
     if y is not None and (guidance_scale != 1.0 or guidance_mix != 0.0):
         u_c, u_u = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, num_classes)]),
                          torch.cat([t, t])).to(v.dtype).chunk(2)
@@ -180,8 +192,12 @@ def meanflow_target(model: Callable, x_t: torch.Tensor, t: torch.Tensor, r: torc
     jump = (r != t).nonzero().squeeze(1)
     if jump.numel():
         ys = None if y is None else y[jump]
+        if tangent == "conditional":
+            direction = v[jump]
+        else:   # u_c is u(x_t, t, t | y) on every row already (y holds the null label where dropped)
+            direction = u_c[jump] if u_c is not None else model(x_t[jump], t[jump], ys, t[jump])
         _, dudt = torch.func.jvp(lambda x_, t_, r_: model(x_, t_, ys, r_), (x_t[jump], t[jump], r[jump]),
-                                 (v[jump].to(x_t.dtype), torch.ones_like(t[jump]), torch.zeros_like(r[jump])))
+                                 (direction.to(x_t.dtype), torch.ones_like(t[jump]), torch.zeros_like(r[jump])))
         target[jump] += (r - t)[jump].reshape(shape).to(v.dtype) * dudt.to(v.dtype)
     return target
 

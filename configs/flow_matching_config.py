@@ -55,6 +55,7 @@ class FlowMatchingConfig(TrainConfig):
     meanflow_ratio: float = field(default=0.25, metadata={"help": "MeanFlow: share of samples with r != t (the rest learn the instantaneous velocity, r = t)"})
     meanflow_adaptive_p: float = field(default=1.0, metadata={"help": "MeanFlow: adaptive loss weight 1 / (||error||^2 + c)^p per sample; 0 = plain MSE"})
     meanflow_adaptive_c: float = field(default=1e-3, metadata={"help": "MeanFlow: the constant c of the adaptive weight"})
+    meanflow_tangent: Literal["conditional", "predicted"] = field(default="conditional", metadata={"help": "MeanFlow: the JVP's tangent along x in the target's du/dt: conditional = the sampled velocity data - noise (the paper); predicted = the model's own velocity u(x_t, t, t) (Improved MeanFlow, Geng et al. 2025b: du/dt along the trajectory the sampler follows)"})
     meanflow_guidance_scale: float = field(default=1.0, metadata={"help": "MeanFlow guided target: v_g = w * v + k * u(x, t, t | y) + (1 - w - k) * u(x, t, t | null) for kept labels, i.e. CFG at scale w / (1 - k) learned into the model (sample it at --cfg_scale 1); w = 1, k = 0 = unguided"})
     meanflow_guidance_mix: float = field(default=0.5, metadata={"help": "MeanFlow guided target: the mixing ratio k (see --meanflow_guidance_scale); the default w = 1, k = 0.5 learns CFG scale 2"})
     # Flow matching

@@ -66,15 +66,46 @@ def test_exact_average_velocity_satisfies_the_identity():
     torch.testing.assert_close(exact_u(x, t, r=r), v + expand(r - t, x) * dudt, rtol=1e-7, atol=1e-8)
 
 
-def test_exact_average_velocity_is_a_fixed_point_of_the_target():
+@pytest.mark.parametrize("tangent", ["conditional", "predicted"])
+def test_exact_average_velocity_is_a_fixed_point_of_the_target(tangent):
     """Given the marginal velocity, the target built from the JVP of the exact u is the exact u."""
     x, t, r = gaussian_batch()
-    target = fm.meanflow_target(exact_u, x, t, r, None, exact_v(x, t))
+    target = fm.meanflow_target(exact_u, x, t, r, None, exact_v(x, t), tangent=tangent)
     torch.testing.assert_close(target, exact_u(x, t, r=r), rtol=1e-10, atol=1e-10)
     # A u off by a constant is not a fixed point.
     shifted = fm.meanflow_target(lambda x_, t_, y_, r_: exact_u(x_, t_, r=r_) + expand(t_ ** 2, x_), x, t, r, None,
-                                 exact_v(x, t))
+                                 exact_v(x, t), tangent=tangent)
     assert (shifted - exact_u(x, t, r=r)).abs().max() > 1e-2
+
+
+def test_the_predicted_tangent_is_the_models_own_velocity():
+    """Improved MeanFlow's tangent: du/dt along u(x, t, t), whatever the sampled velocity; the
+    regression target still starts at the sampled velocity. The paper's tangent follows the sample."""
+    x, t, r = gaussian_batch()
+    v = exact_v(x, t) + torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    jump = fm.meanflow_target(exact_u, x, t, r, None, exact_v(x, t)) - exact_v(x, t)   # (r - t) du/dt along v
+    predicted = fm.meanflow_target(exact_u, x, t, r, None, v, tangent="predicted")
+    torch.testing.assert_close(predicted, v + jump, rtol=1e-10, atol=1e-10)
+    conditional = fm.meanflow_target(exact_u, x, t, r, None, v)
+    assert (conditional - predicted).abs().max() > 1e-2
+
+
+def test_the_predicted_tangent_under_guidance_is_the_labels_own_velocity():
+    """With the guided target the tangent is u(x, t, t | y) for the row's label (the null label where
+    it was dropped), the guided velocity the model learns, not the unconditional one."""
+    x, t, r = gaussian_batch(4)
+    y = torch.tensor([0, 1, 2, 1])                     # 2 = the null label of a 2-class model
+
+    def model(x_, t_, y_, r_):
+        return exact_u(x_, t_, r=r_) * expand(1.0 + 0.5 * (y_ == 0).to(x_.dtype) - 0.3 * (y_ == 1).to(x_.dtype), x_)
+
+    v = exact_v(x, t)
+    target = fm.meanflow_target(model, x, t, r, y, v, num_classes=2, guidance_scale=1.0, guidance_mix=0.5,
+                                tangent="predicted")
+    u_c, u_u = model(x, t, y, t), model(x, t, torch.full_like(y, 2), t)
+    v_g = torch.where(expand(y != 2, x), v + 0.5 * u_c - 0.5 * u_u, v)
+    _, dudt = torch.func.jvp(lambda a, b, c: model(a, b, y, c), (x, t, r), (u_c, torch.ones_like(t), torch.zeros_like(r)))
+    torch.testing.assert_close(target, v_g + expand(r - t, x) * dudt, rtol=1e-10, atol=1e-10)
 
 
 def test_the_jvp_of_the_dit_equals_a_central_difference():
@@ -229,3 +260,37 @@ def test_adaptive_weight_is_a_stop_gradient_power_of_the_error():
     torch.testing.assert_close(loss, (w * e).mean())
     loss.backward()
     torch.testing.assert_close(u.grad, (w.reshape(2, 1, 1, 1) * 2 * u.detach() / 2) / 2)
+
+
+def test_the_objective_passes_the_configs_meanflow_fields_to_the_loss():
+    """FlowMatchingObjective's MeanFlow loss is meanflow_loss with every --meanflow_* field of the
+    config (ratio, tangent, adaptive weight, guidance), on the same draws."""
+    from configs.cli import make_config
+    from training.objectives import FlowMatchingObjective
+    from training.trainer import Draws
+
+    fields = dict(meanflow_ratio=0.6, meanflow_tangent="predicted", meanflow_adaptive_p=0.5, meanflow_adaptive_c=0.1,
+                  meanflow_guidance_scale=0.8, meanflow_guidance_mix=0.3)
+    config = make_config(FlowMatchingConfig, dict(objective="meanflow", num_classes=3, image_size=8, in_channels=1,
+                                                  **fields))
+    torch.manual_seed(0)
+    model = DiT2D(8, 2, 1, 32, 1, 2, 4.0, 3, two_times=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def draws():
+        return Draws(torch.Generator().manual_seed(4), torch.arange(6), 6, 0, range(6))
+
+    loss, _ = FlowMatchingObjective(config, torch.device("cpu")).loss(model, (x, y), draws())
+    d = draws()
+    expected = fm.meanflow_loss(model, x, y, num_classes=3, class_dropout_prob=0.1, ratio=0.6, tangent="predicted",
+                                adaptive_p=0.5, adaptive_c=0.1, guidance_scale=0.8, guidance_mix=0.3,
+                                generator=d.generator, rows=d.rows, num_rows=6, noise=d.normal(x.shape[1:], x.dtype))
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    d = draws()
+    conditional = fm.meanflow_loss(model, x, y, num_classes=3, class_dropout_prob=0.1, ratio=0.6, adaptive_p=0.5,
+                                   adaptive_c=0.1, guidance_scale=0.8, guidance_mix=0.3, generator=d.generator,
+                                   rows=d.rows, num_rows=6, noise=d.normal(x.shape[1:], x.dtype))
+    assert (loss - conditional).abs() > 1e-6   # the tangent matters on these draws

@@ -67,7 +67,7 @@ class FlowMatchingObjective:
                 ratio=c.meanflow_ratio, time_sampling=c.time_sampling, logit_normal_mean=c.logit_normal_mean,
                 logit_normal_std=c.logit_normal_std, guidance_scale=c.meanflow_guidance_scale,
                 guidance_mix=c.meanflow_guidance_mix, adaptive_p=c.meanflow_adaptive_p,
-                adaptive_c=c.meanflow_adaptive_c, jvp_model=unwrap(model), generator=draws.generator,
+                adaptive_c=c.meanflow_adaptive_c, tangent=c.meanflow_tangent, jvp_model=unwrap(model), generator=draws.generator,
                 rows=draws.rows, num_rows=draws.total, noise=draws.normal(x.shape[1:], x.dtype))
             return loss, {}
         loss = flow_matching.flow_matching_loss(
