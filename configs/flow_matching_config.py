@@ -107,6 +107,12 @@ class FlowMatchingConfig(TrainConfig):
             raise ValueError(f"--num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"--class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if (self.objective == "meanflow" and self.class_dropout_prob == 0 and self.num_classes != 0
+                and (self.meanflow_guidance_scale != 1 or self.meanflow_guidance_mix != 0)):
+            raise ValueError(f"--class_dropout_prob 0 trains no null-label velocity, but MeanFlow's guided target "
+                             f"(--meanflow_guidance_scale {self.meanflow_guidance_scale}, --meanflow_guidance_mix "
+                             f"{self.meanflow_guidance_mix}) is built from it; pass --meanflow_guidance_scale 1 "
+                             f"--meanflow_guidance_mix 0 (no guidance) or a --class_dropout_prob > 0")
         if self.class_dropout_prob == 0 and self.cfg_scale != 1 and self.num_classes != 0:
             raise ValueError(f"--class_dropout_prob 0 trains no null-label velocity, so --cfg_scale "
                              f"{self.cfg_scale} would guide with an untrained one; pass --cfg_scale 1 "

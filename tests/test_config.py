@@ -82,12 +82,19 @@ def test_presets_apply_before_flags():
     (["--grad_clip", "inf"], "--grad_clip must be a finite number"),
     (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
     (["--class_dropout_prob", "0"], "--cfg_scale 3.0 would guide"),
+    (["--objective", "meanflow", "--class_dropout_prob", "0", "--cfg_scale", "1"], "--meanflow_guidance_mix 0.5) is built"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_flow_matching_config(argv)
     assert exit_info.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_an_unguided_meanflow_run_needs_no_null_label():
+    config = parse_flow_matching_config(["--objective", "meanflow", "--class_dropout_prob", "0", "--cfg_scale", "1",
+                                         "--meanflow_guidance_mix", "0"])
+    assert (config.class_dropout_prob, config.meanflow_guidance_scale, config.meanflow_guidance_mix) == (0, 1, 0)
 
 
 def test_make_config_rejects_unknown_keys_and_bad_choices():

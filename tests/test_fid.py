@@ -239,3 +239,15 @@ def test_real_inception_matches_torch_fidelity_end_to_end(tmp_path):
         feature_extractor_weights_path=weights, batch_size=12)["frechet_inception_distance"]
     assert net(torch.from_numpy(a[:2]).permute(0, 3, 1, 2)).shape == (2, 2048)
     assert ours == pytest.approx(theirs, rel=1e-4)
+
+
+def test_a_bad_fid_cfg_scale_fails_before_the_first_step(stand_in, image_folder, tmp_path, capsys):
+    """An unconditional run cannot be guided: --fid_cfg_scale 1.5 is refused at start-up, not at the
+    first FID evaluation (hours in)."""
+    flags = TINY_FLAGS + ["--data_dir", image_folder, "--checkpoint_dir", str(tmp_path / "ckpt"),
+                          "--sample_dir", str(tmp_path / "samples"), "--fid_cache_dir", str(tmp_path / "cache"),
+                          "--num_classes", "0", "--cfg_scale", "1", "--train_steps", "4", "--fid_every", "4",
+                          "--fid_cfg_scale", "1.5"]
+    assert train_flow_matching.main(flags) == 2
+    assert "--fid_cfg_scale 1.5 needs a class-conditional model" in capsys.readouterr().err
+    assert not list((tmp_path / "ckpt").glob("*.pt")) and not (tmp_path / "ckpt" / "metrics.jsonl").exists()

@@ -45,8 +45,10 @@ class FlowMatchingObjective:
         self.eval_every = config.fid_every
         self.guidance_interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start,
                                                                          config.guidance_interval_end)
+        # Before the first step: a bad --fid_cfg_scale, a missing weights file or reference set fails now, not hours in.
+        self.fid_cfg_scale = flow_matching.resolve_cfg_scale(config.fid_cfg_scale, config.num_classes,
+                                                             config.cfg_scale, "--fid_cfg_scale")
         if config.fid_every and rank == 0:
-            # Before the first step: a missing weights file or reference set fails now, not hours in.
             self.fid_extractor = fid.InceptionFeatures(config.inception_weights).to(device).eval()
             ref = fid.ImageSet("imagefolder" if config.fid_ref_dir else config.dataset,
                                config.fid_ref_dir or config.data_dir, config.image_size, config.in_channels,
@@ -104,8 +106,7 @@ class FlowMatchingObjective:
         The same labels and noise every time, so successive FIDs differ only by the weights.
         Returns the metrics on rank 0 and {} on the other ranks.
         """
-        c = self.config
-        cfg_scale = flow_matching.resolve_cfg_scale(c.fid_cfg_scale, c.num_classes, c.cfg_scale, "--fid_cfg_scale")
+        c, cfg_scale = self.config, self.fid_cfg_scale
         images, nfe = flow_matching.generate_images(
             ema, fid.balanced_labels(c.fid_num_samples, c.num_classes),
             shape=input_shape(c), num_classes=c.num_classes, seed=c.seed,
