@@ -44,7 +44,7 @@ def train(config, dist) -> None:
     if config.init_from is not None:
         # Every field of the network but the objective: a flow-matching run may start a MeanFlow one.
         fields = [f for f in ARCHITECTURE_FIELDS if f != "objective"]
-        state, initial_ema = initial_weights(config.init_from, model, config, fields)
+        state, initial_ema = initial_weights(config.init_from, model, config, fields, info.latent_space)
         model.load_state_dict(state, strict=True)
     announce_run(config, model, "flow_matching", dist)
     objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],

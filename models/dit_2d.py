@@ -180,16 +180,19 @@ def load_flow_model(path: str, weights: str = "ema", device="cpu"):
     return load_model(path, "flow_matching", dit_from_config, weights, device)
 
 
-def initial_weights(path: str, model: DiT2D, config, fields) -> Tuple[dict, dict]:
+def initial_weights(path: str, model: DiT2D, config, fields, latent_space=None) -> Tuple[dict, dict]:
     """(model state, EMA state) of the flow-matching or MeanFlow checkpoint `path`, ready to load
     strictly into `model` (a run started with --init_from).
 
-    The checkpoint must agree with `config` on `fields` (the architecture). A flow-matching
+    The checkpoint must agree with `config` on `fields` (the architecture) and, in a latent run,
+    have been trained on `latent_space` (models.vqvae.LatentSpace). A flow-matching
     checkpoint lacks the interval embedder of a MeanFlow model: those entries come from `model`'s
     own initialization, whose zero output layer leaves the loaded velocity unchanged.
     """
     ckpt = load_checkpoint(path, kind="flow_matching")
     check_config_fits(with_defaults(ckpt["config"], config), dataclasses.asdict(config), fields, path)
+    if latent_space is not None:
+        latent_space.check_trained_on(ckpt, f"--init_from {path}")
     own = model.state_dict()
     states = []
     for key in ("model", "ema"):

@@ -329,6 +329,13 @@ class LatentSpace:
         return {"mean": self.mean.flatten().cpu(), "std": self.std.flatten().cpu(),
                 "vqvae_fingerprint": self.fingerprint}
 
+    def check_trained_on(self, ckpt: Dict, path: str) -> None:
+        """A flow checkpoint continues (--resume) or starts (--init_from) a run only on the latents
+        of the VQ-VAE it was trained with; ValueError naming `path` otherwise."""
+        if ckpt.get("latent", {}).get("vqvae_fingerprint") != self.fingerprint:
+            raise ValueError(f"{path} was trained on the latents of another VQ-VAE than "
+                             f"--vqvae_checkpoint; pass the VQ-VAE it was trained with")
+
     @classmethod
     def from_flow_checkpoint(cls, ckpt: Dict, vqvae_checkpoint: Optional[str] = None,
                              device="cpu") -> Optional["LatentSpace"]:

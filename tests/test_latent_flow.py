@@ -193,6 +193,9 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
         assert generate_flow_matching.main(argv + ["--vqvae_checkpoint", original]) == 0
         assert train_flow_matching.main(flags + ["--train_steps", "5", "--resume", final]) == 2
         assert "trained on the latents of another VQ-VAE" in capsys.readouterr().err
+        started = flags + ["--checkpoint_dir", str(tmp_path / "mf"), "--objective", "meanflow", "--init_from", final]
+        assert train_flow_matching.main(started) == 2
+        assert f"--init_from {final} was trained on the latents of another VQ-VAE" in capsys.readouterr().err
     finally:
         shutil.copy(original, path)
 

@@ -126,11 +126,8 @@ class FlowMatchingObjective:
     def check_resume(self, ckpt, path: str) -> None:
         """A latent run resumes only on the latents of the VQ-VAE it was trained with (a pixel vs
         latent mix-up already fails the trainer's architecture check: latent_size differs)."""
-        if self.latent_space is None:
-            return
-        if ckpt.get("latent", {}).get("vqvae_fingerprint") != self.latent_space.fingerprint:
-            raise ValueError(f"{path} was trained on the latents of another VQ-VAE than "
-                             f"--vqvae_checkpoint; pass the VQ-VAE it was trained with")
+        if self.latent_space is not None:
+            self.latent_space.check_trained_on(ckpt, path)
 
 
 class VQVAEObjective:
