@@ -22,7 +22,6 @@ from utils.images import to_uint8
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun", "midpoint", "meanflow")
-OBJECTIVES = ("flow_matching", "meanflow")
 
 # v(x, t), or with r the average velocity u(x, t, r) of a MeanFlow model (r = None: instantaneous).
 VelocityFn = Callable[..., torch.Tensor]

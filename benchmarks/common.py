@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -20,11 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from configs.cli import ArgumentParser, parse_config  # noqa: E402
-from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
+from configs.cli import ArgumentParser  # noqa: E402
+from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
-from training.trainer import peak_memory_gb  # noqa: E402
 
 
 def benchmark_parser() -> argparse.ArgumentParser:
@@ -42,7 +40,7 @@ def parse_benchmark(bench: argparse.ArgumentParser, argv, doc: str):
     args, rest = bench.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         bench.print_help()
-    config = parse_config(FlowMatchingConfig, PRESETS, rest, description=doc, default_preset="cifar10")
+    config = parse_flow_matching_config(rest, description=doc)   # a MeanFlow config samples as a MeanFlow run
     try:
         device = resolve_device(config.device)
     except ValueError as err:
@@ -86,18 +84,9 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def median(values: List[float]) -> float:
-    return statistics.median(values)
-
-
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """CUDA: peak allocated since the last reset. CPU: the process's resident high-water mark."""
-    return peak_memory_gb(device)
 
 
 def machine(device: torch.device) -> str:

@@ -16,13 +16,14 @@ rounds; the medians and their ratio (ours / diffusers, in images/s) are printed.
 import argparse
 import sys
 import os
+from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 import flow_matching  # noqa: E402
-from benchmarks.common import count_flops_per_image, machine, median, time_call, write_json  # noqa: E402
+from benchmarks.common import count_flops_per_image, machine, time_call, write_json  # noqa: E402
 from configs.cli import ArgumentParser, make_config  # noqa: E402
 from configs.flow_matching_config import FlowMatchingConfig  # noqa: E402
 from models import precision  # noqa: E402

@@ -66,7 +66,7 @@ from evaluation import fid  # noqa: E402
 from models.dit_2d import input_shape, load_flow_model  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from training.optim import lr_factor  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 PRESET = "proxy16"
 SHARED_CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10", "train")
@@ -183,7 +183,8 @@ def parse(argv):
 
 def checkpoint_config(bench, args, flags_config, flags) -> FlowMatchingConfig:
     """The config of the run --checkpoint holds (on the --device of the flags); exits with code 2 for
-    a missing or foreign checkpoint, the peer pipeline, a training flag or another seed than the run's."""
+    a missing, foreign or latent-space checkpoint, the peer pipeline, a training flag or another seed
+    than the run's."""
     given = {f[2:].split("=")[0] for f in flags if f.startswith("--")}
     training = sorted(given - set(CHECKPOINT_FLAGS))
     if args.pipeline != "repo":
@@ -195,6 +196,9 @@ def checkpoint_config(bench, args, flags_config, flags) -> FlowMatchingConfig:
         config = FlowMatchingConfig(**load_checkpoint(args.checkpoint, kind="flow_matching")["config"])
     except (FileNotFoundError, ValueError) as err:
         bench.error(f"--checkpoint: {err}")
+    if config.latent_size is not None:
+        bench.error(f"--checkpoint {args.checkpoint} is a latent (VQ-VAE) model; quality.py scores pixel-space "
+                    f"runs of the proxy (evaluate_fid.py --checkpoint scores any checkpoint)")
     if "seed" in given and flags_config.seed != config.seed:
         bench.error(f"--seed {flags_config.seed}: {args.checkpoint} was trained with seed {config.seed}, the seed "
                     f"its rows carry; drop --seed")
@@ -210,7 +214,7 @@ def run_name(args, config, flags) -> str:
 
 # ----------------------------------------------------------------------------- the two pipelines
 
-def train_repo(config, flags, run_dir: str) -> str:
+def train_repo(flags, run_dir: str) -> str:
     """train_flow_matching.py --preset proxy16 FLAGS in a subprocess; returns the final checkpoint."""
     command = [sys.executable, os.path.join(ROOT, "train_flow_matching.py"), "--preset", PRESET, *flags,
                "--checkpoint_dir", run_dir, "--sample_dir", os.path.join(run_dir, "samples")]
@@ -282,8 +286,8 @@ def train_peer(config, run_dir: str, device: torch.device):
                 break
         epoch += 1
     os.makedirs(run_dir, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(config), "step": step},
-               os.path.join(run_dir, "peer_final.pt"))
+    save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(config), "step": step},
+                    os.path.join(run_dir, "peer_final.pt"))   # atomic: its existence means a finished run
     return model.eval().requires_grad_(False)
 
 
@@ -427,7 +431,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     if args.pipeline == "repo":
-        path = args.checkpoint or train_repo(config, data_flags + flags, run_dir)
+        path = args.checkpoint or train_repo(data_flags + flags, run_dir)
         # A scored checkpoint's training time is unknown: its metrics.jsonl logs images/s, no elapsed time.
         train_seconds = None if args.checkpoint else round(time.perf_counter() - start, 1)
         models = {}

@@ -22,10 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import flow_matching  # noqa: E402
-from benchmarks.common import (benchmark_parser, machine, parse_benchmark, peak_memory_gib,  # noqa: E402
+from benchmarks.common import (benchmark_parser, machine, parse_benchmark,  # noqa: E402
                                reset_peak_memory, synchronize, write_json)
-from utils.images import to_uint8  # noqa: E402
-from models.dit_2d import dit_from_config  # noqa: E402
+from models.dit_2d import dit_from_config, input_shape  # noqa: E402
+from training.trainer import peak_memory_gb  # noqa: E402
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     num_steps = args.num_steps or config.num_sampling_steps
     model = dit_from_config(config).to(device).eval().requires_grad_(False)
     net = torch.compile(model) if config.compile else model
-    shape = (config.in_channels, config.image_size, config.image_size)
+    interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start, config.guidance_interval_end)
+    labels = torch.arange(args.num_samples) % max(config.num_classes, 1)
     autocast = torch.bfloat16 if args.precision == "bf16" else None
     print(f"machine: {machine(device)}")
     print(f"sample: hidden {config.hidden_size}, depth {config.depth}, patch {config.patch_size}, "
@@ -62,27 +63,23 @@ def main(argv=None) -> int:
     for mode in modes:
         cfg_scale = config.cfg_scale if mode == "guided" and config.num_classes else 1.0
 
-        def generate(first, count):
-            index = range(first, first + count)
-            noise = flow_matching.per_sample_noise(config.seed, index, shape, device)
-            y = (torch.arange(first, first + count) % max(config.num_classes, 1)).to(device)
-            x, nfe = flow_matching.sample(net, noise, y if config.num_classes else None,
-                                          num_classes=config.num_classes, num_steps=num_steps,
-                                          sampler=config.sampler, cfg_scale=cfg_scale, autocast_dtype=autocast)
-            to_uint8(x)
-            return nfe
+        def generate(count):
+            """The images of generate_flow_matching.py (its noise, labels, solver, interval, shift); NFE."""
+            return flow_matching.generate_images(
+                net, labels[:count], shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
+                num_steps=num_steps, sampler=config.sampler, cfg_scale=cfg_scale, guidance_interval=interval,
+                time_shift=config.time_shift, batch_size=args.batch_size, autocast_dtype=autocast, device=device)[1]
 
-        generate(0, min(args.batch_size, args.num_samples))  # warm-up and compilation
+        generate(min(args.batch_size, args.num_samples))  # warm-up and compilation
         reset_peak_memory(device)
         synchronize(device)
         start = time.perf_counter()
-        for first in range(0, args.num_samples, args.batch_size):
-            nfe = generate(first, min(args.batch_size, args.num_samples - first))
+        nfe = generate(args.num_samples)
         synchronize(device)
         seconds = time.perf_counter() - start
         rate = args.num_samples / seconds
         forwards = 2 if cfg_scale != 1.0 else 1
-        mem = peak_memory_gib(device)
+        mem = peak_memory_gb(device)
         print(f"  cfg_scale {cfg_scale:g}: {args.num_samples} samples in {seconds:.2f}s = {rate:.2f} images/s, "
               f"{rate * nfe:.1f} NFE/s ({nfe} NFE per sample, {forwards} model rows per NFE), "
               f"peak memory {mem:.2f} GiB")

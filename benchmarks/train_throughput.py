@@ -14,19 +14,20 @@ MFU = images/s x counted training FLOPs per image / (--peak_tflops x 1e12).
 import argparse
 import os
 import sys
+from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (benchmark_parser, count_flops_per_image, machine, median,  # noqa: E402
-                               parse_benchmark, peak_memory_gib, reset_peak_memory, synchronize,
+from benchmarks.common import (benchmark_parser, count_flops_per_image, machine,  # noqa: E402
+                               parse_benchmark, reset_peak_memory, synchronize,
                                time_call, write_json)
 from data.device_loader import DeviceLoader  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from training.objectives import FlowMatchingObjective  # noqa: E402
-from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size  # noqa: E402
+from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size, peak_memory_gb  # noqa: E402
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     flops = count_flops_per_image(config, backward=True)
     achieved = rate * flops / 1e12
     mfu = achieved / args.peak_tflops if args.peak_tflops else None
-    mem = peak_memory_gib(device)
+    mem = peak_memory_gb(device)
     params = sum(p.numel() for p in model.parameters())
     print(f"machine: {machine(device)}")
     print(f"train: hidden {config.hidden_size}, depth {config.depth}, heads {config.num_heads}, patch "

@@ -179,8 +179,8 @@ PRESETS = {
                     sample_every=1000, num_sampling_steps=20, cfg_scale=1.5),
 }
 # The recipe that won the ablations of benchmarks/README.md#recipe-ablations on the proxy: qk-norm,
-# a SwiGLU MLP and sin-cos + 2D rotary positions (the brief's DiT otherwise), sampled with the
-# midpoint solver at CFG 1.5. At DiT-B/2 on CIFAR-10 (the brief's fields kept: width, depth, heads,
+# a SwiGLU MLP and sin-cos + 2D rotary positions (the original DiT otherwise), sampled with the
+# midpoint solver at CFG 1.5. At DiT-B/2 on CIFAR-10 (the cifar10 preset's fields kept: width, depth, heads,
 # batch, LR, steps) it samples with 17 midpoint steps = 34 NFE, inside the <= 35 NFE target; the
 # proxy twin samples at 5 steps = 10 NFE, the budget where the measured gain over Euler is largest.
 WINNER = dict(qk_norm=True, mlp="swiglu", positions="sincos_rope", sampler="midpoint", cfg_scale=1.5)
@@ -194,9 +194,9 @@ PRESETS["proxy16_qk_swiglu_rope"] = dict(PRESETS["proxy16"], **WINNER, num_sampl
 MEANFLOW_SAMPLING = {"sampler": "meanflow", "cfg_scale": 1.0}
 
 
-def parse_flow_matching_config(argv=None) -> FlowMatchingConfig:
+def parse_flow_matching_config(argv=None, description: str = "") -> FlowMatchingConfig:
     argv = sys.argv[1:] if argv is None else list(argv)
-    config = parse_config(FlowMatchingConfig, PRESETS, argv, default_preset="cifar10")
+    config = parse_config(FlowMatchingConfig, PRESETS, argv, description=description, default_preset="cifar10")
     if config.objective == "meanflow":
         given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
         config = dataclasses.replace(config, **{k: v for k, v in MEANFLOW_SAMPLING.items() if k not in given})

@@ -1,5 +1,5 @@
 """Data of a VQ-VAE run: the training loader, the fixed reconstruction-grid images and the
-evaluation loader, all built by data/flow_matching_dataset.py's builders (same sources, same
+evaluation loader, all built by data/datasets.py's builders (the flow run's sources and
 resumable sampler). Labels come along in the batches and are ignored by the VQ-VAE.
 """
 

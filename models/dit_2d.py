@@ -7,7 +7,7 @@ With `two_times` (the MeanFlow objective) the conditioning also embeds the inter
 embedder's output layer starts at zero, so a flow-matching checkpoint loads into it and predicts
 its own velocity, and r = t (or r omitted) always asks for the instantaneous velocity.
 
-The brief's DiT is the default; `qk_norm`, `mlp="swiglu"`, `positions` ("rope" or "sincos_rope")
+The original DiT (Peebles & Xie: sin-cos positions, GELU MLP) is the default; `qk_norm`, `mlp="swiglu"`, `positions` ("rope" or "sincos_rope")
 and `fp32_residual` are the options of models/layers.py and of the stream's precision.
 
 Labels are 0..num_classes-1; label `num_classes` is the null label used for classifier-free
@@ -166,8 +166,8 @@ def dit_from_config(config) -> DiT2D:
 
 
 def options(config) -> dict:
-    """The DiT2D options beyond the brief's DiT; a checkpoint written before they existed has
-    none of them and gets the brief's DiT."""
+    """The DiT2D options beyond the original DiT; a checkpoint written before they existed has
+    none of them and gets the original DiT."""
     get = config.get if isinstance(config, dict) else lambda k, default: getattr(config, k)
     return dict(qk_norm=get("qk_norm", False), mlp=get("mlp", "gelu"), positions=get("positions", "sincos"),
                 fp32_residual=get("fp32_residual", False),

@@ -15,6 +15,7 @@ from configs.cli import parse_config
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig
 from evaluation import fid
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder
+from utils.checkpoint import load_checkpoint, save_checkpoint
 
 SCORING = ["--num_samples", "6", "--ref_num_images", "12", "--num_steps_list", "2", "--cfg_scales", "1.5",
            "--time_shifts", "1", "3", "--guidance_intervals", "none", "0.5,1", "--sample_batch_size", "4"]
@@ -93,8 +94,15 @@ def checkpoint(bench, tmp_path):
     (["--checkpoint", "CKPT", "--guidance_intervals", "none", "0.8,0.2"], "'0.8,0.2' must satisfy 0 <= A <= B <= 1"),
     (["--checkpoint", "CKPT", "--guidance_intervals", "0.5"], "expected \"A,B\" or \"none\", got '0.5'"),
     (["--checkpoint", "CKPT", "--time_shifts", "1", "0"], "--time_shifts entries must be > 0"),
+    (["--checkpoint", "LATENT"], "--checkpoint LATENT is a latent (VQ-VAE) model"),
 ])
 def test_bad_flags_exit_2_with_one_line(bench, checkpoint, capsys, flags, expected):
+    if "LATENT" in flags:   # the run's checkpoint as a latent model would record itself
+        ckpt = load_checkpoint(checkpoint)
+        ckpt["config"].update(latent_size=4, latent_channels=3)
+        latent = os.path.join(os.path.dirname(checkpoint), "latent.pt")
+        save_checkpoint(ckpt, latent)
+        flags, expected = [latent if f == "LATENT" else f for f in flags], expected.replace("LATENT", latent)
     flags = [checkpoint if f == "CKPT" else f for f in flags]
     with pytest.raises(SystemExit) as exit_info:
         quality.main(bench + flags)

@@ -194,6 +194,17 @@ def test_resume_with_a_different_architecture_is_a_clear_error(tiny_flags, tmp_p
     assert "depth: checkpoint 2 vs now 3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, diff", [(["--seed", "1"], "seed: checkpoint 0 vs now 1"),
+                                         (["--batch_size", "8"], "batch_size: checkpoint 4 vs now 8"),
+                                         (["--hflip", "false"], "hflip: checkpoint True vs now False")])
+def test_resume_with_another_data_order_is_a_clear_error(tiny_flags, capsys, flags, diff):
+    """The data position and the draws are keyed by seed and global batch: another value would not
+    continue the run; --train_steps may change."""
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1"]) == 0
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", *flags, "--resume", "latest"]) == 2
+    assert diff in capsys.readouterr().err
+
+
 def test_a_checkpoint_from_before_the_recipe_options_resumes(tiny_flags, tmp_path):
     """Its config lacks the fields added since (the architecture options, the objective): they had
     their defaults then, so the run resumes."""
@@ -587,3 +598,19 @@ def test_train_script_end_to_end(tiny_flags, tmp_path):
     assert {"loss", "lr", "grad_norm", "images_per_sec", "peak_mem_gb"} <= set(records[0])
     assert json.load(open(os.path.join(ckpt_dir, "config.json")))["hidden_size"] == 32
     assert "config:" in result.stdout
+
+
+def test_launch_reports_bad_input_in_one_line_and_keeps_a_librarys_traceback(capsys):
+    """Exit 2 and one line for the repo's own ValueErrors and for OSErrors; a ValueError raised
+    inside a library (here the standard library's statistics) is a bug and keeps its traceback."""
+    import statistics
+    from training.launch import launch
+
+    def bad_value(dist):
+        raise ValueError("--lr -1 must be > 0")
+
+    assert launch("prog", "cpu", bad_value) == 2
+    assert capsys.readouterr().err == "prog: error: --lr -1 must be > 0\n"
+    assert launch("prog", "cpu", lambda dist: open("/nonexistent/data/x.jpg")) == 2
+    with pytest.raises(statistics.StatisticsError):
+        launch("prog", "cpu", lambda dist: statistics.mean([]))

@@ -2,7 +2,9 @@
 and the start-up report of a training run.
 
 Exit codes: 0 done; 2 bad input (a value, a path, a missing optional package), as argparse uses
-for a bad flag; 1 a run that stopped on a non-finite loss. A traceback is kept for real bugs.
+for a bad flag; 1 a run that stopped on a non-finite loss. A traceback is kept for real bugs,
+including a ValueError raised inside a library (scipy, numpy, torch): only the repo's own checks
+raise ValueErrors written for the user.
 """
 
 import json
@@ -20,6 +22,19 @@ from training.trainer import NonFiniteLoss, micro_batch_size
 # OSError covers a missing or unreadable data folder and an unwritable output folder; ImportError
 # an optional package (torch-fidelity for FID) that is not installed.
 USER_ERRORS = (ValueError, OSError, ImportError)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A USER_ERRORS exception meant for the user: any OSError or ImportError; a ValueError only
+    when the innermost Python frame that raised it is this repo's code (not an installed package)."""
+    if not isinstance(err, ValueError):
+        return True
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = os.path.abspath(tb.tb_frame.f_code.co_filename) if tb is not None else ""
+    return where.startswith(REPO + os.sep) and "site-packages" not in where
 
 
 def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
@@ -28,6 +43,8 @@ def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
         work(setup_distributed(device))
         return 0
     except USER_ERRORS as err:
+        if not is_user_error(err):
+            raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:

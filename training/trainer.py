@@ -52,6 +52,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 # A CPU run times steps ESTIMATE_AFTER[0]..[1] after its start to estimate the whole run.
 ESTIMATE_AFTER = (2, 7)
 PROBE_SIZE = 64  # images in the fixed batch on which the EMA and the raw weights are compared
+# A resumed run replays the data order and the draws of the run it continues only with these as they
+# were (the data position is a count of samples of the global batch); --data_dir may move.
+RESUME_FIELDS = ("seed", "batch_size", "dataset", "hflip")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -417,7 +420,7 @@ class Trainer:
                 return
         ckpt = load_checkpoint(path, kind=self.objective.kind)
         check_config_fits(with_defaults(ckpt["config"], self.config), dataclasses.asdict(self.config),
-                          (*self.architecture_fields, *OPTIMIZER_FIELDS), path)
+                          (*self.architecture_fields, *OPTIMIZER_FIELDS, *RESUME_FIELDS), path)
         self.objective.check_resume(ckpt, path)
         self.raw_model.load_state_dict(ckpt["model"], strict=True)
         self.ema.load_state_dict(ckpt["ema"], strict=True)

@@ -94,13 +94,13 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     write_atomically(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str, map_location="cpu", kind: Optional[str] = None) -> Dict[str, Any]:
+def load_checkpoint(path: str, kind: Optional[str] = None) -> Dict[str, Any]:
     """Load with weights_only=True; FileNotFoundError / ValueError name the path and the fix."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file "
                                 f"written by training (e.g. checkpoints/flow_matching_final.pt)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, wrong format, unpickling refused
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}); it is "
@@ -171,7 +171,8 @@ def with_defaults(saved: Dict[str, Any], config) -> Dict[str, Any]:
 
 
 def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, path: str) -> None:
-    """ValueError listing every architecture field on which the two configs disagree."""
+    """ValueError listing every field of `fields` (architecture, optimizer, data order) on which the
+    two configs disagree."""
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
              for k in fields if saved.get(k) != current.get(k)]
     if diffs:
