@@ -256,9 +256,11 @@ class DiTBlock(nn.Module):
                 rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
             self.adaLN_modulation(c).chunk(6, dim=-1)                      # each (B, D)
-        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))
-        x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        return x                                                           # (B, N, D)
+        x = torch.addcmul(x, gate_msa.unsqueeze(1),                        # (B, N, D)
+                          self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))
+        x = torch.addcmul(x, gate_mlp.unsqueeze(1),                        # (B, N, D)
+                          self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x
 
     def fused_weights(self):
         """{name: (weight, row blocks)} of the weights that stack several matrices: q, k, v in
