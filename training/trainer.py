@@ -205,13 +205,7 @@ class Trainer:
                     loss_sum, steps_in_window = torch.zeros((), device=self.device), 0
                     window_start = time.perf_counter()
                 if c.sample_every and self.step % c.sample_every == 0:
-                    self._check_finite()
-                    if main:
-                        grid = self.objective.sample(self.ema, run_file(c.sample_dir, self.objective.kind,
-                                                                        f"step_{self.step:07d}.png"))
-                        if self.writer is not None:
-                            self.writer.add_image(f"{self.objective.kind}/samples", grid, self.step,
-                                                  dataformats="HWC")
+                    self._sample_grid()
                     window_start = time.perf_counter()
                 if self.objective.eval_every and self.step % self.objective.eval_every == 0:
                     self._evaluate(bar)
@@ -229,6 +223,16 @@ class Trainer:
                 self.writer.close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+
+    def _sample_grid(self) -> None:
+        """The EMA's grid of this step to --sample_dir (and TensorBoard), after every rank has
+        checked that its weights are finite."""
+        self._check_finite()
+        if self.dist.is_main:
+            kind = self.objective.kind
+            grid = self.objective.sample(self.ema, run_file(self.config.sample_dir, kind, f"step_{self.step:07d}.png"))
+            if self.writer is not None:
+                self.writer.add_image(f"{kind}/samples", grid, self.step, dataformats="HWC")
 
     def _tensorboard(self):
         """A SummaryWriter in --checkpoint_dir/tensorboard (the package is imported only here)."""
