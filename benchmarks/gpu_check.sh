@@ -10,14 +10,14 @@
 #
 #   bash benchmarks/gpu_check.sh [quality] [speed]     # default: both, quality first
 #
-# quality: a recipe ($QUALITY_PRESET; default cifar10_qk_swiglu_rope, the winner of the recipe
+# quality: a recipe ($QUALITY_PRESET; default cifar10_qk_swiglu, the winner of the recipe
 #   ablations in benchmarks/README.md; cifar10 is the brief's DiT-B/2) trained for $QUALITY_SECONDS
 #   (default 300 s: with the FID it fits one 10-minute call; 480 s when the quality stage runs alone)
 #   on one GPU, stopped by SIGTERM (the trainer saves a checkpoint and exits: the preemption path),
 #   then FID of its EMA at 10,000 samples against the 50,000 CIFAR-10 train images with the preset's
 #   sampler at 34 and 10 NFE (midpoint 17 and 5 steps; Euler 35 and 10 for cifar10), CFG 1.5.
 # speed: DiT-B/2 (the seed's config) bf16 training throughput + MFU + peak memory at batch 128,
-#   eager and compiled; the same compiled for cifar10_qk_swiglu_rope (the recipe options' cost),
+#   eager and compiled; the same compiled for cifar10_qk_swiglu (the recipe options' cost),
 #   with --fp32_residual true, and with --objective meanflow (the MeanFlow step's cost: its JVP);
 #   the tiny preset; sampling 35 NFE with and without CFG (5,000 samples timed, extrapolated to
 #   50,000); the diffusers comparison at DiT-B/2 (when .whl is carried); a short
@@ -44,7 +44,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 quality() {
-    local preset="${QUALITY_PRESET:-cifar10_qk_swiglu_rope}" run=/tmp/gpu_check_quality steps="17 5"
+    local preset="${QUALITY_PRESET:-cifar10_qk_swiglu}" run=/tmp/gpu_check_quality steps="17 5"
     [ "$preset" = cifar10 ] && steps="35 10"
     if [ ! -d datasets/cifar10_train ] || [ ! -f .fid/fid_inception.pth ]; then
         step "quality skipped: carry datasets/cifar10_train and .fid/fid_inception.pth"; return
@@ -76,8 +76,8 @@ speed() {
             --warmup 5 --peak_tflops "$PEAK" --json "$JSON"
     fi
     if fits "train the winning preset (its speed cost), compiled"; then
-        step "train DiT-B/2 batch 128 bf16 compiled, --preset cifar10_qk_swiglu_rope (qk-norm, SwiGLU, RoPE: their cost)"
-        python benchmarks/train_throughput.py --device cuda --preset cifar10_qk_swiglu_rope --batch_size 128 \
+        step "train DiT-B/2 batch 128 bf16 compiled, --preset cifar10_qk_swiglu (qk-norm, SwiGLU: their cost)"
+        python benchmarks/train_throughput.py --device cuda --preset cifar10_qk_swiglu --batch_size 128 \
             --compile true --steps 20 --windows 3 --warmup 5 --peak_tflops "$PEAK" --json "$JSON"
     fi
     if fits "train DiT-B/2, fp32 residual stream (its speed cost), compiled"; then

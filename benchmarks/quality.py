@@ -3,7 +3,7 @@
     python benchmarks/quality.py --seed 0                      # the repo: EMA and raw weights of one run
     python benchmarks/quality.py --seed 0 --pipeline peer      # torchcfm + diffusers' DiT, same budget
     python benchmarks/quality.py --seed 1 --ema_warmup false   # any train_flow_matching.py flag: a variant
-    python benchmarks/quality.py --seed 0 --preset proxy16_qk_swiglu_rope --weights ema
+    python benchmarks/quality.py --seed 0 --preset proxy16_qk_swiglu --weights ema
                                                                # the winning recipe (its proxy-size preset)
     python benchmarks/quality.py --checkpoint benchmarks/runs/repo_seed0/flow_matching_final.pt --time_shifts 1 3
                                                                # score a finished run again, train nothing

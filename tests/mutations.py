@@ -372,8 +372,8 @@ MUTATIONS: List[Mutation] = [
              '+ (f" shift {shift:g}" if shift != 1 else "")', '',
              ["tests/test_quality_benchmark.py::test_fid_curves_join_steps_of_one_setting_only"],
              "the FID-vs-steps plot joins two time shifts scored at one step into one line"),
-    Mutation("winner_preset_drops_rope", "configs/flow_matching_config.py",
-             'positions="sincos_rope", sampler="midpoint"', 'positions="sincos", sampler="midpoint"',
+    Mutation("winner_preset_keeps_rope", "configs/flow_matching_config.py",
+             'mlp="swiglu", sampler="midpoint"', 'mlp="swiglu", positions="sincos_rope", sampler="midpoint"',
              ["tests/test_config.py::test_the_winning_presets_are_one_recipe_at_two_sizes"],
              "the preset is not the recipe that was measured"),
 ]

@@ -118,15 +118,15 @@ def test_help_lists_every_flag():
 
 
 def test_the_winning_presets_are_one_recipe_at_two_sizes():
-    """cifar10_qk_swiglu_rope keeps the fields the brief fixes; its proxy twin is proxy16 plus the
+    """cifar10_qk_swiglu keeps the fields the brief fixes; its proxy twin is proxy16 plus the
     same options; both differ from their base only where the recipe (or the NFE budget) says."""
     brief = dict(hidden_size=768, depth=12, num_heads=12, batch_size=128, lr=1e-4, train_steps=100_000)
-    options = dict(qk_norm=True, mlp="swiglu", positions="sincos_rope", sampler="midpoint", cfg_scale=1.5)
-    pairs = [("cifar10_qk_swiglu_rope", "cifar10", 17), ("proxy16_qk_swiglu_rope", "proxy16", 5)]
+    options = dict(qk_norm=True, mlp="swiglu", positions="sincos", sampler="midpoint", cfg_scale=1.5)
+    pairs = [("cifar10_qk_swiglu", "cifar10", 17), ("proxy16_qk_swiglu", "proxy16", 5)]
     for name, base, steps in pairs:
         winner, plain = (dataclasses.asdict(parse_flow_matching_config(["--preset", p])) for p in (name, base))
         assert {k: v for k, v in winner.items() if plain[k] != v} == \
             {k: v for k, v in dict(options, num_sampling_steps=steps).items() if plain[k] != v}, name
         assert all(winner[k] == v for k, v in options.items()), name
-    dit = parse_flow_matching_config(["--preset", "cifar10_qk_swiglu_rope"])
+    dit = parse_flow_matching_config(["--preset", "cifar10_qk_swiglu"])
     assert {k: getattr(dit, k) for k in brief} == brief

@@ -143,9 +143,9 @@ def test_a_preset_shares_the_row_of_the_flags_it_stands_for():
     def diff(*argv):
         return quality.config_diff(parse_config(FlowMatchingConfig, PRESETS, ["--preset", "proxy16", *argv]))
 
-    winner = {"qk_norm": True, "mlp": "swiglu", "positions": "sincos_rope"}
-    assert diff("--preset", "proxy16_qk_swiglu_rope") == winner
-    assert diff("--qk_norm", "true", "--mlp", "swiglu", "--positions", "sincos_rope") == winner
+    winner = {"qk_norm": True, "mlp": "swiglu"}
+    assert diff("--preset", "proxy16_qk_swiglu") == winner
+    assert diff("--qk_norm", "true", "--mlp", "swiglu") == winner
     assert diff("--sampler", "heun", "--cfg_scale", "3", "--save_every", "250") == {}
     assert diff("--lr", "0.002", "--ema_gamma", "7") == {"lr": 0.002, "ema_gamma": 7.0}
 
