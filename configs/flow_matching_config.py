@@ -189,9 +189,9 @@ PRESETS["proxy16_qk_swiglu"] = dict(PRESETS["proxy16"], **WINNER, num_sampling_s
 
 
 # A MeanFlow run's sampling defaults (its grids, and generate_flow_matching.py on its checkpoint),
-# over the preset's unless given as flags: average-velocity jumps, and no CFG on top of the
-# guidance its training target already holds.
-MEANFLOW_SAMPLING = {"sampler": "meanflow", "cfg_scale": 1.0}
+# over the preset's unless given as flags: one average-velocity jump (the point of the objective),
+# and no CFG on top of the guidance its training target already holds.
+MEANFLOW_SAMPLING = {"sampler": "meanflow", "num_sampling_steps": 1, "cfg_scale": 1.0}
 
 
 def parse_flow_matching_config(argv=None, description: str = "") -> FlowMatchingConfig:

@@ -97,6 +97,14 @@ def test_an_unguided_meanflow_run_needs_no_null_label():
     assert (config.class_dropout_prob, config.meanflow_guidance_scale, config.meanflow_guidance_mix) == (0, 1, 0)
 
 
+def test_a_meanflow_run_samples_with_one_jump_and_no_cfg_unless_told():
+    config = parse_flow_matching_config(["--preset", "tiny", "--objective", "meanflow"])
+    assert (config.sampler, config.num_sampling_steps, config.cfg_scale) == ("meanflow", 1, 1.0)
+    config = parse_flow_matching_config(["--preset", "tiny", "--objective", "meanflow", "--num_sampling_steps", "2",
+                                         "--cfg_scale", "1.5", "--sampler", "euler"])
+    assert (config.sampler, config.num_sampling_steps, config.cfg_scale) == ("euler", 2, 1.5)
+
+
 def test_make_config_rejects_unknown_keys_and_bad_choices():
     with pytest.raises(ValueError, match="bogus"):
         make_config(FlowMatchingConfig, {"bogus": 1})
