@@ -1,0 +1,81 @@
+"""How far a model's K-jump samples land from the endpoint of its own ODE, from the same noise.
+
+    python benchmarks/meanflow_gap.py benchmarks/runs/repo_seed0/flow_matching_final.pt \
+        benchmarks/runs/repo_seed0_objective_meanflow_..._init_from_.../checkpoint_0000100.pt --device cpu
+
+A MeanFlow model's average velocity is right when K jumps of it reach the point its own velocity
+field (u at r = t) reaches by integrating finely; FID cannot say which of the two is off, this can.
+For each checkpoint (EMA weights, its own config's CFG scale): the same --num_samples noises
+(per-sample seeds from --seed, the labels cycling through the classes) are integrated by the
+midpoint solver with --reference_steps steps (the reference), and by K = --jumps jumps: the
+meanflow sampler on a MeanFlow checkpoint, Euler with K steps on a flow-matching one (its K-step
+answer, the baseline a MeanFlow fine-tune starts from). Printed per checkpoint: the mean square
+difference to the reference for each K, and the reference's per-element variance (the scale: a gap
+of that size is no better than a random sample).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import flow_matching  # noqa: E402
+from benchmarks.common import machine, write_json  # noqa: E402
+from configs.cli import ArgumentParser  # noqa: E402
+from models.dit_2d import input_shape, load_flow_model  # noqa: E402
+from utils.distributed import resolve_device  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="flow-matching or MeanFlow checkpoints (.pt)")
+    p.add_argument("--num_samples", type=int, default=64, help="noises per checkpoint (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    p.add_argument("--jumps", type=int, nargs="+", default=[1, 2], help="K values (default: 1 2)")
+    p.add_argument("--reference_steps", type=int, default=17, help="midpoint steps of the reference (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.reference_steps < 1 or min(args.jumps) < 1:
+        p.error(f"--num_samples, --reference_steps and --jumps must be >= 1, got {args.num_samples}, "
+                f"{args.reference_steps}, {args.jumps}")
+    for path in args.checkpoints:
+        if not os.path.isfile(path):
+            p.error(f"checkpoint {path} does not exist; pass the .pt files of finished runs")
+    device = resolve_device(args.device)
+    for path in args.checkpoints:
+        model, ckpt = load_flow_model(path, "ema", device)
+        config = ckpt["config"]
+        num_classes = config["num_classes"]
+        noise = flow_matching.per_sample_noise(args.seed, range(args.num_samples), input_shape(config), device)
+        y = torch.arange(args.num_samples, device=device) % num_classes if num_classes else None
+        meanflow = config["objective"] == "meanflow"
+
+        def run(sampler: str, steps: int) -> torch.Tensor:
+            with torch.no_grad():
+                return flow_matching.sample(model, noise, y, num_classes=num_classes, num_steps=steps,
+                                            sampler=sampler, cfg_scale=config["cfg_scale"])[0]
+
+        reference = run("midpoint", args.reference_steps)
+        gaps = {k: (run("meanflow" if meanflow else "euler", k) - reference).pow(2).mean().item() for k in args.jumps}
+        row = {"checkpoint": path, "step": ckpt["step"], "objective": config["objective"],
+               "cfg_scale": config["cfg_scale"], "num_samples": args.num_samples, "seed": args.seed,
+               "reference": f"midpoint {args.reference_steps}", "reference_variance": round(reference.var().item(), 4),
+               **{f"gap_{k}": round(g, 4) for k, g in gaps.items()}, "machine": machine(device)}
+        print(f"{path}: step {row['step']}, {row['objective']}, cfg {row['cfg_scale']}: "
+              + ", ".join(f"{k} jump(s) {g:.4f}" for k, g in gaps.items())
+              + f" (reference variance {row['reference_variance']:.4f})", flush=True)
+        write_json(args.json, row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
