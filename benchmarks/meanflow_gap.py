@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import flow_matching  # noqa: E402
 from benchmarks.common import machine, write_json  # noqa: E402
 from configs.cli import ArgumentParser  # noqa: E402
+from evaluation import fid  # noqa: E402
 from models.dit_2d import input_shape, load_flow_model  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
         config = ckpt["config"]
         num_classes = config["num_classes"]
         noise = flow_matching.per_sample_noise(args.seed, range(args.num_samples), input_shape(config), device)
-        y = torch.arange(args.num_samples, device=device) % num_classes if num_classes else None
+        y = fid.balanced_labels(args.num_samples, num_classes).to(device) if num_classes else None
         meanflow = config["objective"] == "meanflow"
 
         def run(sampler: str, steps: int) -> torch.Tensor:

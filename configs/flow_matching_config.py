@@ -182,7 +182,8 @@ PRESETS = {
 # and a SwiGLU MLP (the original DiT otherwise: 2D rotary positions on top measured no better, so
 # they are left out), sampled with the midpoint solver at CFG 1.5. At DiT-B/2 on CIFAR-10 (the
 # cifar10 preset's fields kept: width, depth, heads, batch, LR, steps) it samples with 17 midpoint
-# steps = 34 NFE, inside the <= 35 NFE target; the proxy twin samples at 5 steps = 10 NFE, the budget where the measured gain over Euler is largest.
+# steps = 34 NFE, inside the <= 35 NFE target; the proxy twin samples at 5 steps = 10 NFE, the
+# budget where the measured gain over Euler is largest.
 WINNER = dict(qk_norm=True, mlp="swiglu", sampler="midpoint", cfg_scale=1.5)
 PRESETS["cifar10_qk_swiglu"] = dict(WINNER, num_sampling_steps=17)
 PRESETS["proxy16_qk_swiglu"] = dict(PRESETS["proxy16"], **WINNER, num_sampling_steps=5)
