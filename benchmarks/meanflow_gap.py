@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=64, help="noises per checkpoint (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--jumps", type=int, nargs="+", default=[1, 2], help="K values (default: 1 2)")
-    p.add_argument("--reference_steps", type=int, default=17, help="midpoint steps of the reference (default: %(default)s)")
+    p.add_argument("--reference_steps", type=int, default=17,
+                   help="midpoint steps of the reference (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
     return p
@@ -69,8 +70,9 @@ def main(argv=None) -> int:
         gaps = {k: (run("meanflow" if meanflow else "euler", k) - reference).pow(2).mean().item() for k in args.jumps}
         row = {"checkpoint": path, "step": ckpt["step"], "objective": config["objective"],
                "cfg_scale": config["cfg_scale"], "num_samples": args.num_samples, "seed": args.seed,
-               "reference": f"midpoint {args.reference_steps}", "reference_variance": round(reference.var().item(), 4),
-               **{f"gap_{k}": round(g, 4) for k, g in gaps.items()}, "machine": machine(device)}
+               "reference": f"midpoint {args.reference_steps}",  # 4 significant digits: a gap can be 1e-4
+               "reference_variance": float(f"{reference.var().item():.4g}"),
+               **{f"gap_{k}": float(f"{g:.4g}") for k, g in gaps.items()}, "machine": machine(device)}
         print(f"{path}: step {row['step']}, {row['objective']}, cfg {row['cfg_scale']}: "
               + ", ".join(f"{k} jump(s) {g:.4f}" for k, g in gaps.items())
               + f" (reference variance {row['reference_variance']:.4f})", flush=True)
