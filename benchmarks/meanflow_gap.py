@@ -49,12 +49,14 @@ def main(argv=None) -> int:
     if args.num_samples < 1 or args.reference_steps < 1 or min(args.jumps) < 1:
         p.error(f"--num_samples, --reference_steps and --jumps must be >= 1, got {args.num_samples}, "
                 f"{args.reference_steps}, {args.jumps}")
-    for path in args.checkpoints:
-        if not os.path.isfile(path):
-            p.error(f"checkpoint {path} does not exist; pass the .pt files of finished runs")
     device = resolve_device(args.device)
-    for path in args.checkpoints:
-        model, ckpt = load_flow_model(path, "ema", device)
+    loaded = []
+    for path in args.checkpoints:  # all of them before any work: a bad one fails at once
+        try:
+            loaded.append((path, *load_flow_model(path, "ema", device)))
+        except (FileNotFoundError, ValueError) as err:
+            p.error(str(err))
+    for path, model, ckpt in loaded:
         config = ckpt["config"]
         num_classes = config["num_classes"]
         noise = flow_matching.per_sample_noise(args.seed, range(args.num_samples), input_shape(config), device)
@@ -70,12 +72,13 @@ def main(argv=None) -> int:
         gaps = {k: (run("meanflow" if meanflow else "euler", k) - reference).pow(2).mean().item() for k in args.jumps}
         row = {"checkpoint": path, "step": ckpt["step"], "objective": config["objective"],
                "cfg_scale": config["cfg_scale"], "num_samples": args.num_samples, "seed": args.seed,
-               "reference": f"midpoint {args.reference_steps}",  # 4 significant digits: a gap can be 1e-4
+               "reference": f"midpoint {args.reference_steps}",
+               # 4 significant digits, not decimals: a gap can be 1e-4
                "reference_variance": float(f"{reference.var().item():.4g}"),
                **{f"gap_{k}": float(f"{g:.4g}") for k, g in gaps.items()}, "machine": machine(device)}
         print(f"{path}: step {row['step']}, {row['objective']}, cfg {row['cfg_scale']}: "
-              + ", ".join(f"{k} jump(s) {g:.4f}" for k, g in gaps.items())
-              + f" (reference variance {row['reference_variance']:.4f})", flush=True)
+              + ", ".join(f"{k} jump(s) {g:.4g}" for k, g in gaps.items())
+              + f" (reference variance {row['reference_variance']:.4g})", flush=True)
         write_json(args.json, row)
     return 0
 

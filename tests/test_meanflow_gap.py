@@ -82,8 +82,11 @@ def test_a_model_that_stands_still_has_no_gap(checkpoint, tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["missing.pt"], "checkpoint missing.pt does not exist"),
     (["CKPT", "--jumps", "0"], "must be >= 1, got 64, 17, [0]"),
+    (["CKPT", "VQVAE"], "VQVAE is a 'vqvae' checkpoint, not a 'flow_matching' one"),
 ])
-def test_bad_input_exits_2_naming_the_value(checkpoint, argv, needle, capsys):
+def test_bad_input_exits_2_naming_the_value(checkpoint, argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint({"kind": "vqvae", "model": {}, "config": {}}, "VQVAE")
     with pytest.raises(SystemExit) as exit_:
         meanflow_gap.main([checkpoint if a == "CKPT" else a for a in argv])
     assert exit_.value.code == 2 and needle in capsys.readouterr().err
