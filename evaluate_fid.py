@@ -186,9 +186,13 @@ def evaluate(args, dist) -> None:
                 labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
                 guidance_interval=guidance_interval, time_shift=time_shift, batch_size=args.batch_size,
                 rank=dist.rank, world_size=dist.world_size, progress=main)
+            sampling = time.perf_counter() - start
             if main:
+                print(f"sampled {len(images)} in {sampling:.1f}s: {len(images) / sampling:.1f} samples/s, "
+                      f"{len(images) * nfe / sampling:.0f} NFE/s on {dist.world_size} rank(s)")
                 stats = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True)
                 report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe,
+                       sampling_seconds=round(sampling, 1), samples_per_s=round(len(images) / sampling, 1),
                        cfg_scale=cfg_scale, time_shift=time_shift, guidance_interval=guidance_interval,
                        step=run.ckpt["step"],
                        weights=args.weights, seed=args.seed, precision=run.precision)

@@ -118,7 +118,7 @@ def generate(args, dist) -> None:
     seconds = time.perf_counter() - start
     print(f"{n} samples, {nfe} NFE per sample ({sampler}, {num_steps} steps, time_shift {time_shift:g}, cfg_scale "
           f"{cfg_scale}, guidance_interval {guidance_interval or 'all t'}), "
-          f"{seconds:.1f}s ({n / seconds:.1f} images/s on {dist.world_size} rank(s)); wrote "
+          f"{seconds:.1f}s ({n / seconds:.1f} images/s, {n * nfe / seconds:.0f} NFE/s on {dist.world_size} rank(s)); wrote "
           f"{os.path.join(args.output_dir, 'grid.png')}, {os.path.join(args.output_dir, 'images')}/"
           + (f", {os.path.join(args.output_dir, 'samples.npz')}" if args.save_npz else ""))
 

@@ -84,6 +84,54 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def profile(fn: Callable[[], object], device: torch.device, table_path: Optional[str] = None,
+            rows: int = 25) -> Dict:
+    """Where one call of fn spends its time: wall seconds, the device's kernel seconds (their sum,
+    from torch.profiler), the share of the wall the device is busy (the rest is launch overhead,
+    host work and syncs: the gaps), kernel launches, and the kernels' table, sorted by device
+    time, written to `table_path`. On a CPU the operators' self time stands in for kernel time."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        launches = sum(e.count for e in kernels)
+        sort = "self_device_time_total"
+    else:
+        busy = sum(e.self_cpu_time_total for e in events) / 1e6
+        launches = sum(e.count for e in events)
+        sort = "self_cpu_time_total"
+    if table_path:
+        os.makedirs(os.path.dirname(os.path.abspath(table_path)), exist_ok=True)
+        with open(table_path, "w") as f:
+            f.write(events.table(sort_by=sort, row_limit=rows, max_name_column_width=70) + "\n")
+    return {"wall_s": wall, "kernel_s": busy, "busy": busy / wall, "launches": launches}
+
+
+def check_no_sync(fn: Callable[[], object], device: torch.device) -> str:
+    """'no host sync' when fn runs under torch.cuda.set_sync_debug_mode('error'), else the first
+    offending call's error line; 'not checked' off CUDA."""
+    if device.type != "cuda":
+        return "not checked (CUDA only)"
+    synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "no host sync"
+    except RuntimeError as err:
+        return "host sync: " + str(err).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        synchronize(device)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

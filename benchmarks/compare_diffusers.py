@@ -3,11 +3,14 @@
     pip install -r benchmarks/requirements.txt
     python benchmarks/compare_diffusers.py                      # CPU, bf16 autocast, 256/6/4/2, batch 32
     python benchmarks/compare_diffusers.py --device cuda --hidden_size 768 --depth 12 --num_heads 12 --batch_size 128
+    python benchmarks/compare_diffusers.py --device cuda --hidden_size 768 --depth 12 --num_heads 12 --batch_size 1000 \
+        --parts loop --compile     # whole batches sampled: midpoint 17 steps, CFG 1.5
 
 Both models get the same width, depth, heads, patch size, image size, classes and batch, the same
 precision (autocast), the same training step (flow_matching.flow_matching_loss: MSE to data - noise
 with label dropout, then backward, then AdamW, fused on CUDA for both) and the same sampling
-forward (one no-grad forward at the batch, as every ODE step makes). diffusers is set up as a DiT:
+forward (one no-grad forward at the batch, as every ODE step makes); `loop` generates whole batches
+(flow_matching.sample: midpoint, batched CFG, bf16 forwards) with each. diffusers is set up as a DiT:
 out_channels = in_channels (no learned sigma), num_embeds_ada_norm = num_classes, timestep = 1000 t.
 The two models are timed interleaved, alternating which goes first in each round, after warm-up
 rounds; the medians and their ratio (ours / diffusers, in images/s) are printed.
@@ -47,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (each: one step per model)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; medians are reported")
-    p.add_argument("--parts", default="train,sample", help="comma-separated: train, sample")
+    p.add_argument("--parts", default="train,sample", help="comma-separated: train, sample, loop")
+    p.add_argument("--loop_steps", type=int, default=17, help="loop: midpoint steps (2 NFE each)")
+    p.add_argument("--loop_cfg_scale", type=float, default=1.5, help="loop: CFG scale (cond and uncond in one forward)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (diffusers stays eager)")
     p.add_argument("--cpu_bf16_matmul", default="auto", choices=("auto", "fp32", "native"),
                    help="our bf16 GEMM route on the CPU (models.precision.set_cpu_bf16_matmul)")
@@ -75,7 +80,7 @@ class Contender:
         self.config, self.device, self.autocast_dtype = config, device, autocast_dtype
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda")
         self.generator = torch.Generator(device=device)
-        self.times = {"train": [], "sample": []}
+        self.times = {"train": [], "sample": [], "loop": []}
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -99,14 +104,22 @@ class Contender:
         with self.autocast():
             self.velocity(x, t, y)
 
+    def sample_loop(self, x, y, num_steps: int, cfg_scale: float):
+        """A whole batch generated: midpoint ODE from noise x with batched CFG, the autocast
+        forward and fp32 state of flow_matching.sample; for diffusers' DiT this is the ten-line
+        loop a researcher writes."""
+        self.module.eval()
+        flow_matching.sample(self.velocity, x, y, num_classes=self.config.num_classes, num_steps=num_steps,
+                             sampler="midpoint", cfg_scale=cfg_scale, autocast_dtype=self.autocast_dtype)
+
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     try:
-        if not parts or set(parts) - {"train", "sample"}:
-            raise ValueError(f"--parts {args.parts!r}: use train, sample or train,sample")
+        if not parts or set(parts) - {"train", "sample", "loop"}:
+            raise ValueError(f"--parts {args.parts!r}: use any of train, sample, loop, comma-separated")
         if args.warmup < 0 or args.repeats < 1:
             raise ValueError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup}, {args.repeats}")
         config = make_config(FlowMatchingConfig, dict(
@@ -148,7 +161,10 @@ def main(argv=None) -> int:
         for round_ in range(args.warmup + args.repeats):
             order = contenders if round_ % 2 == 0 else contenders[::-1]
             for c in order:
-                fn = c.train_step if part == "train" else c.sample_forward
+                if part == "loop":
+                    fn = lambda x, y: c.sample_loop(x, y, args.loop_steps, args.loop_cfg_scale)  # noqa: E731
+                else:
+                    fn = c.train_step if part == "train" else c.sample_forward
                 seconds = time_call(lambda: fn(x, y), device)
                 if round_ >= args.warmup:
                     c.times[part].append(seconds)
@@ -156,7 +172,9 @@ def main(argv=None) -> int:
                       f"{'(warm-up) ' if round_ < args.warmup else ''}{c.name}: {seconds:.3f}s", flush=True)
         rate = {c.name: args.batch_size / median(c.times[part]) for c in contenders}
         ratio = rate["ours"] / rate["diffusers"]
-        label = "training step" if part == "train" else "sampling forward"
+        label = {"train": "training step", "sample": "sampling forward",
+                 "loop": f"sampling loop (midpoint {args.loop_steps} steps = {2 * args.loop_steps} NFE, CFG "
+                         f"{args.loop_cfg_scale:g})"}[part]
         print(f"{label}: ours {rate['ours']:.2f} images/s, diffusers {rate['diffusers']:.2f} images/s "
               f"(medians of {args.repeats}); ratio ours/diffusers = {ratio:.2f}x")
         result[part] = {"images_per_s": rate, "ratio": ratio,

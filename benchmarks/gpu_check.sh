@@ -1,136 +1,135 @@
 #!/usr/bin/env bash
-# One short GPU session's worth of figures, printed and, when $OUT is set, written there as
-# gpu_check.log, gpu_check.jsonl, quality_fid.jsonl and the metrics of the runs.
+# One GPU job's worth of figures (one H200, <= ~9 minutes a call), printed, with one table at the end,
+# and, when $OUT is set (the device tool's result folder), written there: gpu_check.log,
+# gpu_check.jsonl, the profiles' kernel tables, speedrun rows and training metrics.
 #
-#   here, once:  cp -r ../shared/data/cifar10/train datasets/cifar10_train   # ~46 MB of JPEGs
-#                mkdir -p .fid && cp ~/.cache/fid_weights/fid_inception.pth .fid/   # bash evaluation/fid_weights.sh
-#                pip download -d .whl diffusers                                # optional: the comparison
-#   device tool: run(command="bash benchmarks/gpu_check.sh", carry=["datasets/cifar10_train", ".fid", ".whl"],
-#                    timeout_s=600)
+#   here, once per kind of call:  bash benchmarks/gpu_prepare.sh speed      # lays out .gpu/, checks 64 MiB
+#   device tool:  run(command="bash benchmarks/gpu_check.sh speed", carry=[".gpu"], timeout_s=600)
+#   here:         bash benchmarks/gpu_prepare.sh speedrun
+#   device tool:  run(command="bash benchmarks/gpu_check.sh speedrun", carry=[".gpu"], timeout_s=600)
+#   CPU smoke:    SMOKE=1 bash benchmarks/gpu_check.sh speed speedrun    # every stage at toy sizes (tests/test_gpu_check.py)
 #
-#   bash benchmarks/gpu_check.sh [quality] [speed]     # default: both, quality first
-#
-# quality: a recipe ($QUALITY_PRESET; default cifar10_qk_swiglu, the winner of the recipe
-#   ablations in benchmarks/README.md; cifar10 is the brief's DiT-B/2) trained for $QUALITY_SECONDS
-#   (default 300 s: with the FID it fits one 10-minute call; 480 s when the quality stage runs alone)
-#   on one GPU, stopped by SIGTERM (the trainer saves a checkpoint and exits: the preemption path),
-#   then FID of its EMA at 10,000 samples against the 50,000 CIFAR-10 train images with the preset's
-#   sampler at 34 and 10 NFE (midpoint 17 and 5 steps; Euler 35 and 10 for cifar10), CFG 1.5.
-# speed: DiT-B/2 (the seed's config) bf16 training throughput + MFU + peak memory at batch 128,
-#   eager and compiled; the same compiled for cifar10_qk_swiglu (the recipe options' cost),
-#   with --fp32_residual true, and with --objective meanflow (the MeanFlow step's cost: its JVP);
-#   the tiny preset; sampling 35 NFE with and without CFG (5,000 samples timed, extrapolated to
-#   50,000); the diffusers comparison at DiT-B/2 (when .whl is carried); a short
-#   real CIFAR-10 training run with the on-device loader. Each speed step starts only while the
-#   whole call is under $GPU_CHECK_BUDGET seconds (default 480), so one call fits the device's
-#   10-minute limit; the skipped ones say so.
-# Figures go into benchmarks/README.md.
+# speed: DiT-B/2 bf16 training at batch 128 (benchmarks/train_throughput.py: images/s, MFU, memory),
+#   eager, compiled (whole model) and compiled per block, each with a torch.profiler window (kernel
+#   time vs wall, launches) and a host-sync check; the speedrun preset's step; sampling at 34 NFE with
+#   CFG 1.5 (midpoint 17) eager and compiled at two batch sizes and with CUDA graphs; our model against
+#   diffusers' DiT (training step, and whole sampling batches: the plain diffusers loop); a few steps of
+#   train_flow_matching.py under torchrun (NCCL) on the carried CIFAR-10.
+# speedrun: benchmarks/speedrun.py: $SPEEDRUN_PRESET (default cifar10_speedrun) trained for
+#   $SPEEDRUN_BUDGET seconds (default 240) from process start, then FID of 10,000 samples against the
+#   50,000 CIFAR-10 train images on the GPU.
+# Each step starts only while the call is under $GPU_CHECK_BUDGET seconds (default 500); the skipped
+# ones say so. Inputs come from .gpu/ (gpu_prepare.sh): the CIFAR-10 train tarball, wheels
+# (diffusers for speed, torch-fidelity for speedrun) and the compact FID Inception weights.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 JSON="$OUT/gpu_check.jsonl"
 PEAK="${PEAK_TFLOPS:-989}"   # H200 SXM dense bf16 peak (spec sheet); MFU is relative to it
-BUDGET="${GPU_CHECK_BUDGET:-480}"
-STAGES="${*:-quality speed}"
+BUDGET="${GPU_CHECK_BUDGET:-500}"
+STAGES="${*:-speed}"
+SMOKE="${SMOKE:-0}"
+GPU_DIR="${GPU_DIR:-.gpu}"
 exec > >(tee -a "$LOG") 2>&1
 step() { echo; echo "=== $* ($(date +%T), ${SECONDS} s in)"; }
-# A speed step starts only inside the budget: `fits NAME || continue`-style guard.
 fits() { if [ "$SECONDS" -ge "$BUDGET" ]; then echo "=== skipped (budget ${BUDGET} s spent): $*"; return 1; fi; }
 
+# Sizes: the real job, or the CPU smoke form (toy model, every stage and flag, compile switched off:
+# tests/test_speed.py covers the compiled graph on the CPU).
+if [ "$SMOKE" = 1 ]; then
+    DEV=cpu; export TORCH_COMPILE_DISABLE=1
+    MODEL="--preset tiny --hidden_size 32 --depth 2 --num_heads 2 --image_size 8"; BATCH=4
+    STEPS="--steps 1 --windows 1 --warmup 1"
+    RECIPE_MODEL="$MODEL --qk_norm true --mlp swiglu"
+    SAMPLE="$MODEL --num_samples 4 --batch_sizes 2 4 --sampler midpoint --num_steps 1"
+    DIFF="--hidden_size 32 --depth 1 --num_heads 2 --batch_size 4 --warmup 0 --repeats 1 --loop_steps 1"
+    TORCHRUN="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --device cpu"
+    SPEEDRUN="--preset tiny --image_size 8 --batch_size 4 --train_steps 1000 --num_samples 8 --device cpu"
+    SPEEDRUN_BUDGET="${SPEEDRUN_BUDGET:-25}"
+else
+    DEV=cuda
+    MODEL=""; BATCH=128; STEPS="--steps 20 --windows 3 --warmup 5"
+    RECIPE_MODEL="--preset cifar10_speedrun"
+    SAMPLE="--num_samples 2000 --batch_sizes 500 1000 --sampler midpoint --num_steps 17 --cfg_scale 1.5"
+    DIFF="--hidden_size 768 --depth 12 --num_heads 12 --batch_size 128 --warmup 3 --repeats 10"
+    TORCHRUN="--batch_size 128 --train_steps 30 --log_every 10 --warmup_steps 10 --num_workers 8"
+    SPEEDRUN="--num_samples 10000"
+    SPEEDRUN_BUDGET="${SPEEDRUN_BUDGET:-240}"
+fi
+
 step "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+[ "$DEV" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-quality() {
-    local preset="${QUALITY_PRESET:-cifar10_qk_swiglu}" run=/tmp/gpu_check_quality steps="17 5"
-    [ "$preset" = cifar10 ] && steps="35 10"
-    if [ ! -d datasets/cifar10_train ] || [ ! -f .fid/fid_inception.pth ]; then
-        step "quality skipped: carry datasets/cifar10_train and .fid/fid_inception.pth"; return
-    fi
-    step "quality: --preset $preset (DiT-B/2) for ${QUALITY_SECONDS:-300} s, compiled, then SIGTERM"
-    rm -rf "$run"
-    timeout -s TERM "${QUALITY_SECONDS:-300}" python train_flow_matching.py --preset "$preset" \
-        --dataset imagefolder --data_dir datasets/cifar10_train --compile true --data_loader device \
-        --sample_every 0 --save_every 100000 --log_every 500 --num_workers 8 \
-        --checkpoint_dir "$run" --data_cache_dir /tmp/gpu_check_cache
-    cp "$run/metrics.jsonl" "$OUT/quality_train_metrics.jsonl"
-    local ckpt; ckpt=$(ls -t "$run"/*.pt | head -n1)   # the checkpoint SIGTERM wrote (or the final one)
-    step "quality: FID of $ckpt, EMA, 10,000 samples vs the 50,000 train images, the preset's sampler at $steps steps, CFG 1.5"
-    python evaluate_fid.py --checkpoint "$ckpt" --num_samples 10000 --batch_size 1000 \
-        --ref_dataset imagefolder --ref_data_dir datasets/cifar10_train --inception_weights .fid/fid_inception.pth \
-        --fid_cache_dir /tmp/gpu_check_cache/fid --output_jsonl "$OUT/quality_fid.jsonl" \
-        ${QUALITY_FID_FLAGS:---num_steps_list $steps --cfg_scales 1.5}
+# Carried wheels install into a private folder (the machine's own packages stay as they are).
+if ls "$GPU_DIR"/*.whl >/dev/null 2>&1; then
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_site \
+        "$GPU_DIR"/*.whl && export PYTHONPATH="/tmp/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+DATA=""
+if [ -f "$GPU_DIR/cifar10_train.tar.gz" ]; then
+    mkdir -p /tmp/gpu_data && tar xzf "$GPU_DIR/cifar10_train.tar.gz" -C /tmp/gpu_data && DATA=/tmp/gpu_data/train
+    echo "data: $(find "$DATA" -name '*.jpg' | wc -l) images in $DATA"
+fi
+
+train() {  # train_throughput.py with the job's sizes; $1 = a name for the profile table, $2 = the model flags, then flags
+    local name=$1 model=$2; shift 2
+    python benchmarks/train_throughput.py --device "$DEV" $model --batch_size "$BATCH" $STEPS --peak_tflops "$PEAK" \
+        --profile "$OUT/profile_train_$name.txt" --sync_debug true --json "$JSON" "$@"
 }
 
 speed() {
-    if fits "train DiT-B/2 batch 128 bf16 eager"; then
-        step "train DiT-B/2 batch 128 bf16 eager"
-        python benchmarks/train_throughput.py --device cuda --batch_size 128 --steps 20 --windows 3 --warmup 5 \
-            --peak_tflops "$PEAK" --json "$JSON"
+    fits "train eager" && { step "train DiT-B/2 batch $BATCH bf16, eager"; train eager "$MODEL"; }
+    fits "train compiled" && { step "train, --compile true (whole model)"; train compiled "$MODEL" --compile true; }
+    fits "train compiled per block" && { step "train, --compile true --compile_mode blocks (regional)"
+        train blocks "$MODEL" --compile true --compile_mode blocks; }
+    fits "train the speedrun preset" && { step "train, --preset cifar10_speedrun's model (qk-norm, SwiGLU), compiled per block"
+        train speedrun_preset "$RECIPE_MODEL" --compile true --compile_mode blocks; }
+    fits "sample" && { step "sample: midpoint 17 (34 NFE), CFG 1.5, bf16: eager, compiled, CUDA graphs"
+        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE --cfg_modes guided \
+            --compile_modes none default reduce-overhead --extrapolate_to 50000 \
+            --profile "$OUT/profile_sample.txt" --json "$JSON"; }
+    if ! python -c "import diffusers" >/dev/null 2>&1; then
+        step "diffusers comparison skipped: carry a diffusers wheel in $GPU_DIR (gpu_prepare.sh speed)"
+    else
+        fits "diffusers: training step" && { step "ours (compiled) vs diffusers' DiT (eager): training step and forward"
+            python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts train,sample --compile --json "$JSON"; }
+        fits "diffusers: sampling loop" && { step "ours (compiled) vs the plain diffusers loop: whole batches, 34 NFE, CFG 1.5"
+            python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts loop --compile \
+                $([ "$SMOKE" = 1 ] || echo "--batch_size 1000 --warmup 1 --repeats 2") --json "$JSON"; }
     fi
-    if fits "train DiT-B/2 batch 128 bf16 compiled"; then
-        step "train DiT-B/2 batch 128 bf16 compiled"
-        python benchmarks/train_throughput.py --device cuda --batch_size 128 --compile true --steps 20 --windows 3 \
-            --warmup 5 --peak_tflops "$PEAK" --json "$JSON"
+    if [ -z "$DATA" ]; then
+        step "torchrun skipped: no $GPU_DIR/cifar10_train.tar.gz"
+    elif fits "torchrun"; then
+        step "torchrun --nproc_per_node 1 train_flow_matching.py ($([ "$DEV" = cuda ] && echo NCCL || echo gloo)), a few steps on CIFAR-10"
+        rm -rf /tmp/gpu_check_torchrun
+        torchrun --standalone --nproc_per_node 1 train_flow_matching.py --dataset imagefolder --data_dir "$DATA" \
+            $TORCHRUN --data_loader workers --sample_every 0 --save_every 100000 \
+            --checkpoint_dir /tmp/gpu_check_torchrun && ls /tmp/gpu_check_torchrun
     fi
-    if fits "train the winning preset (its speed cost), compiled"; then
-        step "train DiT-B/2 batch 128 bf16 compiled, --preset cifar10_qk_swiglu (qk-norm, SwiGLU: their cost)"
-        python benchmarks/train_throughput.py --device cuda --preset cifar10_qk_swiglu --batch_size 128 \
-            --compile true --steps 20 --windows 3 --warmup 5 --peak_tflops "$PEAK" --json "$JSON"
-    fi
-    if fits "train DiT-B/2, fp32 residual stream (its speed cost), compiled"; then
-        step "train DiT-B/2 batch 128 bf16 compiled, --fp32_residual true (the recipe option's speed cost)"
-        python benchmarks/train_throughput.py --device cuda --batch_size 128 --compile true --fp32_residual true \
-            --steps 20 --windows 3 --warmup 5 --peak_tflops "$PEAK" --json "$JSON"
-    fi
-    if fits "train DiT-B/2 MeanFlow (its step cost), compiled"; then
-        step "train DiT-B/2 batch 128 bf16 compiled, --objective meanflow (the JVP on 25% of rows, eager, through the written-out attention)"
-        python benchmarks/train_throughput.py --device cuda --batch_size 128 --compile true --objective meanflow \
-            --steps 20 --windows 3 --warmup 5 --peak_tflops "$PEAK" --json "$JSON"
-    fi
-    if fits "train DiT-B/2 compiled, gradient checkpointing (memory)"; then
-        step "train DiT-B/2 batch 128 bf16 compiled, gradient checkpointing (memory)"
-        python benchmarks/train_throughput.py --device cuda --batch_size 128 --compile true --gradient_checkpointing true \
-            --steps 10 --windows 2 --warmup 3 --peak_tflops "$PEAK" --json "$JSON"
-    fi
-    if fits "train tiny preset"; then
-        step "train tiny preset (its fp32) and in bf16, eager"
-        python benchmarks/train_throughput.py --preset tiny --device cuda --steps 20 --windows 3 --warmup 5 \
-            --peak_tflops "$PEAK" --json "$JSON"
-        python benchmarks/train_throughput.py --preset tiny --device cuda --mixed_precision bf16 --steps 20 --windows 3 \
-            --warmup 5 --peak_tflops "$PEAK" --json "$JSON"
-    fi
-    if fits "sample DiT-B/2"; then
-        step "sample DiT-B/2, 35 Euler steps, bf16, compiled: 5,000 timed, extrapolated to 50,000"
-        python benchmarks/sample_throughput.py --device cuda --compile true --num_steps 35 --num_samples 5000 \
-            --batch_size 1250 --extrapolate_to 50000 --json "$JSON"
-    fi
-    if ! ls .whl/diffusers-*.whl >/dev/null 2>&1; then
-        step "diffusers comparison skipped: no .whl/diffusers-*.whl carried"
-    elif fits "diffusers comparison"; then
-        step "diffusers comparison at DiT-B/2, batch 128, bf16"
-        pip install -q --no-index --find-links .whl diffusers && \
-        python benchmarks/compare_diffusers.py --device cuda --hidden_size 768 --depth 12 --num_heads 12 \
-            --batch_size 128 --warmup 3 --repeats 10 --json "$JSON"
-    fi
-    if [ ! -d datasets/cifar10_train ]; then
-        step "real CIFAR-10 run skipped: datasets/cifar10_train not carried"
-    elif fits "real CIFAR-10 run"; then
-        step "real CIFAR-10 run: DiT-B/2, batch 128, bf16, compiled, on-device loader, 400 steps"
-        python train_flow_matching.py --dataset imagefolder --data_dir datasets/cifar10_train --batch_size 128 \
-            --compile true --data_loader device --train_steps 400 --log_every 100 --sample_every 0 \
-            --save_every 100000 --warmup_steps 100 --lr 2e-4 --num_workers 8 \
-            --checkpoint_dir /tmp/gpu_check_run --data_cache_dir /tmp/gpu_check_cache
-        cp /tmp/gpu_check_run/metrics.jsonl "$OUT/train_metrics.jsonl"
-    fi
+}
+
+speedrun() {
+    if [ -z "$DATA" ]; then step "speedrun skipped: no $GPU_DIR/cifar10_train.tar.gz"; return; fi
+    local weights="$GPU_DIR/fid_inception_fp16.pth" stand_in=()
+    if [ "$SMOKE" = 1 ]; then weights=""; stand_in=(--fid_features stand_in); fi
+    if [ -n "$weights" ] && [ ! -f "$weights" ]; then step "speedrun skipped: no $weights (gpu_prepare.sh speedrun)"; return; fi
+    step "speedrun: --preset ${SPEEDRUN_PRESET:-cifar10_speedrun}, ${SPEEDRUN_BUDGET} s from process start, then FID"
+    python benchmarks/speedrun.py --budget_s "$SPEEDRUN_BUDGET" --preset "${SPEEDRUN_PRESET:-cifar10_speedrun}" \
+        --data_dir "$DATA" ${weights:+--inception_weights "$weights"} "${stand_in[@]}" \
+        --run_dir /tmp/gpu_check_speedrun --fid_cache_dir /tmp/gpu_check_fid --results "$OUT/speedrun.jsonl" \
+        $SPEEDRUN ${SPEEDRUN_FLAGS:-}
+    cp /tmp/gpu_check_speedrun/*/metrics.jsonl "$OUT/speedrun_metrics.jsonl" 2>/dev/null
 }
 
 for stage in $STAGES; do
     case "$stage" in
-        quality|speed) "$stage" ;;
-        *) echo "unknown stage $stage: use quality and/or speed"; exit 2 ;;
+        speed|speedrun) "$stage" ;;
+        *) echo "unknown stage $stage: use speed and/or speedrun"; exit 2 ;;
     esac
 done
-step "done"
+step "table"
+python benchmarks/gpu_table.py "$JSON" "$OUT/speedrun.jsonl"

@@ -1,7 +1,8 @@
 """Sampling throughput through flow_matching.sample: images/s and NFE/s, with and without CFG.
 
-    python benchmarks/sample_throughput.py --preset tiny --device cpu --num_samples 64 --batch_size 32
-    python benchmarks/sample_throughput.py --device cuda --compile true --num_samples 5000 --batch_size 1000 --num_steps 35
+    python benchmarks/sample_throughput.py --preset tiny --device cpu --num_samples 64 --batch_sizes 32
+    python benchmarks/sample_throughput.py --device cuda --num_samples 5000 --batch_sizes 500 1000 --num_steps 35 \
+        --compile_modes none default reduce-overhead
 
 Every FlowMatchingConfig flag works (the architecture, --num_sampling_steps via --num_steps,
 --sampler, --cfg_scale, --compile). Each generated sample costs what it costs in
@@ -13,6 +14,7 @@ from that measurement (and printed as such).
 """
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -22,20 +24,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import flow_matching  # noqa: E402
-from benchmarks.common import (benchmark_parser, machine, parse_benchmark,  # noqa: E402
+from benchmarks.common import (benchmark_parser, machine, parse_benchmark, profile,  # noqa: E402
                                reset_peak_memory, synchronize, write_json)
 from models.dit_2d import dit_from_config, input_shape  # noqa: E402
 from training.trainer import peak_memory_gb  # noqa: E402
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def bench_parser() -> argparse.ArgumentParser:
     p = benchmark_parser()
     p.add_argument("--num_samples", type=int, default=256, help="samples timed")
-    p.add_argument("--batch_size", type=int, default=256, help="samples per sampling batch (CFG forwards twice as many)")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[256],
+                   help="samples per sampling batch, each measured (CFG forwards twice as many rows)")
     p.add_argument("--num_steps", type=int, default=None, help="ODE steps (default: the config's num_sampling_steps)")
     p.add_argument("--cfg_modes", default="guided,unguided", help="guided (the config's --cfg_scale), unguided (scale 1), or both")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="forward precision")
+    p.add_argument("--compile_modes", nargs="+", default=None, choices=COMPILE_MODES,
+                   help="each measured: none = eager, else torch.compile(model, mode=..., dynamic=False) "
+                        "(reduce-overhead replays CUDA graphs) (default: default with --compile true, else none)")
     p.add_argument("--extrapolate_to", type=int, default=0, help="also print the time for this many samples (linear)")
+    p.add_argument("--profile", default=None, metavar="TABLE",
+                   help="also profile one batch of the last setting: kernel time vs wall (the gaps); kernels' table to this file")
     return p
 
 
@@ -45,53 +55,63 @@ def main(argv=None) -> int:
     modes = [m for m in args.cfg_modes.split(",") if m]
     if not modes or set(modes) - {"guided", "unguided"}:
         bench.error(f"--cfg_modes {args.cfg_modes!r}: use guided, unguided or guided,unguided")
-    if args.num_samples < 1 or args.batch_size < 1 or args.extrapolate_to < 0:
-        bench.error("--num_samples and --batch_size must be >= 1 and --extrapolate_to >= 0")
+    if args.num_samples < 1 or min(args.batch_sizes) < 1 or args.extrapolate_to < 0:
+        bench.error("--num_samples and --batch_sizes must be >= 1 and --extrapolate_to >= 0")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     num_steps = args.num_steps or config.num_sampling_steps
     model = dit_from_config(config).to(device).eval().requires_grad_(False)
-    net = torch.compile(model) if config.compile else model
+    compile_modes = args.compile_modes or (["default"] if config.compile else ["none"])
     interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start, config.guidance_interval_end)
     labels = torch.arange(args.num_samples) % max(config.num_classes, 1)
     autocast = torch.bfloat16 if args.precision == "bf16" else None
     print(f"machine: {machine(device)}")
     print(f"sample: hidden {config.hidden_size}, depth {config.depth}, patch {config.patch_size}, "
-          f"{config.image_size}px, {config.sampler} x {num_steps} steps, batch {args.batch_size}, "
-          f"{args.precision}, compile {config.compile}, {device.type}")
+          f"{config.image_size}px, {config.sampler} x {num_steps} steps, {args.precision}, {device.type}")
 
-    for mode in modes:
-        cfg_scale = config.cfg_scale if mode == "guided" and config.num_classes else 1.0
+    for compile_mode in compile_modes:
+        torch._dynamo.reset()
+        net = model if compile_mode == "none" else torch.compile(model, mode=compile_mode, dynamic=False)
+        for batch_size, mode in itertools.product(args.batch_sizes, modes):
+            cfg_scale = config.cfg_scale if mode == "guided" and config.num_classes else 1.0
 
-        def generate(count):
-            """The images of generate_flow_matching.py (its noise, labels, solver, interval, shift); NFE."""
-            return flow_matching.generate_images(
-                net, labels[:count], shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
-                num_steps=num_steps, sampler=config.sampler, cfg_scale=cfg_scale, guidance_interval=interval,
-                time_shift=config.time_shift, batch_size=args.batch_size, autocast_dtype=autocast, device=device)[1]
+            def generate(count):
+                """The images of generate_flow_matching.py (its noise, labels, solver, interval, shift); NFE."""
+                return flow_matching.generate_images(
+                    net, labels[:count], shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
+                    num_steps=num_steps, sampler=config.sampler, cfg_scale=cfg_scale, guidance_interval=interval,
+                    time_shift=config.time_shift, batch_size=batch_size, autocast_dtype=autocast, device=device)[1]
 
-        generate(min(args.batch_size, args.num_samples))  # warm-up and compilation
-        reset_peak_memory(device)
-        synchronize(device)
-        start = time.perf_counter()
-        nfe = generate(args.num_samples)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        rate = args.num_samples / seconds
-        forwards = 2 if cfg_scale != 1.0 else 1
-        mem = peak_memory_gb(device)
-        print(f"  cfg_scale {cfg_scale:g}: {args.num_samples} samples in {seconds:.2f}s = {rate:.2f} images/s, "
-              f"{rate * nfe:.1f} NFE/s ({nfe} NFE per sample, {forwards} model rows per NFE), "
-              f"peak memory {mem:.2f} GiB")
-        record = {"bench": "sample", "machine": machine(device), "config": vars(config), "cfg_scale": cfg_scale,
-                  "num_steps": num_steps, "nfe": nfe, "batch_size": args.batch_size, "num_samples": args.num_samples,
-                  "seconds": seconds, "images_per_s": rate, "nfe_per_s": rate * nfe, "peak_memory_gib": mem}
-        if args.extrapolate_to:
-            estimate = args.extrapolate_to / rate
-            print(f"  extrapolated: {args.extrapolate_to} samples in {estimate:.1f}s ({estimate / 60:.2f} min), "
-                  f"linear from the {args.num_samples} timed")
-            record["extrapolated_seconds"] = {str(args.extrapolate_to): estimate}
-        write_json(args.json, record)
+            warm_start = time.perf_counter()
+            generate(min(batch_size, args.num_samples))  # warm-up and compilation
+            synchronize(device)
+            warm = time.perf_counter() - warm_start
+            reset_peak_memory(device)
+            start = time.perf_counter()
+            nfe = generate(args.num_samples)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            rate = args.num_samples / seconds
+            rows = 2 if cfg_scale != 1.0 else 1
+            mem = peak_memory_gb(device)
+            print(f"  compile {compile_mode}, batch {batch_size}, cfg_scale {cfg_scale:g}: {args.num_samples} samples in "
+                  f"{seconds:.2f}s = {rate:.2f} images/s, {rate * nfe:.1f} NFE/s ({nfe} NFE per sample, {rows} model "
+                  f"rows per NFE), first batch (compile) {warm:.1f}s, peak memory {mem:.2f} GiB")
+            record = {"bench": "sample", "machine": machine(device), "config": vars(config), "cfg_scale": cfg_scale,
+                      "compile_mode": compile_mode, "num_steps": num_steps, "nfe": nfe, "batch_size": batch_size,
+                      "num_samples": args.num_samples, "seconds": seconds, "images_per_s": rate,
+                      "nfe_per_s": rate * nfe, "first_batch_seconds": warm, "peak_memory_gib": mem}
+            if args.extrapolate_to:
+                estimate = args.extrapolate_to / rate
+                print(f"    extrapolated: {args.extrapolate_to} samples in {estimate:.1f}s ({estimate / 60:.2f} min), "
+                      f"linear from the {args.num_samples} timed")
+                record["extrapolated_seconds"] = {str(args.extrapolate_to): estimate}
+            write_json(args.json, record)
+    if args.profile:
+        prof = profile(lambda: generate(min(batch_size, args.num_samples)), device, args.profile)
+        print(f"  profile of one batch ({compile_mode}, batch {batch_size}, {mode}): wall {prof['wall_s']:.2f}s, "
+              f"kernels {prof['kernel_s']:.2f}s (device busy {100 * prof['busy']:.0f}%), "
+              f"{prof['launches'] / nfe:.0f} launches per NFE; table in {args.profile}")
     return 0
 
 

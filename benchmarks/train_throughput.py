@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (benchmark_parser, count_flops_per_image, machine,  # noqa: E402
-                               parse_benchmark, reset_peak_memory, synchronize,
+from benchmarks.common import (benchmark_parser, check_no_sync, count_flops_per_image, machine,  # noqa: E402
+                               parse_benchmark, profile, reset_peak_memory, synchronize,
                                time_call, write_json)
 from data.device_loader import DeviceLoader  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
@@ -36,6 +36,12 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak TFLOP/s in the run's dtype, for MFU")
+    p.add_argument("--profile", default=None, metavar="TABLE",
+                   help="also profile one window: kernel time vs wall (the gaps) and launches per step; the "
+                        "kernels' table goes to this file")
+    p.add_argument("--sync_debug", default="false", choices=("true", "false"),
+                   help="CUDA: run 2 more steps under torch.cuda.set_sync_debug_mode('error') and report "
+                        "whether any host sync happened (the step is meant to have none)")
     return p
 
 
@@ -65,6 +71,8 @@ def main(argv=None) -> int:
     warm = time_call(lambda: steps(args.warmup), device) if args.warmup else 0.0
     seconds = [time_call(lambda: steps(args.steps), device) for _ in range(args.windows)]
     synchronize(device)
+    prof = profile(lambda: steps(args.steps), device, args.profile) if args.profile else None
+    sync = check_no_sync(lambda: steps(2), device) if args.sync_debug == "true" else None
     rate = args.steps * config.batch_size / median(seconds)
     flops = count_flops_per_image(config, backward=True)
     achieved = rate * flops / 1e12
@@ -82,10 +90,16 @@ def main(argv=None) -> int:
           + (f", MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s" if mfu is not None else
              " (pass --peak_tflops for MFU)"))
     print(f"  peak memory {mem:.2f} GiB ({'allocated on the GPU' if device.type == 'cuda' else 'process RSS high-water'})")
+    if prof is not None:
+        print(f"  profile of {args.steps} steps: wall {1000 * prof['wall_s'] / args.steps:.1f} ms/step, kernels "
+              f"{1000 * prof['kernel_s'] / args.steps:.1f} ms/step (device busy {100 * prof['busy']:.0f}%), "
+              f"{prof['launches'] / args.steps:.0f} launches/step; table in {args.profile}")
+    if sync is not None:
+        print(f"  sync check: {sync}")
     write_json(args.json, {"bench": "train", "machine": machine(device), "config": vars(config),
                            "images_per_s": rate, "step_seconds": [s / args.steps for s in seconds],
                            "flops_per_image": flops, "tflops": achieved, "mfu": mfu,
-                           "peak_memory_gib": mem, "warmup_seconds": warm})
+                           "peak_memory_gib": mem, "warmup_seconds": warm, "profile": prof, "sync_check": sync})
     return 0
 
 

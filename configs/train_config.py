@@ -37,7 +37,8 @@ class TrainConfig:
     ema_warmup: bool = field(default=True, metadata={"help": "ramp the EMA decay with the step k: min(ema_decay, (1 + k) / (ema_gamma + 2 + k)). At the default --ema_gamma 8, until ema_decay takes over (step 891 for 0.99, 8,991 for 0.999, ~90k for 0.9999; before that ema_decay has no effect) the EMA weighs step j by ~j^8, EDM2's power-function EMA (sigma_rel 0.09): an average centred 10%% of the run back, 87%% of its weight in the last 20%%. false = ema_decay from the first step, which keeps the initial weights (zero output under adaLN-Zero) in the EMA for ~1 / (1 - ema_decay) steps"})
     # Precision and speed
     mixed_precision: Literal["bf16", "fp16", "no"] = field(default="bf16", metadata={"help": "autocast dtype; fp16 adds a GradScaler; no = fp32"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (see --compile_mode)"})
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "blocks"] = field(default="default", metadata={"help": "with --compile: torch.compile's mode for the whole model, or blocks = each transformer block compiled in place (regional: one block's compile serves all of them, so compiling takes seconds instead of a minute)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in backward to save memory"})
     num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes"})
     seed: int = field(default=0, metadata={"help": "seed for data order, noise, time and label dropout"})

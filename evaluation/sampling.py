@@ -8,7 +8,8 @@ and a checkpoint turned into the model, its latent decoder and the sampling sett
 Settings left unset come from the checkpoint (its sampler, steps, CFG scale, guidance interval and
 time shift; a checkpoint older than the last two fields guides every step of a uniform grid); an
 unconditional model samples at CFG 1 (flow_matching.resolve_cfg_scale). Forward passes run in bf16
-on CUDA and fp32 on the CPU unless --precision says otherwise; the ODE state is always fp32.
+on CUDA and fp32 on the CPU unless --precision says otherwise, compiled on CUDA unless --compile
+false; the ODE state is always fp32.
 """
 
 import argparse
@@ -55,6 +56,10 @@ def add_sampling_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="model forward precision; auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+                   help="torch.compile the model's forward, once per batch shape (the first batch pays for it, "
+                        "~1 min for DiT-B/2; keep --num_samples a multiple of --batch_size to avoid a second "
+                        "compile for a smaller last batch); auto = on CUDA, where it is faster (docs/speed.md)")
 
 
 def check_sampling_flags(args, sweep: bool) -> None:
@@ -87,6 +92,11 @@ class SamplingRun:
     latent_space: Optional[LatentSpace]
     precision: str                      # "bf16" | "fp32"
     device: torch.device
+    compiled: bool = False              # sample through torch.compile(model)
+
+    def __post_init__(self):
+        # Static shapes: a batch size and its CFG double are two graphs, each tuned to its shape.
+        self.forward_model = torch.compile(self.model, dynamic=False) if self.compiled else self.model
 
     @property
     def config(self) -> Dict[str, Any]:
@@ -127,7 +137,7 @@ class SamplingRun:
         """flow_matching.generate_images for this checkpoint (its shape, classes, precision and
         decoder); `settings` are generate_images' sampling keywords."""
         return flow_matching.generate_images(
-            self.model, labels, shape=input_shape(self.config), num_classes=self.num_classes,
+            self.forward_model, labels, shape=input_shape(self.config), num_classes=self.num_classes,
             autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None, device=self.device,
             decode=self.latent_space.decode if self.latent_space is not None else None, **settings)
 
@@ -138,4 +148,5 @@ def load_sampling_run(args, device: torch.device) -> SamplingRun:
     model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
     latent_space = LatentSpace.from_flow_checkpoint(ckpt, args.vqvae_checkpoint, device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return SamplingRun(model, ckpt, latent_space, precision, device)
+    compiled = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")
+    return SamplingRun(model, ckpt, latent_space, precision, device, compiled)

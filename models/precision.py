@@ -33,8 +33,12 @@ set_cpu_bf16_matmul("auto")
 
 
 def _bf16_via_fp32(x: torch.Tensor) -> bool:
-    """True where a bf16-autocast matmul on x should run as an fp32 one (see the module doc)."""
-    return (_cpu_bf16_matmul_in_fp32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    """True where a bf16-autocast matmul on x should run as an fp32 one (see the module doc).
+
+    The device test comes first: on a GPU the rest is never evaluated, so the CPU probes cannot
+    enter (or break) a compiled CUDA graph.
+    """
+    return (x.device.type == "cpu" and _cpu_bf16_matmul_in_fp32 and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
@@ -55,7 +59,13 @@ class Linear(nn.Linear):
 
 
 def _forward_ad(x: torch.Tensor) -> bool:
-    """True when x carries a forward-mode tangent (torch.func.jvp or forward_ad dual tensors)."""
+    """True when x carries a forward-mode tangent (torch.func.jvp or forward_ad dual tensors).
+
+    Never under torch.compile: dynamo cannot trace the functorch query (every attention call
+    would split the compiled graph), and MeanFlow takes its JVP on the eager, unwrapped model.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return (torch._C._functorch.is_functorch_wrapped_tensor(x)
             or torch.autograd.forward_ad.unpack_dual(x).tangent is not None)
 

@@ -163,3 +163,29 @@ def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpo
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,compiled", [("true", True), ("false", False), ("auto", False)])
+def test_compile_flag_samples_through_one_static_shape_compile(checkpoint, tmp_path, monkeypatch, capsys, flag,
+                                                                compiled):
+    """--compile true samples through torch.compile(model, dynamic=False) (auto: only on CUDA), with the
+    images of the eager model: the wrapper is the only difference. torch.compile is replaced by a
+    recorder here; the compiled graph itself is tested in tests/test_speed.py."""
+    import torch
+    calls, forwards = [], []
+
+    def recorder(model, **kwargs):
+        calls.append(kwargs)
+
+        def compiled_model(*args):
+            forwards.append(len(args[0]))
+            return model(*args)
+        return compiled_model
+
+    monkeypatch.setattr(torch, "compile", recorder)
+    assert run(checkpoint, tmp_path / "a", "--num_samples", "3", "--save_npz", "--compile", flag) == 0
+    assert calls == ([{"dynamic": False}] if compiled else [])
+    assert len(forwards) == (2 if compiled else 0)   # 2 Euler steps, every forward through the wrapper
+    monkeypatch.undo()
+    assert run(checkpoint, tmp_path / "b", "--num_samples", "3", "--save_npz", "--compile", "false") == 0
+    assert np.array_equal(npz(tmp_path / "a")[0], npz(tmp_path / "b")[0])

@@ -281,7 +281,7 @@ def test_the_objective_passes_the_configs_meanflow_fields_to_the_loss():
     x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
 
     def draws():
-        return Draws(torch.Generator().manual_seed(4), torch.arange(6), 6, 0, range(6))
+        return Draws(torch.Generator().manual_seed(4), torch.arange(6), 6, 0)
 
     loss, _ = FlowMatchingObjective(config, torch.device("cpu")).loss(model, (x, y), draws())
     d = draws()
