@@ -251,8 +251,10 @@ class PeerVelocity(torch.nn.Module):
         return self.dit(x, timestep=t * 1000, class_labels=y).sample
 
 
-def train_peer(config, run_dir: str, device: torch.device):
-    """The afternoon pipeline; returns its model in eval mode."""
+def train_peer(config, run_dir: str, device: torch.device, deadline: Optional[float] = None):
+    """The afternoon pipeline; returns its model in eval mode. With a `deadline` (a
+    time.perf_counter() value: benchmarks/speedrun.py's wall budget) it stops after the first step
+    that ends past it, and its checkpoint's `step` says how far it got."""
     try:
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
     except ImportError:
@@ -265,8 +267,8 @@ def train_peer(config, run_dir: str, device: torch.device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(config.adam_beta1, config.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    step, epoch, start = 0, 0, time.perf_counter()
-    while step < config.train_steps:
+    step, epoch, start, out_of_time = 0, 0, time.perf_counter(), False
+    while step < config.train_steps and not out_of_time:
         loader.sampler.set_position(epoch, 0)
         for x1, y in loader:
             x1, y = x1.to(device), y.to(device)
@@ -282,7 +284,8 @@ def train_peer(config, run_dir: str, device: torch.device):
             step += 1
             if step % config.log_every == 0:
                 print(f"peer step {step} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
-            if step == config.train_steps:
+            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            if step == config.train_steps or out_of_time:
                 break
         epoch += 1
     os.makedirs(run_dir, exist_ok=True)

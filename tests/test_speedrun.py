@@ -1,0 +1,134 @@
+"""benchmarks/speedrun.py end to end on the CPU, in toy form: the real trainer in a subprocess stopped
+by SIGTERM when a short budget runs out, its checkpoint scored by evaluate_fid.py's code with a
+stand-in Inception, one full row; the peer pipeline the same way; bad input exits 2 with one line."""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import evaluate_fid
+from benchmarks import speedrun
+from evaluation import fid
+from tests.conftest import StandIn, write_image_folder
+from utils.checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BUDGET_S = 15   # the trainer's start-up (~5 s on 2 busy cores) and some steps; far from its train_steps
+# The tiny preset shrunk to a width-32, one-block DiT at 8x8; train_steps the budget cannot reach.
+TOY = ["--preset", "tiny", "--image_size", "8", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
+       "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--warmup_steps", "2", "--log_every", "1000",
+       "--num_sampling_steps", "2", "--data_loader", "device", "--train_steps", "1000000"]
+FIELDS = {"pipeline", "preset", "flags", "data", "budget_s", "steps", "batch_size", "images_seen", "train_wall_s",
+          "finished", "train_steps", "weights", "sampler", "num_steps", "nfe", "cfg_scale", "time_shift",
+          "guidance_interval", "fid", "num_samples", "reference", "reference_num_images", "score_s", "checkpoint",
+          "cold_start", "peer_ignores", "gpu", "torch", "commit", "date"}
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    """The benchmark's own flags; the working directory (tmp_path) holds images/ (3 classes x 6) and
+    the outputs; Inception is the stand-in."""
+    pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
+    write_image_folder(tmp_path / "images")
+    monkeypatch.setattr(fid, "InceptionFeatures", StandIn)
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"")  # must exist; the stand-in ignores it
+    return ["--data_dir", "images", "--inception_weights", str(weights), "--num_samples", "12",
+            "--sample_batch_size", "12", "--fid_cache_dir", "fid", "--runs_dir", "runs", "--results", "results.jsonl"]
+
+
+def the_row() -> dict:
+    with open("results.jsonl") as f:
+        [row] = [json.loads(line) for line in f]
+    assert set(row) == FIELDS
+    assert all(v is not None for k, v in row.items() if k != "guidance_interval"), row
+    return row
+
+
+def test_the_budget_stops_the_trainer_whose_checkpoint_is_scored_in_a_full_row(bench):
+    start = time.perf_counter()
+    assert speedrun.main(["--budget_s", str(BUDGET_S), *bench, *TOY]) == 0
+    elapsed = time.perf_counter() - start
+    row = the_row()
+    # The SIGTERM path: a periodic checkpoint of the step reached, not the final one.
+    assert os.path.basename(row["checkpoint"]).startswith("checkpoint_") and not row["finished"]
+    ckpt = load_checkpoint(row["checkpoint"], kind="flow_matching")
+    assert ckpt["step"] == row["steps"] > 0 and "ema" in ckpt
+    assert row["images_seen"] == row["steps"] * 4 and row["train_steps"] == 1_000_000
+    # The wall runs from the start to the checkpoint's write: past the budget (SIGTERM came then),
+    # by no more than the step in flight and the save.
+    assert BUDGET_S <= row["train_wall_s"] < BUDGET_S + 10, row["train_wall_s"]
+    assert row["score_s"] > 0 and row["train_wall_s"] + row["score_s"] <= elapsed + 1
+    # The EMA, sampled with the checkpoint's own settings (tiny: Euler, CFG 3; 2 steps given) and
+    # scored as evaluate_fid.py scores that checkpoint, to the row's rounding.
+    assert (row["weights"], row["sampler"], row["num_steps"], row["cfg_scale"]) == ("ema", "euler", 2, 3.0)
+    assert math.isfinite(row["fid"]) and row["fid"] > 0
+    assert evaluate_fid.main(["--checkpoint", row["checkpoint"], "--num_samples", "12", "--device", "cpu",
+                              "--ref_data_dir", "images", "--fid_cache_dir", "fid", "--output_jsonl", "fid.jsonl"]) == 0
+    with open("fid.jsonl") as f:
+        [scored] = [json.loads(line) for line in f]
+    assert (scored["nfe"], scored["reference"]) == (row["nfe"], row["reference"])
+    assert round(scored["fid"], 3) == row["fid"]
+    assert (row["num_samples"], row["reference_num_images"]) == (12, 18) and "images" in row["reference"]
+    assert (row["pipeline"], row["preset"], row["gpu"]) == ("repo", "tiny", "cpu")
+    assert row["flags"] == TOY[2:]
+    # The cold caches were the run's own and are gone; the decoded data never went elsewhere.
+    [run] = glob.glob(os.path.join("runs", "repo_tiny_*"))
+    assert row["cold_start"] and not os.path.exists("data_cache")
+    assert not any(os.path.exists(os.path.join(run, name)) for name in ("data_cache", "inductor_cache"))
+    assert elapsed < 60
+
+
+def test_the_peer_trains_for_the_budget_and_is_scored_by_the_same_code(bench):
+    pytest.importorskip("diffusers", reason="the peer needs benchmarks/requirements.txt")
+    pytest.importorskip("torchcfm", reason="the peer needs benchmarks/requirements.txt")
+    assert speedrun.main(["--budget_s", "8", "--pipeline", "peer", *bench, *TOY]) == 0
+    row = the_row()
+    assert row["pipeline"] == "peer" and row["weights"] == "raw" and not row["finished"]
+    assert load_checkpoint(row["checkpoint"])["step"] == row["steps"] > 0
+    assert 8 <= row["train_wall_s"] < 8 + 10
+    assert (row["sampler"], row["num_steps"], row["num_samples"]) == ("euler", 2, 12) and math.isfinite(row["fid"])
+    assert "ema_decay" in row["peer_ignores"]   # tiny's EMA: the repo's run would keep one, the peer none
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--budget_s", "60"], "--data_dir is required"),
+    (["--budget_s", "0", "--data_dir", "images"], "--budget_s must be a positive number of seconds, got 0"),
+    (["--budget_s", "-5", "--data_dir", "images"], "--budget_s must be a positive number of seconds, got -5"),
+    (["--budget_s", "nan", "--data_dir", "images"], "--budget_s must be a positive number of seconds, got nan"),
+    (["--data_dir", "missing"], "--data_dir missing is not a folder"),
+    (["--data_dir", "images", "--save_every", "10"], "--save_every: speedrun.py sets these itself"),
+    (["--data_dir", "images", "--lr", "abc"], "--lr"),
+    (["--data_dir", "images", "--data_cache_dir", "cache"], "--data_cache_dir: --cold_start true decodes"),
+    (["--data_dir", "images", "--pipeline", "peer"], "pip install -r benchmarks/requirements.txt"),
+    (["--data_dir", "images", "--pipeline", "peer", "--qk_norm", "true"], "--qk_norm: the peer pipeline does not"),
+])
+def test_bad_input_exits_2_with_one_line(bench, tmp_path, monkeypatch, capsys, flags, expected):
+    if flags[-1] == "peer":   # as without diffusers and torchcfm installed
+        monkeypatch.setattr(speedrun, "missing_peer_packages", lambda: ["diffusers", "torchcfm"])
+    else:
+        monkeypatch.setattr(speedrun, "missing_peer_packages", lambda: [])
+    weights = bench[bench.index("--inception_weights") + 1]
+    with pytest.raises(SystemExit) as exit_info:
+        speedrun.main(["--inception_weights", weights, "--device", "cpu", *flags])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert expected in err, err
+    assert not os.path.exists("results.jsonl") and not os.path.exists(os.path.join("benchmarks", "runs"))
+
+
+def test_the_budget_counts_from_the_process_start_not_the_import():
+    """A script that imports speedrun 1.5 s after it started has a budget origin 1.5 s back (the
+    interpreter's start-up and torch's import are part of the cost)."""
+    code = ("import time; t = time.time(); time.sleep(1.5); from benchmarks import speedrun; "
+            "print(t - (time.time() - (time.perf_counter() - speedrun.PROCESS_START)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    started_before = float(out.stdout.strip().splitlines()[-1])   # seconds from the origin to `t`
+    assert 0 <= started_before < 1.0, started_before
