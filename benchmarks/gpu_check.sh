@@ -99,6 +99,13 @@ speed() {   # the most needed figures first: the budget guard cuts from the end
         fits "diffusers: sampling loop" && { step "ours (compiled) vs the plain diffusers loop: whole batches, 34 NFE, CFG 1.5"
             python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts loop --compile $LOOP --json "$JSON"; }
     fi
+    torchrun_steps
+    fits "train the speedrun preset" && { step "train, --preset cifar10_speedrun's model (qk-norm, SwiGLU), compiled per block"
+        train speedrun_preset "$RECIPE_MODEL" --compile true --compile_mode blocks; }
+    sample_graphs
+}
+
+torchrun_steps() {
     if [ -z "$DATA" ]; then
         step "torchrun skipped: no $GPU_DIR/cifar10_train.tar.gz"
     elif fits "torchrun"; then
@@ -108,8 +115,9 @@ speed() {   # the most needed figures first: the budget guard cuts from the end
             $TORCHRUN --data_loader workers --sample_every 0 --save_every 100000 \
             --checkpoint_dir /tmp/gpu_check_torchrun && ls /tmp/gpu_check_torchrun
     fi
-    fits "train the speedrun preset" && { step "train, --preset cifar10_speedrun's model (qk-norm, SwiGLU), compiled per block"
-        train speedrun_preset "$RECIPE_MODEL" --compile true --compile_mode blocks; }
+}
+
+sample_graphs() {
     fits "sample with CUDA graphs" && { step "sample as above, compiled with CUDA graphs (reduce-overhead)"
         python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE --cfg_modes guided \
             --compile_modes reduce-overhead --extrapolate_to 50000 --json "$JSON"; }
@@ -132,7 +140,9 @@ speedrun() {
 for stage in $STAGES; do
     case "$stage" in
         speed|speedrun) "$stage" ;;
-        *) echo "unknown stage $stage: use speed and/or speedrun"; exit 2 ;;
+        torchrun) torchrun_steps ;;
+        sample_graphs) sample_graphs ;;
+        *) echo "unknown stage $stage: use speed, speedrun, torchrun, sample_graphs"; exit 2 ;;
     esac
 done
 step "table"
