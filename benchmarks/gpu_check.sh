@@ -49,7 +49,7 @@ if [ "$SMOKE" = 1 ]; then
     TORCHRUN="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --device cpu"
     SPEEDRUN="--hidden_size 32 --depth 2 --num_heads 2 --image_size 8 --batch_size 4 --train_steps 100000
               --num_samples 8 --sample_batch_size 8 --num_workers 0 --device cpu"
-    SPEEDRUN_BUDGET="${SPEEDRUN_BUDGET:-25}"; SPEEDRUN_PRESET="${SPEEDRUN_PRESET:-tiny}"
+    SPEEDRUN_BUDGET="${SPEEDRUN_BUDGET:-15}"; SPEEDRUN_PRESET="${SPEEDRUN_PRESET:-tiny}"
 else
     DEV=cuda
     MODEL=""; BATCH=128; STEPS="--steps 15 --windows 3 --warmup 5"
@@ -134,7 +134,7 @@ speedrun() {
     python benchmarks/speedrun.py --budget_s "$SPEEDRUN_BUDGET" --preset "${SPEEDRUN_PRESET:-cifar10_speedrun}" \
         --data_dir "$DATA" --inception_weights "$weights" --runs_dir /tmp/gpu_check_speedrun \
         --fid_cache_dir /tmp/gpu_check_fid --results "$OUT/speedrun.jsonl" $SPEEDRUN ${SPEEDRUN_FLAGS:-}
-    cp /tmp/gpu_check_speedrun/*/metrics.jsonl "$OUT/speedrun_metrics.jsonl" 2>/dev/null
+    cp /tmp/gpu_check_speedrun/*/checkpoints/metrics.jsonl "$OUT/speedrun_metrics.jsonl" 2>/dev/null
 }
 
 for stage in $STAGES; do

@@ -1,0 +1,51 @@
+"""benchmarks/gpu_check.sh's CPU smoke form: every stage of the GPU job runs at toy sizes, so the job
+never fails on a flag or a path when a GPU is finally lent (compile is switched off there;
+tests/test_speed.py covers the compiled graph)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from tests.conftest import write_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
+    write_image_folder(tmp_path / "src" / "train", classes=2, per_class=6, size=(8, 8))
+    gpu_dir = tmp_path / "gpu"
+    gpu_dir.mkdir()
+    with tarfile.open(gpu_dir / "cifar10_train.tar.gz", "w:gz") as tar:   # the layout of the shared tarball
+        tar.add(tmp_path / "src" / "train", arcname="train")
+    out = tmp_path / "out"
+    env = dict(os.environ, SMOKE="1", GPU_DIR=str(gpu_dir), OUT=str(out), GPU_CHECK_BUDGET="100000",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "speed", "speedrun"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "Traceback" not in log and "skipped (budget" not in log, log[-3000:]
+    with open(out / "gpu_check.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    trains = [r for r in rows if r.get("bench") == "train"]
+    assert [(r["config"]["compile"], r["config"]["compile_mode"]) for r in trains] == [
+        (False, "default"), (True, "default"), (True, "blocks"), (True, "blocks")]
+    assert all(r["profile"]["kernel_s"] > 0 and r["sync_check"] for r in trains)
+    samples = [r for r in rows if r.get("bench") == "sample"]
+    assert [r["compile_mode"] for r in samples] == ["none", "default", "reduce-overhead"]
+    assert all(r["nfe"] == 2 and r["images_per_s"] > 0 for r in samples)
+    assert "=== torchrun --nproc_per_node 1" in log and "flow_matching_final.pt" in log
+    table = log[log.index("=== table"):]
+    assert table.count("| train ") == 4 and table.count("| sample ") == 3
+    if os.environ.get("FID_INCEPTION_WEIGHTS"):   # CI builds them; the speedrun stage scores with them
+        with open(out / "speedrun.jsonl") as f:
+            [row] = [json.loads(line) for line in f]
+        assert row["steps"] > 0 and row["num_samples"] == 8 and math.isfinite(row["fid"])
+        assert "| speedrun repo tiny" in table
+    else:
+        assert "speedrun skipped: no FID Inception weights" in log
