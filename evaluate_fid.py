@@ -34,6 +34,7 @@ from evaluation import fid
 from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
 from training.launch import launch
 from utils.distributed import wait_for_all_ranks
+from utils.validation import check_fid_sample_count
 
 DEFAULT_NUM_SAMPLES = 50_000
 
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args) -> None:
-    if args.num_samples is not None and args.num_samples < 2:
-        raise ValueError(f"--num_samples must be >= 2 (FID needs a covariance), got {args.num_samples}")
+    if args.num_samples is not None:
+        check_fid_sample_count(args.num_samples, "--num_samples")
     check_sampling_flags(args, sweep=True)
     if args.feature_batch_size < 1:
         raise ValueError(f"--feature_batch_size must be >= 1, got {args.feature_batch_size}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.images import to_uint8
+from utils.validation import check_guidance_interval
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun", "midpoint", "meanflow")
@@ -233,9 +234,7 @@ def guided_velocity(model: Callable, y: Optional[torch.Tensor], *, num_classes: 
     """
     resolve_cfg_scale(cfg_scale, num_classes, cfg_scale)
     if guidance_interval is not None:
-        lo, hi = guidance_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"guidance interval must satisfy 0 <= a <= b <= 1, got ({lo}, {hi})")
+        check_guidance_interval(*guidance_interval, "guidance interval (A, B)")
     y_both = None if cfg_scale == 1.0 else torch.cat([y, torch.full_like(y, num_classes)])
 
     def velocity(x: torch.Tensor, t: float, r: Optional[float] = None) -> torch.Tensor:

@@ -67,6 +67,7 @@ from models.dit_2d import input_shape, load_flow_model  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from training.optim import lr_factor  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from utils.validation import check_guidance_interval  # noqa: E402
 
 PRESET = "proxy16"
 SHARED_CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10", "train")
@@ -99,8 +100,10 @@ def guidance_interval_arg(text: str) -> Optional[Tuple[float, float]]:
         start, end = (finite_float(value) for value in text.split(","))
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f'expected "A,B" or "none", got {text!r}') from None
-    if not 0 <= start <= end <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must satisfy 0 <= A <= B <= 1")
+    try:
+        check_guidance_interval(start, end, repr(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return flow_matching.guidance_interval_or_none(start, end)
 
 

@@ -15,6 +15,7 @@ from typing import Literal, Optional
 
 from configs.cli import parse_config
 from configs.train_config import TrainConfig
+from utils.validation import check_fid_sample_count, check_guidance_interval
 
 # Fields that fix the network's shape: a checkpoint only loads into a config that agrees on them.
 ARCHITECTURE_FIELDS = ("image_size", "in_channels", "num_classes", "patch_size", "hidden_size",
@@ -123,9 +124,8 @@ class FlowMatchingConfig(TrainConfig):
         if os.path.commonpath([data_dir, cache]) == data_dir:
             raise ValueError(f"--data_cache_dir {self.data_cache_dir} lies inside --data_dir {self.data_dir}, "
                              f"which may be read-only; put the cache elsewhere (default: data_cache)")
-        if not 0.0 <= self.guidance_interval_start <= self.guidance_interval_end <= 1.0:
-            raise ValueError(f"--guidance_interval_start {self.guidance_interval_start} and --guidance_interval_end "
-                             f"{self.guidance_interval_end} must satisfy 0 <= start <= end <= 1")
+        check_guidance_interval(self.guidance_interval_start, self.guidance_interval_end,
+                                "--guidance_interval_start A / --guidance_interval_end B")
         if self.time_shift <= 0:
             raise ValueError(f"--time_shift must be > 0 (1 = a uniform grid), got {self.time_shift}")
         if self.sampler == "meanflow" and self.objective != "meanflow":
@@ -149,8 +149,7 @@ class FlowMatchingConfig(TrainConfig):
     def _validate_fid(self) -> None:
         if self.fid_every < 0:
             raise ValueError(f"--fid_every must be >= 0 (0 disables), got {self.fid_every}")
-        if self.fid_num_samples < 2:
-            raise ValueError(f"--fid_num_samples must be >= 2 (FID needs a covariance), got {self.fid_num_samples}")
+        check_fid_sample_count(self.fid_num_samples, "--fid_num_samples")
         if self.fid_batch_size < 1:
             raise ValueError(f"--fid_batch_size must be >= 1, got {self.fid_batch_size}")
         if self.fid_ref_num_images < 0 or self.fid_ref_num_images == 1:

@@ -22,6 +22,7 @@ import flow_matching
 from configs.cli import finite_float
 from models.dit_2d import input_shape, load_flow_model
 from models.vqvae import LatentSpace
+from utils.validation import check_guidance_interval
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
@@ -77,9 +78,8 @@ def check_sampling_flags(args, sweep: bool) -> None:
     flag, shifts = given("time_shift", "time_shifts")
     if shifts and min(shifts) <= 0:
         raise ValueError(f"{flag} must be > 0 (1 = a uniform grid), got {shifts if sweep else shifts[0]}")
-    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1:
-        raise ValueError(f"--guidance_interval A B must satisfy 0 <= A <= B <= 1, got "
-                         f"{' '.join(map(str, args.guidance_interval))}")
+    if args.guidance_interval is not None:
+        check_guidance_interval(*args.guidance_interval)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
 
