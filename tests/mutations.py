@@ -151,6 +151,18 @@ MUTATIONS: List[Mutation] = [
              "            self.forward_model, labels,", "            self.model, labels,",
              ["tests/test_generate.py::test_compile_flag_samples_through_one_static_shape_compile"],
              "--compile true compiles a model that sampling never calls"),
+    # --- the speedrun benchmark
+    Mutation("speedrun_scores_raw_weights", "benchmarks/speedrun.py",
+             'args = flags.parse_args(["--weights", "ema", "--device", device.type])',
+             'args = flags.parse_args(["--weights", "model", "--device", device.type])',
+             ["tests/test_speedrun.py"], "the repo's run is scored with its raw weights, not the EMA"),
+    Mutation("speedrun_kills_the_trainer", "benchmarks/speedrun.py",
+             "        trainer.send_signal(signal.SIGTERM)\n", "        trainer.kill()\n",
+             ["tests/test_speedrun.py"], "the budget ends the trainer with SIGKILL: no checkpoint of its last step"),
+    Mutation("speedrun_wall_at_exit", "benchmarks/speedrun.py",
+             "train_wall_s = os.path.getmtime(checkpoint) - start_wall",
+             "train_wall_s = time.time() - start_wall",
+             ["tests/test_speedrun.py"], "train_wall_s read after the trainer exits, not at the checkpoint's write"),
     # --- flow math, samplers, noise, VQ-VAE
     Mutation("path_reversed", "flow_matching.py", "return (1 - t) * noise + t * data",
              "return t * noise + (1 - t) * data", ["tests/test_flow_matching.py"], "x_t with t=0 at data"),
