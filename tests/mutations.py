@@ -61,6 +61,10 @@ MUTATIONS: List[Mutation] = [
              'for name, model in (("ema", self.ema), ("raw", self.raw_model)):',
              'for name, model in (("ema", self.raw_model), ("raw", self.raw_model)):',
              ["tests/test_ema.py"], "the logged EMA probe loss is the raw model's"),
+    Mutation("resume_hides_an_ema_change", "training/trainer.py",
+             'EMA_FIELDS = ("ema_decay", "ema_gamma", "ema_warmup")', 'EMA_FIELDS = ("ema_decay", "ema_gamma")',
+             ["tests/test_ema.py::test_a_resume_that_changes_the_ema_says_what_changed"],
+             "a resume that turns the EMA ramp on or off says nothing"),
     # --- training: time, draws, labels, schedule, clipping
     Mutation("logit_normal_is_uniform", "flow_matching.py",
              "return torch.sigmoid(mean + std * torch.randn(batch, device=device, generator=generator))",

@@ -93,3 +93,16 @@ def test_ema_of_the_zero_initialized_output_layer_moves_from_the_start(tiny_flag
     # The same fixed batch, noise and times in both runs: the raw models' losses are those of the
     # same trained weights (the ramp changes only the EMA).
     assert fixed["probe_loss_raw"] == record["probe_loss_raw"]
+
+
+def test_a_resume_that_changes_the_ema_says_what_changed(tiny_flags, capsys):
+    """The EMA fields are not part of the run's identity (a resume may lengthen the average), but
+    the decay sequence changes from the resumed step on: the run names each changed field."""
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1"]) == 0
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--resume", "latest"]) == 0
+    assert "EMA settings" not in capsys.readouterr().out
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "3", "--resume", "latest", "--ema_decay", "0.999",
+                                                  "--ema_gamma", "4", "--ema_warmup", "false"]) == 0
+    out = capsys.readouterr().out
+    assert ("EMA settings from the current flags, not the checkpoint: ema_decay: 0.99 -> 0.999; "
+            "ema_gamma: 8.0 -> 4.0; ema_warmup: True -> False") in out

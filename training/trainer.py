@@ -55,6 +55,8 @@ PROBE_SIZE = 64  # images in the fixed batch on which the EMA and the raw weight
 # A resumed run replays the data order and the draws of the run it continues only with these as they
 # were (the data position is a count of samples of the global batch); --data_dir may move.
 RESUME_FIELDS = ("seed", "batch_size", "dataset", "hflip")
+# A resume may change these (the decay of every later update follows the flags), and says which it changed.
+EMA_FIELDS = ("ema_decay", "ema_gamma", "ema_warmup")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -430,8 +432,9 @@ class Trainer:
                     print(f"--resume latest: no checkpoint in {self.config.checkpoint_dir}; starting from scratch")
                 return
         ckpt = load_checkpoint(path, kind=self.objective.kind)
-        check_config_fits(with_defaults(ckpt["config"], self.config), dataclasses.asdict(self.config),
-                          (*self.architecture_fields, *OPTIMIZER_FIELDS, *RESUME_FIELDS), path)
+        saved, current = with_defaults(ckpt["config"], self.config), dataclasses.asdict(self.config)
+        check_config_fits(saved, current, (*self.architecture_fields, *OPTIMIZER_FIELDS, *RESUME_FIELDS), path)
+        ema_changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in EMA_FIELDS if saved[k] != current[k]]
         self.objective.check_resume(ckpt, path)
         self.raw_model.load_state_dict(ckpt["model"], strict=True)
         self.ema.load_state_dict(ckpt["ema"], strict=True)
@@ -447,6 +450,8 @@ class Trainer:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.index})")
             if changed:
                 print("optimizer settings from the current flags, not the checkpoint: " + "; ".join(changed))
+            if ema_changed:
+                print("EMA settings from the current flags, not the checkpoint: " + "; ".join(ema_changed))
 
     # ------------------------------------------------------------------------- signals
 
