@@ -105,7 +105,8 @@ def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor]
                   guidance_scale: float = 1.0, guidance_mix: float = 0.0, adaptive_p: float = 1.0,
                   adaptive_c: float = 1e-3, tangent: str = "conditional", jvp_model: Optional[Callable] = None,
                   generator: Optional[torch.Generator] = None, rows: Optional[torch.Tensor] = None,
-                  num_rows: Optional[int] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  num_rows: Optional[int] = None, noise: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """MeanFlow (Geng et al. 2025): regress the average velocity u(x_t, t, r) onto its identity.
 
     In this repo's convention (t = 0 noise, t = 1 data) the flow moves forward in t, and the
@@ -125,7 +126,9 @@ def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor]
         target = v_g + (r - t) * sg(du_theta/dt),      loss = sg(w) * ||u_theta - target||^2,
 
     per sample, with the adaptive weight w = 1 / (||.||^2 + c)^p (the mean square over elements;
-    p = 0 is plain MSE). At r = t the target is v_g: the flow-matching loss. du/dt is taken by
+    p = 0 is plain MSE). Returns (loss, mse): the weighted loss to minimize and the unweighted mean
+    square error, detached, which is what shows progress (at p = 1 the loss is mean(e / (e + c)),
+    ~1 for any error e >> c). At r = t the target is v_g: the flow-matching loss. du/dt is taken by
     forward-mode AD (torch.func.jvp) only on the samples with r != t, without a graph (it is a
     target); `jvp_model` is the model to differentiate (the unwrapped module under DDP or compile:
     the gradient still comes from `model`'s own forward, which DDP all-reduces).
@@ -165,7 +168,7 @@ def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor]
     u = model(x_t, t, y, r).float()
     squared = (u - target).pow(2).flatten(1).mean(1)                     # (B,)
     weight = 1.0 / (squared.detach() + adaptive_c) ** adaptive_p if adaptive_p else 1.0
-    return (weight * squared).mean()
+    return (weight * squared).mean(), squared.detach().mean()
 
 
 @torch.no_grad()

@@ -40,16 +40,14 @@ def train(config, dist) -> None:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = dit_from_config(config)
     model.gradient_checkpointing = config.gradient_checkpointing
-    initial_ema = None
     if config.init_from is not None:
         # Every field of the network but the objective: a flow-matching run may start a MeanFlow one.
         fields = [f for f in ARCHITECTURE_FIELDS if f != "objective"]
-        state, initial_ema = initial_weights(config.init_from, model, config, fields, info.latent_space)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(initial_weights(config.init_from, model, config, fields, info.latent_space), strict=True)
     announce_run(config, model, "flow_matching", dist)
     objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
                                       dist.rank, dist.world_size, latent_space=info.latent_space)
-    path = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS, initial_ema).fit()
+    path = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS).fit()
     if dist.is_main:
         print(f"done: {path}")
 

@@ -52,7 +52,7 @@ class FlowMatchingConfig(TrainConfig):
     class_dropout_prob: float = field(default=0.1, metadata={"help": "probability a label is replaced by the null label (trains CFG)"})
     # Objective
     objective: Literal["flow_matching", "meanflow"] = field(default="flow_matching", metadata={"help": "flow_matching = regress the velocity v(x_t, t); meanflow = regress the average velocity u(x_t, t, r) (Geng et al. 2025) for 1-2 step sampling (--sampler meanflow); the DiT then also embeds r - t"})
-    init_from: Optional[str] = field(default=None, metadata={"help": "start from the weights (model and EMA) of this flow-matching or MeanFlow checkpoint, with a fresh optimizer and step 0 (e.g. turn a flow-matching run into a MeanFlow one); --resume of a run takes precedence"})
+    init_from: Optional[str] = field(default=None, metadata={"help": "start from the trained (raw) weights of this flow-matching or MeanFlow checkpoint, with a fresh optimizer, step 0 and an EMA that starts equal to them and ramps up as in a fresh run (the checkpoint's EMA is not used) (e.g. turn a flow-matching run into a MeanFlow one); --resume of a run takes precedence"})
     meanflow_ratio: float = field(default=0.25, metadata={"help": "MeanFlow: share of samples with r != t (the rest learn the instantaneous velocity, r = t)"})
     meanflow_adaptive_p: float = field(default=1.0, metadata={"help": "MeanFlow: adaptive loss weight 1 / (||error||^2 + c)^p per sample; 0 = plain MSE"})
     meanflow_adaptive_c: float = field(default=1e-3, metadata={"help": "MeanFlow: the constant c of the adaptive weight"})

@@ -167,9 +167,9 @@ def load_flow_model(path: str, weights: str = "ema", device="cpu"):
     return load_model(path, "flow_matching", dit_from_config, weights, device)
 
 
-def initial_weights(path: str, model: DiT2D, config, fields, latent_space=None) -> Tuple[dict, dict]:
-    """(model state, EMA state) of the flow-matching or MeanFlow checkpoint `path`, ready to load
-    strictly into `model` (a run started with --init_from).
+def initial_weights(path: str, model: DiT2D, config, fields, latent_space=None) -> dict:
+    """The trained (raw) weights of the flow-matching or MeanFlow checkpoint `path`, ready to load
+    strictly into `model` (a run started with --init_from, whose EMA starts from them as in a fresh run).
 
     The checkpoint must agree with `config` on `fields` (the architecture) and, in a latent run,
     have been trained on `latent_space` (models.vqvae.LatentSpace). A flow-matching
@@ -181,14 +181,11 @@ def initial_weights(path: str, model: DiT2D, config, fields, latent_space=None) 
     if latent_space is not None:
         latent_space.check_trained_on(ckpt, f"--init_from {path}")
     own = model.state_dict()
-    states = []
-    for key in ("model", "ema"):
-        state = dict(ckpt[key])
-        missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
-        if unexpected or any(not k.startswith("r_embedder.") for k in missing):
-            raise ValueError(f"--init_from {path}: its weights do not fit this model (missing "
-                             f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); a MeanFlow "
-                             f"checkpoint only initializes a MeanFlow run")
-        state.update({k: own[k] for k in missing})
-        states.append(state)
-    return states[0], states[1]
+    state = dict(ckpt["model"])
+    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+    if unexpected or any(not k.startswith("r_embedder.") for k in missing):
+        raise ValueError(f"--init_from {path}: its weights do not fit this model (missing "
+                         f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); a MeanFlow "
+                         f"checkpoint only initializes a MeanFlow run")
+    state.update({k: own[k] for k in missing})
+    return state
