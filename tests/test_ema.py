@@ -106,3 +106,21 @@ def test_a_resume_that_changes_the_ema_says_what_changed(tiny_flags, capsys):
     out = capsys.readouterr().out
     assert ("EMA settings from the current flags, not the checkpoint: ema_decay: 0.99 -> 0.999; "
             "ema_gamma: 8.0 -> 4.0; ema_warmup: True -> False") in out
+
+
+def test_init_from_starts_the_ema_at_the_weights_it_trains_from(tiny_flags, tmp_path):
+    """--init_from trains from the checkpoint's raw weights, and its EMA starts equal to them, as in a
+    fresh run (the checkpoint's own EMA is not used). The source run keeps its EMA far from its
+    weights (a fixed decay of 0.9999), so after one ramped update (decay 0.1) the fine-tune's EMA is
+    0.1 x the source's raw weights + 0.9 x its own trained weights, and not 0.1 x the source's EMA."""
+    source, tuned = str(tmp_path / "source"), str(tmp_path / "tuned")
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--ema_warmup", "false", "--ema_decay", "0.9999",
+                                                  "--checkpoint_dir", source]) == 0
+    start = ckpt_lib.load_checkpoint(os.path.join(source, "flow_matching_final.pt"))
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1", "--checkpoint_dir", tuned, "--init_from",
+                                                  os.path.join(source, "flow_matching_final.pt")]) == 0
+    end = ckpt_lib.load_checkpoint(os.path.join(tuned, "flow_matching_final.pt"))
+    assert end["ema"].keys() == start["model"].keys()
+    for name, weight in end["ema"].items():
+        torch.testing.assert_close(weight, torch.lerp(start["model"][name], end["model"][name], 0.9),
+                                   msg=lambda text: f"{name}: {text}")

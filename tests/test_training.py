@@ -363,6 +363,25 @@ def tiny_trainer(tiny_flags, micro, **overrides):
     return Trainer(config, model, objective, loader, DistInfo(0, 0, 1, torch.device("cpu"))), loader
 
 
+def test_meanflow_logs_and_probes_its_unweighted_error(tiny_flags):
+    """MeanFlow's adaptively weighted loss is ~1 whatever the error: each log line carries `mse`, the
+    unweighted error, beside it, and the EMA and raw probe losses are that error on the probe batch
+    and draws (the same objective with the weight off), so a lagging EMA still shows."""
+    trainer, _ = tiny_trainer(tiny_flags, 8, objective="meanflow", train_steps=2, log_every=1, sample_every=0)
+    trainer.fit()
+    records = [json.loads(line) for line in open(trainer.metrics_path)]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(abs(r["mse"] - r["loss"]) > 0.03 for r in records)   # measured: 0.065, 0.084
+    unweighted = FlowMatchingObjective(dataclasses.replace(trainer.config, meanflow_adaptive_p=0.0), torch.device("cpu"))
+    x, y = trainer.probe_batch()
+    seed = trainer.config.seed
+    for name, model in (("ema", trainer.ema), ("raw", trainer.raw_model.eval())):
+        draws = Draws(torch.Generator().manual_seed(seed), torch.arange(len(x)), len(x), seed)
+        with torch.no_grad():
+            expected, _ = unweighted.loss(model, (x, y), draws)
+        assert records[-1][f"probe_loss_{name}"] == pytest.approx(expected.item(), rel=1e-6), name
+
+
 def test_micro_batches_give_the_full_batch_gradient(tiny_flags):
     """fp32 CPU, the real flow objective: 4 micro-batches of 2 accumulate the gradient of one batch
     of 8 (1e-6), as each sample draws the same t, noise and label dropout in either split."""

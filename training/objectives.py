@@ -64,20 +64,26 @@ class FlowMatchingObjective:
         x, y = batch
         c = self.config
         if c.objective == "meanflow":
-            loss = flow_matching.meanflow_loss(
+            loss, mse = flow_matching.meanflow_loss(
                 model, x, y, num_classes=c.num_classes, class_dropout_prob=c.class_dropout_prob,
                 ratio=c.meanflow_ratio, time_sampling=c.time_sampling, logit_normal_mean=c.logit_normal_mean,
                 logit_normal_std=c.logit_normal_std, guidance_scale=c.meanflow_guidance_scale,
                 guidance_mix=c.meanflow_guidance_mix, adaptive_p=c.meanflow_adaptive_p,
                 adaptive_c=c.meanflow_adaptive_c, tangent=c.meanflow_tangent, jvp_model=unwrap(model), generator=draws.generator,
                 rows=draws.rows, num_rows=draws.total, noise=draws.normal(x.shape[1:], x.dtype))
-            return loss, {}
+            return loss, {"mse": mse}
         loss = flow_matching.flow_matching_loss(
             model, x, y, num_classes=c.num_classes, class_dropout_prob=c.class_dropout_prob,
             time_sampling=c.time_sampling, logit_normal_mean=c.logit_normal_mean,
             logit_normal_std=c.logit_normal_std, generator=draws.generator, rows=draws.rows,
             num_rows=draws.total, noise=draws.normal(x.shape[1:], x.dtype))
         return loss, {}
+
+    def probe_loss(self, model, batch, draws) -> torch.Tensor:
+        """The unweighted error, which the log compares between the EMA and the raw weights: MeanFlow's
+        `mse` (its adaptively weighted loss is ~1 whatever the error), flow matching's loss itself."""
+        loss, extras = self.loss(model, batch, draws)
+        return extras.get("mse", loss)
 
     def grid_labels(self):
         """Labels of the monitoring grid, row-major: a row per class (8 rows unconditional)."""

@@ -7,15 +7,22 @@ What differs between models is an *objective* with these members:
                                          it (H, W, C) uint8
     checkpoint_extras()                  -> dict stored in every checkpoint (may be empty)
     check_resume(ckpt, path)             raises ValueError when a checkpoint's extras do not fit
-    probe_ema                            whether log lines compare the EMA's loss with the raw one's
+    probe_ema                            whether log lines compare the EMA's loss with the raw one's, and then
+    probe_loss(model, batch, draws)      -> the scalar tensor they compare (an unweighted error: MeanFlow's
+                                         adaptively weighted loss is ~1 whatever the error)
     eval_every                           steps between evaluations (0 = never), and then
     evaluate(ema_model)                  -> {name: number} (e.g. FID), called on every rank; rank
                                          0's result joins metrics.jsonl as its own record
 Everything else lives here: devices and torchrun, AMP, gradient accumulation, clipping, the LR
 schedule, EMA (its decay ramped up from the first step), logging to stdout, metrics.jsonl and
-optionally TensorBoard (with
-the loss of the EMA and of the raw weights on a fixed probe batch, so a bad EMA shows), sample
-grids, atomic checkpoints, exact resume, SIGTERM/SIGINT, and a stop on a non-finite loss.
+optionally TensorBoard (with the loss of the EMA and of the raw weights on a fixed probe batch, so
+a bad EMA shows), sample grids, atomic checkpoints, exact resume, SIGTERM/SIGINT, and a stop on a
+non-finite loss.
+
+The EMA starts as a copy of the model handed in, so a run started with --init_from (the trained
+weights of a checkpoint) averages from the weights it trains from, as a fresh run does. The
+checkpoint's own EMA is not used: the ramp would replace it within a few updates anyway (2e-4 of it
+is left after 6), and a fine-tune's EMA averages the fine-tune.
 
 Randomness in a step (noise, t, label dropout) is drawn for the whole global batch from a
 generator seeded by (seed, step), and each micro-batch keeps the rows of its own samples
@@ -145,7 +152,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, config, model: torch.nn.Module, objective, loader, dist: DistInfo,
-                 architecture_fields: Sequence[str] = (), initial_ema: Optional[Dict[str, torch.Tensor]] = None):
+                 architecture_fields: Sequence[str] = ()):
         self.config, self.objective, self.loader, self.dist = config, objective, loader, dist
         self.device = dist.device
         self.architecture_fields = architecture_fields
@@ -157,8 +164,6 @@ class Trainer:
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
         self.raw_model = model.to(self.device)
         self.ema = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
-        if initial_ema is not None:  # --init_from: the EMA of the run it starts from (a resume overrides it)
-            self.ema.load_state_dict(initial_ema, strict=True)
         self.optimizer = build_optimizer(self.raw_model, config, self.device)
         if dist.is_main:
             print(describe_param_groups(self.optimizer))
@@ -306,7 +311,7 @@ class Trainer:
 
     @torch.no_grad()
     def probe_losses(self, batch) -> Dict[str, float]:
-        """The objective's loss of the EMA and of the raw weights on one fixed batch with fixed draws.
+        """The objective's probe loss of the EMA and of the raw weights on one fixed batch with fixed draws.
 
         The training loss is the raw model's, so it cannot show a bad EMA, which every sample
         comes from; the gap between these two can (an EMA that still holds the zero-output
@@ -320,7 +325,7 @@ class Trainer:
                 self.generator.manual_seed(self.config.seed)
                 draws = Draws(self.generator, torch.arange(len(x), device=self.device), len(x), self.config.seed)
                 with self.autocast():
-                    loss, _ = self.objective.loss(model, (x, y), draws)
+                    loss = self.objective.probe_loss(model, (x, y), draws)
                 losses[f"probe_loss_{name}"] = loss.item()
         finally:
             self.raw_model.train(training)
