@@ -32,7 +32,7 @@ from configs.cli import ArgumentParser
 from data.datasets import build_image_dataset
 from evaluation import fid
 from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
-from training.launch import launch
+from utils.launch import launch
 from utils.distributed import wait_for_all_ranks
 from utils.validation import check_fid_sample_count
 

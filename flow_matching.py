@@ -12,13 +12,9 @@ this module; nothing else carries a sampling loop.
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from utils.images import to_uint8
 from utils.validation import check_guidance_interval
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -368,43 +364,3 @@ def per_sample_noise(seed: int, indices: Sequence[int], shape: Sequence[int],
         gen.manual_seed(sample_seed(seed, int(index)))
         out[row] = torch.randn(*shape, generator=gen)
     return out.to(device)
-
-
-# ----------------------------------------------------------------------------- many samples
-
-def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[int], num_classes: int,
-                    seed: int, num_steps: int, sampler: str = "euler", cfg_scale: float = 1.0,
-                    guidance_interval: Optional[Sequence[float]] = None, time_shift: float = 1.0,
-                    batch_size: int = 64, autocast_dtype: Optional[torch.dtype] = None, device="cpu",
-                    rank: int = 0, world_size: int = 1,
-                    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                    on_batch: Optional[Callable[[int, np.ndarray], None]] = None,
-                    progress: bool = False) -> Tuple[Optional[np.ndarray], int]:
-    """Sample one image per entry of `labels` (ignored when num_classes = 0) as uint8 (N, H, W, C).
-
-    Sample i starts from per_sample_noise(seed, i), and batches of consecutive indices are dealt
-    to ranks whole, so a seed gives the same images whatever the number of ranks. `decode` maps
-    the model's outputs to images in [-1, 1] (the VQ-VAE decoder of a latent model). Every rank
-    must call this; `on_batch(first index, uint8 batch)` sees each of this rank's batches as it is
-    made. Returns (all N images in index order on rank 0, None on the other ranks; NFE per sample);
-    rank 0 always makes the first batch, so its NFE is the run's.
-    """
-    n = len(labels)
-    nfe, mine = 0, {}
-    for first in tqdm(range(0, n, batch_size)[rank::world_size], disable=not progress, desc="sampling"):
-        index = range(first, min(first + batch_size, n))
-        noise = per_sample_noise(seed, index, shape, device)
-        y = labels[first:index.stop].to(device) if num_classes else None
-        x, nfe = sample(model, noise, y, num_classes=num_classes, num_steps=num_steps, sampler=sampler,
-                        cfg_scale=cfg_scale, guidance_interval=guidance_interval, time_shift=time_shift,
-                        autocast_dtype=autocast_dtype)
-        mine[first] = to_uint8(decode(x) if decode is not None else x)
-        if on_batch is not None:
-            on_batch(first, mine[first])
-    if world_size > 1:
-        parts = [None] * world_size if rank == 0 else None
-        tdist.gather_object(mine, parts, dst=0)
-        if rank != 0:
-            return None, nfe
-        mine = {k: v for part in parts for k, v in part.items()}
-    return np.concatenate([mine[k] for k in sorted(mine)]), nfe

@@ -32,7 +32,7 @@ import torch
 
 from configs.cli import ArgumentParser
 from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
-from training.launch import launch
+from utils.launch import launch
 from utils.images import make_grid, save_image
 
 MAX_GRID_IMAGES = 256

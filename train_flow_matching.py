@@ -22,7 +22,9 @@ from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config, initial_weights
 from models.vqvae import VQVAE
 from utils.checkpoint import check_nothing_ahead
-from training.launch import announce_run, launch
+from training.startup import announce_run
+from utils.launch import launch
+from evaluation.periodic import PeriodicFID
 from training.objectives import FlowMatchingObjective
 from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size
 
@@ -45,9 +47,12 @@ def train(config, dist) -> None:
         fields = [f for f in ARCHITECTURE_FIELDS if f != "objective"]
         model.load_state_dict(initial_weights(config.init_from, model, config, fields, info.latent_space), strict=True)
     announce_run(config, model, "flow_matching", dist)
-    objective = FlowMatchingObjective(config, dist.device, AUTOCAST_DTYPES[config.mixed_precision],
-                                      dist.rank, dist.world_size, latent_space=info.latent_space)
-    path = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS).fit()
+    autocast_dtype = AUTOCAST_DTYPES[config.mixed_precision]
+    objective = FlowMatchingObjective(config, dist.device, autocast_dtype, latent_space=info.latent_space)
+    evaluator = (PeriodicFID(config, dist.device, autocast_dtype, dist.rank, dist.world_size,
+                             decode=info.latent_space.decode if info.latent_space is not None else None)
+                 if config.fid_every else None)
+    path = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS, evaluator=evaluator).fit()
     if dist.is_main:
         print(f"done: {path}")
 

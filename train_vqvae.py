@@ -23,7 +23,8 @@ from configs.vqvae_config import parse_vqvae_config
 from data.vqvae_dataset import get_vqvae_dataloader, get_vqvae_eval_loader, grid_images
 from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, evaluate_reconstruction, vqvae_from_config
 from utils.checkpoint import check_nothing_ahead, run_file
-from training.launch import announce_run, launch
+from training.startup import announce_run
+from utils.launch import launch
 from training.objectives import VQVAEObjective
 from training.trainer import Trainer, micro_batch_size
 

@@ -62,7 +62,7 @@ from configs.cli import ArgumentParser, finite_float, parse_config  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
 from data.flow_matching_dataset import get_flow_matching_dataloader  # noqa: E402
 from utils.images import make_grid, save_image  # noqa: E402
-from evaluation import fid  # noqa: E402
+from evaluation import fid, sampling  # noqa: E402
 from models.dit_2d import input_shape, load_flow_model  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from training.optim import lr_factor  # noqa: E402
@@ -308,7 +308,7 @@ def score(model, config, args, device, extractor, ref_stats, grid_path: str):
             args.samplers or [config.sampler], args.num_steps_list or [config.num_sampling_steps],
             args.cfg_scales or [config.cfg_scale], args.time_shifts, args.guidance_intervals):
         start = time.perf_counter()
-        images, nfe = flow_matching.generate_images(
+        images, nfe = sampling.generate_images(
             model, labels, shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
             num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale, guidance_interval=interval,
             time_shift=time_shift, batch_size=args.sample_batch_size, device=device, progress=True)

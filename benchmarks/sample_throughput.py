@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import flow_matching  # noqa: E402
 from benchmarks.common import (benchmark_parser, machine, parse_benchmark, profile,  # noqa: E402
                                reset_peak_memory, synchronize, write_json)
+from evaluation.sampling import generate_images  # noqa: E402
 from models.dit_2d import dit_from_config, input_shape  # noqa: E402
 from training.trainer import peak_memory_gb  # noqa: E402
 
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
 
             def generate(count):
                 """The images of generate_flow_matching.py (its noise, labels, solver, interval, shift); NFE."""
-                return flow_matching.generate_images(
+                return generate_images(
                     net, labels[:count], shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
                     num_steps=num_steps, sampler=config.sampler, cfg_scale=cfg_scale, guidance_interval=interval,
                     time_shift=config.time_shift, batch_size=batch_size, autocast_dtype=autocast, device=device)[1]

@@ -1,5 +1,6 @@
-"""Sampling a flow-matching checkpoint: the flags generate_flow_matching.py and evaluate_fid.py share,
-and a checkpoint turned into the model, its latent decoder and the sampling settings.
+"""Sampling many images: the batch loop over ranks (generate_images), the flags generate_flow_matching.py
+and evaluate_fid.py share, and a checkpoint turned into the model, its latent decoder and the
+sampling settings. The math of one batch (noise, CFG, the ODE solvers) is flow_matching.py's.
 
     add_sampling_flags(parser, sweep=False)   # --sampler/--num_steps/--cfg_scale/--time_shift (sweep: lists)
     run = load_sampling_run(args, device)     # model rebuilt from the checkpoint's own config
@@ -14,15 +15,57 @@ false; the ODE state is always fp32.
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+import torch.distributed as tdist
+from tqdm import tqdm
 
 import flow_matching
 from configs.cli import finite_float
 from models.dit_2d import input_shape, load_flow_model
 from models.vqvae import LatentSpace
+from utils.images import to_uint8
 from utils.validation import check_guidance_interval
+
+
+def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[int], num_classes: int,
+                    seed: int, num_steps: int, sampler: str = "euler", cfg_scale: float = 1.0,
+                    guidance_interval: Optional[Sequence[float]] = None, time_shift: float = 1.0,
+                    batch_size: int = 64, autocast_dtype: Optional[torch.dtype] = None, device="cpu",
+                    rank: int = 0, world_size: int = 1,
+                    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    on_batch: Optional[Callable[[int, np.ndarray], None]] = None,
+                    progress: bool = False) -> Tuple[Optional[np.ndarray], int]:
+    """Sample one image per entry of `labels` (ignored when num_classes = 0) as uint8 (N, H, W, C).
+
+    Sample i starts from flow_matching.per_sample_noise(seed, i), and batches of consecutive indices are dealt
+    to ranks whole, so a seed gives the same images whatever the number of ranks. `decode` maps
+    the model's outputs to images in [-1, 1] (the VQ-VAE decoder of a latent model). Every rank
+    must call this; `on_batch(first index, uint8 batch)` sees each of this rank's batches as it is
+    made. Returns (all N images in index order on rank 0, None on the other ranks; NFE per sample);
+    rank 0 always makes the first batch, so its NFE is the run's.
+    """
+    n = len(labels)
+    nfe, mine = 0, {}
+    for first in tqdm(range(0, n, batch_size)[rank::world_size], disable=not progress, desc="sampling"):
+        index = range(first, min(first + batch_size, n))
+        noise = flow_matching.per_sample_noise(seed, index, shape, device)
+        y = labels[first:index.stop].to(device) if num_classes else None
+        x, nfe = flow_matching.sample(model, noise, y, num_classes=num_classes, num_steps=num_steps, sampler=sampler,
+                        cfg_scale=cfg_scale, guidance_interval=guidance_interval, time_shift=time_shift,
+                        autocast_dtype=autocast_dtype)
+        mine[first] = to_uint8(decode(x) if decode is not None else x)
+        if on_batch is not None:
+            on_batch(first, mine[first])
+    if world_size > 1:
+        parts = [None] * world_size if rank == 0 else None
+        tdist.gather_object(mine, parts, dst=0)
+        if rank != 0:
+            return None, nfe
+        mine = {k: v for part in parts for k, v in part.items()}
+    return np.concatenate([mine[k] for k in sorted(mine)]), nfe
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
@@ -134,9 +177,9 @@ class SamplingRun:
         return flow_matching.guidance_interval_or_none(start, end)
 
     def generate(self, labels: torch.Tensor, **settings):
-        """flow_matching.generate_images for this checkpoint (its shape, classes, precision and
-        decoder); `settings` are generate_images' sampling keywords."""
-        return flow_matching.generate_images(
+        """generate_images for this checkpoint (its shape, classes, precision and decoder);
+        `settings` are generate_images' sampling keywords."""
+        return generate_images(
             self.forward_model, labels, shape=input_shape(self.config), num_classes=self.num_classes,
             autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None, device=self.device,
             decode=self.latent_space.decode if self.latent_space is not None else None, **settings)

@@ -114,7 +114,7 @@ def test_two_rank_sampling_writes_the_one_rank_npz(two_rank_run, tmp_path):
 
 class NaNOnRankOneAtStep2:
     """The flow objective's interface with a plain loss that is NaN on rank 1 at step 2 only."""
-    kind, eval_every, probe_ema = "flow_matching", 0, False
+    kind, probe_ema = "flow_matching", False
 
     def __init__(self, rank):
         self.rank, self.calls = rank, 0

@@ -17,7 +17,7 @@ pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
 import evaluate_fid  # noqa: E402
 import flow_matching  # noqa: E402
 import train_flow_matching  # noqa: E402
-from evaluation import fid  # noqa: E402
+from evaluation import fid, sampling  # noqa: E402
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder  # noqa: E402
 
 
@@ -172,9 +172,9 @@ def test_generate_images_is_the_same_for_any_batch_size():
     assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
     seen = []
     kwargs = dict(shape=(3, 4, 4), num_classes=3, seed=5, num_steps=3, sampler="heun", cfg_scale=1.0)
-    whole, nfe = flow_matching.generate_images(model, labels, batch_size=7, **kwargs)
-    parts, _ = flow_matching.generate_images(model, labels, batch_size=3, **kwargs,
-                                             on_batch=lambda first, batch: seen.append((first, len(batch))))
+    whole, nfe = sampling.generate_images(model, labels, batch_size=7, **kwargs)
+    parts, _ = sampling.generate_images(model, labels, batch_size=3, **kwargs,
+                                        on_batch=lambda first, batch: seen.append((first, len(batch))))
     assert whole.shape == (7, 4, 4, 3) and whole.dtype == np.uint8 and nfe == 5
     np.testing.assert_array_equal(whole, parts)
     assert seen == [(0, 3), (3, 3), (6, 1)]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import flow_matching as fm
+from evaluation import sampling
 from models.dit_2d import DiT2D
 from tests.conftest import overfit_eight_images
 
@@ -245,8 +246,8 @@ def test_generate_images_steps_through_the_shifted_grid(sampler, times):
         seen.append(t[0].item())
         return torch.zeros_like(x)
 
-    fm.generate_images(model, torch.tensor([0, 1]), shape=(1, 2, 2), num_classes=3, seed=0, num_steps=4,
-                       sampler=sampler, time_shift=3.0)
+    sampling.generate_images(model, torch.tensor([0, 1]), shape=(1, 2, 2), num_classes=3, seed=0, num_steps=4,
+                             sampler=sampler, time_shift=3.0)
     assert seen == pytest.approx(times, rel=1e-6)  # the model gets t in float32
 
 

@@ -8,12 +8,11 @@ import os
 
 import pytest
 
-import flow_matching
 import train_flow_matching
 from benchmarks import quality
 from configs.cli import parse_config
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig
-from evaluation import fid
+from evaluation import fid, sampling
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
@@ -45,13 +44,13 @@ def results():
 
 def test_a_scored_checkpoint_gives_the_rows_of_its_training_run(bench, monkeypatch):
     pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
-    sampled, generate_images = [], flow_matching.generate_images
+    sampled, generate_images = [], sampling.generate_images
 
     def spy(*args, **settings):
         sampled.append((settings["time_shift"], settings["guidance_interval"]))
         return generate_images(*args, **settings)
 
-    monkeypatch.setattr(flow_matching, "generate_images", spy)
+    monkeypatch.setattr(sampling, "generate_images", spy)
     assert quality.main(bench + SCORING + TRAINING) == 0
     [checkpoint] = glob.glob(os.path.join("runs", "*", "flow_matching_final.pt"))
     assert quality.main(bench + SCORING + ["--checkpoint", checkpoint, "--seed", "0", "--device", "cpu"]) == 0

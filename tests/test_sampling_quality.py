@@ -19,7 +19,7 @@ import evaluate_fid
 import flow_matching
 import generate_flow_matching
 import train_flow_matching
-from evaluation import fid
+from evaluation import fid, sampling
 from models.dit_2d import input_shape
 from tests.conftest import StandIn
 from models.dit_2d import load_flow_model
@@ -101,7 +101,7 @@ def direct(checkpoint, labels, weights="ema", **settings):
     """The samples flow_matching makes itself for the script's defaults (seed 0) and `settings`."""
     model, ckpt = load_flow_model(checkpoint, weights)
     config = ckpt["config"]
-    images, _ = flow_matching.generate_images(
+    images, _ = sampling.generate_images(
         model, torch.as_tensor(labels), shape=input_shape(config), num_classes=config["num_classes"], seed=0,
         num_steps=NUM_STEPS, sampler=settings.pop("sampler", "euler"), batch_size=64, **settings)
     return images

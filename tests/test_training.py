@@ -22,6 +22,7 @@ from data.datasets import build_image_dataset
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from evaluation import fid
+from evaluation.periodic import PeriodicFID
 from tests.conftest import ROOT, StandIn, write_image_folder
 from utils import checkpoint as ckpt_lib
 from utils.distributed import DistInfo
@@ -323,7 +324,7 @@ def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
 
     class ExplodesAtStep5:
         kind = "flow_matching"
-        eval_every, probe_ema = 0, False
+        probe_ema = False
         calls = 0
 
         def loss(self, model, batch, draws):
@@ -456,8 +457,8 @@ def test_the_objective_draws_t_as_the_config_says(scheme, mean, std):
         assert abs(z.mean().item() - mean) < 0.01 and abs(z.std().item() / std - 1) < 0.01
 
 
-def test_the_objective_samples_with_the_configs_time_shift_and_guidance_interval(tmp_path):
-    """The training grid and the FID during training step through time_grid(4, --time_shift 3) =
+def test_the_grid_and_the_fid_sample_with_the_configs_time_shift_and_guidance_interval(tmp_path, monkeypatch):
+    """The training grid and the FID during training (evaluation.periodic) step through time_grid(4, --time_shift 3) =
     0, 0.1, 0.25, 0.5, 1 (Heun: both ends of each step) and guide (null label) only while
     0.1 <= t <= 0.25."""
     pytest.importorskip("torch_fidelity")
@@ -472,11 +473,13 @@ def test_the_objective_samples_with_the_configs_time_shift_and_guidance_interval
         return torch.zeros_like(x)
 
     objective = FlowMatchingObjective(config, torch.device("cpu"))
-    objective.fid_extractor = StandIn()
     reference = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
-    objective.fid_reference = fid.image_statistics(reference, objective.fid_extractor)
+    monkeypatch.setattr(fid, "InceptionFeatures", lambda weights: StandIn())
+    monkeypatch.setattr(fid, "reference_statistics", lambda image_set, extractor, *args, **kwargs: (
+        fid.image_statistics(reference, extractor), len(reference), "in memory", True))
+    evaluator = PeriodicFID(dataclasses.replace(config, fid_every=1), torch.device("cpu"))
     expected = [(0.0, False), (0.1, True), (0.1, True), (0.25, True), (0.25, True), (0.5, False), (0.5, False)]
-    for run in (lambda: objective.sample(model, str(tmp_path / "grid.png")), lambda: objective.evaluate(model)):
+    for run in (lambda: objective.sample(model, str(tmp_path / "grid.png")), lambda: evaluator(model)):
         seen.clear()
         run()
         assert [null for _, null in seen] == [null for _, null in expected]
@@ -623,7 +626,7 @@ def test_launch_reports_bad_input_in_one_line_and_keeps_a_librarys_traceback(cap
     """Exit 2 and one line for the repo's own ValueErrors and for OSErrors; a ValueError raised
     inside a library (here the standard library's statistics) is a bug and keeps its traceback."""
     import statistics
-    from training.launch import launch
+    from utils.launch import launch
 
     def bad_value(dist):
         raise ValueError("--lr -1 must be > 0")

@@ -1,4 +1,5 @@
-"""What the trainer optimizes for each model: the loss, the sample grid, evaluation and checkpoint extras."""
+"""What the trainer optimizes for each model: the loss, the sample grid and checkpoint extras.
+Evaluation during training (FID) is built by the script from evaluation/ and handed to the Trainer."""
 
 from typing import Dict
 
@@ -8,10 +9,8 @@ import torch.nn.functional as F
 
 import flow_matching
 from utils.images import save_grid
-from evaluation import fid
 from models.dit_2d import input_shape
 from models.vqvae import psnr
-from utils.distributed import wait_for_all_ranks
 
 # The training grid shows at most this many classes (rows), so a 1000-class run stays readable.
 MAX_GRID_CLASSES = 16
@@ -26,39 +25,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class FlowMatchingObjective:
-    """Flow-matching MSE for training; an EMA class grid (a row per class) and FID for monitoring,
-    both sampled with the config's settings (solver, steps, CFG scale and interval, time shift).
+    """Flow-matching MSE for training; an EMA class grid (a row per class) for monitoring, sampled
+    with the config's settings (solver, steps, CFG scale and interval, time shift).
 
     With a `latent_space` (models.vqvae.LatentSpace) the model works on normalized VQ-VAE
-    latents: grids and FID samples are decoded to pixels and the checkpoint stores the
-    normalization.
+    latents: grids are decoded to pixels and the checkpoint stores the normalization.
     """
 
     kind = "flow_matching"
     probe_ema = True  # samples come from the EMA: the log compares its loss with the raw weights
 
-    def __init__(self, config, device: torch.device, autocast_dtype=None, rank: int = 0, world_size: int = 1,
-                 latent_space=None):
+    def __init__(self, config, device: torch.device, autocast_dtype=None, latent_space=None):
         self.config, self.device, self.autocast_dtype = config, device, autocast_dtype
-        self.rank, self.world_size = rank, world_size
         self.latent_space = latent_space
-        self.eval_every = config.fid_every
         self.guidance_interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start,
                                                                          config.guidance_interval_end)
-        # Before the first step: a bad --fid_cfg_scale, a missing weights file or reference set fails now, not hours in.
-        self.fid_cfg_scale = flow_matching.resolve_cfg_scale(config.fid_cfg_scale, config.num_classes,
-                                                             config.cfg_scale, "--fid_cfg_scale")
-        if config.fid_every and rank == 0:
-            self.fid_extractor = fid.InceptionFeatures(config.inception_weights).to(device).eval()
-            ref = fid.ImageSet("imagefolder" if config.fid_ref_dir else config.dataset,
-                               config.fid_ref_dir or config.data_dir, config.image_size, config.in_channels,
-                               num_images=config.fid_ref_num_images)
-            self.fid_reference, n, path, cached = fid.reference_statistics(
-                ref, self.fid_extractor, config.fid_cache_dir, device, config.fid_batch_size,
-                config.num_workers, progress=True)
-            print(f"FID reference: {ref.describe(n)}; statistics {'read from' if cached else 'written to'} {path}")
-        if config.fid_every:
-            wait_for_all_ranks()  # the other ranks wait out rank 0's reference statistics here
 
     def loss(self, model, batch, draws):
         x, y = batch
@@ -105,27 +86,6 @@ class FlowMatchingObjective:
             images = self.latent_space.decode(images)
         return save_grid(images, c.grid_samples_per_class, path)
 
-    @torch.no_grad()
-    def evaluate(self, ema) -> Dict[str, float]:
-        """FID of fid_num_samples EMA samples; every rank samples its share, rank 0 scores them.
-
-        The same labels and noise every time, so successive FIDs differ only by the weights.
-        Returns the metrics on rank 0 and {} on the other ranks.
-        """
-        c, cfg_scale = self.config, self.fid_cfg_scale
-        images, nfe = flow_matching.generate_images(
-            ema, fid.balanced_labels(c.fid_num_samples, c.num_classes),
-            shape=input_shape(c), num_classes=c.num_classes, seed=c.seed,
-            num_steps=c.num_sampling_steps, sampler=c.sampler, cfg_scale=cfg_scale,
-            guidance_interval=self.guidance_interval, time_shift=c.time_shift, batch_size=c.fid_batch_size,
-            autocast_dtype=self.autocast_dtype, device=self.device, rank=self.rank, world_size=self.world_size,
-            decode=self.latent_space.decode if self.latent_space is not None else None)
-        if self.rank != 0:
-            return {}
-        stats = fid.image_statistics(images, self.fid_extractor, self.device, c.fid_batch_size)
-        return {"fid": fid.frechet_distance(stats, self.fid_reference), "fid_num_samples": len(images),
-                "fid_nfe": nfe, "fid_cfg_scale": cfg_scale}
-
     def checkpoint_extras(self):
         return {"latent": self.latent_space.state()} if self.latent_space is not None else {}
 
@@ -146,7 +106,6 @@ class VQVAEObjective:
 
     kind = "vqvae"
     probe_ema = False  # the trained weights encode and decode (above); the weight EMA is unused
-    eval_every = 0  # reconstruction metrics are logged every step; train_vqvae.py evaluates at the end
 
     def __init__(self, config, model, grid_images: torch.Tensor):
         self.config, self.model, self.grid_images = config, model, grid_images

@@ -10,8 +10,9 @@ What differs between models is an *objective* with these members:
     probe_ema                            whether log lines compare the EMA's loss with the raw one's, and then
     probe_loss(model, batch, draws)      -> the scalar tensor they compare (an unweighted error: MeanFlow's
                                          adaptively weighted loss is ~1 whatever the error)
-    eval_every                           steps between evaluations (0 = never), and then
-    evaluate(ema_model)                  -> {name: number} (e.g. FID), called on every rank; rank
+An optional `evaluator` (built by the script, e.g. evaluation.periodic.PeriodicFID) has
+    every                                steps between evaluations, and
+    __call__(ema_model)                  -> {name: number} (e.g. FID), called on every rank; rank
                                          0's result joins metrics.jsonl as its own record
 Everything else lives here: devices and torchrun, AMP, gradient accumulation, clipping, the LR
 schedule, EMA (its decay ramped up from the first step), logging to stdout, metrics.jsonl and
@@ -52,6 +53,7 @@ from utils.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, load_
                               prune_checkpoints, run_file, save_checkpoint, set_rng_state, training_checkpoint,
                               with_defaults)
 from utils.distributed import DistInfo, any_rank, wait_for_all_ranks
+from utils.launch import RunFailed
 from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
                             lr_factor, set_lr)
 
@@ -66,8 +68,8 @@ RESUME_FIELDS = ("seed", "batch_size", "dataset", "hflip")
 EMA_FIELDS = ("ema_decay", "ema_gamma", "ema_warmup")
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(RunFailed):
+    """The loss became non-finite: the run stops without saving (exit 1)."""
 
 
 @dataclass
@@ -152,8 +154,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, config, model: torch.nn.Module, objective, loader, dist: DistInfo,
-                 architecture_fields: Sequence[str] = ()):
+                 architecture_fields: Sequence[str] = (), evaluator=None):
         self.config, self.objective, self.loader, self.dist = config, objective, loader, dist
+        self.evaluator = evaluator
         self.device = dist.device
         self.architecture_fields = architecture_fields
         self.micro_batch = micro_batch_size(config, dist.world_size)
@@ -223,7 +226,7 @@ class Trainer:
                 if c.sample_every and self.step % c.sample_every == 0:
                     self._sample_grid()
                     window_start = time.perf_counter()
-                if self.objective.eval_every and self.step % self.objective.eval_every == 0:
+                if self.evaluator is not None and self.step % self.evaluator.every == 0:
                     self._evaluate(bar)
                     window_start = time.perf_counter()
                 if self.step % c.save_every == 0 and self.step < c.train_steps:
@@ -374,7 +377,7 @@ class Trainer:
 
     def _evaluate(self, bar) -> None:
         self._check_finite()
-        metrics = self.objective.evaluate(self.ema)
+        metrics = self.evaluator(self.ema)
         if self.dist.is_main:
             self._write_record({"step": self.step, **metrics}, bar)
 

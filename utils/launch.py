@@ -1,5 +1,5 @@
-"""The life cycle every entry point shares: ranks up, the work, bad input as one line, ranks down;
-and the start-up report of a training run.
+"""The life cycle every entry point shares (training, sampling, evaluation): ranks up, the work,
+bad input as one line, ranks down.
 
 Exit codes: 0 done; 2 bad input (a value, a path, a missing optional package), as argparse uses
 for a bad flag; 1 a run that stopped on a non-finite loss. A traceback is kept for real bugs,
@@ -7,22 +7,20 @@ including a ValueError raised inside a library (scipy, numpy, torch): only the r
 raise ValueErrors written for the user.
 """
 
-import json
 import os
 import sys
 from typing import Callable
 
-import torch
-
-from configs.cli import format_config
-from utils.checkpoint import run_file
 from utils.distributed import DistInfo, cleanup_distributed, setup_distributed
-from training.trainer import NonFiniteLoss, micro_batch_size
 
 # OSError covers a missing or unreadable data folder and an unwritable output folder; ImportError
 # an optional package (torch-fidelity for FID) that is not installed.
 USER_ERRORS = (ValueError, OSError, ImportError)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RunFailed(RuntimeError):
+    """A run that stopped itself for a reason the user must read (exit 1), e.g. a non-finite loss."""
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -47,23 +45,8 @@ def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as err:
+    except RunFailed as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     finally:
         cleanup_distributed()
-
-
-def announce_run(config, model: torch.nn.Module, kind: str, dist: DistInfo) -> None:
-    """Print the resolved config and the model's size and batch split; save the config as the run's
-    config.json (rank 0 only)."""
-    if not dist.is_main:
-        return
-    micro = micro_batch_size(config, dist.world_size)
-    print(f"config:\n{format_config(config)}")
-    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-          f"{dist.world_size} rank(s) on {dist.device}; micro-batch {micro}, "
-          f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
-    os.makedirs(config.checkpoint_dir, exist_ok=True)
-    with open(run_file(config.checkpoint_dir, kind, "config.json"), "w") as f:
-        json.dump(vars(config), f, indent=2)
