@@ -9,15 +9,13 @@ import torch
 from configs.cli import format_config
 from utils.checkpoint import run_file
 from utils.distributed import DistInfo
-from training.trainer import micro_batch_size
 
 
-def announce_run(config, model: torch.nn.Module, kind: str, dist: DistInfo) -> None:
-    """Print the resolved config and the model's size and batch split; save the config as the run's
-    config.json (rank 0 only)."""
+def announce_run(config, model: torch.nn.Module, kind: str, dist: DistInfo, micro: int) -> None:
+    """Print the resolved config and the model's size and batch split (`micro` images per forward
+    on a rank); save the config as the run's config.json (rank 0 only)."""
     if not dist.is_main:
         return
-    micro = micro_batch_size(config, dist.world_size)
     print(f"config:\n{format_config(config)}")
     print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{dist.world_size} rank(s) on {dist.device}; micro-batch {micro}, "

@@ -159,9 +159,11 @@ class Trainer:
         self.evaluator = evaluator
         self.device = dist.device
         self.architecture_fields = architecture_fields
-        self.micro_batch = micro_batch_size(config, dist.world_size)
+        # The script sized the loader with micro_batch_size(config, world_size): its batch is the micro-batch.
+        self.micro_batch = loader.batch_size
         self.accum_steps = config.batch_size // (self.micro_batch * dist.world_size)
-        assert loader.batch_size == self.micro_batch, (loader.batch_size, self.micro_batch)
+        assert self.accum_steps * self.micro_batch * dist.world_size == config.batch_size, \
+            (config.batch_size, self.micro_batch, dist.world_size)
 
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
