@@ -65,7 +65,7 @@ def test_the_budget_stops_the_trainer_whose_checkpoint_is_scored_in_a_full_row(b
     # The wall runs from the start to the checkpoint's write: past the budget (SIGTERM came then),
     # by the step in flight and the save (generous: a loaded CI machine must not fail it).
     assert BUDGET_S <= row["train_wall_s"] < BUDGET_S + 30, row["train_wall_s"]
-    assert row["score_s"] > 0 and row["train_wall_s"] + row["score_s"] <= elapsed + 1
+    assert row["score_s"] >= 0 and row["train_wall_s"] + row["score_s"] <= elapsed + 1   # score_s: 0.1 s resolution
     # The EMA, sampled with the checkpoint's own settings (tiny: Euler, CFG 3; 2 steps given) and
     # scored as evaluate_fid.py scores that checkpoint, to the row's rounding.
     assert (row["weights"], row["sampler"], row["num_steps"], row["cfg_scale"]) == ("ema", "euler", 2, 3.0)
