@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tarfile
 
-import pytest
 
 from tests.conftest import write_image_folder
 

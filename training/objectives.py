@@ -1,8 +1,6 @@
 """What the trainer optimizes for each model: the loss, the sample grid and checkpoint extras.
 Evaluation during training (FID) is built by the script from evaluation/ and handed to the Trainer."""
 
-from typing import Dict
-
 import numpy as np
 import torch
 import torch.nn.functional as F
