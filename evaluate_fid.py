@@ -4,6 +4,8 @@
     python evaluate_fid.py --checkpoint ... --num_samples 10000 --cfg_scales 1 1.5 2 --num_steps_list 10 20 50
     python evaluate_fid.py --samples generated/samples.npz --ref_dataset imagefolder --ref_data_dir DIR
     python evaluate_fid.py --images ../shared/data/cifar10/test --ref_data_dir ../shared/data/cifar10/train
+    python evaluate_fid.py --checkpoint checkpoints/flow_matching_final.pt --ema_sigma_rels 0.03 0.05 0.08 0.12 0.2
+                                                                               # post-hoc EMA lengths of one run
     torchrun --nproc_per_node 8 evaluate_fid.py --checkpoint ...               # sampling split over ranks
 
 Features are the 2048-d pool3 features of the TensorFlow FID Inception (2015-12-05), computed by
@@ -13,8 +15,9 @@ skips them. A checkpoint is sampled with balanced classes (sample i has class i 
 seeded by (--seed, i), once for every combination of --samplers, --num_steps_list, --cfg_scales
 and --time_shifts (each defaults to the checkpoint's setting, as --guidance_interval does); the
 script prints a table of FID against NFE, shift, scale and interval and appends every row to
---output_jsonl. Image sets (--images, the reference) are read at the model's resolution exactly as
-training reads them.
+--output_jsonl. With --ema_sigma_rels the sweep repeats for the EMA of each length, rebuilt from the
+post-hoc EMA snapshots of the checkpoint's run (evaluation/posthoc_ema.py) at the checkpoint's step.
+Image sets (--images, the reference) are read at the model's resolution exactly as training reads them.
 """
 
 import argparse
@@ -28,13 +31,13 @@ import time
 import numpy as np
 from PIL import Image
 
-from configs.cli import ArgumentParser
+from configs.cli import ArgumentParser, finite_float
 from data.datasets import build_image_dataset
-from evaluation import fid
+from evaluation import fid, posthoc_ema
 from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
 from utils.launch import launch
 from utils.distributed import wait_for_all_ranks
-from utils.validation import check_fid_sample_count
+from utils.validation import check_fid_sample_count, check_sigma_rel
 
 DEFAULT_NUM_SAMPLES = 50_000
 
@@ -50,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images to score (default: {DEFAULT_NUM_SAMPLES} samples of a checkpoint; every "
                         "image of --samples (its first N otherwise) or of --images (a fixed random subset otherwise))")
     add_sampling_flags(p, sweep=True)
+    p.add_argument("--ema_sigma_rels", type=finite_float, nargs="+", default=None, metavar="S",
+                   help="score the EMA of each of these lengths (sigma_rel), rebuilt from the post-hoc EMA snapshots "
+                        "of the checkpoint's run (trained with --ema_snapshot_every) at the checkpoint's step, "
+                        "instead of the checkpoint's own EMA")
     p.add_argument("--ref_dataset", default=None, choices=("cifar10", "imagefolder"),
                    help="reference set kind (default: the checkpoint's dataset when --ref_data_dir is not "
                         "given; imagefolder otherwise)")
@@ -80,9 +87,15 @@ def validate(args) -> None:
         raise ValueError(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.ref_num_images < 0 or args.ref_num_images == 1:
         raise ValueError(f"--ref_num_images must be 0 (all) or >= 2, got {args.ref_num_images}")
+    for sigma_rel in args.ema_sigma_rels or []:
+        check_sigma_rel(sigma_rel, "--ema_sigma_rels entries")
+    if args.ema_sigma_rels and args.weights != "ema":
+        raise ValueError(f"--ema_sigma_rels rebuilds EMA weights; drop --weights {args.weights}")
+    if args.ema_sigma_rels and args.checkpoint:
+        posthoc_ema.find_snapshot_dir(os.path.dirname(os.path.abspath(args.checkpoint)))
     if args.checkpoint is None:
         sweep = [f"--{name}" for name in ("cfg_scales", "num_steps_list", "samplers", "time_shifts",
-                                          "guidance_interval") if getattr(args, name) is not None]
+                                          "guidance_interval", "ema_sigma_rels") if getattr(args, name) is not None]
         if sweep:
             raise ValueError(f"{', '.join(sweep)} only apply to --checkpoint; drop them to score "
                              f"{args.samples or args.images} as it is")
@@ -179,9 +192,15 @@ def evaluate(args, dist) -> None:
 
     if args.checkpoint:
         labels = fid.balanced_labels(args.num_samples or DEFAULT_NUM_SAMPLES, run.num_classes)
-        for sampler, num_steps, cfg_scale, time_shift in itertools.product(
-                samplers, args.num_steps_list or [config["num_sampling_steps"]],
+        loaded = None
+        for sigma_rel, sampler, num_steps, cfg_scale, time_shift in itertools.product(
+                args.ema_sigma_rels or [None], samplers, args.num_steps_list or [config["num_sampling_steps"]],
                 cfg_scales, run.time_shifts(args.time_shifts)):
+            if sigma_rel != loaded:  # in place: a compiled forward keeps its graphs
+                rebuilt = posthoc_ema.reconstruct(os.path.dirname(os.path.abspath(args.checkpoint)), sigma_rel,
+                                                  run.ckpt["step"], verbose=main)
+                run.model.load_state_dict(rebuilt["ema"], strict=True)
+                loaded = sigma_rel
             start = time.perf_counter()
             images, nfe = run.generate(
                 labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
@@ -195,8 +214,9 @@ def evaluate(args, dist) -> None:
                 report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe,
                        sampling_seconds=round(sampling, 1), samples_per_s=round(len(images) / sampling, 1),
                        cfg_scale=cfg_scale, time_shift=time_shift, guidance_interval=guidance_interval,
-                       step=run.ckpt["step"],
-                       weights=args.weights, seed=args.seed, precision=run.precision)
+                       step=run.ckpt["step"], weights=args.weights if sigma_rel is None else "posthoc_ema",
+                       **({} if sigma_rel is None else {"ema_sigma_rel": sigma_rel}),
+                       seed=args.seed, precision=run.precision)
             wait_for_all_ranks()  # and its Inception features, before the next setting's sampling
     elif main:
         start = time.perf_counter()
@@ -217,12 +237,12 @@ def format_table(rows, reference: str) -> str:
     what = first["path"] + (f" (step {first['step']}, {first['weights']} weights)" if "step" in first else "")
     lines = [f"FID of {what} vs {reference}",
              f"{'samples':>8} {'sampler':>8} {'steps':>6} {'NFE':>5} {'shift':>5} {'cfg_scale':>9} {'interval':>9} "
-             f"{'FID':>9}"]
+             f"{'sigma_rel':>9} {'FID':>9}"]
     for r in rows:
         interval = "-" if r.get("guidance_interval") is None else "{:g},{:g}".format(*r["guidance_interval"])
         lines.append(f"{r['num_samples']:>8} {r.get('sampler', '-'):>8} {r.get('num_steps', '-'):>6} "
                      f"{r.get('nfe', '-'):>5} {r.get('time_shift', '-'):>5} {r.get('cfg_scale', '-'):>9} "
-                     f"{interval:>9} {r['fid']:>9.3f}")
+                     f"{interval:>9} {r.get('ema_sigma_rel', '-'):>9} {r['fid']:>9.3f}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from utils.validation import parse_sigma_rels
+
 
 @dataclass
 class TrainConfig:
@@ -35,6 +37,9 @@ class TrainConfig:
     ema_decay: float = field(default=0.9999, metadata={"help": "final EMA decay per optimizer step (sampling uses the EMA); with --ema_warmup the decay of step k is min(ema_decay, (1 + k) / (ema_gamma + 2 + k))"})
     ema_gamma: float = field(default=8.0, metadata={"help": "shape of the --ema_warmup ramp: the decay of step k is min(ema_decay, (1 + k) / (gamma + 2 + k)), which weighs step j by ~j^gamma (EDM2's power-function EMA; sigma_rel 0.09 for 8, 0.05 for 17, 0.16 for 3): larger = a shorter average"})
     ema_warmup: bool = field(default=True, metadata={"help": "ramp the EMA decay with the step k: min(ema_decay, (1 + k) / (ema_gamma + 2 + k)). At the default --ema_gamma 8, until ema_decay takes over (step 891 for 0.99, 8,991 for 0.999, ~90k for 0.9999; before that ema_decay has no effect) the EMA weighs step j by ~j^8, EDM2's power-function EMA (sigma_rel 0.09): an average centred 10%% of the run back, 87%% of its weight in the last 20%%. false = ema_decay from the first step, which keeps the initial weights (zero output under adaLN-Zero) in the EMA for ~1 / (1 - ema_decay) steps"})
+    ema_snapshot_every: int = field(default=0, metadata={"help": "post-hoc EMA (EDM2; evaluation/posthoc_ema.py): keep two more power-function EMAs (--ema_snapshot_sigma_rels) and write both every this many steps and at the last step to CHECKPOINT_DIR/ema_snapshots, so that an EMA of any length can be rebuilt after training; the --save_every interval is a good value. 0 = off (no extra EMAs, no cost)"})
+    ema_snapshot_sigma_rels: str = field(default="0.05,0.10", metadata={"help": "the relative widths (sigma_rel) of the post-hoc EMAs, comma-separated; every width between and around them can be rebuilt (EDM2's pair)"})
+    ema_snapshot_dtype: Literal["fp32", "fp16", "bf16"] = field(default="fp16", metadata={"help": "dtype of the snapshot files (the EMAs themselves stay fp32): fp16 halves the disk and keeps the rebuilt weights within ~1e-4 of fp32's (benchmarks/README.md#post-hoc-ema)"})
     # Precision and speed
     mixed_precision: Literal["bf16", "fp16", "no"] = field(default="bf16", metadata={"help": "autocast dtype; fp16 adds a GradScaler; no = fp32"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (see --compile_mode)"})
@@ -83,6 +88,9 @@ class TrainConfig:
             raise ValueError(f"--ema_gamma must be > 0, got {self.ema_gamma}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_snapshot_every < 0:
+            raise ValueError(f"--ema_snapshot_every must be >= 0 (0 = off), got {self.ema_snapshot_every}")
+        parse_sigma_rels(self.ema_snapshot_sigma_rels, "--ema_snapshot_sigma_rels")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:

@@ -49,11 +49,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from evaluation.posthoc_ema import SNAPSHOT_PATTERN, power_ema_decay, sigma_rel_to_gamma, snapshot, snapshot_dir
 from utils.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, load_checkpoint, periodic_checkpoint,
                               prune_checkpoints, run_file, save_checkpoint, set_rng_state, training_checkpoint,
                               with_defaults)
 from utils.distributed import DistInfo, any_rank, wait_for_all_ranks
 from utils.launch import RunFailed
+from utils.validation import parse_sigma_rels
 from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
                             lr_factor, set_lr)
 
@@ -116,7 +118,7 @@ def ema_decay_at(step: int, decay: float, warmup: bool, gamma: float = 8.0) -> f
     10,000 for 0.9999, a velocity shrunk toward zero.
     It depends on the step only, so a resumed run continues the same sequence.
     """
-    return min(decay, (1.0 + step) / (gamma + 2.0 + step)) if warmup else decay
+    return min(decay, power_ema_decay(step, gamma)) if warmup else decay
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -169,6 +171,12 @@ class Trainer:
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
         self.raw_model = model.to(self.device)
         self.ema = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+        # Post-hoc EMA: pure power-function EMAs (no --ema_decay cap, so their profiles are known
+        # exactly), kept beside the sampling EMA, whose defaults every run without the flag keeps.
+        self.posthoc_sigma_rels = (parse_sigma_rels(config.ema_snapshot_sigma_rels, "--ema_snapshot_sigma_rels")
+                                   if config.ema_snapshot_every else [])
+        self.posthoc_gammas = [sigma_rel_to_gamma(s) for s in self.posthoc_sigma_rels]
+        self.posthoc_emas = [copy.deepcopy(self.ema) for _ in self.posthoc_sigma_rels]
         self.optimizer = build_optimizer(self.raw_model, config, self.device)
         if dist.is_main:
             print(describe_param_groups(self.optimizer))
@@ -231,6 +239,8 @@ class Trainer:
                 if self.evaluator is not None and self.step % self.evaluator.every == 0:
                     self._evaluate(bar)
                     window_start = time.perf_counter()
+                if self.posthoc_emas and (self.step % c.ema_snapshot_every == 0 or self.step == c.train_steps):
+                    self._snapshot()
                 if self.step % c.save_every == 0 and self.step < c.train_steps:
                     self._save(periodic_checkpoint(c.checkpoint_dir, self.objective.kind, self.step))
                     window_start = time.perf_counter()
@@ -304,6 +314,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         update_ema(self.ema, self.raw_model, ema_decay_at(self.step, c.ema_decay, c.ema_warmup, c.ema_gamma))
+        for ema, gamma in zip(self.posthoc_emas, self.posthoc_gammas):
+            update_ema(ema, self.raw_model, power_ema_decay(self.step, gamma))
         loss = loss_sum / self.accum_steps
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
                                           self.step, self.first_bad_step)
@@ -413,10 +425,23 @@ class Trainer:
     # ------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> Dict[str, Any]:
-        return training_checkpoint(self.objective.kind, self.raw_model, self.ema, self.optimizer, self.scaler,
-                                   self.step, self.config, self.epoch,
-                                   self.index * self.micro_batch * self.dist.world_size,
-                                   self.objective.checkpoint_extras())
+        state = training_checkpoint(self.objective.kind, self.raw_model, self.ema, self.optimizer, self.scaler,
+                                    self.step, self.config, self.epoch,
+                                    self.index * self.micro_batch * self.dist.world_size,
+                                    self.objective.checkpoint_extras())
+        if self.posthoc_emas:
+            state["posthoc_ema"] = {"sigma_rels": self.posthoc_sigma_rels,
+                                    "emas": [ema.state_dict() for ema in self.posthoc_emas]}
+        return state
+
+    def _snapshot(self) -> None:
+        """The post-hoc EMAs of this step to CHECKPOINT_DIR/ema_snapshots (rank 0; atomic). Never
+        pruned: every one of them is part of every later reconstruction."""
+        if self.dist.is_main:
+            c, kind = self.config, self.objective.kind
+            path = os.path.join(snapshot_dir(c.checkpoint_dir, kind), SNAPSHOT_PATTERN.format(step=self.step))
+            save_checkpoint(snapshot(self.step, self.posthoc_sigma_rels, self.posthoc_emas, c.ema_snapshot_dtype,
+                                     dataclasses.asdict(c), kind, self.objective.checkpoint_extras()), path)
 
     def _save(self, path: str) -> None:
         self._check_finite()
@@ -448,6 +473,7 @@ class Trainer:
         self.objective.check_resume(ckpt, path)
         self.raw_model.load_state_dict(ckpt["model"], strict=True)
         self.ema.load_state_dict(ckpt["ema"], strict=True)
+        self._resume_posthoc(ckpt.get("posthoc_ema"), path)
         changed = load_optimizer_state(self.optimizer, ckpt["optimizer"])
         if ckpt["scaler"] is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -462,6 +488,24 @@ class Trainer:
                 print("optimizer settings from the current flags, not the checkpoint: " + "; ".join(changed))
             if ema_changed:
                 print("EMA settings from the current flags, not the checkpoint: " + "; ".join(ema_changed))
+
+    def _resume_posthoc(self, saved: Optional[Dict[str, Any]], path: str) -> None:
+        """The post-hoc EMAs continue from the checkpoint's; they must have run from step 0 with the
+        same widths, or their snapshots would not be the profiles the reconstruction assumes."""
+        if not self.posthoc_emas:
+            if saved is not None and self.dist.is_main:
+                print(f"{path} kept post-hoc EMAs; this run does not (--ema_snapshot_every 0): no more snapshots")
+            return
+        if saved is None:
+            raise ValueError(f"--ema_snapshot_every {self.config.ema_snapshot_every}: checkpoint {path} kept no "
+                             f"post-hoc EMAs, and they must run from step 0; resume with --ema_snapshot_every 0 "
+                             f"or start a new run")
+        if saved["sigma_rels"] != self.posthoc_sigma_rels:
+            given = ",".join(f"{s:g}" for s in saved["sigma_rels"])
+            raise ValueError(f"--ema_snapshot_sigma_rels {self.config.ema_snapshot_sigma_rels}: checkpoint {path} "
+                             f"tracked {given}; resume with --ema_snapshot_sigma_rels {given}")
+        for ema, state in zip(self.posthoc_emas, saved["emas"]):
+            ema.load_state_dict(state, strict=True)
 
     # ------------------------------------------------------------------------- signals
 

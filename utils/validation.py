@@ -12,3 +12,28 @@ def check_fid_sample_count(count: int, flag: str) -> None:
     """FID needs a covariance of the features: at least two images."""
     if count < 2:
         raise ValueError(f"{flag} must be >= 2 (FID needs a covariance), got {count}")
+
+
+# A power-function EMA (EDM2) has gamma > 0, a weight growing with the step: sigma_rel < sqrt(1 / 12)
+# (gamma = 0 is a uniform average).
+MAX_SIGMA_REL = (1.0 / 12.0) ** 0.5
+
+
+def check_sigma_rel(sigma_rel: float, flag: str) -> None:
+    """The relative width of a power-function EMA profile (evaluation/posthoc_ema.py)."""
+    if not 0.0 < sigma_rel < MAX_SIGMA_REL:
+        raise ValueError(f"{flag} must be in (0, {MAX_SIGMA_REL:.4f}) (a power-function EMA with gamma > 0; "
+                         f"EDM2 sweeps 0.01-0.25, the default EMA is 0.09), got {sigma_rel}")
+
+
+def parse_sigma_rels(text: str, flag: str) -> list:
+    """'0.05,0.10' -> [0.05, 0.1]: distinct sigma_rels, each checked."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers such as 0.05,0.10, got {text!r}") from None
+    for value in values:
+        check_sigma_rel(value, f"{flag} entries")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{flag} must list distinct values, got {text!r}")
+    return values

@@ -1,0 +1,182 @@
+"""Post-hoc EMA (EDM2, Karras et al. 2024): choose the EMA length after training.
+
+    python -m evaluation.posthoc_ema checkpoints --sigma_rel 0.07 [--at_step N] -o checkpoints/ema_0.07.pt
+
+A run trained with --ema_snapshot_every N keeps two power-function EMAs (--ema_snapshot_sigma_rels,
+default 0.05 and 0.10) beside the sampling EMA and writes both every N steps (and at the last step) to
+CHECKPOINT_DIR/ema_snapshots/ema_STEP.pt. Each snapshot is a known average of the trained weights
+theta_0..theta_T; any other power-function average -- another sigma_rel, or an earlier end point --
+is approximated by the linear combination of snapshots whose averaging weights are closest to the
+wanted ones in least squares, and the same combination of the snapshots' weights is that EMA.
+
+The profile. Update k (0-based) of the trainer's EMA has decay power_ema_decay(k, gamma) =
+(1 + k) / (gamma + 2 + k), so after T updates theta_j carries a weight ~ j^gamma: EDM2's power
+function, whose width relative to the run's length is sigma_rel = sqrt((g + 1) / ((g + 2)^2 (g + 3))).
+profile_weights() computes these weights exactly for the discrete updates (not EDM2's continuous
+approximation), so a tracked profile is recovered exactly (coefficient 1 on its own snapshot) and the
+fit is measured in the same units as the iterates.
+
+The output is a checkpoint that generate_flow_matching.py and evaluate_fid.py read as any other: its
+`ema` and `model` entries both hold the reconstruction (there are no raw weights of a sigma_rel), plus
+the run's config, the objective's extras (e.g. latent statistics) and `posthoc_ema` (sigma_rel, step,
+the snapshots and their coefficients). It cannot be resumed (no optimizer).
+"""
+
+import argparse
+import glob
+import os
+import re
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from configs.cli import ArgumentParser, finite_float
+from utils.checkpoint import FINAL_NAMES, run_file, save_checkpoint
+from utils.validation import MAX_SIGMA_REL, check_sigma_rel
+
+SNAPSHOT_DIR = "ema_snapshots"
+SNAPSHOT_PATTERN = "ema_{step:07d}.pt"
+SNAPSHOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def power_ema_decay(step: int, gamma: float) -> float:
+    """The decay of EMA update `step` (0-based) that weighs theta_j by ~j^gamma (EDM2's power-function EMA)."""
+    return (1.0 + step) / (gamma + 2.0 + step)
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent gamma whose power-function profile has relative width sigma_rel: the largest real
+    root of sigma_rel^2 (g + 2)^2 (g + 3) = g + 1, i.e. g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) = 0."""
+    check_sigma_rel(sigma_rel, "sigma_rel")
+    t = sigma_rel ** -2
+    return float(np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]).real.max())
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    return ((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) ** 0.5
+
+
+def profile_weights(gamma: float, step: int) -> np.ndarray:
+    """The weights (step + 1,) of theta_0..theta_step in the trainer's power EMA after `step` updates,
+    update k being ema = d_k * ema + (1 - d_k) * theta_{k+1} with d_k = power_ema_decay(k, gamma);
+    theta_0 is the initial weights the EMA starts from. They sum to 1."""
+    k = np.arange(step, dtype=np.float64)
+    log_d = np.log1p(k) - np.log(gamma + 2.0 + k)
+    # suffix[j] = sum of log d_k for k = j .. step-1: what is left of theta_j's share after the later updates.
+    suffix = np.concatenate([np.cumsum(log_d[::-1])[::-1], [0.0]])
+    share = np.ones(step + 1)
+    share[1:] = (gamma + 1.0) / (gamma + 1.0 + np.arange(1, step + 1))   # 1 - d_{j-1}
+    return share * np.exp(suffix)
+
+
+def solve_coefficients(snapshots: Sequence[Tuple[float, int]], gamma: float, step: int) -> Tuple[np.ndarray, float]:
+    """Least-squares coefficients x of the snapshots ((gamma_i, step_i), each step_i <= step) whose
+    combined profile sum_i x_i p_i best matches the profile (gamma, step); returns (x, the fit's
+    relative error ||sum x_i p_i - p|| / ||p||)."""
+    assert snapshots and max(s for _, s in snapshots) <= step, (snapshots, step)
+    columns = np.zeros((step + 1, len(snapshots)))
+    for i, (g, s) in enumerate(snapshots):
+        columns[:s + 1, i] = profile_weights(g, s)
+    target = profile_weights(gamma, step)
+    x = np.linalg.lstsq(columns, target, rcond=None)[0]
+    return x, float(np.linalg.norm(columns @ x - target) / np.linalg.norm(target))
+
+
+# ----------------------------------------------------------------------------- snapshots on disk
+
+def snapshot_dir(checkpoint_dir: str, kind: str = "flow_matching") -> str:
+    return run_file(checkpoint_dir, kind, SNAPSHOT_DIR)
+
+
+def snapshot(step: int, sigma_rels: Sequence[float], emas: Sequence[torch.nn.Module], dtype: str,
+             config: Dict[str, Any], kind: str, extras: Dict[str, Any]) -> Dict[str, Any]:
+    """One snapshot file's contents: the EMAs' floating-point tensors in `dtype`, and what a
+    reconstruction needs to make a checkpoint (kind, config, the objective's extras)."""
+    def cast(state):
+        return {k: v.detach().to("cpu", SNAPSHOT_DTYPES[dtype]) if v.is_floating_point() else v.detach().cpu()
+                for k, v in state.items()}
+
+    return {"kind": kind, "step": step, "sigma_rels": list(sigma_rels),
+            "gammas": [sigma_rel_to_gamma(s) for s in sigma_rels],
+            "emas": [cast(ema.state_dict()) for ema in emas], "config": config, "extras": extras}
+
+
+def list_snapshots(folder: str) -> List[Tuple[int, str]]:
+    """[(step, path)] of the snapshots in `folder`, by step."""
+    found = []
+    for path in glob.glob(os.path.join(folder, "ema_*.pt")):
+        match = re.fullmatch(r"ema_(\d+)\.pt", os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_snapshot_dir(run: str, kind: str = "flow_matching") -> str:
+    """The snapshot folder of a run: `run` itself when it holds snapshots, else its SNAPSHOT_DIR."""
+    for folder in (run, snapshot_dir(run, kind)):
+        if os.path.isdir(folder) and list_snapshots(folder):
+            return folder
+    raise ValueError(f"{run} holds no post-hoc EMA snapshots (no {SNAPSHOT_DIR}/ema_*.pt): train with "
+                     f"--ema_snapshot_every N (e.g. the --save_every interval) to keep them")
+
+
+def reconstruct(run: str, sigma_rel: float, at_step: Optional[int] = None, kind: str = "flow_matching",
+                verbose: bool = False) -> Dict[str, Any]:
+    """The checkpoint dict of the power-function EMA of `sigma_rel` at step `at_step` (default: the
+    last snapshot) of the run in folder `run`, from the snapshots up to that step."""
+    check_sigma_rel(sigma_rel, "--sigma_rel")
+    folder = find_snapshot_dir(run, kind)
+    available = list_snapshots(folder)
+    at_step = available[-1][0] if at_step is None else at_step
+    used = [(s, p) for s, p in available if s <= at_step]
+    if not used:
+        raise ValueError(f"--at_step {at_step} is before the first snapshot of {folder} (step {available[0][0]}); "
+                         f"pass a step >= {available[0][0]}")
+    files = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for _, p in used]
+    columns = [(g, f["step"]) for f in files for g in f["gammas"]]
+    gamma = sigma_rel_to_gamma(sigma_rel)
+    coefficients, fit_error = solve_coefficients(columns, gamma, at_step)
+    if verbose:
+        print(f"sigma_rel {sigma_rel} (gamma {gamma:.3f}) at step {at_step} from {len(columns)} EMA snapshots "
+              f"(steps {used[0][0]}..{used[-1][0]}); profile fit error {fit_error:.2e} (relative L2)")
+    # Accumulate in fp64: the coefficients have both signs and cancel.
+    states = [state for f in files for state in f["emas"]]
+    combined = {}
+    for key, value in states[-1].items():
+        if value.is_floating_point():
+            total = torch.zeros(value.shape, dtype=torch.float64)
+            for x, state in zip(coefficients, states):
+                total.add_(state[key].double(), alpha=float(x))
+            combined[key] = total.float()
+        else:
+            combined[key] = value.clone()
+    last = files[-1]
+    return {"kind": last["kind"], "model": combined, "ema": combined, "step": at_step, "config": last["config"],
+            "posthoc_ema": {"sigma_rel": sigma_rel, "gamma": gamma, "fit_error": fit_error,
+                            "snapshots": [f["step"] for f in files], "coefficients": coefficients.tolist()},
+            **last["extras"]}
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="the run's --checkpoint_dir (or its ema_snapshots folder)")
+    p.add_argument("--sigma_rel", type=finite_float, required=True,
+                   help=f"EMA length relative to the run, in (0, {MAX_SIGMA_REL:.3f}); the default EMA is 0.09")
+    p.add_argument("--at_step", type=int, default=None,
+                   help="the EMA as it was at this step, from the snapshots up to it (default: the last snapshot)")
+    p.add_argument("--kind", default="flow_matching", choices=sorted(FINAL_NAMES), help="which run's snapshots")
+    p.add_argument("-o", "--output", required=True, help="checkpoint to write (e.g. checkpoints/ema_0.07.pt)")
+    args = p.parse_args(argv)
+    try:
+        ckpt = reconstruct(args.run, args.sigma_rel, args.at_step, args.kind, verbose=True)
+    except ValueError as err:
+        p.error(str(err))
+    save_checkpoint(ckpt, args.output)
+    print(f"wrote {args.output}: sample it with python generate_flow_matching.py --checkpoint {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
