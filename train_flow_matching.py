@@ -19,8 +19,8 @@ import torch
 
 from configs.flow_matching_config import ARCHITECTURE_FIELDS, parse_flow_matching_config
 from data.flow_matching_dataset import get_flow_matching_dataloader
-from models.dit_2d import dit_from_config, initial_weights
-from models.vqvae import VQVAE
+from models.dit_2d import dit_from_config
+from rebuild import initial_weights, load_vqvae
 from utils.checkpoint import check_nothing_ahead
 from training.startup import announce_run
 from utils.launch import launch
@@ -32,7 +32,7 @@ from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size
 def train(config, dist) -> None:
     check_nothing_ahead(config.checkpoint_dir, "flow_matching", config.resume)
     micro = micro_batch_size(config, dist.world_size)
-    vqvae = (VQVAE.load_from_checkpoint(config.vqvae_checkpoint, device=dist.device)
+    vqvae = (load_vqvae(config.vqvae_checkpoint, device=dist.device)
              if config.vqvae_checkpoint else None)
     loader, info = get_flow_matching_dataloader(config, vqvae_encoder=vqvae, batch_size=micro,
                                                 rank=dist.rank, world_size=dist.world_size, device=dist.device)

@@ -21,7 +21,8 @@ import torch
 
 from configs.vqvae_config import parse_vqvae_config
 from data.vqvae_dataset import get_vqvae_dataloader, get_vqvae_eval_loader, grid_images
-from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, evaluate_reconstruction, vqvae_from_config
+from evaluation.reconstruction import evaluate_reconstruction
+from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, vqvae_from_config
 from utils.checkpoint import check_nothing_ahead, run_file
 from training.startup import announce_run
 from utils.launch import launch

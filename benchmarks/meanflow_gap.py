@@ -26,7 +26,8 @@ import flow_matching  # noqa: E402
 from benchmarks.common import machine, write_json  # noqa: E402
 from configs.cli import ArgumentParser  # noqa: E402
 from evaluation import fid  # noqa: E402
-from models.dit_2d import input_shape, load_flow_model  # noqa: E402
+from models.dit_2d import input_shape  # noqa: E402
+from rebuild import load_flow_model  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 
 

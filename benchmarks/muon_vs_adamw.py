@@ -36,7 +36,8 @@ import flow_matching  # noqa: E402
 from benchmarks.common import save_chart  # noqa: E402
 from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
 from data.datasets import build_image_dataset  # noqa: E402
-from models.dit_2d import dit_from_config, load_flow_model  # noqa: E402
+from models.dit_2d import dit_from_config  # noqa: E402
+from rebuild import load_flow_model  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 
 

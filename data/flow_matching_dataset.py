@@ -86,7 +86,7 @@ def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Opti
     """(the training loader a FlowMatchingConfig describes, DataInfo); the config is only read.
 
     batch_size is the per-forward batch on this rank; by default the config's whole global batch.
-    With `vqvae_encoder` (a models.vqvae.VQVAE, or its `.encoder` as VQVAE.load_from_checkpoint
+    With `vqvae_encoder` (a models.vqvae.VQVAE, or its `.encoder` as rebuild.load_vqvae
     returns it), or else config.vqvae_checkpoint, it yields normalized latents instead of images.
     `device` is where training runs (default CPU); for images, --data_loader picks a worker
     DataLoader or the on-device uint8 loader, which yield the same batches.

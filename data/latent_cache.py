@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data.datasets import FlipByIndex, listing_fingerprint
 from models.vqvae import VQVAE, LatentSpace
+from rebuild import load_vqvae
 from utils.checkpoint import save_checkpoint
 from utils.distributed import wait_for_all_ranks
 
@@ -118,7 +119,7 @@ def resolve_vqvae(config, vqvae_encoder) -> Tuple[VQVAE, Optional[str]]:
     """(the VQ-VAE, its checkpoint path) from a VQVAE, its `.encoder`, or config.vqvae_checkpoint.
 
     An encoder alone cannot quantize or decode: its VQ-VAE is loaded from the file it came from
-    (VQVAE.load_from_checkpoint records it) and must hold the same encoder weights.
+    (rebuild.load_vqvae records it) and must hold the same encoder weights.
     """
     recorded = getattr(vqvae_encoder, "checkpoint_path", None)
     if recorded is not None and config.vqvae_checkpoint is not None \
@@ -129,11 +130,11 @@ def resolve_vqvae(config, vqvae_encoder) -> Tuple[VQVAE, Optional[str]]:
     if isinstance(vqvae_encoder, VQVAE):
         return vqvae_encoder, path
     if vqvae_encoder is None:
-        return VQVAE.load_from_checkpoint(path), path
+        return load_vqvae(path), path
     if path is None:
         raise ValueError("vqvae_encoder is an encoder without its VQ-VAE (needed to quantize and decode); "
-                         "pass the VQVAE, an encoder from VQVAE.load_from_checkpoint, or --vqvae_checkpoint")
-    vqvae = VQVAE.load_from_checkpoint(path)
+                         "pass the VQVAE, an encoder from rebuild.load_vqvae, or --vqvae_checkpoint")
+    vqvae = load_vqvae(path)
     mine, theirs = vqvae.encoder.state_dict(), vqvae_encoder.state_dict()
     if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k].cpu()) for k in mine):
         raise ValueError(f"vqvae_encoder is not the encoder of {path} (its weights differ); pass the VQVAE itself")

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 import flow_matching
 from configs.cli import finite_float
-from models.dit_2d import input_shape, load_flow_model
+from models.dit_2d import input_shape
 from models.vqvae import LatentSpace
+from rebuild import load_flow_model, load_latent_space
 from utils.images import to_uint8
 from utils.validation import check_guidance_interval
 
@@ -189,7 +190,7 @@ def load_sampling_run(args, device: torch.device) -> SamplingRun:
     """The checkpoint of `args.checkpoint` with `args.weights`, its VQ-VAE decoder if it is a latent
     model, and the forward precision of `args.precision`."""
     model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
-    latent_space = LatentSpace.from_flow_checkpoint(ckpt, args.vqvae_checkpoint, device)
+    latent_space = load_latent_space(ckpt, args.vqvae_checkpoint, device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     compiled = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")
     return SamplingRun(model, ckpt, latent_space, precision, device, compiled)

@@ -15,7 +15,6 @@ guidance; num_classes=0 builds an unconditional model (y is ignored and may be N
 only predicts: the loss and the samplers live in flow_matching.py.
 """
 
-import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -26,7 +25,6 @@ from models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, Time
                            sincos_2d)
 
 POSITIONS = ("sincos", "rope", "sincos_rope")
-from utils.checkpoint import check_config_fits, load_checkpoint, load_model, with_defaults
 
 
 class DiT2D(nn.Module):
@@ -160,32 +158,3 @@ def options(config) -> dict:
                 fp32_residual=get("fp32_residual", False),
                 two_times=get("objective", "flow_matching") == "meanflow")
 
-
-def load_flow_model(path: str, weights: str = "ema", device="cpu"):
-    """The DiT2D of a flow-matching checkpoint, rebuilt from its config, with its EMA (default) or
-    raw ('model') weights: (model in eval mode on `device`, checkpoint dict)."""
-    return load_model(path, "flow_matching", dit_from_config, weights, device)
-
-
-def initial_weights(path: str, model: DiT2D, config, fields, latent_space=None) -> dict:
-    """The trained (raw) weights of the flow-matching or MeanFlow checkpoint `path`, ready to load
-    strictly into `model` (a run started with --init_from, whose EMA starts from them as in a fresh run).
-
-    The checkpoint must agree with `config` on `fields` (the architecture) and, in a latent run,
-    have been trained on `latent_space` (models.vqvae.LatentSpace). A flow-matching
-    checkpoint lacks the interval embedder of a MeanFlow model: those entries come from `model`'s
-    own initialization, whose zero output layer leaves the loaded velocity unchanged.
-    """
-    ckpt = load_checkpoint(path, kind="flow_matching")
-    check_config_fits(with_defaults(ckpt["config"], config), dataclasses.asdict(config), fields, path)
-    if latent_space is not None:
-        latent_space.check_trained_on(ckpt, f"--init_from {path}")
-    own = model.state_dict()
-    state = dict(ckpt["model"])
-    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
-    if unexpected or any(not k.startswith("r_embedder.") for k in missing):
-        raise ValueError(f"--init_from {path}: its weights do not fit this model (missing "
-                         f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); a MeanFlow "
-                         f"checkpoint only initializes a MeanFlow run")
-    state.update({k: own[k] for k in missing})
-    return state

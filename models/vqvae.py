@@ -1,6 +1,6 @@
 """VQ-VAE: a convolutional encoder/decoder with residual blocks around an EMA vector quantizer.
 
-    model = VQVAE.load_from_checkpoint("checkpoints/vqvae.pt")    # eval mode, CPU
+    model = rebuild.load_vqvae("checkpoints/vqvae.pt")    # eval mode, CPU (rebuild.py)
     z = model.encode(x)        # x (B, C, H, W) in [-1, 1] -> quantized latents (B, D, H/f, W/f)
     codes = model.codes(x)     # (B, H/f, W/f) int64 in [0, codebook_size)
     x_hat = model.decode(z)    # snaps z to the nearest codes, then decodes to (B, C, H, W)
@@ -17,21 +17,17 @@ only ever trained on codebook vectors, so z_q is exactly its input distribution,
 off-codebook errors of an ODE sample the way rounding to uint8 does for pixels. Pre-quantization
 latents would ask the decoder to map inputs it never saw during training.
 
-Which weights: `load_from_checkpoint` uses the trained weights ('model'), not the trainer's weight
-EMA. The codebook is a buffer that follows the live encoder; an averaged encoder paired with that
-codebook would assign codes the decoder was not trained with.
+Which weights: the trained ones ('model'), not the trainer's weight EMA (see rebuild.load_vqvae).
 """
 
 import hashlib
 import math
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-from utils.checkpoint import load_model
 
 # Fields of a VQVAEConfig that fix the network's shape.
 VQVAE_ARCHITECTURE_FIELDS = ("in_channels", "hidden_channels", "num_res_blocks", "downsample_factor",
@@ -246,18 +242,6 @@ class VQVAE(nn.Module):
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
-    @classmethod
-    def load_from_checkpoint(cls, path: str, weights: str = "model", device="cpu") -> "VQVAE":
-        """The VQ-VAE a train_vqvae.py checkpoint describes, in eval mode on `device`.
-
-        `weights` is 'model' (the trained weights, the default: see the module docstring) or
-        'ema'. The result and its `encoder` remember `checkpoint_path`, so either one can be
-        handed to the latent data loader.
-        """
-        model, _ = load_model(path, "vqvae", vqvae_from_config, weights, device)
-        model.checkpoint_path = model.encoder.checkpoint_path = path
-        return model
-
 
 def vqvae_from_config(config) -> VQVAE:
     """Build the VQ-VAE a VQVAEConfig (or its checkpointed dict) describes."""
@@ -269,44 +253,13 @@ def vqvae_from_config(config) -> VQVAE:
                  image_size=get("image_size"))
 
 
-def psnr(mse: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2) from their mean squared error."""
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
-
-
-@torch.no_grad()
-def evaluate_reconstruction(model: VQVAE, batches: Iterable, device) -> Dict[str, float]:
-    """Reconstruction quality and codebook use over (x, y) batches, without updating the codebook.
-
-    psnr is the mean over images of each image's PSNR (reconstructions clamped to [-1, 1]);
-    perplexity and code_usage are measured on the histogram of all codes of all images.
-    """
-    counts = torch.zeros(model.codebook_size, dtype=torch.float64)
-    sq_err, psnr_sum, n = 0.0, 0.0, 0
-    for x, _ in batches:
-        x = x.to(device).float()
-        codes = model.codes(x)
-        recon = model.decoder(model.quantizer.lookup(codes)).float().clamp(-1, 1)
-        per_image = (recon - x).square().flatten(1).mean(1)
-        sq_err += per_image.sum().item()
-        psnr_sum += psnr(per_image).sum().item()
-        n += x.shape[0]
-        counts += torch.bincount(codes.flatten().cpu(), minlength=model.codebook_size).double()
-    if n == 0:
-        raise ValueError("no images to evaluate the VQ-VAE on")
-    probs = counts / counts.sum()
-    perplexity = math.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum().item())
-    return {"images": n, "mse": sq_err / n, "psnr": psnr_sum / n, "perplexity": perplexity,
-            "code_usage": (counts > 0).double().mean().item()}
-
-
 class LatentSpace:
     """The space a latent flow model lives in: VQ-VAE latents normalized per channel.
 
     normalize(z) = (z - mean) / std for training data; decode(z) un-normalizes a generated latent
     and decodes it through the VQ-VAE to pixels. `state()` is what the flow checkpoint stores
-    under "latent"; `from_flow_checkpoint` rebuilds it at generation and checks that the VQ-VAE
-    found is the one the flow model was trained with.
+    under "latent"; `rebuild.load_latent_space` rebuilds it at generation and checks that the
+    VQ-VAE found is the one the flow model was trained with.
     """
 
     def __init__(self, vqvae: VQVAE, mean: torch.Tensor, std: torch.Tensor, fingerprint: Optional[str] = None):
@@ -335,27 +288,3 @@ class LatentSpace:
         if ckpt.get("latent", {}).get("vqvae_fingerprint") != self.fingerprint:
             raise ValueError(f"{path} was trained on the latents of another VQ-VAE than "
                              f"--vqvae_checkpoint; pass the VQ-VAE it was trained with")
-
-    @classmethod
-    def from_flow_checkpoint(cls, ckpt: Dict, vqvae_checkpoint: Optional[str] = None,
-                             device="cpu") -> Optional["LatentSpace"]:
-        """The latent space of a latent flow checkpoint, or None for a pixel-space one.
-
-        The VQ-VAE comes from `vqvae_checkpoint` when given, else from the path the flow config
-        recorded. ValueError when it is missing or is not the VQ-VAE the model was trained with.
-        """
-        if "latent" not in ckpt:
-            if vqvae_checkpoint is not None:
-                raise ValueError("--vqvae_checkpoint was given, but this flow checkpoint works in pixel "
-                                 "space; drop the flag")
-            return None
-        latent = ckpt["latent"]
-        path = vqvae_checkpoint or ckpt["config"].get("vqvae_checkpoint")
-        if path is None:
-            raise ValueError("this latent flow checkpoint does not record its VQ-VAE; pass "
-                             "--vqvae_checkpoint PATH (the VQ-VAE it was trained with)")
-        vqvae = VQVAE.load_from_checkpoint(path, device=device)
-        if vqvae.fingerprint() != latent["vqvae_fingerprint"]:
-            raise ValueError(f"VQ-VAE {path} is not the one this flow model was trained with (its "
-                             f"weights differ); pass the original with --vqvae_checkpoint PATH")
-        return cls(vqvae, latent["mean"], latent["std"], latent["vqvae_fingerprint"])

@@ -17,7 +17,7 @@ from configs.cli import make_config
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig
 from data.datasets import build_image_dataset
 from data.flow_matching_dataset import get_flow_matching_dataloader
-from models.vqvae import VQVAE
+from rebuild import load_vqvae
 from utils.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder
@@ -62,7 +62,7 @@ class CountingEncoder:
 def test_seed_snippet_encodes_once_then_reuses_the_cache(vqvae_run, tmp_path):
     path, images = vqvae_run
     config = flow_config(images, tmp_path / "cache")
-    encoder = VQVAE.load_from_checkpoint(path)
+    encoder = load_vqvae(path)
     counter = CountingEncoder(encoder)
     loader, info = get_flow_matching_dataloader(config, vqvae_encoder=encoder)
     assert counter.images == 2 * 18                     # every image and its mirror, once
@@ -80,11 +80,11 @@ def test_seed_snippet_encodes_once_then_reuses_the_cache(vqvae_run, tmp_path):
 
 
 def test_the_briefs_snippet_with_the_encoder_alone(vqvae_run, tmp_path):
-    """vqvae = VQVAE.load_from_checkpoint(path); get_flow_matching_dataloader(vqvae_encoder=vqvae.encoder):
+    """vqvae = load_vqvae(path); get_flow_matching_dataloader(vqvae_encoder=vqvae.encoder):
     the encoder remembers its checkpoint, whose VQ-VAE quantizes and decodes; the batches are
     those of the whole VQ-VAE. An encoder of other weights is refused."""
     path, images = vqvae_run
-    vqvae = VQVAE.load_from_checkpoint(path)
+    vqvae = load_vqvae(path)
     loader, info = get_flow_matching_dataloader(flow_config(images, tmp_path / "a"), vqvae_encoder=vqvae.encoder)
     whole, _ = get_flow_matching_dataloader(flow_config(images, tmp_path / "b"), vqvae_encoder=vqvae)
     assert info.vqvae_checkpoint == path and info.input_shape == (3, 4, 4)
@@ -99,7 +99,7 @@ def test_the_briefs_snippet_with_the_encoder_alone(vqvae_run, tmp_path):
 def test_cache_is_keyed_by_vqvae_weights_and_data(vqvae_run, tmp_path):
     path, images = vqvae_run
     cache = tmp_path / "cache"
-    encoder = VQVAE.load_from_checkpoint(path)
+    encoder = load_vqvae(path)
     get_flow_matching_dataloader(flow_config(images, cache), vqvae_encoder=encoder)
     with torch.no_grad():
         encoder.decoder.net[0].bias.add_(0.01)           # any other weights: another VQ-VAE
@@ -123,7 +123,7 @@ def test_cache_is_keyed_by_vqvae_weights_and_data(vqvae_run, tmp_path):
 def test_mirrored_items_are_latents_of_mirrored_images_and_normalized(vqvae_run, tmp_path):
     path, images = vqvae_run
     config = flow_config(images, tmp_path / "cache")
-    encoder = VQVAE.load_from_checkpoint(path)
+    encoder = load_vqvae(path)
     dataset = get_flow_matching_dataloader(config, vqvae_encoder=encoder)[0].dataset
     pixels, _ = build_image_dataset("imagefolder", images, 8, 3)
     space = dataset.latent_space
@@ -144,7 +144,7 @@ def test_decoding_a_normalized_latent_is_the_vqvae_reconstruction(vqvae_run, tmp
     that skipped them would not be)."""
     path, images = vqvae_run
     config = flow_config(images, tmp_path / "cache")
-    encoder = VQVAE.load_from_checkpoint(path)
+    encoder = load_vqvae(path)
     space = get_flow_matching_dataloader(config, vqvae_encoder=encoder)[1].latent_space
     pixels, _ = build_image_dataset("imagefolder", images, 8, 3)
     x = torch.stack([pixels[i][0] for i in range(4)])
@@ -170,7 +170,7 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
     ckpt = load_checkpoint(final, kind="flow_matching")
     assert (ckpt["config"]["latent_size"], ckpt["config"]["latent_channels"]) == (4, 3)
     assert ckpt["latent"]["mean"].shape == ckpt["latent"]["std"].shape == (3,)
-    assert ckpt["latent"]["vqvae_fingerprint"] == VQVAE.load_from_checkpoint(path).fingerprint()
+    assert ckpt["latent"]["vqvae_fingerprint"] == load_vqvae(path).fingerprint()
     # 3 classes x 2 samples of 8x8 pixels (2-pixel padding), decoded from 4x4 latents.
     assert Image.open(tmp_path / "samples" / "step_0000004.png").size == (22, 32)
 

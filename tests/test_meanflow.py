@@ -11,7 +11,8 @@ import torch
 import flow_matching as fm
 import generate_flow_matching
 import train_flow_matching
-from models.dit_2d import DiT2D, dit_from_config, initial_weights
+from models.dit_2d import DiT2D, dit_from_config
+from rebuild import initial_weights
 from configs.flow_matching_config import ARCHITECTURE_FIELDS, FlowMatchingConfig
 from utils.checkpoint import load_checkpoint
 

@@ -9,7 +9,8 @@ import flow_matching
 import train_flow_matching
 from benchmarks import meanflow_gap
 from evaluation import fid
-from models.dit_2d import input_shape, load_flow_model
+from models.dit_2d import input_shape
+from rebuild import load_flow_model
 from tests.conftest import TINY_FLAGS, write_image_folder
 from utils.checkpoint import load_checkpoint, save_checkpoint
 

@@ -22,7 +22,7 @@ import train_flow_matching
 from evaluation import fid, sampling
 from models.dit_2d import input_shape
 from tests.conftest import StandIn
-from models.dit_2d import load_flow_model
+from rebuild import load_flow_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 NUM_STEPS = 10

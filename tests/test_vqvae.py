@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train_vqvae
-from models.vqvae import VQVAE, VectorQuantizer, psnr
+from evaluation.reconstruction import psnr
+from models.vqvae import VQVAE, VectorQuantizer
+from rebuild import load_vqvae
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -176,21 +178,21 @@ def test_resume_is_exact(tmp_path, image_folder):
     assert a["data"] == b["data"]
 
 
-def test_load_from_checkpoint(tmp_path, image_folder):
+def test_load_vqvae(tmp_path, image_folder):
     flags = VQ_FLAGS + ["--data_dir", image_folder, "--train_steps", "2", "--eval_images", "0",
                         "--checkpoint_dir", str(tmp_path / "ckpt")]
     assert train_vqvae.main(flags) == 0
     path = str(tmp_path / "ckpt" / "vqvae.pt")
-    model = VQVAE.load_from_checkpoint(path)
+    model = load_vqvae(path)
     ckpt = load_checkpoint(path)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
     assert model.checkpoint_path == path and model.image_size == 8
-    ema = VQVAE.load_from_checkpoint(path, weights="ema")
+    ema = load_vqvae(path, weights="ema")
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in ema.state_dict().items())
     save_checkpoint({"kind": "flow_matching", "model": {}, "config": {}}, str(tmp_path / "flow.pt"))
     with pytest.raises(ValueError, match="'flow_matching' checkpoint, not a 'vqvae'"):
-        VQVAE.load_from_checkpoint(str(tmp_path / "flow.pt"))
+        load_vqvae(str(tmp_path / "flow.pt"))
 
 
 @pytest.mark.parametrize("flags, message", [

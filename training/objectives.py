@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import flow_matching
 from utils.images import save_grid
 from models.dit_2d import input_shape
-from models.vqvae import psnr
+from evaluation.reconstruction import psnr
 
 # The training grid shows at most this many classes (rows), so a 1000-class run stays readable.
 MAX_GRID_CLASSES = 16

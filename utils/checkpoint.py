@@ -1,5 +1,5 @@
-"""The one checkpoint format of the repo: atomic writes, validated loads, rebuilding a model from a
-checkpoint, resume lookup, RNG state.
+"""The one checkpoint format of the repo: atomic writes, validated loads, resume lookup, RNG state.
+Rebuilding a model from a checkpoint is rebuild.py's job (it needs models/, a layer above this one).
 
 A checkpoint is a plain dict that `torch.load(weights_only=True)` reads:
     kind       "flow_matching" | "vqvae"   (which script wrote it)
@@ -14,7 +14,7 @@ import glob
 import os
 import random
 import re
-from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -179,18 +179,3 @@ def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, pa
         raise ValueError(f"the config does not fit checkpoint {path}: " + "; ".join(diffs)
                          + ". Drop these flags (or pass the checkpoint's values) to resume it")
 
-
-def load_model(path: str, kind: str, build: Callable[[Dict[str, Any]], torch.nn.Module],
-               weights: str, device="cpu") -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """Rebuild the model a checkpoint of this kind describes and load its weights.
-
-    `build(config dict)` makes the network (dit_from_config, vqvae_from_config): the architecture
-    comes from the checkpoint's own config, never from flags. `weights` is 'model' (the trained
-    weights) or 'ema'. Returns (model in eval mode on `device`, checkpoint dict).
-    """
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    ckpt = load_checkpoint(path, kind=kind)
-    model = build(ckpt["config"])
-    model.load_state_dict(ckpt[weights], strict=True)
-    return model.to(device).eval().requires_grad_(False), ckpt
