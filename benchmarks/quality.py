@@ -33,17 +33,25 @@ raw weights are scored). It is sampled and scored by the same code as the repo. 
 flags it uses (PEER_FLAGS); `pip install -r benchmarks/requirements.txt` installs it.
 
 One row per scored setting is printed and appended to --results (config diff, steps, wall time,
-weights, sampler, NFE, cfg, time shift, guidance interval, N, reference, FID); benchmarks/README.md
-holds the table.
+weights, sampler, NFE, cfg, time shift, guidance interval, N, reference, FID). --summarize --results
+FILE prints a file's rows as one table; --summarize alone prints every table benchmarks/README.md
+builds from benchmarks/results/ (TABLES: the generic table of a file, and the options, headline,
+sampling, MeanFlow and gap tables with their effect columns), each between its README markers, and
+--readme benchmarks/README.md rewrites them there.
+
+The sweep flags (--samplers, --num_steps_list, --cfg_scales, --time_shifts) are
+evaluation/sampling.py's; left out, each takes the run's own setting.
 """
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -88,6 +96,8 @@ NOT_RECIPE = ("checkpoint_dir", "sample_dir", "num_classes", "seed", "dataset", 
               "sampler", "num_sampling_steps", "cfg_scale", "guidance_interval_start", "guidance_interval_end",
               "time_shift", "grid_samples_per_class", "fid_every", "fid_num_samples", "fid_cfg_scale",
               "fid_batch_size")
+SWEEP_FLAGS = ("samplers", "num_steps_list", "cfg_scales", "time_shifts")
+DEFAULT_RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality.jsonl")
 DEFAULT_WEIGHTS = os.path.expanduser(os.path.join("~", ".cache", "fid_weights", "fid_inception.pth"))
 
 
@@ -107,6 +117,17 @@ def guidance_interval_arg(text: str) -> Optional[Tuple[float, float]]:
     return flow_matching.guidance_interval_or_none(start, end)
 
 
+def add_sweep_flags(p: argparse.ArgumentParser) -> None:
+    """evaluation/sampling.py's sweep flags (--samplers, --num_steps_list, --cfg_scales, --time_shifts;
+    default: the run's own setting), and only those: its other flags are config flags here (--seed,
+    --device, --batch_size, ...) or mean something else (--weights)."""
+    every = argparse.ArgumentParser(add_help=False)
+    sampling.add_sampling_flags(every, sweep=True)
+    for action in every._actions:   # argparse has no public way to copy a subset of a parser's flags
+        if action.dest in SWEEP_FLAGS:
+            p._add_action(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, allow_abbrev=False, add_help=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,15 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repo = train_flow_matching.py; peer = torchcfm + diffusers (default: %(default)s)")
     p.add_argument("--weights", nargs="+", default=None, choices=("ema", "raw"),
                    help="weights to score (default: ema raw for the repo; raw for the peer, which has no EMA)")
-    p.add_argument("--samplers", nargs="+", default=None, choices=flow_matching.SAMPLERS,
-                   help="ODE solvers (default: the run's --sampler: euler for proxy16, meanflow for a MeanFlow run)")
-    p.add_argument("--num_steps_list", type=int, nargs="+", default=None, metavar="N",
-                   help="solver steps (default: the run's --num_sampling_steps, 20 for proxy16)")
-    p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=None, metavar="S",
-                   help="guidance scales (default: the run's --cfg_scale: 1.5 for proxy16, 1 for a MeanFlow run)")
-    p.add_argument("--time_shifts", type=finite_float, nargs="+", default=[1.0], metavar="S",
-                   help="time-grid shifts (flow_matching.time_grid: 1 = uniform, > 1 more steps near noise) "
-                        "(default: %(default)s)")
+    add_sweep_flags(p)
     p.add_argument("--guidance_intervals", type=guidance_interval_arg, nargs="+", default=[None], metavar="A,B",
                    help='intervals of t where CFG applies, each "A,B" (0 <= A <= B <= 1) or "none" (every step) '
                         "(default: none)")
@@ -137,15 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--runs_dir", default=os.path.join("benchmarks", "runs"),
                    help="checkpoints and grids of each run go to a subfolder (default: %(default)s)")
-    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "quality.jsonl"),
-                   help="every row is appended here (default: %(default)s)")
+    p.add_argument("--results", default=None,
+                   help=f"every row is appended here (default: {DEFAULT_RESULTS})")
     p.add_argument("--sample_batch_size", type=int, default=250, help="samples per forward (default: %(default)s)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="with --summarize: also draw FID against training steps for the settings scored at "
                         ">= 2 step counts (e.g. a run's --save_every checkpoints scored with --checkpoint)")
     p.add_argument("--summarize", action="store_true",
                    help="train nothing: print --results as a markdown table, seeds of one setting on one row "
-                        "(mean, spread = max - min)")
+                        "(mean, spread = max - min); without --results, every table of benchmarks/README.md that "
+                        "the files of benchmarks/results/ hold, each between its README markers")
+    p.add_argument("--readme", default=None, metavar="MD",
+                   help="with --summarize and no --results: also rewrite those tables in MD (benchmarks/README.md) "
+                        "between their markers")
     return p
 
 
@@ -161,8 +178,12 @@ def parse(argv):
                           default_preset="cifar10")
     if args.num_samples < 2 or args.ref_num_images < 2:
         bench.error(f"--num_samples and --ref_num_images must be >= 2, got {args.num_samples}, {args.ref_num_images}")
-    if min(args.time_shifts) <= 0:
-        bench.error(f"--time_shifts entries must be > 0 (1 = a uniform grid), got {args.time_shifts}")
+    try:   # the sweep flags' rules (quality.py has no --guidance_interval; --sample_batch_size is its batch)
+        sampling.check_sampling_flags(argparse.Namespace(**vars(args), guidance_interval=None,
+                                                         batch_size=args.sample_batch_size), sweep=True)
+    except ValueError as err:
+        bench.error(str(err))
+    args.results = args.results or DEFAULT_RESULTS
     if not os.path.isfile(args.inception_weights):
         bench.error(f"--inception_weights {args.inception_weights} is not a file; build it with "
                     f"../shared/tools/make_fid_inception_weights.py (its docstring has the commands)")
@@ -306,7 +327,7 @@ def score(model, config, args, device, extractor, ref_stats, grid_path: str):
     out = []
     for sampler, num_steps, cfg_scale, time_shift, interval in itertools.product(
             args.samplers or [config.sampler], args.num_steps_list or [config.num_sampling_steps],
-            args.cfg_scales or [config.cfg_scale], args.time_shifts, args.guidance_intervals):
+            args.cfg_scales or [config.cfg_scale], args.time_shifts or [config.time_shift], args.guidance_intervals):
         start = time.perf_counter()
         images, nfe = sampling.generate_images(
             model, labels, shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
@@ -336,18 +357,26 @@ def git_commit() -> str:
         return "unknown"
 
 
-def read_groups(path: str) -> Dict[tuple, List[dict]]:
+# One setting of a results file: the rows of its seeds share it (diff: the config diff as sorted JSON).
+Setting = collections.namedtuple("Setting", "pipeline diff steps weights sampler nfe cfg shift interval n reference")
+
+
+def read_rows(path: str) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_groups(path: str) -> Dict[Setting, List[dict]]:
     """Rows of --results grouped by setting (pipeline, config diff, steps, weights, sampler, NFE, cfg,
     time shift, guidance interval, N, reference); rows from before the shift and interval existed
     sampled with 1 and none."""
-    groups: Dict[tuple, List[dict]] = {}
-    with open(path) as f:
-        for row in map(json.loads, f):
-            interval = row.get("guidance_interval")
-            key = (row["pipeline"], json.dumps(row["config_diff"], sort_keys=True), row["steps"], row["weights"],
-                   row["sampler"], row["nfe"], row["cfg_scale"], row.get("time_shift", 1.0),
-                   "-" if interval is None else "{:g},{:g}".format(*interval), row["num_samples"], row["reference"])
-            groups.setdefault(key, []).append(row)
+    groups: Dict[Setting, List[dict]] = {}
+    for row in read_rows(path):
+        interval = row.get("guidance_interval")
+        key = Setting(row["pipeline"], json.dumps(row["config_diff"], sort_keys=True), row["steps"], row["weights"],
+                      row["sampler"], row["nfe"], row["cfg_scale"], row.get("time_shift", 1.0),
+                      "-" if interval is None else "{:g},{:g}".format(*interval), row["num_samples"], row["reference"])
+        groups.setdefault(key, []).append(row)
     return groups
 
 
@@ -380,6 +409,12 @@ def plot(path: str, out: str) -> str:
                                         for k, v in zip(labels, lines.values()))
 
 
+def table(header: List[str], rows: List[list]) -> str:
+    """A markdown table: the form of every table benchmarks/README.md shows."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows])
+
+
 def summarize(path: str) -> str:
     """--results as a markdown table: one row per (pipeline, config diff, weights, sampler, NFE, cfg,
     time shift, guidance interval, N, reference), its FID over seeds as mean and spread (max - min),
@@ -391,28 +426,243 @@ def summarize(path: str) -> str:
         known = [v for v in values if v is not None]
         return f"{statistics.mean(known):.0f}" if known else "-"
 
-    lines = ["| pipeline | config diff | steps | weights | sampler | NFE | cfg | shift | interval | N | seeds | "
-             "FID mean | spread | FID per seed | train s | eval s |", "|" + "---|" * 16]
+    lines = []
     for key, rows in groups.items():
         rows = sorted(rows, key=lambda r: r["seed"])
         fids = [r["fid"] for r in rows]
-        pipeline, diff, steps, weights, sampler, nfe, cfg, shift, interval, n, _ = key
-        lines.append(f"| {pipeline} | {diff if diff != '{}' else '-'} | {steps} | {weights} | {sampler} | {nfe} | "
-                     f"{cfg:g} | {shift:g} | {interval} | {n} | {','.join(str(r['seed']) for r in rows)} | "
-                     f"{statistics.mean(fids):.2f} | {max(fids) - min(fids):.2f} | "
-                     f"{' / '.join(f'{v:.2f}' for v in fids)} | {mean_seconds(r['train_seconds'] for r in rows)} | "
-                     f"{mean_seconds(r['eval_seconds'] for r in rows)} |")
-    references = sorted({key[-1] for key in groups})
-    return "\n".join(lines + [f"\nreference: {'; '.join(references)}"])
+        lines.append([key.pipeline, key.diff if key.diff != "{}" else "-", key.steps, key.weights, key.sampler, key.nfe,
+                      f"{key.cfg:g}", f"{key.shift:g}", key.interval, key.n, ",".join(str(r["seed"]) for r in rows),
+                      f"{statistics.mean(fids):.2f}", f"{max(fids) - min(fids):.2f}",
+                      " / ".join(f"{v:.2f}" for v in fids), mean_seconds(r["train_seconds"] for r in rows),
+                      mean_seconds(r["eval_seconds"] for r in rows)])
+    header = ["pipeline", "config diff", "steps", "weights", "sampler", "NFE", "cfg", "shift", "interval", "N", "seeds",
+              "FID mean", "spread", "FID per seed", "train s", "eval s"]
+    references = sorted({key.reference for key in groups})
+    return table(header, lines) + f"\n\nreference: {'; '.join(references)}"
+
+
+# ----------------------------------------------------------------------------- the README's tables
+# Each table of benchmarks/README.md built from a file of benchmarks/results/ stands between
+# <!-- NAME --> and <!-- /NAME --> there; `--summarize` prints them all from the files (TABLES).
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+# The proxy's setting (`--preset proxy16`, EMA, Euler 20, CFG 1.5); a table's row names what it changes.
+BASELINE = dict(pipeline="repo", diff={}, steps=1000, weights="ema", sampler="euler", nfe=20, cfg=1.5, shift=1.0,
+                interval="-")
+MID5 = dict(sampler="midpoint", nfe=10)
+WINNER = {"mlp": "swiglu", "qk_norm": True}                                 # proxy16_qk_swiglu
+THREE = {"mlp": "swiglu", "positions": "sincos_rope", "qk_norm": True}      # the first winner, with RoPE
+LONGER = dict(diff={"train_steps": 1140}, steps=1140)                       # the baseline at the winner's wall time
+MODELS = {"{}": "baseline", json.dumps(THREE, sort_keys=True): "three-option winner"}
+
+
+def matches(key: Setting, **fields) -> bool:
+    """Whether `key` is the baseline setting with `fields` changed (any N and reference)."""
+    want = dict(BASELINE, **fields)
+    return all(getattr(key, k) == (json.dumps(v, sort_keys=True) if k == "diff" else v) for k, v in want.items())
+
+
+def pick(groups, **fields) -> Optional[List[dict]]:
+    """The rows (sorted by seed) of the setting `fields` describes; None when it was not scored."""
+    rows = next((rows for key, rows in groups.items() if matches(key, **fields)), None)
+    return sorted(rows, key=lambda r: r["seed"]) if rows else None
+
+
+def fid_mean(rows) -> float:
+    return statistics.mean(r["fid"] for r in rows)
+
+
+def spread(rows) -> float:
+    return max(r["fid"] for r in rows) - min(r["fid"] for r in rows)
+
+
+def per_seed(rows) -> str:
+    """"mean (seed 0 / seed 1)"."""
+    seeds = " / ".join(f"{r['fid']:.2f}" for r in rows)
+    return f"{fid_mean(rows):.2f} ({seeds})"
+
+
+def effect(rows, against) -> List[str]:
+    """[difference of the means, twice the larger spread, the effect it allows to claim]."""
+    difference, twice = fid_mean(rows) - fid_mean(against), 2 * max(spread(rows), spread(against))
+    claim = ("none beyond the spread" if abs(difference) <= twice else
+             "lower (better)" if difference < 0 else "higher (worse)")
+    return [f"{difference:+.2f}", f"{twice:.2f}", claim]
+
+
+def solver(rows, cfg: bool = False) -> str:
+    row = rows[0]
+    return f"{row['sampler']} {row['num_steps']}" + (f", CFG {row['cfg_scale']:g}" if cfg else "")
+
+
+def flags(diff: dict) -> str:
+    return " ".join(f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(diff.items()))
+
+
+def options_table(groups) -> str:
+    """Each training option (a config diff at the baseline's sampler) against the baseline."""
+    base, lines = pick(groups), []
+    for key, rows in groups.items():
+        diff = json.loads(key.diff)
+        if matches(key, diff=diff):
+            rows = sorted(rows, key=lambda r: r["seed"])
+            lines.append([f"`{flags(diff)}`" if diff else "baseline", ",".join(str(r["seed"]) for r in rows),
+                          per_seed(rows), f"{spread(rows):.2f}", *(effect(rows, base) if diff else ["-"] * 3)])
+    return table(["option (flags on top of `--preset proxy16`)", "seeds", "FID mean (seed 0 / seed 1)", "spread",
+                  "minus baseline", "2 x larger spread", "effect"], lines)
+
+
+# (the baseline's solver, the winner's) at each NFE budget
+HEADLINE = [(dict(nfe=10), MID5), (MID5, MID5), ({}, {}), (dict(nfe=35), dict(sampler="midpoint", nfe=34)),
+            (dict(sampler="midpoint", nfe=34), dict(sampler="midpoint", nfe=34))]
+
+
+def headline_table(groups) -> str:
+    """The winner against the baseline at 1,000 steps and at the winner's wall time (1,140 steps)."""
+    lines = []
+    for base_solver, winner_solver in HEADLINE:
+        winner = pick(groups, diff=WINNER, **winner_solver)
+        bases = [pick(groups, **base_solver), pick(groups, **dict(base_solver, **LONGER))]
+        margins = []
+        for rows in bases:
+            if rows is None:
+                margins.append("-")
+                continue
+            lower, twice = fid_mean(rows) - fid_mean(winner), 2 * max(spread(rows), spread(winner))
+            margins.append(f"{lower:.2f} > {twice:.2f}" if lower > twice else f"**{lower:.2f} < {twice:.2f}**")
+        lines.append([winner[0]["nfe"], solver(bases[0]), solver(winner),
+                      *(per_seed(rows) if rows else "not scored" for rows in bases), per_seed(winner),
+                      " / ".join(margins)])
+    return table(["NFE", "baseline solver", "winner solver", "baseline, 1,000 steps", "baseline, 1,140 steps",
+                  "winner, 1,000 steps", "winner lower than 1,000 / 1,140 steps by (> 2 x larger spread?)"], lines)
+
+
+# (variant, the model's config diff, its setting, the setting it changes)
+SAMPLING = [("time shift 0.5 (more steps near data)", {}, dict(nfe=10, shift=0.5), dict(nfe=10)),
+            ("time shift 2 (more steps near noise)", {}, dict(nfe=10, shift=2.0), dict(nfe=10)),
+            ("Heun 5 steps (9 NFE)", {}, dict(sampler="heun", nfe=9), MID5),
+            ("Heun 6 steps (11 NFE)", {}, dict(sampler="heun", nfe=11), MID5),
+            ("CFG 1 (none)", {}, dict(cfg=1.0), {}),
+            ("CFG 2.5", {}, dict(cfg=2.5), {}),
+            ("CFG 2.5 on every step", THREE, dict(MID5, cfg=2.5), MID5),
+            ("CFG 2.5 only for t in [0.3, 1]", THREE, dict(MID5, cfg=2.5, interval="0.3,1"), dict(MID5, cfg=2.5)),
+            ("CFG 1.5 only for t in [0.3, 1]", THREE, dict(MID5, interval="0.3,1"), MID5)]
+
+
+def sampling_table(groups) -> str:
+    """Sampling variants of trained runs, each against the setting it changes."""
+    lines = []
+    for variant, diff, setting, base in SAMPLING:
+        rows, against = pick(groups, diff=diff, **setting), pick(groups, diff=diff, **base)
+        lines.append([variant, MODELS[json.dumps(diff, sort_keys=True)], per_seed(rows), solver(against, cfg=True),
+                      per_seed(against), *effect(rows, against)])
+    return table(["variant", "model", "FID (seed 0 / seed 1)", "against", "its FID", "difference",
+                  "2 x larger spread", "effect"], lines)
+
+
+def seed_columns(values: Dict[int, float], digits: int) -> List[str]:
+    """The values of seeds 0 and 1 ("-" for one not measured)."""
+    return [f"{values[s]:.{digits}f}" if s in values else "-" for s in (0, 1)]
+
+
+def meanflow_table(meanflow: str, recipe: str) -> str:
+    """MeanFlow against flow matching at 1-35 NFE: the rows of `meanflow` and the baseline's rows of
+    `recipe` at 10 and 34-35 NFE (the same runs); flow matching first by NFE, then MeanFlow from
+    scratch, fine-tuned (by steps), with the predicted tangent, raw weights."""
+    groups = read_groups(recipe)
+    rows = read_rows(meanflow) + [r for s in (dict(nfe=10), MID5, dict(sampler="midpoint", nfe=34), dict(nfe=35))
+                                  for r in pick(groups, **s)]
+    models: Dict[tuple, Dict[int, float]] = {}
+    for r in rows:
+        diff = r["config_diff"]
+        order = (diff.get("objective") == "meanflow", "init_from" in diff, r["weights"] == "raw",
+                 diff.get("meanflow_tangent", ""), r["steps"], r["nfe"], r["sampler"])
+        label = (f"flow matching, {r['steps']:,} steps" if not order[0] else
+                 f"MeanFlow from scratch, {r['steps']:,} steps" if not order[1] else
+                 f"MeanFlow from the FM run, +{r['steps']} steps" + (" (predicted tangent)" if order[3] else "")
+                 + (" (raw weights)" if order[2] else ""))
+        models.setdefault((order, label, r["sampler"], r["num_steps"], r["nfe"], f"{r['cfg_scale']:.1f}"),
+                          {})[r["seed"]] = r["fid"]
+    lines = []
+    for (_, *setting), fids in sorted(models.items()):
+        one = len(fids) == 1
+        lines.append([*setting, *seed_columns(fids, 2), f"{statistics.mean(fids.values()):.2f}",
+                      "-" if one else f"{max(fids.values()) - min(fids.values()):.2f}"])
+    return table(["model (training)", "sampler", "steps", "NFE", "CFG", "FID seed 0", "FID seed 1", "mean", "spread"],
+                 lines)
+
+
+def gap_table(path: str) -> str:
+    """benchmarks/meanflow_gap.py's rows: each model's 1- and 2-jump gap, seeds side by side (the run's
+    seed, from its folder)."""
+    models: Dict[str, Dict[str, Dict[int, float]]] = {}
+    for r in read_rows(path):
+        where, step = r["checkpoint"], r["step"]
+        label = (f"flow-matching run (K Euler steps, CFG {r['cfg_scale']:g})" if r["objective"] != "meanflow" else
+                 f"MeanFlow from it{' (predicted tangent)' if 'tangent_predicted' in where else ''}, +{step} steps"
+                 if "init_from" in where else f"MeanFlow from scratch, {step} steps")
+        seed = int(re.search(r"repo_seed(\d+)", where).group(1))
+        for jumps in ("gap_1", "gap_2"):
+            models.setdefault(label, {}).setdefault(jumps, {})[seed] = r[jumps]
+    return table(["model", "1 jump, seed 0", "1 jump, seed 1", "2 jumps, seed 0", "2 jumps, seed 1"],
+                 [[label, *seed_columns(gaps["gap_1"], 3), *seed_columns(gaps["gap_2"], 3)]
+                  for label, gaps in models.items()])
+
+
+def results(name: str) -> str:
+    return os.path.join(RESULTS, name)
+
+
+# README marker -> the table of benchmarks/results/ it holds
+TABLES = {
+    "quality table": lambda: summarize(results("quality.jsonl")),
+    "recipe table": lambda: summarize(results("recipe.jsonl")),
+    "options": lambda: options_table(read_groups(results("recipe.jsonl"))),
+    "headline": lambda: headline_table(read_groups(results("recipe.jsonl"))),
+    "sampling": lambda: sampling_table(read_groups(results("recipe.jsonl"))),
+    "meanflow": lambda: meanflow_table(results("meanflow.jsonl"), results("recipe.jsonl")),
+    "meanflow gap": lambda: gap_table(results("meanflow_gap.jsonl")),
+}
+
+
+def marked(name: str, text: str) -> str:
+    return f"<!-- {name} -->\n{text}\n<!-- /{name} -->"
+
+
+def write_readme(path: str) -> List[str]:
+    """Replace each table of TABLES between its markers in `path` (benchmarks/README.md) with the one
+    the results give; returns the names of the tables that changed. ValueError for a missing marker."""
+    with open(path) as f:
+        text = old = f.read()
+    changed = []
+    for name, make in TABLES.items():
+        pattern = re.compile(re.escape(f"<!-- {name} -->") + ".*?" + re.escape(f"<!-- /{name} -->"), re.S)
+        if not pattern.search(text):
+            raise ValueError(f"{path} has no <!-- {name} --> ... <!-- /{name} --> block")
+        new = marked(name, make())
+        changed += [name] if pattern.search(text).group(0) != new else []
+        text = pattern.sub(lambda _: new, text)
+    if text != old:
+        with open(path, "w") as f:
+            f.write(text)
+    return changed
 
 
 def main(argv=None) -> int:
     if "--summarize" in (sys.argv[1:] if argv is None else argv):
         args, _ = build_parser().parse_known_args(argv)
-        if not os.path.isfile(args.results):
+        if args.results is None:
+            for name, make in TABLES.items():
+                print(marked(name, make()) + "\n")
+            if args.readme:
+                changed = write_readme(args.readme)
+                print(f"{args.readme}: rewrote {', '.join(changed) or 'nothing (it holds these tables)'}")
+            args.results = DEFAULT_RESULTS
+        elif not os.path.isfile(args.results):
             print(f"error: --results {args.results} does not exist; run a benchmark first", file=sys.stderr)
             return 2
-        print(summarize(args.results))
+        else:
+            print(summarize(args.results))
         if args.plot:
             print(plot(args.results, args.plot))
         return 0

@@ -1,10 +1,13 @@
 """benchmarks/quality.py on a tiny run with stand-in Inception features: --checkpoint scores a
 finished run in rows of the same form as the run's own (so --summarize groups them), the time
-shift and guidance interval settings reach the sampler and the rows, bad flags exit 2."""
+shift and guidance interval settings reach the sampler and the rows, bad flags exit 2, and
+--summarize prints the tables of benchmarks/README.md from benchmarks/results/."""
 
 import glob
 import json
 import os
+import re
+import shutil
 
 import pytest
 
@@ -161,3 +164,32 @@ def test_fid_curves_join_steps_of_one_setting_only(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert list(quality.curves(str(path)).values()) == [[(500, 70.0), (1000, 61.0)]]
+
+
+README = os.path.join(quality.ROOT, "benchmarks", "README.md")
+
+
+def test_summarize_prints_every_results_table_of_the_readme_as_it_stands_there(capsys):
+    """Each table `--summarize` builds from benchmarks/results/ stands verbatim between its markers in
+    benchmarks/README.md, and every marked table of the README is one of them."""
+    assert quality.main(["--summarize"]) == 0
+    out = capsys.readouterr().out
+    with open(README) as f:
+        readme = f.read()
+    for name, make in quality.TABLES.items():
+        block = quality.marked(name, make())
+        assert block in out
+        assert block in readme, f"benchmarks/README.md's {name!r} table differs from --summarize's; " \
+                                f"python benchmarks/quality.py --summarize --readme benchmarks/README.md"
+    assert set(re.findall(r"<!-- /(.+?) -->", readme)) == set(quality.TABLES)
+
+
+def test_readme_rewrites_a_table_whose_numbers_are_off(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    shutil.copy(README, readme)
+    text = readme.read_text()
+    readme.write_text(text.replace("| baseline | 0,1 | 65.83 (65.52 / 66.13) | 0.61 |",
+                                   "| baseline | 0,1 | 65.84 (65.52 / 66.13) | 0.61 |"))
+    assert quality.main(["--summarize", "--readme", str(readme)]) == 0
+    assert capsys.readouterr().out.endswith(f"{readme}: rewrote options\n")
+    assert readme.read_text() == text
