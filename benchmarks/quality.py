@@ -71,7 +71,8 @@ from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E4
 from data.flow_matching_dataset import get_flow_matching_dataloader  # noqa: E402
 from utils.images import make_grid, save_image  # noqa: E402
 from evaluation import fid, sampling  # noqa: E402
-from models.dit_2d import input_shape, load_flow_model  # noqa: E402
+from models.dit_2d import input_shape  # noqa: E402
+from rebuild import load_flow_model  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from training.optim import lr_factor  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -96,7 +97,6 @@ NOT_RECIPE = ("checkpoint_dir", "sample_dir", "num_classes", "seed", "dataset", 
               "sampler", "num_sampling_steps", "cfg_scale", "guidance_interval_start", "guidance_interval_end",
               "time_shift", "grid_samples_per_class", "fid_every", "fid_num_samples", "fid_cfg_scale",
               "fid_batch_size")
-SWEEP_FLAGS = ("samplers", "num_steps_list", "cfg_scales", "time_shifts")
 DEFAULT_RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality.jsonl")
 DEFAULT_WEIGHTS = os.path.expanduser(os.path.join("~", ".cache", "fid_weights", "fid_inception.pth"))
 
@@ -117,17 +117,6 @@ def guidance_interval_arg(text: str) -> Optional[Tuple[float, float]]:
     return flow_matching.guidance_interval_or_none(start, end)
 
 
-def add_sweep_flags(p: argparse.ArgumentParser) -> None:
-    """evaluation/sampling.py's sweep flags (--samplers, --num_steps_list, --cfg_scales, --time_shifts;
-    default: the run's own setting), and only those: its other flags are config flags here (--seed,
-    --device, --batch_size, ...) or mean something else (--weights)."""
-    every = argparse.ArgumentParser(add_help=False)
-    sampling.add_sampling_flags(every, sweep=True)
-    for action in every._actions:   # argparse has no public way to copy a subset of a parser's flags
-        if action.dest in SWEEP_FLAGS:
-            p._add_action(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, allow_abbrev=False, add_help=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repo = train_flow_matching.py; peer = torchcfm + diffusers (default: %(default)s)")
     p.add_argument("--weights", nargs="+", default=None, choices=("ema", "raw"),
                    help="weights to score (default: ema raw for the repo; raw for the peer, which has no EMA)")
-    add_sweep_flags(p)
+    sampling.add_sweep_flags(p)   # default: the run's own setting
     p.add_argument("--guidance_intervals", type=guidance_interval_arg, nargs="+", default=[None], metavar="A,B",
                    help='intervals of t where CFG applies, each "A,B" (0 <= A <= B <= 1) or "none" (every step) '
                         "(default: none)")

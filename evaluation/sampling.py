@@ -69,17 +69,23 @@ def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[in
     return np.concatenate([mine[k] for k in sorted(mine)]), nfe
 
 
+def add_sweep_flags(p: argparse.ArgumentParser) -> None:
+    """The solver, steps, scale and shift as lists (evaluate_fid.py, benchmarks/quality.py)."""
+    p.add_argument("--samplers", nargs="+", default=None, choices=flow_matching.SAMPLERS,
+                   help="ODE solvers to sweep (default: the checkpoint's sampler)")
+    p.add_argument("--num_steps_list", type=int, nargs="+", default=None, metavar="N",
+                   help="ODE step counts to sweep (default: the checkpoint's num_sampling_steps)")
+    p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=None, metavar="S",
+                   help="guidance scales to sweep (default: the checkpoint's cfg_scale; 1 = none)")
+    p.add_argument("--time_shifts", type=finite_float, nargs="+", default=None, metavar="S",
+                   help="time-grid shifts to sweep (default: the checkpoint's time_shift; t(u) = u / (S - (S - 1) u), "
+                        "u uniform: 1 = uniform, > 1 more steps near noise)")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     """The sampling flags of both scripts; with `sweep`, the solver, steps, scale and shift take lists."""
     if sweep:
-        p.add_argument("--samplers", nargs="+", default=None, choices=flow_matching.SAMPLERS,
-                       help="ODE solvers to sweep (default: the checkpoint's sampler)")
-        p.add_argument("--num_steps_list", type=int, nargs="+", default=None, metavar="N",
-                       help="ODE step counts to sweep (default: the checkpoint's num_sampling_steps)")
-        p.add_argument("--cfg_scales", type=finite_float, nargs="+", default=None, metavar="S",
-                       help="guidance scales to sweep (default: the checkpoint's cfg_scale; 1 = none)")
-        p.add_argument("--time_shifts", type=finite_float, nargs="+", default=None, metavar="S",
-                       help="time-grid shifts to sweep (default: the checkpoint's time_shift; see --time_shift)")
+        add_sweep_flags(p)
     else:
         p.add_argument("--sampler", default=None, choices=flow_matching.SAMPLERS,
                        help="ODE solver (default: the checkpoint's)")
