@@ -426,7 +426,8 @@ def summarize(path: str) -> str:
                       mean_seconds(r["eval_seconds"] for r in rows)])
     header = ["pipeline", "config diff", "steps", "weights", "sampler", "NFE", "cfg", "shift", "interval", "N", "seeds",
               "FID mean", "spread", "FID per seed", "train s", "eval s"]
-    references = sorted({key.reference for key in groups})
+    # Paths beside the repo as a clone sees them (../shared/...), not as the machine that ran them did.
+    references = sorted({key.reference.replace(os.path.dirname(ROOT) + os.sep, ".." + os.sep) for key in groups})
     return table(header, lines) + f"\n\nreference: {'; '.join(references)}"
 
 
