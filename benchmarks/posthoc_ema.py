@@ -10,7 +10,7 @@ beside the EMAs tracked directly during training.
 
 Each run is scored with evaluate_fid.py at the proxy's FID settings (1,000 samples with the run's
 sampler, seeded by the run's seed, against 2,000 training images at 16px): its sampling EMA (tracked;
-gamma 8 = sigma_rel 0.0905), and the EMA of every --sigma_rels rebuilt from the snapshots (0.05 is
+gamma 8 = sigma_rel 0.09045), and the EMA of every --sigma_rels rebuilt from the snapshots (0.05 is
 a tracked post-hoc EMA itself: its coefficient is 1). The snapshots are then cast
 to fp16 and bf16 (in a copy of the run) and the lengths of --dtype_sigma_rels rebuilt from those, to
 see whether the snapshot dtype shows in FID. Rows go to --results; --summarize prints the table
@@ -58,7 +58,7 @@ def score(run: str, args, sigma_rels, tag: dict) -> None:
         for row in rows:
             tracked = "ema_sigma_rel" not in row
             row.update(tag, run_seed=config["seed"], ema="tracked" if tracked else "posthoc",
-                       sigma_rel=round(gamma_to_sigma_rel(config["ema_gamma"]), 4) if tracked else row["ema_sigma_rel"])
+                       sigma_rel=round(gamma_to_sigma_rel(config["ema_gamma"]), 5) if tracked else row["ema_sigma_rel"])
             f.write(json.dumps(row) + "\n")
 
 
@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="checkpoint dirs of proxy runs trained with --ema_snapshot_every")
     p.add_argument("--sigma_rels", type=float, nargs="+",
-                   default=[0.03, 0.05, 0.07, 0.0905, 0.12, 0.15, 0.2])
-    p.add_argument("--dtype_sigma_rels", type=float, nargs="*", default=[0.0905],
+                   default=[0.03, 0.05, 0.07, 0.09045, 0.12, 0.15, 0.2])
+    p.add_argument("--dtype_sigma_rels", type=float, nargs="*", default=[0.09045],
                    help="lengths rebuilt from fp16 and bf16 casts of the snapshots too")
     p.add_argument("--num_samples", type=int, default=1000)
     p.add_argument("--ref_num_images", type=int, default=2000)
