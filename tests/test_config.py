@@ -23,7 +23,8 @@ def test_defaults_are_the_seed_run():
 
 # Fields whose example value needs a specific form, and flags that other values need beside them.
 SPECIAL_VALUES = {"num_classes": ("7", 7), "resume": ("latest", "latest"), "hidden_size": ("64", 64),
-                  "vqvae_checkpoint": (__file__, __file__), "init_from": (__file__, __file__)}
+                  "vqvae_checkpoint": (__file__, __file__), "init_from": (__file__, __file__),
+                  "ema_snapshot_sigma_rels": ("0.03,0.2", "0.03,0.2")}
 CONTEXT = {"hidden_size": ["--num_heads", "4"], "micro_batch_size": ["--batch_size", "8"],
            "latent_size": ["--vqvae_checkpoint", __file__], "latent_channels": ["--vqvae_checkpoint", __file__]}
 

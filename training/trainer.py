@@ -241,6 +241,7 @@ class Trainer:
                     window_start = time.perf_counter()
                 if self.posthoc_emas and (self.step % c.ema_snapshot_every == 0 or self.step == c.train_steps):
                     self._snapshot()
+                    window_start = time.perf_counter()
                 if self.step % c.save_every == 0 and self.step < c.train_steps:
                     self._save(periodic_checkpoint(c.checkpoint_dir, self.objective.kind, self.step))
                     window_start = time.perf_counter()
