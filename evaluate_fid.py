@@ -235,14 +235,15 @@ def evaluate(args, dist) -> None:
 def format_table(rows, reference: str) -> str:
     first = rows[0]
     what = first["path"] + (f" (step {first['step']}, {first['weights']} weights)" if "step" in first else "")
+    posthoc = any("ema_sigma_rel" in r for r in rows)   # a column only for a --ema_sigma_rels sweep
     lines = [f"FID of {what} vs {reference}",
              f"{'samples':>8} {'sampler':>8} {'steps':>6} {'NFE':>5} {'shift':>5} {'cfg_scale':>9} {'interval':>9} "
-             f"{'sigma_rel':>9} {'FID':>9}"]
+             + (f"{'sigma_rel':>9} " if posthoc else "") + f"{'FID':>9}"]
     for r in rows:
         interval = "-" if r.get("guidance_interval") is None else "{:g},{:g}".format(*r["guidance_interval"])
         lines.append(f"{r['num_samples']:>8} {r.get('sampler', '-'):>8} {r.get('num_steps', '-'):>6} "
                      f"{r.get('nfe', '-'):>5} {r.get('time_shift', '-'):>5} {r.get('cfg_scale', '-'):>9} "
-                     f"{interval:>9} {r.get('ema_sigma_rel', '-'):>9} {r['fid']:>9.3f}")
+                     f"{interval:>9} " + (f"{r['ema_sigma_rel']:>9} " if posthoc else "") + f"{r['fid']:>9.3f}")
     return "\n".join(lines)
 
 
