@@ -426,8 +426,9 @@ def summarize(path: str) -> str:
                       mean_seconds(r["eval_seconds"] for r in rows)])
     header = ["pipeline", "config diff", "steps", "weights", "sampler", "NFE", "cfg", "shift", "interval", "N", "seeds",
               "FID mean", "spread", "FID per seed", "train s", "eval s"]
-    # Paths beside the repo as a clone sees them (../shared/...), not as the machine that ran them did.
-    references = sorted({key.reference.replace(os.path.dirname(ROOT) + os.sep, ".." + os.sep) for key in groups})
+    # Paths beside the repo as a clone sees them (../shared/...), wherever the run's machine or the
+    # clone keep them: the rows hold the absolute path of the machine that ran them.
+    references = sorted({re.sub(r"/\S*/shared/", "../shared/", key.reference) for key in groups})
     return table(header, lines) + f"\n\nreference: {'; '.join(references)}"
 
 
