@@ -8,12 +8,16 @@ Every FlowMatchingConfig flag works (--preset, --batch_size, --mixed_precision, 
 so the number is the model and step, not JPEG decoding. After --warmup steps (compilation happens
 there), --windows windows of --steps steps are timed, each ended by one device synchronization
 (as in training, nothing syncs inside a window); the median window is reported.
+With --ema_snapshot_every N the step includes the two post-hoc EMA updates, and one snapshot write
+(into a temporary folder) is timed apart and reported amortized over N steps.
 MFU = images/s x counted training FLOPs per image / (--peak_tflops x 1e12).
 """
 
 import argparse
+import dataclasses
 import os
 import sys
+import tempfile
 from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,6 +64,8 @@ def main(argv=None) -> int:
     model = dit_from_config(config)
     model.gradient_checkpointing = config.gradient_checkpointing
     objective = FlowMatchingObjective(config, device, AUTOCAST_DTYPES[config.mixed_precision])
+    scratch = tempfile.TemporaryDirectory()
+    config = dataclasses.replace(config, checkpoint_dir=scratch.name)  # where a timed snapshot may go
     trainer = Trainer(config, model, objective, loader, DistInfo(0, 0, 1, device))
     batches = trainer.batches()
 
@@ -73,6 +79,8 @@ def main(argv=None) -> int:
     synchronize(device)
     prof = profile(lambda: steps(args.steps), device, args.profile) if args.profile else None
     sync = check_no_sync(lambda: steps(2), device) if args.sync_debug == "true" else None
+    snap = median(time_call(trainer._snapshot, device) for _ in range(3)) if trainer.posthoc_emas else None
+    scratch.cleanup()
     rate = args.steps * config.batch_size / median(seconds)
     flops = count_flops_per_image(config, backward=True)
     achieved = rate * flops / 1e12
@@ -96,10 +104,15 @@ def main(argv=None) -> int:
               f"{prof['launches'] / args.steps:.0f} launches/step; table in {args.profile}")
     if sync is not None:
         print(f"  sync check: {sync}")
+    if snap is not None:
+        every = config.ema_snapshot_every
+        print(f"  post-hoc EMA snapshot ({config.ema_snapshot_dtype}): {1000 * snap:.1f} ms a write, "
+              f"{100 * snap / (every * median(seconds) / args.steps):.2f}% of the step time at every {every} steps")
     write_json(args.json, {"bench": "train", "machine": machine(device), "config": vars(config),
                            "images_per_s": rate, "step_seconds": [s / args.steps for s in seconds],
                            "flops_per_image": flops, "tflops": achieved, "mfu": mfu,
-                           "peak_memory_gib": mem, "warmup_seconds": warm, "profile": prof, "sync_check": sync})
+                           "peak_memory_gib": mem, "warmup_seconds": warm, "profile": prof, "sync_check": sync,
+                           "snapshot_seconds": snap})
     return 0
 
 
