@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -23,6 +24,12 @@ from configs.cli import ArgumentParser  # noqa: E402
 from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
+
+
+def clone_path(text: str) -> str:
+    """`text` with every absolute path into the shared folder beside the repo written as a clone sees
+    it (../shared/...): result rows hold the path of the machine that ran them."""
+    return re.sub(r"/\S*/shared/", "../shared/", text)
 
 
 def benchmark_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ beside the EMAs tracked directly during training.
         --data_dir ../shared/data/cifar10/train --ema_snapshot_every 50 --ema_snapshot_dtype fp32 \\
         --checkpoint_dir benchmarks/runs/posthoc_seedS --sample_dir benchmarks/runs/posthoc_seedS/samples
     python benchmarks/posthoc_ema.py benchmarks/runs/posthoc_seed0 benchmarks/runs/posthoc_seed1   # score
-    python benchmarks/posthoc_ema.py --summarize          # the table and plot of benchmarks/README.md
+    python benchmarks/posthoc_ema.py --summarize          # the table (as quality.py --summarize) and the plot
 
 Each run is scored with evaluate_fid.py at the proxy's FID settings (1,000 samples with the run's
 sampler, seeded by the run's seed, against 2,000 training images at 16px): its sampling EMA (tracked;
@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.common import save_chart  # noqa: E402
+from benchmarks.common import clone_path, save_chart  # noqa: E402
 from evaluation.posthoc_ema import SNAPSHOT_DIR, SNAPSHOT_DTYPES, gamma_to_sigma_rel  # noqa: E402
 from utils.checkpoint import FINAL_NAMES, load_checkpoint  # noqa: E402
 
@@ -75,12 +75,20 @@ def cast_copy(run: str, dtype: str, folder: str) -> str:
     return folder
 
 
-def summarize(path: str, plot: str) -> str:
-    rows = [json.loads(line) for line in open(path)]
+def read_groups(path: str):
+    """FID by (EMA kind, sigma_rel, snapshot dtype) and run seed, and the seeds."""
     groups = defaultdict(dict)
-    for r in rows:
-        groups[(r["ema"], r["sigma_rel"], r.get("snapshot_dtype", "fp32"))][r["run_seed"]] = r["fid"]
-    seeds = sorted({s for g in groups.values() for s in g})
+    for line in open(path):
+        r = json.loads(line)
+        groups[(r["ema"], r["sigma_rel"], r.get("snapshot_dtype") or "fp32")][r["run_seed"]] = r["fid"]
+    return groups, sorted({s for g in groups.values() for s in g})
+
+
+def summarize(path: str) -> str:
+    """The table of benchmarks/README.md (one row per EMA, sigma_rel and snapshot dtype; mean over
+    seeds and spread = max - min) and the verdict lines of the issue's two goals."""
+    rows = [json.loads(line) for line in open(path)]
+    groups, seeds = read_groups(path)
     head = (f"| EMA | sigma_rel | snapshots | {' | '.join(f'seed {s}' for s in seeds)} | mean | spread |\n"
             f"|---|---|---|{'---|' * len(seeds)}---|---|")
     lines, stats = [head], {}
@@ -94,7 +102,7 @@ def summarize(path: str, plot: str) -> str:
                      f"{stats[key][0]:.2f} | {stats[key][1]:.2f} |")
     r0 = rows[0]
     lines.append(f"\nFID of {r0['num_samples']} samples ({r0['sampler']}, {r0['nfe']} NFE, CFG {r0['cfg_scale']}) vs "
-                 f"{r0['reference']}, step {r0['step']}.")
+                 f"{clone_path(r0['reference'])}, step {r0['step']}.")
     tracked = [k for k in stats if k[0] == "tracked"]
     posthoc = [k for k in stats if k[0] == "posthoc" and k[2] == "fp32"]
     if tracked and posthoc:
@@ -107,14 +115,19 @@ def summarize(path: str, plot: str) -> str:
         lines.append(f"Rebuilt at sigma_rel {twin[1]:g} vs the tracked EMA at {default[1]:g}: "
                      f"{stats[twin][0]:.2f} vs {stats[default][0]:.2f} (difference "
                      f"{stats[twin][0] - stats[default][0]:+.2f}; seed spreads {stats[twin][1]:.2f} / {stats[default][1]:.2f}).")
-        series = {f"seed {s}": sorted((k[1] * 100, groups[k][s]) for k in posthoc if s in groups[k]) for s in seeds}
-        series["mean"] = sorted((k[1] * 100, stats[k][0]) for k in posthoc)
-        values = [y for points in series.values() for _, y in points]
-        save_chart([(series, "sigma_rel x 100 (post-hoc EMA, fp32 snapshots)")], list(series),
-                   "Proxy FID against the EMA length, rebuilt after training", plot,
-                   (min(values) - 1, max(values) + 1), "{:.1f}")
-        lines.append(f"Plot: {os.path.relpath(plot, ROOT)}")
     return "\n".join(lines)
+
+
+def draw(path: str, plot: str) -> None:
+    """FID against sigma_rel (fp32 snapshots): a line per seed and their mean."""
+    groups, seeds = read_groups(path)
+    posthoc = [k for k in groups if k[0] == "posthoc" and k[2] == "fp32"]
+    series = {f"seed {s}": sorted((k[1] * 100, groups[k][s]) for k in posthoc if s in groups[k]) for s in seeds}
+    series["mean"] = sorted((k[1] * 100, statistics.mean(groups[k].values())) for k in posthoc)
+    values = [y for points in series.values() for _, y in points]
+    save_chart([(series, "sigma_rel x 100 (post-hoc EMA, fp32 snapshots)")], list(series),
+               "Proxy FID against the EMA length, rebuilt after training", plot,
+               (min(values) - 1, max(values) + 1), "{:.1f}")
 
 
 def main(argv=None) -> int:
@@ -133,7 +146,9 @@ def main(argv=None) -> int:
     p.add_argument("--summarize", action="store_true", help="print the table of --results and draw --plot")
     args = p.parse_args(argv)
     if args.summarize:
-        print(summarize(args.results, args.plot))
+        print(summarize(args.results))
+        draw(args.results, args.plot)
+        print(f"plot: {os.path.relpath(args.plot)}")
         return 0
     if not args.runs:
         p.error("give the runs to score, or --summarize")
@@ -144,7 +159,8 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 score(cast_copy(run, dtype, os.path.join(tmp, "run")), args, args.dtype_sigma_rels,
                       {"snapshot_dtype": dtype})
-    print(summarize(args.results, args.plot))
+    print(summarize(args.results))
+    draw(args.results, args.plot)
     return 0
 
 

@@ -65,7 +65,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import flow_matching  # noqa: E402
-from benchmarks.common import machine, save_chart  # noqa: E402
+from benchmarks.common import clone_path, machine, save_chart  # noqa: E402
 from configs.cli import ArgumentParser, finite_float, parse_config  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
 from data.flow_matching_dataset import get_flow_matching_dataloader  # noqa: E402
@@ -426,9 +426,7 @@ def summarize(path: str) -> str:
                       mean_seconds(r["eval_seconds"] for r in rows)])
     header = ["pipeline", "config diff", "steps", "weights", "sampler", "NFE", "cfg", "shift", "interval", "N", "seeds",
               "FID mean", "spread", "FID per seed", "train s", "eval s"]
-    # Paths beside the repo as a clone sees them (../shared/...), wherever the run's machine or the
-    # clone keep them: the rows hold the absolute path of the machine that ran them.
-    references = sorted({re.sub(r"/\S*/shared/", "../shared/", key.reference) for key in groups})
+    references = sorted({clone_path(key.reference) for key in groups})
     return table(header, lines) + f"\n\nreference: {'; '.join(references)}"
 
 
