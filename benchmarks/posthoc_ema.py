@@ -20,7 +20,6 @@ see whether the snapshot dtype shows in FID. Rows go to --results; --summarize p
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
