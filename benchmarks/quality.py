@@ -66,6 +66,7 @@ if ROOT not in sys.path:
 
 import flow_matching  # noqa: E402
 from benchmarks.common import clone_path, machine, save_chart  # noqa: E402
+from benchmarks.posthoc_ema import summarize as posthoc_summary  # noqa: E402
 from configs.cli import ArgumentParser, finite_float, parse_config  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
 from data.flow_matching_dataset import get_flow_matching_dataloader  # noqa: E402
@@ -611,6 +612,7 @@ TABLES = {
     "sampling": lambda: sampling_table(read_groups(results("recipe.jsonl"))),
     "meanflow": lambda: meanflow_table(results("meanflow.jsonl"), results("recipe.jsonl")),
     "meanflow gap": lambda: gap_table(results("meanflow_gap.jsonl")),
+    "posthoc ema": lambda: posthoc_summary(results("posthoc_ema.jsonl")),
 }
 
 
