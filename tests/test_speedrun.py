@@ -52,8 +52,17 @@ def the_row() -> dict:
     return row
 
 
-def test_the_budget_stops_the_trainer_whose_checkpoint_is_scored_in_a_full_row(bench):
-    start = time.perf_counter()
+def test_the_budget_stops_the_trainer_whose_checkpoint_is_scored_in_a_full_row(bench, monkeypatch):
+    train_repo, written = speedrun.train_repo, {}
+
+    def slow_to_exit(*args, **kwargs):   # a trainer whose teardown outlasts its checkpoint's write by 3 s
+        checkpoint, code = train_repo(*args, **kwargs)
+        written["mtime"] = os.path.getmtime(checkpoint)
+        time.sleep(3)
+        return checkpoint, code
+
+    monkeypatch.setattr(speedrun, "train_repo", slow_to_exit)
+    start, start_wall = time.perf_counter(), time.time()
     assert speedrun.main(["--budget_s", str(BUDGET_S), *bench, *TOY]) == 0
     elapsed = time.perf_counter() - start
     row = the_row()
@@ -65,6 +74,7 @@ def test_the_budget_stops_the_trainer_whose_checkpoint_is_scored_in_a_full_row(b
     # The wall runs from the start to the checkpoint's write: past the budget (SIGTERM came then),
     # by the step in flight and the save (generous: a loaded CI machine must not fail it).
     assert BUDGET_S <= row["train_wall_s"] < BUDGET_S + 30, row["train_wall_s"]
+    assert abs(row["train_wall_s"] - (written["mtime"] - start_wall)) < 1, (row["train_wall_s"], written)   # not the exit
     assert row["score_s"] >= 0 and row["train_wall_s"] + row["score_s"] <= elapsed + 1   # score_s: 0.1 s resolution
     # The EMA, sampled with the checkpoint's own settings (tiny: Euler, CFG 3; 2 steps given) and
     # scored as evaluate_fid.py scores that checkpoint, to the row's rounding.
