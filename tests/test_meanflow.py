@@ -182,7 +182,11 @@ def test_tiny_dit_learns_one_step_generation_of_eight_images():
     data, y = torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8)
     model = DiT2D(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4,
                   num_classes=8, two_times=True)
+    # The lr decays linearly to 0: at a constant 3e-3 the error after 300 steps wanders (0.12 to 0.39
+    # of the start across seeds, and with the CPU's kernels), the decay lets it settle.
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    steps = 500
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
     noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(5))
 
     def one_step_error():
@@ -192,12 +196,15 @@ def test_tiny_dit_learns_one_step_generation_of_eight_images():
         return (images - data).pow(2).mean().item()
 
     start, gen = one_step_error(), torch.Generator().manual_seed(2)
-    for _ in range(300):
+    for _ in range(steps):
         opt.zero_grad()
         fm.meanflow_loss(model, data, y, num_classes=8, class_dropout_prob=0.0, ratio=0.5, guidance_mix=0.0,
                          generator=gen)[0].backward()
         opt.step()
-    assert one_step_error() < 0.2 * start   # measured: 0.148 from 1.239
+        decay.step()
+    # Measured: 0.065 from 1.239 (0.053 of the start) on AVX-512, AVX2 and scalar kernels alike;
+    # 0.03 to 0.16 of the start for torch seeds 0-3.
+    assert one_step_error() < 0.2 * start
 
 
 # ----------------------------------------------------------------------------- the scripts
