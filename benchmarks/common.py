@@ -92,7 +92,7 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def profile(fn: Callable[[], object], device: torch.device, table_path: Optional[str] = None,
-            rows: int = 25) -> Dict:
+            rows: int = 80) -> Dict:
     """Where one call of fn spends its time: wall seconds, the device's kernel seconds (their sum,
     from torch.profiler), the share of the wall the device is busy (the rest is launch overhead,
     host work and syncs: the gaps), kernel launches, and the kernels' table, sorted by device

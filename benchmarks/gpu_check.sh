@@ -7,14 +7,18 @@
 #   device tool:  run(command="bash benchmarks/gpu_check.sh speed", carry=[".gpu"], timeout_s=600)
 #   here:         bash benchmarks/gpu_prepare.sh speedrun
 #   device tool:  run(command="bash benchmarks/gpu_check.sh speedrun", carry=[".gpu"], timeout_s=600)
+#   second call:  GPU_CHECK_BUDGET=420 bash benchmarks/gpu_check.sh extra   # what the first job left out
 #   CPU smoke:    SMOKE=1 bash benchmarks/gpu_check.sh speed speedrun    # every stage at toy sizes (tests/test_gpu_check.py)
 #
 # speed: DiT-B/2 bf16 training at batch 128 (benchmarks/train_throughput.py: images/s, MFU, memory),
 #   eager, compiled (whole model) and compiled per block, each with a torch.profiler window (kernel
 #   time vs wall, launches) and a host-sync check; sampling at 34 NFE with CFG 1.5 (midpoint 17),
-#   batch 1000, eager and compiled; our model against diffusers' DiT (training step, and whole sampling
-#   batches: the plain diffusers loop); a few steps of train_flow_matching.py under torchrun (NCCL) on
-#   the carried CIFAR-10; then, while time is left, the speedrun preset's step and CUDA-graph sampling.
+#   batch 1000, eager and compiled; our training step against diffusers' DiT; then the `extra` stage
+#   while time is left.
+# extra (also a stage of its own, for a second call; gpu_prepare.sh speed lays out its inputs): whole
+#   sampling batches against the plain diffusers loop, a few steps of train_flow_matching.py under
+#   torchrun (NCCL) on the carried CIFAR-10, CUDA-graph sampling, the speedrun preset's step, the
+#   fp32 residual stream's step, the MeanFlow step (eager), and max-autotune-no-cudagraphs training and sampling.
 # speedrun: benchmarks/speedrun.py: $SPEEDRUN_PRESET (default cifar10_speedrun) trained for
 #   $SPEEDRUN_BUDGET seconds (default 240) from process start, then FID of 10,000 samples against the
 #   50,000 CIFAR-10 train images on the GPU.
@@ -83,6 +87,11 @@ train() {  # train_throughput.py with the job's sizes; $1 = a name for the profi
         --profile "$OUT/profile_train_$name.txt" --sync_debug true --json "$JSON" "$@"
 }
 
+with_diffusers() {   # true when diffusers imports; else says that $1 is skipped
+    python -c "import diffusers" >/dev/null 2>&1 && return 0
+    step "$1 skipped: carry a diffusers wheel in $GPU_DIR (gpu_prepare.sh speed)"; return 1
+}
+
 speed() {   # the most needed figures first: the budget guard cuts from the end
     fits "train eager" && { step "train DiT-B/2 batch $BATCH bf16, eager"; train eager "$MODEL"; }
     fits "train compiled" && { step "train, --compile true (whole model)"; train compiled "$MODEL" --compile true; }
@@ -91,18 +100,30 @@ speed() {   # the most needed figures first: the budget guard cuts from the end
     fits "sample" && { step "sample: midpoint 17 (34 NFE), CFG 1.5, bf16, batch 1000: eager and compiled"
         python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE --cfg_modes guided \
             --compile_modes none default --extrapolate_to 50000 --profile "$OUT/profile_sample.txt" --json "$JSON"; }
-    if ! python -c "import diffusers" >/dev/null 2>&1; then
-        step "diffusers comparison skipped: carry a diffusers wheel in $GPU_DIR (gpu_prepare.sh speed)"
-    else
-        fits "diffusers: training step" && { step "ours (compiled) vs diffusers' DiT (eager): training step, batch $BATCH"
-            python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts train --compile --json "$JSON"; }
-        fits "diffusers: sampling loop" && { step "ours (compiled) vs the plain diffusers loop: whole batches, 34 NFE, CFG 1.5"
-            python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts loop --compile $LOOP --json "$JSON"; }
-    fi
+    with_diffusers "diffusers: training step" && fits "diffusers: training step" && {
+        step "ours (compiled) vs diffusers' DiT (eager): training step, batch $BATCH"
+        python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts train --compile --json "$JSON"; }
+    extra
+}
+
+extra() {   # what the first H200 job (2026-12-04) left unmeasured, most wanted first
+    with_diffusers "diffusers: sampling loop" && fits "diffusers: sampling loop" && {
+        step "ours (compiled) vs the plain diffusers loop: whole batches, 34 NFE, CFG 1.5"
+        python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts loop --compile $LOOP --json "$JSON"; }
     torchrun_steps
+    sample_graphs
     fits "train the speedrun preset" && { step "train, --preset cifar10_speedrun's model (qk-norm, SwiGLU), compiled per block"
         train speedrun_preset "$RECIPE_MODEL" --compile true --compile_mode blocks; }
-    sample_graphs
+    fits "train fp32 residual" && { step "train, --fp32_residual true (the stream in fp32, as DiT and SiT), compiled per block"
+        train fp32_residual "$MODEL" --compile true --compile_mode blocks --fp32_residual true; }
+    fits "MeanFlow step" && { step "train, --objective meanflow (eager: its JVP runs on the uncompiled model)"
+        train meanflow "$MODEL" --objective meanflow; }
+    # Last: autotuning every GEMM shape takes minutes of compiling.
+    fits "train max-autotune" && { step "train, --compile_mode max-autotune-no-cudagraphs (Triton GEMMs, fused epilogues)"
+        train autotune "$MODEL" --compile true --compile_mode max-autotune-no-cudagraphs; }
+    fits "sample max-autotune" && { step "sample as above, compiled with max-autotune-no-cudagraphs"
+        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE --cfg_modes guided \
+            --compile_modes max-autotune-no-cudagraphs --extrapolate_to 50000 --json "$JSON"; }
 }
 
 torchrun_steps() {
@@ -139,10 +160,10 @@ speedrun() {
 
 for stage in $STAGES; do
     case "$stage" in
-        speed|speedrun) "$stage" ;;
+        speed|speedrun|extra) "$stage" ;;
         torchrun) torchrun_steps ;;
         sample_graphs) sample_graphs ;;
-        *) echo "unknown stage $stage: use speed, speedrun, torchrun, sample_graphs"; exit 2 ;;
+        *) echo "unknown stage $stage: use speed, extra, speedrun, torchrun, sample_graphs"; exit 2 ;;
     esac
 done
 step "table"

@@ -25,7 +25,9 @@ def describe(row: dict) -> List[tuple]:
         c = row["config"]
         what = (f"train {c['hidden_size']}/{c['depth']}, batch {c['batch_size']}, {c['mixed_precision']}, "
                 f"compile {c['compile_mode'] if c['compile'] else 'off'}"
-                + (", qk-norm+SwiGLU" if c.get("qk_norm") and c.get("mlp") == "swiglu" else ""))
+                + (", qk-norm+SwiGLU" if c.get("qk_norm") and c.get("mlp") == "swiglu" else "")
+                + (", fp32 residual" if c.get("fp32_residual") else "")
+                + (f", {c['objective']}" if c.get("objective", "flow_matching") != "flow_matching" else ""))
         figure = f"{row['images_per_s']:,.0f} img/s" + (f", MFU {100 * row['mfu']:.1f}%" if row.get("mfu") else "")
         prof = row.get("profile") or {}
         note = (f"{1000 * min(row['step_seconds']):.1f} ms/step, busy {100 * prof['busy']:.0f}%, "

@@ -82,21 +82,26 @@ def main(argv=None) -> int:
     snap = median(time_call(trainer._snapshot, device) for _ in range(3)) if trainer.posthoc_emas else None
     scratch.cleanup()
     rate = args.steps * config.batch_size / median(seconds)
-    flops = count_flops_per_image(config, backward=True)
-    achieved = rate * flops / 1e12
-    mfu = achieved / args.peak_tflops if args.peak_tflops else None
+    # The count is one forward and backward of the model: flow matching's step. MeanFlow's step adds
+    # a JVP (and a guidance forward) the count leaves out: an MFU from it would be understated.
+    flops = count_flops_per_image(config, backward=True) if config.objective == "flow_matching" else None
+    achieved = rate * flops / 1e12 if flops else None
+    mfu = achieved / args.peak_tflops if args.peak_tflops and achieved else None
     mem = peak_memory_gb(device)
     params = sum(p.numel() for p in model.parameters())
     print(f"machine: {machine(device)}")
     print(f"train: hidden {config.hidden_size}, depth {config.depth}, heads {config.num_heads}, patch "
           f"{config.patch_size}, {config.image_size}px, {params / 1e6:.1f}M params, batch {config.batch_size} "
           f"(micro {micro}), {config.mixed_precision}, compile {config.compile}, grad ckpt "
-          f"{config.gradient_checkpointing}, {device.type}")
+          f"{config.gradient_checkpointing}, {config.objective}, {device.type}")
     print(f"  {rate:.1f} images/s, {1000 * median(seconds) / args.steps:.1f} ms/step (median of {args.windows} "
           f"windows x {args.steps} steps; warm-up {args.warmup} steps took {warm:.1f}s)")
-    print(f"  counted FLOPs {flops / 1e9:.2f} G/image (fwd+bwd) -> {achieved:.2f} TFLOP/s"
-          + (f", MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s" if mfu is not None else
-             " (pass --peak_tflops for MFU)"))
+    if flops is None:
+        print(f"  FLOPs and MFU not counted for --objective {config.objective} (its JVP is not in the count)")
+    else:
+        print(f"  counted FLOPs {flops / 1e9:.2f} G/image (fwd+bwd) -> {achieved:.2f} TFLOP/s"
+              + (f", MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s" if mfu is not None else
+                 " (pass --peak_tflops for MFU)"))
     print(f"  peak memory {mem:.2f} GiB ({'allocated on the GPU' if device.type == 'cuda' else 'process RSS high-water'})")
     if prof is not None:
         print(f"  profile of {args.steps} steps: wall {1000 * prof['wall_s'] / args.steps:.1f} ms/step, kernels "

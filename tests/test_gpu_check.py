@@ -33,14 +33,20 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
         rows = [json.loads(line) for line in f]
     trains = [r for r in rows if r.get("bench") == "train"]
     assert [(r["config"]["compile"], r["config"]["compile_mode"]) for r in trains] == [
-        (False, "default"), (True, "default"), (True, "blocks"), (True, "blocks")]
+        (False, "default"), (True, "default"), (True, "blocks"), (True, "blocks"), (True, "blocks"),
+        (False, "default"), (True, "max-autotune-no-cudagraphs")]
+    assert [r["config"]["fp32_residual"] for r in trains].count(True) == 1
     assert all(r["profile"]["kernel_s"] > 0 and r["sync_check"] for r in trains)
+    assert [r["config"]["objective"] for r in trains].count("meanflow") == 1
+    # MeanFlow's JVP is not in the counted FLOPs: no MFU rather than an understated one.
+    assert all((r["mfu"] is None) == (r["config"]["objective"] == "meanflow") for r in trains)
     samples = [r for r in rows if r.get("bench") == "sample"]
-    assert [r["compile_mode"] for r in samples] == ["none", "default", "reduce-overhead"]
+    assert [r["compile_mode"] for r in samples] == ["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
     assert all(r["nfe"] == 2 and r["images_per_s"] > 0 for r in samples)
     assert "=== torchrun --nproc_per_node 1" in log and "flow_matching_final.pt" in log
     table = log[log.index("=== table"):]
-    assert table.count("| train ") == 4 and table.count("| sample ") == 3
+    assert table.count("| train ") == 7 and table.count("| sample ") == 4
+    assert ", meanflow |" in table and ", fp32 residual |" in table
     if os.environ.get("FID_INCEPTION_WEIGHTS"):   # CI builds them; the speedrun stage scores with them
         with open(out / "speedrun.jsonl") as f:
             [row] = [json.loads(line) for line in f]
