@@ -1,5 +1,5 @@
 """torchrun on CPU (gloo, 2 processes): training matches one process, sampling matches exactly,
-and a 2-rank checkpoint resumes on 1 rank."""
+and a 2-rank checkpoint resumes on 1 rank; torchrun with 1 process takes the same path."""
 
 import dataclasses
 import json
@@ -21,8 +21,8 @@ from utils.checkpoint import load_checkpoint
 from utils.distributed import cleanup_distributed, setup_distributed
 
 
-def torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+def torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -68,6 +68,51 @@ def test_two_ranks_match_one_process(two_rank_run):
     single = load_checkpoint(os.path.join(one_dir, "flow_matching_final.pt"))
     assert max_weight_difference(final, single) < 1e-4
     assert max_weight_difference(final, load_checkpoint(os.path.join(ckpt_dir, "checkpoint_0000002.pt"))) > 1e-3
+
+
+def test_torchrun_with_one_process_takes_the_multi_gpu_path(two_rank_run):
+    """`torchrun --nproc_per_node 1` joins a process group and wraps the model in DDP, as 8 ranks
+    do, so that one GPU can check the NCCL path (benchmarks/gpu_check.sh); it saves unwrapped
+    weights that match the 2-rank run's."""
+    root, flags, ckpt_dir = two_rank_run
+    one_dir = str(root / "torchrun1")
+    out = torchrun("train_flow_matching.py", *flags, "--checkpoint_dir", one_dir, "--sample_dir",
+                   str(root / "st1"), nproc=1).stdout
+    assert "1 rank(s) (torchrun, gloo) on cpu" in out
+    final = load_checkpoint(os.path.join(one_dir, "flow_matching_final.pt"))
+    assert final["step"] == 3 and not any(k.startswith("module.") for k in final["model"])
+    assert max_weight_difference(final, load_checkpoint(os.path.join(ckpt_dir, "flow_matching_final.pt"))) < 1e-4
+
+
+def test_a_process_group_of_one_wraps_the_model_in_ddp(image_folder, monkeypatch):
+    """What torchrun --nproc_per_node 1 sets up: a gloo group of one rank, and the model in DDP
+    (its weights and losses equal an unwrapped model's, so only the wrapper shows it)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from configs.cli import make_config
+    from configs.flow_matching_config import FlowMatchingConfig
+    from data.flow_matching_dataset import get_flow_matching_dataloader
+    from models.dit_2d import dit_from_config
+    from training.objectives import FlowMatchingObjective
+    from training.trainer import Trainer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                           WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    info = setup_distributed("cpu")
+    try:
+        assert (info.world_size, info.backend, info.distributed) == (1, "gloo", True)
+        config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": image_folder, "image_size": 8,
+                                                  "hidden_size": 32, "depth": 1, "num_heads": 2, "batch_size": 2,
+                                                  "num_workers": 0, "device": "cpu", "num_classes": 3})
+        loader, _ = get_flow_matching_dataloader(config, batch_size=2)
+        trainer = Trainer(config, dit_from_config(config), FlowMatchingObjective(config, info.device), loader, info)
+        assert isinstance(trainer.model, DistributedDataParallel) and trainer.model.module is trainer.raw_model
+    finally:
+        cleanup_distributed()
 
 
 def test_two_ranks_match_one_process_with_meanflow(two_rank_run):

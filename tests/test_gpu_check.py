@@ -44,6 +44,7 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
     assert [r["compile_mode"] for r in samples] == ["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
     assert all(r["nfe"] == 2 and r["images_per_s"] > 0 for r in samples)
     assert "=== torchrun --nproc_per_node 1" in log and "flow_matching_final.pt" in log
+    assert "1 rank(s) (torchrun, gloo) on cpu" in log  # the multi-GPU path (NCCL on the GPU), not a world of one
     table = log[log.index("=== table"):]
     assert table.count("| train ") == 7 and table.count("| sample ") == 4
     assert ", meanflow |" in table and ", fp32 residual |" in table

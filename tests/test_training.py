@@ -169,7 +169,7 @@ def test_compile_wraps_ddp_not_the_reverse(tiny_flags, monkeypatch):
                                               "num_classes": 3})
     loader, _ = get_flow_matching_dataloader(config, batch_size=2)
     trainer = Trainer(config, dit_from_config(config), FlowMatchingObjective(config, torch.device("cpu")), loader,
-                      DistInfo(0, 0, 2, torch.device("cpu")))
+                      DistInfo(0, 0, 2, torch.device("cpu"), "gloo"))
     kind, inner = trainer.model
     assert kind == "compiled" and isinstance(inner, DDP) and inner.module is trainer.raw_model
 

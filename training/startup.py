@@ -18,7 +18,8 @@ def announce_run(config, model: torch.nn.Module, kind: str, dist: DistInfo, micr
         return
     print(f"config:\n{format_config(config)}")
     print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-          f"{dist.world_size} rank(s) on {dist.device}; micro-batch {micro}, "
+          f"{dist.world_size} rank(s){f' (torchrun, {dist.backend})' if dist.distributed else ''} on {dist.device}; "
+          f"micro-batch {micro}, "
           f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
     os.makedirs(config.checkpoint_dir, exist_ok=True)
     with open(run_file(config.checkpoint_dir, kind, "config.json"), "w") as f:

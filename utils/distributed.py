@@ -2,13 +2,14 @@
 
 A plain `python script.py` run is a world of one and touches no process group. Under torchrun
 (RANK, WORLD_SIZE, LOCAL_RANK set) each process joins the group, picks its GPU, and rank 0 alone
-logs and writes files.
+logs and writes files; `torchrun --nproc_per_node 1` too (as nanoGPT), so that one GPU runs the
+multi-GPU path (NCCL, DDP) the way eight do.
 """
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    backend: Optional[str] = None  # the process group's ("nccl" or "gloo") under torchrun, else None
 
     @property
     def is_main(self) -> bool:
@@ -36,7 +38,7 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.backend is not None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,13 +52,13 @@ def resolve_device(name: str) -> torch.device:
 def setup_distributed(device_name: str) -> DistInfo:
     """Join the torchrun process group if there is one; return rank, world size and device."""
     device = resolve_device(device_name)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if "RANK" not in os.environ:
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         return DistInfo(0, 0, 1, device)
     global _cpu_group
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -66,7 +68,7 @@ def setup_distributed(device_name: str) -> DistInfo:
     # A gloo group for host-side agreements (stop flags, waits) that must not sync the GPU, with
     # its own timeout: every rank's side of wait_for_all_ranks waits up to LONG_WAIT.
     _cpu_group = dist.new_group(backend="gloo", timeout=LONG_WAIT)
-    return DistInfo(rank, local_rank, world_size, device)
+    return DistInfo(rank, local_rank, world_size, device, dist.get_backend())
 
 
 def cleanup_distributed() -> None:
