@@ -18,7 +18,8 @@
 # extra (also a stage of its own, for a second call; gpu_prepare.sh speed lays out its inputs): whole
 #   sampling batches against the plain diffusers loop, a few steps of train_flow_matching.py under
 #   torchrun (NCCL) on the carried CIFAR-10, CUDA-graph sampling, the speedrun preset's step, the
-#   fp32 residual stream's step, the MeanFlow step (eager), and max-autotune-no-cudagraphs training and sampling.
+#   fp32 residual stream's step, the MeanFlow step (eager), Muon's and fp16's steps (paths no GPU has
+#   run yet), and max-autotune-no-cudagraphs training and sampling.
 # speedrun: benchmarks/speedrun.py: $SPEEDRUN_PRESET (default cifar10_speedrun) trained for
 #   $SPEEDRUN_BUDGET seconds (default 240) from process start, then FID of 10,000 samples against the
 #   50,000 CIFAR-10 train images on the GPU.
@@ -118,6 +119,10 @@ extra() {   # what the first H200 job (2026-12-04) left unmeasured, most wanted 
         train fp32_residual "$MODEL" --compile true --compile_mode blocks --fp32_residual true; }
     fits "MeanFlow step" && { step "train, --objective meanflow (eager: its JVP runs on the uncompiled model)"
         train meanflow "$MODEL" --objective meanflow; }
+    fits "Muon step" && { step "train, --optimizer muon (Newton-Schulz in bf16 on CUDA), compiled per block"
+        train muon "$MODEL" --compile true --compile_mode blocks --optimizer muon; }
+    fits "fp16 step" && { step "train, --mixed_precision fp16 (GradScaler), compiled per block"
+        train fp16 "$MODEL" --compile true --compile_mode blocks --mixed_precision fp16; }
     # Last: autotuning every GEMM shape takes minutes of compiling.
     fits "train max-autotune" && { step "train, --compile_mode max-autotune-no-cudagraphs (Triton GEMMs, fused epilogues)"
         train autotune "$MODEL" --compile true --compile_mode max-autotune-no-cudagraphs; }

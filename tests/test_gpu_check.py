@@ -34,7 +34,9 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
     trains = [r for r in rows if r.get("bench") == "train"]
     assert [(r["config"]["compile"], r["config"]["compile_mode"]) for r in trains] == [
         (False, "default"), (True, "default"), (True, "blocks"), (True, "blocks"), (True, "blocks"),
-        (False, "default"), (True, "max-autotune-no-cudagraphs")]
+        (False, "default"), (True, "blocks"), (True, "blocks"), (True, "max-autotune-no-cudagraphs")]
+    assert [r["config"]["optimizer"] for r in trains].index("muon") == 6
+    assert [r["config"]["mixed_precision"] for r in trains].index("fp16") == 7
     assert [r["config"]["fp32_residual"] for r in trains].count(True) == 1
     assert all(r["profile"]["kernel_s"] > 0 and r["sync_check"] for r in trains)
     assert [r["config"]["objective"] for r in trains].count("meanflow") == 1
@@ -46,8 +48,8 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
     assert "=== torchrun --nproc_per_node 1" in log and "flow_matching_final.pt" in log
     assert "1 rank(s) (torchrun, gloo) on cpu" in log  # the multi-GPU path (NCCL on the GPU), not a world of one
     table = log[log.index("=== table"):]
-    assert table.count("| train ") == 7 and table.count("| sample ") == 4
-    assert ", meanflow |" in table and ", fp32 residual |" in table
+    assert table.count("| train ") == 9 and table.count("| sample ") == 4
+    assert ", meanflow |" in table and ", fp32 residual |" in table and ", muon |" in table
     if os.environ.get("FID_INCEPTION_WEIGHTS"):   # CI builds them; the speedrun stage scores with them
         with open(out / "speedrun.jsonl") as f:
             [row] = [json.loads(line) for line in f]
