@@ -18,8 +18,9 @@
 # extra (also a stage of its own, for a second call; gpu_prepare.sh speed lays out its inputs): whole
 #   sampling batches against the plain diffusers loop, a few steps of train_flow_matching.py under
 #   torchrun (NCCL) on the carried CIFAR-10, CUDA-graph sampling, the speedrun preset's step, the
-#   fp32 residual stream's step, the MeanFlow step (eager), Muon's and fp16's steps (paths no GPU has
-#   run yet), and max-autotune-no-cudagraphs training and sampling.
+#   fp32 residual stream's step, the MeanFlow step (eager), Muon's and fp16's steps and a few steps of
+#   VQ-VAE, latent flow and generation (paths no GPU has run yet), and max-autotune-no-cudagraphs
+#   training and sampling.
 # speedrun: benchmarks/speedrun.py: $SPEEDRUN_PRESET (default cifar10_speedrun) trained for
 #   $SPEEDRUN_BUDGET seconds (default 240) from process start, then FID of 10,000 samples against the
 #   50,000 CIFAR-10 train images on the GPU.
@@ -55,6 +56,9 @@ if [ "$SMOKE" = 1 ]; then
     SPEEDRUN="--hidden_size 32 --depth 2 --num_heads 2 --image_size 8 --batch_size 4 --train_steps 100000
               --num_samples 8 --sample_batch_size 8 --num_workers 0 --device cpu"
     SPEEDRUN_BUDGET="${SPEEDRUN_BUDGET:-15}"; SPEEDRUN_PRESET="${SPEEDRUN_PRESET:-tiny}"
+    VQ="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --num_workers 0 --eval_images 4 --device cpu"
+    LATENT="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --num_workers 0 --device cpu"
+    GEN="--num_samples 4 --batch_size 4 --num_steps 2 --device cpu"
 else
     DEV=cuda
     MODEL=""; BATCH=128; STEPS="--steps 15 --windows 3 --warmup 5"
@@ -65,6 +69,9 @@ else
     TORCHRUN="--batch_size 128 --train_steps 30 --log_every 10 --warmup_steps 10 --num_workers 8"
     SPEEDRUN="--num_samples 10000 --num_workers 12"
     SPEEDRUN_BUDGET="${SPEEDRUN_BUDGET:-240}"
+    VQ="--batch_size 128 --train_steps 100 --log_every 50 --num_workers 8 --eval_images 1000"
+    LATENT="--batch_size 128 --train_steps 100 --log_every 50 --num_workers 8 --compile true --compile_mode blocks"
+    GEN="--num_samples 1000 --batch_size 500"
 fi
 
 step "machine"
@@ -123,6 +130,7 @@ extra() {   # what the first H200 job (2026-12-04) left unmeasured, most wanted 
         train muon "$MODEL" --compile true --compile_mode blocks --optimizer muon; }
     fits "fp16 step" && { step "train, --mixed_precision fp16 (GradScaler), compiled per block"
         train fp16 "$MODEL" --compile true --compile_mode blocks --mixed_precision fp16; }
+    latent_steps
     # Last: autotuning every GEMM shape takes minutes of compiling.
     fits "train max-autotune" && { step "train, --compile_mode max-autotune-no-cudagraphs (Triton GEMMs, fused epilogues)"
         train autotune "$MODEL" --compile true --compile_mode max-autotune-no-cudagraphs; }
@@ -140,6 +148,22 @@ torchrun_steps() {
         torchrun --standalone --nproc_per_node 1 train_flow_matching.py --dataset imagefolder --data_dir "$DATA" \
             $TORCHRUN --data_loader workers --sample_every 0 --save_every 100000 \
             --checkpoint_dir /tmp/gpu_check_torchrun && ls /tmp/gpu_check_torchrun
+    fi
+}
+
+latent_steps() {   # train_vqvae.py, the flow model on its latents, generation decoding them
+    if [ -z "$DATA" ]; then
+        step "VQ-VAE and latent flow skipped: no $GPU_DIR/cifar10_train.tar.gz"
+    elif fits "VQ-VAE and latent flow"; then
+        step "train_vqvae.py, then train_flow_matching.py on its latents, then generate_flow_matching.py"
+        local dir=/tmp/gpu_check_latent; rm -rf "$dir"
+        python train_vqvae.py --dataset imagefolder --data_dir "$DATA" $VQ --sample_every 0 --save_every 100000 \
+            --checkpoint_dir "$dir/vq" --sample_dir "$dir/vq_samples" &&
+        python train_flow_matching.py --dataset imagefolder --data_dir "$DATA" --vqvae_checkpoint "$dir/vq/vqvae.pt" \
+            $LATENT --sample_every 0 --save_every 100000 --data_cache_dir "$dir/cache" \
+            --checkpoint_dir "$dir/fm" --sample_dir "$dir/fm_samples" &&
+        python generate_flow_matching.py --checkpoint "$dir/fm/flow_matching_final.pt" $GEN --save_npz \
+            --output_dir "$dir/gen" && ls "$dir/gen"
     fi
 }
 
@@ -168,7 +192,8 @@ for stage in $STAGES; do
         speed|speedrun|extra) "$stage" ;;
         torchrun) torchrun_steps ;;
         sample_graphs) sample_graphs ;;
-        *) echo "unknown stage $stage: use speed, extra, speedrun, torchrun, sample_graphs"; exit 2 ;;
+        latent) latent_steps ;;
+        *) echo "unknown stage $stage: use speed, extra, speedrun, torchrun, sample_graphs, latent"; exit 2 ;;
     esac
 done
 step "table"

@@ -47,6 +47,8 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
     assert all(r["nfe"] == 2 and r["images_per_s"] > 0 for r in samples)
     assert "=== torchrun --nproc_per_node 1" in log and "flow_matching_final.pt" in log
     assert "1 rank(s) (torchrun, gloo) on cpu" in log  # the multi-GPU path (NCCL on the GPU), not a world of one
+    latent = log[log.index("=== train_vqvae.py, then train_flow_matching.py on its latents"):]
+    assert "latent flow matching: 4x2x2 latents" in latent and "samples.npz" in latent
     table = log[log.index("=== table"):]
     assert table.count("| train ") == 9 and table.count("| sample ") == 4
     assert ", meanflow |" in table and ", fp32 residual |" in table and ", muon |" in table
