@@ -204,15 +204,20 @@ def meanflow_target(model: Callable, x_t: torch.Tensor, t: torch.Tensor, r: torc
 # ----------------------------------------------------------------------------- guidance
 
 def resolve_cfg_scale(cfg_scale: Optional[float], num_classes: int, default: float,
-                      flag: str = "cfg_scale") -> float:
+                      flag: str = "cfg_scale", class_dropout_prob: float = 0.1) -> float:
     """The guidance scale to sample at: `cfg_scale`, or `default` when None; an unconditional
-    model (num_classes = 0) samples at 1 and refuses any other scale (ValueError naming `flag`)."""
+    model (num_classes = 0) samples at 1 and refuses any other scale, and so does a model trained
+    with class_dropout_prob 0, whose null label never learned a velocity (ValueError naming `flag`)."""
     if num_classes == 0:
         if cfg_scale not in (None, 1.0):
             raise ValueError(f"{flag} {cfg_scale} needs a class-conditional model; this one is "
                              f"unconditional (num_classes=0): use {flag} 1")
         return 1.0
-    return default if cfg_scale is None else cfg_scale
+    scale = default if cfg_scale is None else cfg_scale
+    if scale != 1.0 and class_dropout_prob == 0:
+        raise ValueError(f"{flag} {scale} guides with the null label, which this model never trained "
+                         f"(class_dropout_prob=0): use {flag} 1, or train with --class_dropout_prob > 0")
+    return scale
 
 
 def guidance_interval_or_none(start: float, end: float) -> Optional[Tuple[float, float]]:

@@ -16,6 +16,8 @@ Writes to --output_dir:
                              most the first 256 samples otherwise)
     images/NNNNNN.png        every sample, NNNNNN its index (also _classK for conditional models)
     samples.npz              with --save_npz: images uint8 (N, H, W, C), labels int64 (N,)
+A run replaces what an earlier run wrote there (its images/NNNNNN*.png and samples.npz go first), so
+the folder never mixes two runs' samples; other files are left alone.
 
 Sample i starts from noise seeded by (--seed, i), and batches are dealt to ranks whole, so the
 same seed gives the same images whatever --batch_size or the number of ranks.
@@ -24,6 +26,7 @@ same seed gives the same images whatever --batch_size or the number of ranks.
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -32,10 +35,12 @@ import torch
 
 from configs.cli import ArgumentParser
 from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
+from utils.distributed import wait_for_all_ranks
 from utils.launch import launch
 from utils.images import make_grid, save_image
 
 MAX_GRID_IMAGES = 256
+SAMPLE_NAME = re.compile(r"\d{6}(_class\d+)?\.png")  # write_images' names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +74,9 @@ def plan_labels(args, num_classes: int) -> torch.Tensor:
                              "checkpoint is unconditional (num_classes=0)")
         return torch.full((args.num_samples,), -1, dtype=torch.long)
     if args.class_grid:
+        if args.class_label is not None:
+            raise ValueError(f"--class_grid draws every class; it cannot be combined with --class_label "
+                             f"{args.class_label}: drop one of the two")
         if args.samples_per_class < 1:
             raise ValueError(f"--samples_per_class must be >= 1, got {args.samples_per_class}")
         return torch.arange(num_classes).repeat_interleave(args.samples_per_class)
@@ -99,6 +107,9 @@ def generate(args, dist) -> None:
     guidance_interval = run.guidance_interval(args.guidance_interval)
     labels = plan_labels(args, num_classes)
     n = len(labels)
+    if dist.is_main:
+        remove_earlier_samples(args.output_dir)
+    wait_for_all_ranks()
 
     start = time.perf_counter()
     images, nfe = run.generate(
@@ -121,6 +132,20 @@ def generate(args, dist) -> None:
           f"{seconds:.1f}s ({n / seconds:.1f} images/s, {n * nfe / seconds:.0f} NFE/s on {dist.world_size} rank(s)); wrote "
           f"{os.path.join(args.output_dir, 'grid.png')}, {os.path.join(args.output_dir, 'images')}/"
           + (f", {os.path.join(args.output_dir, 'samples.npz')}" if args.save_npz else ""))
+
+
+def remove_earlier_samples(output_dir: str) -> None:
+    """Delete the images/NNNNNN*.png and samples.npz an earlier run wrote to `output_dir`."""
+    folder = os.path.join(output_dir, "images")
+    old = [f for f in os.listdir(folder) if SAMPLE_NAME.fullmatch(f)] if os.path.isdir(folder) else []
+    npz = os.path.join(output_dir, "samples.npz")
+    if old or os.path.isfile(npz):
+        print(f"{output_dir}: replacing an earlier run's {len(old)} images"
+              + (" and samples.npz" if os.path.isfile(npz) else ""))
+    for name in old:
+        os.remove(os.path.join(folder, name))
+    if os.path.isfile(npz):
+        os.remove(npz)
 
 
 def write_images(output_dir: str, images: np.ndarray, labels: torch.Tensor, first: int, num_classes: int) -> None:

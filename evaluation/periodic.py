@@ -29,7 +29,8 @@ class PeriodicFID:
         self.rank, self.world_size, self.decode = rank, world_size, decode
         self.every = config.fid_every
         self.cfg_scale = flow_matching.resolve_cfg_scale(config.fid_cfg_scale, config.num_classes,
-                                                         config.cfg_scale, "--fid_cfg_scale")
+                                                         config.cfg_scale, "--fid_cfg_scale",
+                                                         config.class_dropout_prob)
         self.guidance_interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start,
                                                                          config.guidance_interval_end)
         if rank == 0:

@@ -158,8 +158,10 @@ class SamplingRun:
 
     def cfg_scales(self, given: Optional[Sequence[float]], flag: str) -> List[float]:
         """The scales to sample at: `given` (the values of `flag`), or the checkpoint's; [1] for an
-        unconditional model."""
-        return [flow_matching.resolve_cfg_scale(s, self.num_classes, self.config["cfg_scale"], flag)
+        unconditional model; ValueError for a scale other than 1 on a model trained without label
+        dropout."""
+        return [flow_matching.resolve_cfg_scale(s, self.num_classes, self.config["cfg_scale"], flag,
+                                                self.config.get("class_dropout_prob", 0.1))
                 for s in (given or [None])]
 
     def samplers(self, given: Optional[Sequence[str]], flag: str) -> List[str]:

@@ -9,7 +9,7 @@ from PIL import Image
 import generate_flow_matching
 import train_flow_matching
 from tests.conftest import TINY_FLAGS, write_image_folder
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _train(tmp_path_factory, name, extra):
@@ -88,6 +88,18 @@ def test_solver_and_guidance_flags(checkpoint, tmp_path, capsys, flags, nfe):
     assert f"{nfe} NFE per sample" in capsys.readouterr().out
 
 
+def test_a_run_replaces_an_earlier_runs_samples(checkpoint, tmp_path, capsys):
+    """A folder never mixes two runs' images (an ImageFolder FID of it would score both); files
+    the script did not name are left alone."""
+    assert run(checkpoint, tmp_path, "--num_samples", "5", "--save_npz") == 0
+    (tmp_path / "images" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert run(checkpoint, tmp_path, "--num_samples", "2", "--class_label", "1") == 0
+    assert "replacing an earlier run's 5 images and samples.npz" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "images")) == ["000000_class1.png", "000001_class1.png", "notes.txt"]
+    assert not (tmp_path / "samples.npz").exists()
+
+
 def test_weights_flag_selects_the_weights(checkpoint, tmp_path):
     assert run(checkpoint, tmp_path / "ema", "--num_samples", "3", "--save_npz") == 0
     assert run(checkpoint, tmp_path / "raw", "--num_samples", "3", "--save_npz", "--weights", "model") == 0
@@ -104,6 +116,15 @@ def test_unconditional_checkpoint(uncond_checkpoint, tmp_path):
 def not_a_flow_checkpoint(tmp_path):
     path = str(tmp_path / "other.pt")
     save_checkpoint({"kind": "vqvae", "model": {}, "config": {}}, path)
+    return path
+
+
+def without_label_dropout(checkpoint, tmp_path):
+    """The checkpoint as trained with --class_dropout_prob 0 (and so --cfg_scale 1)."""
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["config"].update(class_dropout_prob=0.0, cfg_scale=1.0)
+    path = str(tmp_path / "no_dropout.pt")
+    save_checkpoint(ckpt, path)
     return path
 
 
@@ -131,6 +152,8 @@ def truncated(checkpoint, tmp_path):
     ("interval_order", "--guidance_interval A B must satisfy 0 <= A <= B <= 1, got 0.9 0.1"),
     ("shift", "--time_shift must be > 0 (1 = a uniform grid), got -1.0"),
     ("shift_inf", "--time_shift: must be a finite number, got 'inf'"),
+    ("untrained_null", "--cfg_scale 4.0 guides with the null label, which this model never trained"),
+    ("grid_and_label", "--class_grid draws every class; it cannot be combined with --class_label 1"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpoint, tmp_path, capsys, case, needle):
     out = tmp_path / "out"
@@ -153,6 +176,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpo
         "interval_order": ["--checkpoint", checkpoint, "--guidance_interval", "0.9", "0.1"],
         "shift": ["--checkpoint", checkpoint, "--time_shift", "-1"],
         "shift_inf": ["--checkpoint", checkpoint, "--time_shift", "inf"],
+        "untrained_null": ["--checkpoint", without_label_dropout(checkpoint, tmp_path), "--cfg_scale", "4"],
+        "grid_and_label": ["--checkpoint", checkpoint, "--class_grid", "--class_label", "1"],
     }[case]
     if case != "output":
         argv += ["--output_dir", str(out)]

@@ -206,6 +206,18 @@ def test_resume_with_another_data_order_is_a_clear_error(tiny_flags, capsys, fla
     assert diff in capsys.readouterr().err
 
 
+def test_resume_with_fewer_train_steps_than_done_is_a_clear_error(tiny_flags, capsys):
+    """Not a silent 'final' checkpoint at step 2 whose config says train_steps 1; resuming a
+    finished run with the same --train_steps stays allowed (nothing to do)."""
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2"]) == 0
+    final = os.path.join(flag_value(tiny_flags, "--checkpoint_dir"), "flow_matching_final.pt")
+    before = os.path.getmtime(final)
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1", "--resume", "latest"]) == 2
+    assert "--train_steps 1 is below the step of" in capsys.readouterr().err
+    assert os.path.getmtime(final) == before
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--resume", "latest"]) == 0
+
+
 def test_a_checkpoint_from_before_the_recipe_options_resumes(tiny_flags, tmp_path):
     """Its config lacks the fields added since (the architecture options, the objective): they had
     their defaults then, so the run resumes."""

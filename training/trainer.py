@@ -469,6 +469,9 @@ class Trainer:
                 return
         ckpt = load_checkpoint(path, kind=self.objective.kind)
         saved, current = with_defaults(ckpt["config"], self.config), dataclasses.asdict(self.config)
+        if ckpt["step"] > self.config.train_steps:
+            raise ValueError(f"--train_steps {self.config.train_steps} is below the step of {path} "
+                             f"({ckpt['step']}): pass --train_steps > {ckpt['step']} to train on from it")
         check_config_fits(saved, current, (*self.architecture_fields, *OPTIMIZER_FIELDS, *RESUME_FIELDS), path)
         ema_changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in EMA_FIELDS if saved[k] != current[k]]
         self.objective.check_resume(ckpt, path)
