@@ -138,6 +138,10 @@ MUTATIONS: List[Mutation] = [
              "        if dist.world_size > 1:\n            self.model = DistributedDataParallel(",
              ["tests/test_distributed.py::test_a_process_group_of_one_wraps_the_model_in_ddp"],
              "a process group of one rank trains without DDP"),
+    Mutation("resume_forgets_log_window", "training/trainer.py",
+             'if "log_window" in ckpt:', "if False:",
+             ["tests/test_training.py::test_the_log_lines_after_a_resume_match_the_uninterrupted_run"],
+             "the first log line after a resume averages only the resumed steps"),
     # --- bad input that used to pass silently
     Mutation("cfg_with_untrained_null_label", "flow_matching.py",
              "if scale != 1.0 and class_dropout_prob == 0:", "if False:",

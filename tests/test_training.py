@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,21 @@ def test_resume_is_bit_exact(tiny_flags, tmp_path, options):
                                               "--resume", "latest"]) == 0
     assert_same_state(load(os.path.join(full_dir, "flow_matching_final.pt")),
                       load(os.path.join(half_dir, "flow_matching_final.pt")))
+
+
+def test_the_log_lines_after_a_resume_match_the_uninterrupted_run(tiny_flags, tmp_path):
+    """A checkpoint in the middle of a log window (step 3, logs every 2) keeps the window's loss:
+    the resumed run logs the losses of steps 4 and 6 that the uninterrupted run logged."""
+    common = tiny_flags + ["--train_steps", "6", "--save_every", "3"]
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    assert train_flow_matching.main(common + ["--checkpoint_dir", str(full_dir)]) == 0
+    resumed_dir.mkdir()
+    shutil.copy(full_dir / "checkpoint_0000003.pt", resumed_dir)
+    assert load(str(resumed_dir / "checkpoint_0000003.pt"))["log_window"]["steps"] == 1
+    assert train_flow_matching.main(common + ["--checkpoint_dir", str(resumed_dir), "--resume", "latest"]) == 0
+    full, resumed = ([json.loads(line) for line in open(d / "metrics.jsonl")] for d in (full_dir, resumed_dir))
+    assert [r["step"] for r in full] == [2, 4, 6] and [r["step"] for r in resumed] == [4, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[1:]]
 
 
 def test_tensorboard_gets_every_record_and_grid(tiny_flags):

@@ -198,6 +198,9 @@ class Trainer:
         self.step, self.epoch, self.index = 0, 0, 0
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.stop_signal: Optional[int] = None
+        # The open log window's loss sum (averaged over ranks when saved) and step count: checkpoints
+        # keep them, so the first log line after a resume averages the same steps as without one.
+        self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
         self.writer = None
         self.last_checkpoint: Optional[str] = None
         self.final_path = os.path.join(config.checkpoint_dir, FINAL_NAMES[objective.kind])
@@ -215,13 +218,15 @@ class Trainer:
         batches = self.batches()
         handlers = self._install_signal_handlers()
         bar = tqdm(total=c.train_steps, initial=self.step, disable=not main, dynamic_ncols=True)
-        loss_sum, steps_in_window, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+        # images/s counts the steps since the last pause (start, log, grid, FID, snapshot, save).
+        rate_steps, window_start = 0, time.perf_counter()
         first, timed = self.step, None
         try:
             while self.step < c.train_steps:
                 loss, grad_norm, extras = self.train_step(next(batches) for _ in range(self.accum_steps))
-                loss_sum += loss
-                steps_in_window += 1
+                self.window_loss += loss
+                self.window_steps += 1
+                rate_steps += 1
                 bar.update(1)
                 if self.step - first == ESTIMATE_AFTER[0]:  # the first steps warm up: time the next ones
                     timed = time.perf_counter()
@@ -229,22 +234,21 @@ class Trainer:
                     self._estimate_cpu_time(time.perf_counter() - timed, bar)
 
                 if self.step % c.log_every == 0 or self.step == c.train_steps:
-                    self._log(loss_sum, grad_norm, extras, steps_in_window, time.perf_counter() - window_start, bar,
-                              probe)
-                    loss_sum, steps_in_window = torch.zeros((), device=self.device), 0
-                    window_start = time.perf_counter()
+                    self._log(grad_norm, extras, rate_steps, time.perf_counter() - window_start, bar, probe)
+                    self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
+                    rate_steps, window_start = 0, time.perf_counter()
                 if c.sample_every and self.step % c.sample_every == 0:
                     self._sample_grid()
-                    window_start = time.perf_counter()
+                    rate_steps, window_start = 0, time.perf_counter()
                 if self.evaluator is not None and self.step % self.evaluator.every == 0:
                     self._evaluate(bar)
-                    window_start = time.perf_counter()
+                    rate_steps, window_start = 0, time.perf_counter()
                 if self.posthoc_emas and (self.step % c.ema_snapshot_every == 0 or self.step == c.train_steps):
                     self._snapshot()
-                    window_start = time.perf_counter()
+                    rate_steps, window_start = 0, time.perf_counter()
                 if self.step % c.save_every == 0 and self.step < c.train_steps:
                     self._save(periodic_checkpoint(c.checkpoint_dir, self.objective.kind, self.step))
-                    window_start = time.perf_counter()
+                    rate_steps, window_start = 0, time.perf_counter()
                 if any_rank(self.stop_signal is not None):
                     self._stop_on_signal()
             self._save(self.final_path)
@@ -374,14 +378,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------- logging
 
-    def _log(self, loss_sum, grad_norm, extras: Dict[str, torch.Tensor], steps: int, seconds: float, bar,
-             probe) -> None:
+    def _log(self, grad_norm, extras: Dict[str, torch.Tensor], steps: int, seconds: float, bar, probe) -> None:
+        """The window's mean loss; the last step's grad norm and extras; images/s over `steps` in `seconds`."""
         self._check_finite()
-        values = torch.stack([loss_sum / max(steps, 1), grad_norm.float(), *[v.detach().float() for v in extras.values()]])
-        if self.dist.distributed:  # gloo has no AVG
-            torch.distributed.all_reduce(values)
-            values /= self.dist.world_size
-        values = values.tolist()
+        values = torch.stack([self.window_loss / max(self.window_steps, 1), grad_norm.float(),
+                              *[v.detach().float() for v in extras.values()]])
+        values = self._mean_over_ranks(values).tolist()
         record = {"step": self.step, "loss": values[0], **learning_rates(self.optimizer),
                   "grad_norm": values[1],
                   **{k: v for k, v in zip(extras, values[2:])},
@@ -389,6 +391,13 @@ class Trainer:
                   "peak_mem_gb": peak_memory_gb(self.device)}
         if self.dist.is_main:
             self._write_record({**record, **(self.probe_losses(probe) if probe is not None else {})}, bar)
+
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.dist.distributed:  # gloo has no AVG
+            values = values.clone()
+            torch.distributed.all_reduce(values)
+            values /= self.dist.world_size
+        return values
 
     def _evaluate(self, bar) -> None:
         self._check_finite()
@@ -425,10 +434,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------- checkpoints
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, log_window: Dict[str, Any]) -> Dict[str, Any]:
+        """The checkpoint (utils/checkpoint.py's format); `log_window` is _save's, averaged over ranks."""
         state = training_checkpoint(self.objective.kind, self.raw_model, self.ema, self.optimizer, self.scaler,
                                     self.step, self.config, self.epoch,
-                                    self.index * self.micro_batch * self.dist.world_size,
+                                    self.index * self.micro_batch * self.dist.world_size, log_window,
                                     self.objective.checkpoint_extras())
         if self.posthoc_emas:
             state["posthoc_ema"] = {"sigma_rels": self.posthoc_sigma_rels,
@@ -446,9 +456,10 @@ class Trainer:
 
     def _save(self, path: str) -> None:
         self._check_finite()
+        window = {"loss_sum": self._mean_over_ranks(self.window_loss).cpu(), "steps": self.window_steps}
         if self.dist.is_main:
             try:
-                save_checkpoint(self.state_dict(), path)
+                save_checkpoint(self.state_dict(window), path)
             except OSError as err:
                 if path == self.final_path:
                     raise
@@ -482,6 +493,9 @@ class Trainer:
         if ckpt["scaler"] is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = ckpt["step"]
+        if "log_window" in ckpt:  # absent in checkpoints from before 2026-12-06
+            self.window_loss = ckpt["log_window"]["loss_sum"].to(self.device)
+            self.window_steps = ckpt["log_window"]["steps"]
         self.epoch = ckpt["data"]["epoch"]
         self.index = ckpt["data"]["samples"] // (self.micro_batch * self.dist.world_size)
         set_rng_state(ckpt["rng"])
