@@ -21,6 +21,7 @@ from configs.flow_matching_config import ARCHITECTURE_FIELDS, parse_flow_matchin
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from rebuild import initial_weights, load_vqvae
+from evaluation.posthoc_ema import check_no_earlier_snapshots
 from utils.checkpoint import check_nothing_ahead
 from training.startup import announce_run
 from utils.launch import launch
@@ -31,6 +32,7 @@ from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size
 
 def train(config, dist) -> None:
     check_nothing_ahead(config.checkpoint_dir, "flow_matching", config.resume)
+    check_no_earlier_snapshots(config.checkpoint_dir, "flow_matching", config.resume)
     micro = micro_batch_size(config, dist.world_size)
     vqvae = (load_vqvae(config.vqvae_checkpoint, device=dist.device)
              if config.vqvae_checkpoint else None)

@@ -23,6 +23,7 @@ from configs.vqvae_config import parse_vqvae_config
 from data.vqvae_dataset import get_vqvae_dataloader, get_vqvae_eval_loader, grid_images
 from evaluation.reconstruction import evaluate_reconstruction
 from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, vqvae_from_config
+from evaluation.posthoc_ema import check_no_earlier_snapshots
 from utils.checkpoint import check_nothing_ahead, run_file
 from training.startup import announce_run
 from utils.launch import launch
@@ -44,6 +45,7 @@ def report(config, model, eval_loader, device, step: int) -> None:
 
 def train(config, dist) -> None:
     check_nothing_ahead(config.checkpoint_dir, "vqvae", config.resume)
+    check_no_earlier_snapshots(config.checkpoint_dir, "vqvae", config.resume)
     micro = micro_batch_size(config, dist.world_size)
     loader = get_vqvae_dataloader(config, batch_size=micro, rank=dist.rank, world_size=dist.world_size)
     # Built before training so that a bad --eval_data_dir fails at once, not after the run.

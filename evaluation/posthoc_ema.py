@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from configs.cli import ArgumentParser, finite_float
-from utils.checkpoint import FINAL_NAMES, run_file, save_checkpoint
+from utils.checkpoint import CHECKPOINT_PATTERN, FINAL_NAMES, find_latest, run_file, save_checkpoint
 from utils.validation import MAX_SIGMA_REL, check_sigma_rel
 
 SNAPSHOT_DIR = "ema_snapshots"
@@ -113,6 +113,20 @@ def list_snapshots(folder: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
+def check_no_earlier_snapshots(checkpoint_dir: str, kind: str, resume: Optional[str]) -> None:
+    """ValueError when a run that starts from step 0 finds snapshots in its folder: they are another
+    run's, and every reconstruction from the folder would mix them with this run's. (A resumed
+    run rewrites the snapshots past its step identically.) The training scripts call it first."""
+    if resume is not None and not (resume == "latest" and find_latest(checkpoint_dir, kind) is None):
+        return
+    folder = snapshot_dir(checkpoint_dir, kind)
+    found = list_snapshots(folder) if os.path.isdir(folder) else []
+    if found:
+        raise ValueError(f"--checkpoint_dir {checkpoint_dir} holds {len(found)} post-hoc EMA snapshots of an "
+                         f"earlier run ({folder}, steps {found[0][0]}..{found[-1][0]}); a new run would mix its "
+                         f"own with them. Use another --checkpoint_dir, or move {folder} away")
+
+
 def find_snapshot_dir(run: str, kind: str = "flow_matching") -> str:
     """The snapshot folder of a run: `run` itself when it holds snapshots, else its SNAPSHOT_DIR."""
     for folder in (run, snapshot_dir(run, kind)):
@@ -131,9 +145,14 @@ def reconstruct(run: str, sigma_rel: float, at_step: Optional[int] = None, kind:
     available = list_snapshots(folder)
     at_step = available[-1][0] if at_step is None else at_step
     used = [(s, p) for s, p in available if s <= at_step]
-    if not used:
-        raise ValueError(f"--at_step {at_step} is before the first snapshot of {folder} (step {available[0][0]}); "
-                         f"pass a step >= {available[0][0]}")
+    if not used or used[-1][0] != at_step:
+        # The newest weights enter only through the snapshot of that step: without it the fit
+        # extrapolates, and its coefficients shrink the weights towards zero.
+        before = f"; the nearest before it is step {used[-1][0]}" if used else ""
+        raise ValueError(f"no EMA snapshot at step {at_step} in {folder} (snapshots at steps {available[0][0]}.."
+                         f"{available[-1][0]}, every --ema_snapshot_every steps{before}): rebuild at a snapshot's "
+                         f"step (python -m evaluation.posthoc_ema RUN --at_step S), or evaluate a checkpoint "
+                         f"written at one")
     files = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for _, p in used]
     columns = [(g, f["step"]) for f in files for g in f["gammas"]]
     gamma = sigma_rel_to_gamma(sigma_rel)
@@ -165,10 +184,14 @@ def main(argv=None) -> int:
     p.add_argument("--sigma_rel", type=finite_float, required=True,
                    help=f"EMA length relative to the run, in (0, {MAX_SIGMA_REL:.3f}); the default EMA is 0.09")
     p.add_argument("--at_step", type=int, default=None,
-                   help="the EMA as it was at this step, from the snapshots up to it (default: the last snapshot)")
+                   help="the EMA as it was at this step, a snapshot's, from the snapshots up to it (default: the last snapshot)")
     p.add_argument("--kind", default="flow_matching", choices=sorted(FINAL_NAMES), help="which run's snapshots")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (e.g. checkpoints/ema_0.07.pt)")
     args = p.parse_args(argv)
+    name = os.path.basename(args.output)
+    if name in FINAL_NAMES.values() or re.search(CHECKPOINT_PATTERN.replace("{step:07d}", r"\d{7}") + "$", name):
+        p.error(f"-o {args.output} is a training checkpoint's name: writing there would replace a run's "
+                f"weights and optimizer state; choose another name (e.g. ema_{args.sigma_rel:g}.pt)")
     try:
         ckpt = reconstruct(args.run, args.sigma_rel, args.at_step, args.kind, verbose=True)
     except ValueError as err:

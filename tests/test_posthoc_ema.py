@@ -104,15 +104,18 @@ def test_the_reconstruction_of_a_tracked_ema_equals_it(posthoc_run):
 
 
 def test_an_earlier_end_point_uses_only_the_snapshots_up_to_it(posthoc_run):
-    """At step 155: snapshots 10..150 only, and the result does not change when later snapshots are
-    deleted (they play no part)."""
+    """At step 150: snapshots 10..150 only, and the result does not change when later snapshots are
+    deleted (they play no part). Step 155 has no snapshot: an error, not an extrapolation (whose
+    coefficients shrink the weights)."""
     _, run = posthoc_run
-    rebuilt = reconstruct(run, 0.12, at_step=155)
+    rebuilt = reconstruct(run, 0.12, at_step=150)
     assert rebuilt["posthoc_ema"]["snapshots"] == list(range(10, 151, 10))
+    with pytest.raises(ValueError, match="no EMA snapshot at step 155 .*the nearest before it is step 150"):
+        reconstruct(run, 0.12, at_step=155)
     for path in glob.glob(os.path.join(run, "ema_snapshots", "*.pt")):
         if int(os.path.basename(path)[4:11]) > 150:
             os.remove(path)
-    again = reconstruct(run, 0.12, at_step=155)
+    again = reconstruct(run, 0.12, at_step=150)
     for name in rebuilt["ema"]:
         assert torch.equal(rebuilt["ema"][name], again["ema"][name])
 
@@ -129,7 +132,7 @@ def test_cli_writes_a_checkpoint_generate_samples_from(posthoc_run, tmp_path, ca
 
 @pytest.mark.parametrize("args, message", [
     (["--sigma_rel", "0.3"], "--sigma_rel must be in (0, 0.2887)"),
-    (["--sigma_rel", "0.07", "--at_step", "5"], "--at_step 5 is before the first snapshot"),
+    (["--sigma_rel", "0.07", "--at_step", "5"], "no EMA snapshot at step 5"),
 ])
 def test_cli_bad_input_is_one_clear_line(posthoc_run, tmp_path, capsys, args, message):
     _, run = posthoc_run
@@ -148,6 +151,39 @@ def test_a_run_without_snapshots_is_a_clear_error_and_keeps_no_extra_emas(tiny_f
     with pytest.raises(SystemExit):
         posthoc_ema.main([run, "--sigma_rel", "0.07", "-o", str(tmp_path / "x.pt")])
     assert "holds no post-hoc EMA snapshots" in capsys.readouterr().err
+
+
+def test_a_rebuilt_ema_neither_replaces_nor_resumes_a_run(tiny_flags, tmp_path, capsys):
+    """-o onto the run's final checkpoint is refused (it would replace weights and optimizer
+    state); a rebuilt EMA given to --resume is a clear error, not a KeyError."""
+    flags = tiny_flags + SNAPSHOT_FLAGS + ["--train_steps", "20"]
+    assert train_flow_matching.main(flags) == 0
+    run = flag_value(tiny_flags, "--checkpoint_dir")
+    final = os.path.join(run, "flow_matching_final.pt")
+    before = os.path.getmtime(final)
+    with pytest.raises(SystemExit) as exit_info:
+        posthoc_ema.main([run, "--sigma_rel", "0.07", "-o", final])
+    assert exit_info.value.code == 2 and "is a training checkpoint's name" in capsys.readouterr().err
+    assert os.path.getmtime(final) == before
+    rebuilt = str(tmp_path / "ema_0.07.pt")
+    assert posthoc_ema.main([run, "--sigma_rel", "0.07", "-o", rebuilt]) == 0
+    capsys.readouterr()
+    assert train_flow_matching.main(flags[:-1] + ["30", "--resume", rebuilt]) == 2
+    assert "holds weights only" in capsys.readouterr().err
+
+
+def test_a_new_run_refuses_a_folder_that_holds_another_runs_snapshots(tiny_flags, capsys):
+    """Its checkpoints deleted, a run's snapshots would still be mixed into every reconstruction
+    of the next run in that folder: the new run refuses to start, naming them."""
+    flags = tiny_flags + SNAPSHOT_FLAGS + ["--train_steps", "20"]
+    assert train_flow_matching.main(flags) == 0
+    run = flag_value(tiny_flags, "--checkpoint_dir")
+    for path in glob.glob(os.path.join(run, "*.pt")):
+        os.remove(path)
+    capsys.readouterr()
+    for resume in ([], ["--resume", "latest"]):   # latest finds no checkpoint: a fresh start too
+        assert train_flow_matching.main(flags + ["--seed", "1", *resume]) == 2
+        assert "holds 2 post-hoc EMA snapshots of an earlier run" in capsys.readouterr().err
 
 
 def test_resume_continues_the_snapshots_bit_exactly(tiny_flags, tmp_path):

@@ -341,6 +341,19 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_flags, tmp_path
     assert latest is not None and load(latest)["step"] >= 1
 
 
+def test_a_stop_signal_also_writes_the_steps_ema_snapshot(tiny_flags):
+    """With post-hoc EMAs, the checkpoint a SIGTERM writes at an arbitrary step comes with that
+    step's snapshot, so evaluate_fid.py --ema_sigma_rels can rebuild EMAs at it."""
+    from evaluation.posthoc_ema import reconstruct
+    trainer, _ = tiny_trainer(tiny_flags, 8, train_steps=100, ema_snapshot_every=10, log_every=100, sample_every=0)
+    trainer.stop_signal = signal.SIGTERM   # as the handler sets it: the loop stops after its first step
+    with pytest.raises(SystemExit):
+        trainer.fit()
+    ckpt_dir = flag_value(tiny_flags, "--checkpoint_dir")
+    assert load(os.path.join(ckpt_dir, "checkpoint_0000001.pt"))["step"] == 1
+    assert reconstruct(ckpt_dir, 0.07, at_step=1)["posthoc_ema"]["snapshots"] == [1]
+
+
 def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
     config = make_config(FlowMatchingConfig, {
         "dataset": "imagefolder", "data_dir": flag_value(tiny_flags, "--data_dir"), "image_size": 8,

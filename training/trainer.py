@@ -479,6 +479,9 @@ class Trainer:
                     print(f"--resume latest: no checkpoint in {self.config.checkpoint_dir}; starting from scratch")
                 return
         ckpt = load_checkpoint(path, kind=self.objective.kind)
+        if "optimizer" not in ckpt:
+            raise ValueError(f"{path} holds weights only (e.g. a post-hoc EMA written by evaluation.posthoc_ema), "
+                             f"not a training state: resume from one of the run's checkpoint_*.pt or its final checkpoint")
         saved, current = with_defaults(ckpt["config"], self.config), dataclasses.asdict(self.config)
         if ckpt["step"] > self.config.train_steps:
             raise ValueError(f"--train_steps {self.config.train_steps} is below the step of {path} "
@@ -538,6 +541,8 @@ class Trainer:
 
     def _stop_on_signal(self) -> None:
         path = periodic_checkpoint(self.config.checkpoint_dir, self.objective.kind, self.step)
+        if self.posthoc_emas:  # the post-hoc EMA at this checkpoint's step needs this step's snapshot
+            self._snapshot()
         self._save(path)
         # torchrun stops every rank once one exits non-zero: the others wait for rank 0's write.
         wait_for_all_ranks()
