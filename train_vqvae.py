@@ -57,7 +57,8 @@ def train(config, dist) -> None:
         print(f"latents {'x'.join(map(str, model.latent_shape(config.image_size)))}, "
               f"{config.codebook_size} codes")
     objective = VQVAEObjective(config, model, grid_images(loader, config.grid_images))
-    trainer = Trainer(config, model, objective, loader, dist, VQVAE_ARCHITECTURE_FIELDS)
+    # A resume keeps the image size too: the latents' shape, and with it every flow run on them, follows it.
+    trainer = Trainer(config, model, objective, loader, dist, (*VQVAE_ARCHITECTURE_FIELDS, "image_size"))
     path = trainer.fit()
     if dist.is_main:
         if eval_loader is not None:

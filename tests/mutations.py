@@ -143,6 +143,10 @@ MUTATIONS: List[Mutation] = [
              ["tests/test_training.py::test_the_log_lines_after_a_resume_match_the_uninterrupted_run"],
              "the first log line after a resume averages only the resumed steps"),
     # --- bad input that used to pass silently
+    Mutation("vqvae_resume_ignores_image_size", "train_vqvae.py",
+             '(*VQVAE_ARCHITECTURE_FIELDS, "image_size")', "VQVAE_ARCHITECTURE_FIELDS",
+             ["tests/test_vqvae.py::test_resume_at_another_image_size_is_a_clear_error"],
+             "a VQ-VAE resumed at another --image_size"),
     Mutation("posthoc_extrapolates_past_last_snapshot", "evaluation/posthoc_ema.py",
              "if not used or used[-1][0] != at_step:", "if not used:",
              ["tests/test_posthoc_ema.py::test_an_earlier_end_point_uses_only_the_snapshots_up_to_it"],

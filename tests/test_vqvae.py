@@ -178,6 +178,16 @@ def test_resume_is_exact(tmp_path, image_folder):
     assert a["data"] == b["data"]
 
 
+def test_resume_at_another_image_size_is_a_clear_error(tmp_path, image_folder, capsys):
+    """The convolutions would fit, but the latents (and the flow runs on them) would change shape."""
+    flags = VQ_FLAGS + ["--data_dir", image_folder, "--train_steps", "2", "--eval_images", "0",
+                        "--checkpoint_dir", str(tmp_path / "ckpt")]
+    assert train_vqvae.main(flags) == 0
+    flags[flags.index("--train_steps") + 1] = "4"
+    assert train_vqvae.main(flags + ["--image_size", "16", "--resume", "latest"]) == 2
+    assert "image_size: checkpoint 8 vs now 16" in capsys.readouterr().err
+
+
 def test_load_vqvae(tmp_path, image_folder):
     flags = VQ_FLAGS + ["--data_dir", image_folder, "--train_steps", "2", "--eval_images", "0",
                         "--checkpoint_dir", str(tmp_path / "ckpt")]
