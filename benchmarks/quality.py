@@ -75,6 +75,7 @@ from evaluation import fid, sampling  # noqa: E402
 from models.dit_2d import input_shape  # noqa: E402
 from rebuild import load_flow_model  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
+from utils.launch import USER_ERRORS, is_user_error  # noqa: E402
 from training.optim import lr_factor  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.validation import check_guidance_interval  # noqa: E402
@@ -640,6 +641,17 @@ def write_readme(path: str) -> List[str]:
 
 
 def main(argv=None) -> int:
+    """run(argv), with bad input (a path, a weights file, a count) as one line and exit 2."""
+    try:
+        return run(argv)
+    except USER_ERRORS as err:
+        if not is_user_error(err):
+            raise
+        print(f"quality.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
     if "--summarize" in (sys.argv[1:] if argv is None else argv):
         args, _ = build_parser().parse_known_args(argv)
         if args.results is None:

@@ -152,8 +152,12 @@ def parse(argv) -> Tuple[argparse.Namespace, FlowMatchingConfig, List[str], str]
                     "(e.g. ../shared/data/cifar10/train)")
     args.ref_data_dir = args.ref_data_dir or args.data_dir
     for name in ("data_dir", "ref_data_dir"):
-        if not os.path.isdir(getattr(args, name)):
-            bench.error(f"--{name} {getattr(args, name)} is not a folder")
+        folder = getattr(args, name)
+        if not os.path.isdir(folder):
+            bench.error(f"--{name} {folder} is not a folder")
+        if not any(entry.is_dir() for entry in os.scandir(folder)):
+            bench.error(f"--{name} {folder} has no class subfolders: it must be an ImageFolder root, one "
+                        f"subfolder of images per class (e.g. ../shared/data/cifar10/train)")
     if args.num_samples < 2:
         bench.error(f"--num_samples must be >= 2 (FID needs a covariance), got {args.num_samples}")
     if args.sample_batch_size < 1:
@@ -161,6 +165,10 @@ def parse(argv) -> Tuple[argparse.Namespace, FlowMatchingConfig, List[str], str]
     if not os.path.isfile(args.inception_weights):
         bench.error(f"--inception_weights {args.inception_weights} is not a file; build it with "
                     f"bash evaluation/fid_weights.sh")
+    try:   # a wrong file would otherwise surface only after the whole training budget
+        fid.check_inception_weights(args.inception_weights)
+    except ValueError as err:
+        bench.error(str(err))
     if importlib.util.find_spec("torch_fidelity") is None:
         bench.error("FID needs torch-fidelity: pip install -r requirements-eval.txt")
     given = {f[2:].split("=")[0] for f in flags if f.startswith("--")}

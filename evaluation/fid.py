@@ -91,6 +91,15 @@ def read_weights(path: str, flag: str = "--inception_weights",
     return state
 
 
+def check_inception_weights(path: str, flag: str = "--inception_weights") -> None:
+    """ValueError unless `path` holds the FID Inception's weights (either form), without building
+    the network: for scripts that must refuse a wrong file before long work."""
+    state = read_weights(path, flag)
+    if not {"Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight"} <= state.keys():
+        raise ValueError(f"{flag} {path} is a state dict, but not of the FID Inception (no Conv2d_1a_3x3 "
+                         f"or Mixed_7c layers); {WEIGHTS_HINT}")
+
+
 def compact_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, object]:
     """fp32 Inception weights -> the compact form: float tensors of FP32_BELOW_NUMEL or more
     elements in fp16, no fc.*, the marker key.

@@ -114,6 +114,15 @@ def test_bad_flags_exit_2_with_one_line(bench, checkpoint, capsys, flags, expect
     assert not os.path.exists("results.jsonl")
 
 
+def test_bad_data_is_one_line_exit_2(bench, capsys):
+    """Errors found while running (here: more reference images asked than the folder holds) are
+    one line too, not a traceback, and nothing is trained."""
+    assert quality.main(bench + TRAINING + SCORING + ["--ref_num_images", "100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "quality.py: error: 100 images were asked of images, which holds only 18; ask for 18 or fewer (0 = all)"
+    assert not os.path.exists("results.jsonl")
+
+
 def test_guidance_intervals_parse_to_pairs_or_none():
     assert quality.guidance_interval_arg("none") is None
     assert quality.guidance_interval_arg("0,1") is None   # every step, as "none"

@@ -11,12 +11,15 @@ import sys
 import time
 
 import pytest
+import torch
 
 import evaluate_fid
 from benchmarks import speedrun
 from evaluation import fid
 from tests.conftest import StandIn, write_image_folder
 from utils.checkpoint import load_checkpoint
+
+CHECK_INCEPTION_WEIGHTS = fid.check_inception_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +41,7 @@ def bench(tmp_path, monkeypatch):
     pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
     write_image_folder(tmp_path / "images")
     monkeypatch.setattr(fid, "InceptionFeatures", StandIn)
+    monkeypatch.setattr(fid, "check_inception_weights", lambda path, flag="--inception_weights": None)
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"")  # must exist; the stand-in ignores it
     return ["--data_dir", "images", "--inception_weights", str(weights), "--num_samples", "12",
@@ -113,6 +117,7 @@ def test_the_peer_trains_for_the_budget_and_is_scored_by_the_same_code(bench):
     (["--budget_s", "-5", "--data_dir", "images"], "--budget_s must be a positive number of seconds, got -5"),
     (["--budget_s", "nan", "--data_dir", "images"], "--budget_s must be a positive number of seconds, got nan"),
     (["--data_dir", "missing"], "--data_dir missing is not a folder"),
+    (["--data_dir", "images", "--ref_data_dir", "images/class_0"], "--ref_data_dir images/class_0 has no class subfolders"),
     (["--data_dir", "images", "--save_every", "10"], "--save_every: speedrun.py sets these itself"),
     (["--data_dir", "images", "--lr", "abc"], "--lr"),
     (["--data_dir", "images", "--data_cache_dir", "cache"], "--data_cache_dir: --cold_start true decodes"),
@@ -131,6 +136,18 @@ def test_bad_input_exits_2_with_one_line(bench, tmp_path, monkeypatch, capsys, f
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
     assert expected in err, err
     assert not os.path.exists("results.jsonl") and not os.path.exists(os.path.join("benchmarks", "runs"))
+
+
+def test_a_wrong_inception_file_is_refused_before_training(bench, tmp_path, monkeypatch, capsys):
+    """Not after the whole budget: a state dict of other tensors is named at once."""
+    weights = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, weights)
+    monkeypatch.setattr(fid, "check_inception_weights", CHECK_INCEPTION_WEIGHTS)   # the real check
+    with pytest.raises(SystemExit) as exit_info:
+        speedrun.main([*bench, "--budget_s", "60", "--device", "cpu", "--inception_weights", str(weights)])
+    assert exit_info.value.code == 2
+    assert "is a state dict, but not of the FID Inception" in capsys.readouterr().err
+    assert not os.path.exists("runs")
 
 
 def test_the_budget_counts_from_the_process_start_not_the_import():
