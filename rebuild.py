@@ -15,6 +15,7 @@ in utils/, the bottom layer, because it imports models/; nor in models/, which h
 So it is a layer of its own between them (tests/test_layers.py).
 """
 
+import os
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -77,6 +78,9 @@ def load_latent_space(ckpt: Dict, vqvae_checkpoint: Optional[str] = None,
     if path is None:
         raise ValueError("this latent flow checkpoint does not record its VQ-VAE; pass "
                          "--vqvae_checkpoint PATH (the VQ-VAE it was trained with)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the VQ-VAE this latent flow model was trained with, {path}, does not exist "
+                                f"(moved?); pass its current path with --vqvae_checkpoint PATH")
     vqvae = load_vqvae(path, device=device)
     if vqvae.fingerprint() != latent["vqvae_fingerprint"]:
         raise ValueError(f"VQ-VAE {path} is not the one this flow model was trained with (its "

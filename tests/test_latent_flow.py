@@ -165,6 +165,11 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
     assert train_flow_matching.main(flags) == 0
     final = os.path.join(folder, "flow_matching_final.pt")
     assert os.path.isfile(os.path.join(folder, "checkpoint_0000002.pt"))
+    # Resumed without the VQ-VAE flag: named as such, not as latent fields the user never passed.
+    pixel = [f for f in flags if f not in ("--vqvae_checkpoint", path)]
+    assert train_flow_matching.main(pixel + ["--train_steps", "6", "--resume", final]) == 2
+    assert f"was trained on the latents of VQ-VAE {path}: resume it with --vqvae_checkpoint {path}" \
+        in capsys.readouterr().err
     assert load_checkpoint(os.path.join(folder, "vqvae_checkpoint_0000002.pt"), kind="vqvae")["step"] == 2
     assert find_latest(folder, "flow_matching") == final and find_latest(folder, "vqvae") == path
     ckpt = load_checkpoint(final, kind="flow_matching")
@@ -196,6 +201,10 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
         started = flags + ["--checkpoint_dir", str(tmp_path / "mf"), "--objective", "meanflow", "--init_from", final]
         assert train_flow_matching.main(started) == 2
         assert f"--init_from {final} was trained on the latents of another VQ-VAE" in capsys.readouterr().err
+        os.remove(path)   # moved away: the message names the VQ-VAE and the flag
+        assert generate_flow_matching.main(argv) == 2
+        assert f"the VQ-VAE this latent flow model was trained with, {path}, does not exist (moved?); pass its " \
+               f"current path with --vqvae_checkpoint PATH" in capsys.readouterr().err
     finally:
         shutil.copy(original, path)
 

@@ -175,7 +175,14 @@ def with_defaults(saved: Dict[str, Any], config) -> Dict[str, Any]:
 
 def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, path: str) -> None:
     """ValueError listing every field of `fields` (architecture, optimizer, data order) on which the
-    two configs disagree."""
+    two configs disagree. A latent run resumed without its VQ-VAE (or a pixel run with one) is named
+    as such: the latent fields it would list come from that flag, not from the user's."""
+    was, now = saved.get("vqvae_checkpoint"), current.get("vqvae_checkpoint")
+    if was and not now:
+        raise ValueError(f"checkpoint {path} was trained on the latents of VQ-VAE {was}: resume it with "
+                         f"--vqvae_checkpoint {was}")
+    if now and not was:
+        raise ValueError(f"checkpoint {path} was trained in pixel space: resume it without --vqvae_checkpoint")
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
              for k in fields if saved.get(k) != current.get(k)]
     if diffs:
