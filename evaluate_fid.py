@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref_data_dir", default=None,
                    help="reference images: an ImageFolder root or the CIFAR-10 download folder "
                         "(default: the checkpoint's data_dir)")
-    p.add_argument("--ref_split", default="train", choices=("train", "test"),
-                   help="CIFAR-10 split of the reference (an ImageFolder is its own split)")
+    p.add_argument("--ref_split", default=None, choices=("train", "test"),
+                   help="CIFAR-10 split of the reference (default: train; an ImageFolder is its own split)")
     p.add_argument("--ref_num_images", type=int, default=0,
                    help="reference images: a fixed random subset of this many; 0 = all")
     p.add_argument("--fid_cache_dir", default=os.path.join("data_cache", "fid"),
@@ -132,7 +132,7 @@ def load_npz(path: str, num_samples) -> np.ndarray:
 
 def folder_image_size(folder: str) -> int:
     """The side of the first image of an ImageFolder (the set is read at that size)."""
-    dataset, _ = build_image_dataset("imagefolder", folder, 1, 3)
+    dataset, _ = build_image_dataset("imagefolder", folder, 1, 3, flag="--images")
     with Image.open(dataset.samples[0][0]) as image:
         return min(image.size)
 
@@ -140,8 +140,12 @@ def folder_image_size(folder: str) -> int:
 def reference_set(args, config, image_size: int, in_channels: int) -> fid.ImageSet:
     """The reference images, by default the checkpoint's training data, read at the model's size."""
     dataset = args.ref_dataset or ("imagefolder" if args.ref_data_dir or config is None else config["dataset"])
+    if args.ref_split is not None and dataset != "cifar10":
+        raise ValueError(f"--ref_split {args.ref_split} picks a split of --ref_dataset cifar10; this reference is "
+                         f"an ImageFolder, its own split: pass that split's folder as --ref_data_dir")
     return fid.ImageSet(dataset, args.ref_data_dir or config["data_dir"], image_size, in_channels,
-                        split=args.ref_split, num_images=args.ref_num_images)
+                        split=args.ref_split or "train", num_images=args.ref_num_images,
+                        flag="--ref_data_dir" if args.ref_data_dir else "the checkpoint's data_dir")
 
 
 def evaluate(args, dist) -> None:
@@ -221,7 +225,8 @@ def evaluate(args, dist) -> None:
     elif main:
         start = time.perf_counter()
         if args.images:
-            folder = fid.ImageSet("imagefolder", args.images, image_size, num_images=args.num_samples or 0)
+            folder = fid.ImageSet("imagefolder", args.images, image_size, num_images=args.num_samples or 0,
+                                  flag="--images")
             stats, n = fid.image_set_statistics(folder, extractor, device, args.feature_batch_size,
                                                 args.num_workers, progress=True)
         else:

@@ -59,15 +59,23 @@ def _cifar10(data_dir: str, train: bool, transform) -> Dataset:
             f"--dataset imagefolder --data_dir PATH (a subfolder per class)") from None
 
 
-def _image_folder(data_dir: str, transform) -> Dataset:
+# Subfolders that name a dataset's splits, not its classes.
+SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}
+
+
+def _image_folder(data_dir: str, transform, flag: str = "--data_dir") -> Dataset:
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"--data_dir {data_dir} is not a folder; an ImageFolder needs "
+        raise FileNotFoundError(f"{flag} {data_dir} is not a folder; an ImageFolder needs "
                                 f"one subfolder of images per class")
     try:
-        return datasets.ImageFolder(data_dir, transform=transform)
+        folder = datasets.ImageFolder(data_dir, transform=transform)
     except (FileNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"--data_dir {data_dir} is not a readable ImageFolder ({err}); it "
+        raise FileNotFoundError(f"{flag} {data_dir} is not a readable ImageFolder ({err}); it "
                                 f"needs one subfolder per class holding {'/'.join(IMAGE_EXTENSIONS)} files") from None
+    if len(folder.classes) > 1 and set(folder.classes) <= SPLIT_NAMES:
+        raise ValueError(f"{flag} {data_dir} holds the splits {', '.join(folder.classes)}, not classes: pass "
+                         f"one split's folder, e.g. {os.path.join(data_dir, folder.classes[-1])}")
+    return folder
 
 
 def listing_fingerprint(dataset: Dataset, root: str) -> str:
@@ -82,13 +90,14 @@ def listing_fingerprint(dataset: Dataset, root: str) -> str:
 
 
 def build_image_dataset(dataset: str, data_dir: str, image_size: int, in_channels: int,
-                        train: bool = True, as_uint8: bool = False) -> Tuple[Dataset, int]:
-    """The dataset and its number of classes (items as uint8 tensors with as_uint8)."""
+                        train: bool = True, as_uint8: bool = False, flag: str = "--data_dir") -> Tuple[Dataset, int]:
+    """The dataset and its number of classes (items as uint8 tensors with as_uint8); errors about
+    the folder name `flag`."""
     transform = image_transform(image_size, in_channels, as_uint8)
     if dataset == "cifar10":
         return _cifar10(data_dir, train, transform), 10
     if dataset == "imagefolder":
-        folder = _image_folder(data_dir, transform)
+        folder = _image_folder(data_dir, transform, flag)
         return folder, len(folder.classes)
     raise ValueError(f"unknown dataset {dataset!r}; choose cifar10 or imagefolder")
 

@@ -245,6 +245,7 @@ class ImageSet:
     in_channels: int = 3
     split: str = "train"        # CIFAR-10 only; an ImageFolder is its own split
     num_images: int = 0         # a fixed random subset of this many; 0 = all
+    flag: str = "--data_dir"    # the flag that named data_dir, for error messages (not in cache keys)
 
     def describe(self, used: int) -> str:
         split = f" ({self.split})" if self.dataset == "cifar10" else ""
@@ -253,7 +254,7 @@ class ImageSet:
 
 def _load(image_set: ImageSet):
     dataset, _ = build_image_dataset(image_set.dataset, image_set.data_dir, image_set.image_size,
-                                     image_set.in_channels, train=image_set.split == "train")
+                                     image_set.in_channels, train=image_set.split == "train", flag=image_set.flag)
     n = image_set.num_images or len(dataset)
     if n > len(dataset):
         raise ValueError(f"{n} images were asked of {image_set.data_dir}, which holds only "
@@ -291,6 +292,7 @@ def reference_statistics(image_set: ImageSet, extractor: torch.nn.Module, cache_
     dataset, n = _load(image_set)
     key = dict(asdict(image_set), data_dir=os.path.abspath(image_set.data_dir), num_images=n,
                files=listing_fingerprint(dataset, image_set.data_dir), features=extractor.name)
+    key.pop("flag")
     if image_set.dataset != "cifar10":
         key.pop("split")
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

@@ -150,11 +150,21 @@ def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder,
     (["--checkpoint", "missing.pt", "--time_shifts", "1", "0"], "--time_shifts entries must be > 0 (1 = a uniform grid), got [1.0, 0.0]"),
     (["--checkpoint", "missing.pt", "--guidance_interval", "0.8", "0.2"], "--guidance_interval A B must satisfy 0 <= A <= B <= 1, got 0.8 0.2"),
     (["--checkpoint", "missing.pt", "--guidance_interval", "0", "1.5"], "--guidance_interval A B must satisfy"),
+    (["--samples", "NPZ", "--ref_data_dir", "REF", "--ref_split", "test"], "--ref_split test picks a split of "
+     "--ref_dataset cifar10; this reference is an ImageFolder"),
+    (["--samples", "NPZ", "--ref_data_dir", "ROOT"], "--ref_data_dir ROOT holds the splits test, train, not classes"),
+    (["--images", "ROOT", "--ref_data_dir", "REF"], "--images ROOT holds the splits test, train, not classes"),
+    (["--samples", "NPZ", "--ref_data_dir", "REF/class_0"], "--ref_data_dir REF/class_0 is not a readable ImageFolder"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(stand_in, folder, tmp_path, capsys, flags, expected):
     npz = tmp_path / "samples.npz"
     np.savez(npz, images=random_images(18, 0))
-    flags = [str(npz) if f == "NPZ" else folder if f == "REF" else f for f in flags]
+    root = tmp_path / "cifar"   # a dataset root: its subfolders are splits
+    for split in ("train", "test"):
+        write_image_folder(root / split, classes=2, per_class=2, size=(8, 8))
+    subst = {"NPZ": str(npz), "REF": folder, "ROOT": str(root)}
+    flags = [subst.get(f, f.replace("REF", folder)) for f in flags]
+    expected = expected.replace("ROOT", str(root)).replace("REF", folder)
     try:
         code = run(tmp_path, *flags)
     except SystemExit as exit_info:  # a bad flag value: argparse exits itself
