@@ -169,6 +169,8 @@ def parse(argv):
                           default_preset="cifar10")
     if args.num_samples < 2 or args.ref_num_images < 2:
         bench.error(f"--num_samples and --ref_num_images must be >= 2, got {args.num_samples}, {args.ref_num_images}")
+    if args.sample_batch_size < 1:
+        bench.error(f"--sample_batch_size must be >= 1, got {args.sample_batch_size}")
     try:   # the sweep flags' rules (quality.py has no --guidance_interval; --sample_batch_size is its batch)
         sampling.check_sampling_flags(argparse.Namespace(**vars(args), guidance_interval=None,
                                                          batch_size=args.sample_batch_size), sweep=True)
@@ -177,7 +179,7 @@ def parse(argv):
     args.results = args.results or DEFAULT_RESULTS
     if not os.path.isfile(args.inception_weights):
         bench.error(f"--inception_weights {args.inception_weights} is not a file; build it with "
-                    f"../shared/tools/make_fid_inception_weights.py (its docstring has the commands)")
+                    f"bash evaluation/fid_weights.sh")
     args.weights = args.weights or (["ema", "raw"] if args.pipeline == "repo" else ["raw"])
     if args.pipeline == "peer":
         if "ema" in args.weights:

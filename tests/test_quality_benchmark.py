@@ -97,6 +97,7 @@ def checkpoint(bench, tmp_path):
     (["--checkpoint", "CKPT", "--guidance_intervals", "0.5"], "expected \"A,B\" or \"none\", got '0.5'"),
     (["--checkpoint", "CKPT", "--time_shifts", "1", "0"], "--time_shifts entries must be > 0"),
     (["--checkpoint", "LATENT"], "--checkpoint LATENT is a latent (VQ-VAE) model"),
+    (["--checkpoint", "CKPT", "--sample_batch_size", "0"], "--sample_batch_size must be >= 1, got 0"),
 ])
 def test_bad_flags_exit_2_with_one_line(bench, checkpoint, capsys, flags, expected):
     if "LATENT" in flags:   # the run's checkpoint as a latent model would record itself
