@@ -352,7 +352,7 @@ MUTATIONS: List[Mutation] = [
              "import hashlib\nimport training.trainer\n", ["tests/test_layers.py"], "an import that points up"),
     # --- generation and evaluation: flags and labels reach the sampler
     Mutation("unconditional_cfg_rule_inverted", "flow_matching.py",
-             "return default if cfg_scale is None else cfg_scale", "return cfg_scale if cfg_scale is None else default",
+             "scale = default if cfg_scale is None else cfg_scale", "scale = cfg_scale if cfg_scale is None else default",
              ["tests/test_sampling_quality.py"], "a given CFG scale loses to the checkpoint's default"),
     Mutation("generate_always_class_0", "evaluation/sampling.py",
              "y = labels[first:index.stop].to(device) if num_classes else None",
