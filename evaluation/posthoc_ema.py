@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from configs.cli import ArgumentParser, finite_float
-from utils.checkpoint import CHECKPOINT_PATTERN, FINAL_NAMES, find_latest, run_file, save_checkpoint
+from utils.checkpoint import FINAL_NAMES, is_training_checkpoint_name, run_file, save_checkpoint, start_checkpoint
 from utils.validation import MAX_SIGMA_REL, check_sigma_rel
 
 SNAPSHOT_DIR = "ema_snapshots"
@@ -117,7 +117,7 @@ def check_no_earlier_snapshots(checkpoint_dir: str, kind: str, resume: Optional[
     """ValueError when a run that starts from step 0 finds snapshots in its folder: they are another
     run's, and every reconstruction from the folder would mix them with this run's. (A resumed
     run rewrites the snapshots past its step identically.) The training scripts call it first."""
-    if resume is not None and not (resume == "latest" and find_latest(checkpoint_dir, kind) is None):
+    if start_checkpoint(checkpoint_dir, kind, resume) is not None:
         return
     folder = snapshot_dir(checkpoint_dir, kind)
     found = list_snapshots(folder) if os.path.isdir(folder) else []
@@ -188,8 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--kind", default="flow_matching", choices=sorted(FINAL_NAMES), help="which run's snapshots")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (e.g. checkpoints/ema_0.07.pt)")
     args = p.parse_args(argv)
-    name = os.path.basename(args.output)
-    if name in FINAL_NAMES.values() or re.search(CHECKPOINT_PATTERN.replace("{step:07d}", r"\d{7}") + "$", name):
+    if is_training_checkpoint_name(args.output):
         p.error(f"-o {args.output} is a training checkpoint's name: writing there would replace a run's "
                 f"weights and optimizer state; choose another name (e.g. ema_{args.sigma_rel:g}.pt)")
     try:

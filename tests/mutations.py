@@ -204,7 +204,7 @@ MUTATIONS: List[Mutation] = [
              ["tests/test_posthoc_ema.py::test_a_new_run_refuses_a_folder_that_holds_another_runs_snapshots"],
              "a new run starts beside another run's snapshots"),
     Mutation("posthoc_output_replaces_final", "evaluation/posthoc_ema.py",
-             "    if name in FINAL_NAMES.values() or", "    if False and name in FINAL_NAMES.values() or",
+             "    if is_training_checkpoint_name(args.output):", "    if False:",
              ["tests/test_posthoc_ema.py::test_a_rebuilt_ema_neither_replaces_nor_resumes_a_run"],
              "-o overwrites the run's final checkpoint"),
     Mutation("resume_from_weights_only", "training/trainer.py",

@@ -115,9 +115,17 @@ def load_checkpoint(path: str, kind: Optional[str] = None) -> Dict[str, Any]:
     return ckpt
 
 
+PERIODIC_NAME = re.compile(r"checkpoint_(\d+)\.pt$")   # CHECKPOINT_PATTERN's names, any run prefix
+
+
+def is_training_checkpoint_name(path: str) -> bool:
+    """Whether `path` is named as a run's periodic or final checkpoint (any kind)."""
+    return os.path.basename(path) in FINAL_NAMES.values() or PERIODIC_NAME.search(path) is not None
+
+
 def checkpoint_step(path: str) -> int:
     """The step of a checkpoint, read from its name or, for a final one, from the file."""
-    match = re.search(r"checkpoint_(\d+)\.pt$", path)
+    match = PERIODIC_NAME.search(path)
     if match:
         return int(match.group(1))
     try:
@@ -140,6 +148,11 @@ def find_latest(checkpoint_dir: str, kind: str) -> Optional[str]:
     return max(candidates, key=checkpoint_step) if candidates else None
 
 
+def start_checkpoint(checkpoint_dir: str, kind: str, resume: Optional[str]) -> Optional[str]:
+    """The checkpoint a run with this --resume starts from, or None for a fresh start."""
+    return resume if resume != "latest" else find_latest(checkpoint_dir, kind)
+
+
 def check_nothing_ahead(checkpoint_dir: str, kind: str, resume: Optional[str]) -> None:
     """ValueError when the folder holds checkpoints past the step this run starts from (0, or the
     step of its --resume checkpoint); the training scripts call it before any other work.
@@ -148,7 +161,7 @@ def check_nothing_ahead(checkpoint_dir: str, kind: str, resume: Optional[str]) -
     own checkpoints when old ones are pruned, `--resume latest` would return to them, and the
     final one would be overwritten.
     """
-    start = resume if resume != "latest" else find_latest(checkpoint_dir, kind)
+    start = start_checkpoint(checkpoint_dir, kind, resume)
     step = checkpoint_step(start) if start else 0
     ahead = sorted((p for p in run_checkpoints(checkpoint_dir, kind) if checkpoint_step(p) > step),
                    key=checkpoint_step)
