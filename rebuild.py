@@ -15,8 +15,8 @@ in utils/, the bottom layer, because it imports models/; nor in models/, which h
 So it is a layer of its own between them (tests/test_layers.py).
 """
 
-import os
 import dataclasses
+import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
