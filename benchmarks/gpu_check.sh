@@ -15,7 +15,8 @@
 #   time vs wall, launches) and a host-sync check; sampling at 34 NFE with CFG 1.5 (midpoint 17),
 #   batch 1000, eager and compiled; our training step against diffusers' DiT; then the `extra` stage
 #   while time is left.
-# extra (also a stage of its own, for a second call; gpu_prepare.sh speed lays out its inputs): whole
+# extra (also a stage of its own, for a second call; gpu_prepare.sh speed lays out its inputs): the
+#   candidate kernels for attention and the GELU at the model's shapes (kernel_choices.py), whole
 #   sampling batches against the plain diffusers loop, a few steps of train_flow_matching.py under
 #   torchrun (NCCL) on the carried CIFAR-10, CUDA-graph sampling, the speedrun preset's step, the
 #   fp32 residual stream's step, the MeanFlow step (eager), Muon's and fp16's steps and a few steps of
@@ -59,6 +60,7 @@ if [ "$SMOKE" = 1 ]; then
     VQ="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --num_workers 0 --eval_images 4 --device cpu"
     LATENT="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --num_workers 0 --device cpu"
     GEN="--num_samples 4 --batch_size 4 --num_steps 2 --device cpu"
+    KERNELS="$MODEL --batch_size 4 --sample_batch 4 --iters 1 --repeats 1"
 else
     DEV=cuda
     MODEL=""; BATCH=128; STEPS="--steps 15 --windows 3 --warmup 5"
@@ -72,6 +74,7 @@ else
     VQ="--batch_size 128 --train_steps 100 --log_every 50 --num_workers 8 --eval_images 1000"
     LATENT="--batch_size 128 --train_steps 100 --log_every 50 --num_workers 8 --compile true --compile_mode blocks"
     GEN="--num_samples 1000 --batch_size 500"
+    KERNELS=""
 fi
 
 step "machine"
@@ -115,6 +118,8 @@ speed() {   # the most needed figures first: the budget guard cuts from the end
 }
 
 extra() {   # what the first H200 job (2026-12-04) left unmeasured, most wanted first
+    fits "kernel choices" && { step "kernel choices: SDPA backends, GELU after the GEMM vs in its epilogue (< 1 min)"
+        python benchmarks/kernel_choices.py --device "$DEV" $KERNELS --json "$JSON"; }
     with_diffusers "diffusers: sampling loop" && fits "diffusers: sampling loop" && {
         step "ours (compiled) vs the plain diffusers loop: whole batches, 34 NFE, CFG 1.5"
         python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts loop --compile $LOOP --json "$JSON"; }

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_table.py OUT/gpu_check.jsonl [OUT/speedrun.jsonl]
 
-Reads the rows train_throughput.py, sample_throughput.py, compare_diffusers.py and speedrun.py
+Reads the rows train_throughput.py, sample_throughput.py, kernel_choices.py, compare_diffusers.py and speedrun.py
 append, in order, and prints a Markdown table (what, figure, note); missing files are skipped.
 """
 
@@ -51,6 +51,13 @@ def describe(row: dict) -> List[tuple]:
                             f"{row['args']['compile']}", f"{row[part]['ratio']:.2f}x",
                             f"ours {r['ours']:,.1f}, diffusers {r['diffusers']:,.1f} img/s"))
         return out
+    if row.get("bench") == "kernel":
+        if row["ms"] is None:
+            return [(f"kernel {row['op']}, {row['shape']}: {row['choice']}", "unavailable", row.get("note", ""))]
+        err = row.get("rel_err")
+        return [(f"kernel {row['op']}, {row['shape']}: {row['choice']}",
+                 f"{row['ms']:.3f} ms, {row['tflops']:,.0f} TFLOP/s",
+                 f"max error {err:.1e} (relative)" if err is not None else "")]
     if "fid" in row and "train_wall_s" in row:   # speedrun.py
         return [(f"speedrun {row.get('pipeline', 'repo')} {row.get('preset', '')}, budget {row.get('budget_s')} s",
                  f"FID {row['fid']:.2f} (N {row.get('num_samples')})",

@@ -45,12 +45,17 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
     samples = [r for r in rows if r.get("bench") == "sample"]
     assert [r["compile_mode"] for r in samples] == ["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
     assert all(r["nfe"] == 2 and r["images_per_s"] > 0 for r in samples)
+    kernels = [r for r in rows if r.get("bench") == "kernel"]
+    assert {r["op"] for r in kernels} == {"attention", "mlp_gelu"} and len(kernels) == 17
+    # On the CPU the cuDNN and memory-efficient backends do not run: a row says so instead of a failure.
+    assert [r["choice"] for r in kernels if r["ms"] is None] == ["cudnn", "efficient"] * 2
+    assert all(r["rel_err"] < 0.02 for r in kernels if r.get("rel_err") is not None)
     assert "=== torchrun --nproc_per_node 1" in log and "flow_matching_final.pt" in log
     assert "1 rank(s) (torchrun, gloo) on cpu" in log  # the multi-GPU path (NCCL on the GPU), not a world of one
     latent = log[log.index("=== train_vqvae.py, then train_flow_matching.py on its latents"):]
     assert "latent flow matching: 4x2x2 latents" in latent and "samples.npz" in latent
     table = log[log.index("=== table"):]
-    assert table.count("| train ") == 9 and table.count("| sample ") == 4
+    assert table.count("| train ") == 9 and table.count("| sample ") == 4 and table.count("| kernel ") == 17
     assert ", meanflow |" in table and ", fp32 residual |" in table and ", muon |" in table
     if os.environ.get("FID_INCEPTION_WEIGHTS"):   # CI builds them; the speedrun stage scores with them
         with open(out / "speedrun.jsonl") as f:
