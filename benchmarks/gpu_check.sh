@@ -17,11 +17,12 @@
 #   while time is left.
 # extra (also a stage of its own, for a second call; gpu_prepare.sh speed lays out its inputs): the
 #   candidate kernels for attention and the GELU at the model's shapes (kernel_choices.py), whole
-#   sampling batches against the plain diffusers loop, a few steps of train_flow_matching.py under
-#   torchrun (NCCL) on the carried CIFAR-10, CUDA-graph sampling, the speedrun preset's step, the
-#   fp32 residual stream's step, the MeanFlow step (eager), Muon's and fp16's steps and a few steps of
-#   VQ-VAE, latent flow and generation (paths no GPU has run yet), and max-autotune-no-cudagraphs
-#   training and sampling.
+#   sampling batches against the plain diffusers loop, compiled sampling at batches 64 and 250 (which
+#   batch generation should default to), a few steps of train_flow_matching.py under torchrun (NCCL)
+#   on the carried CIFAR-10, CUDA-graph sampling, the speedrun preset's step, the fp32 residual
+#   stream's step, the MeanFlow step (eager), Muon's and fp16's steps and a few steps of VQ-VAE,
+#   latent flow and generation (paths no GPU has run yet), and max-autotune-no-cudagraphs training
+#   and sampling.
 # speedrun: benchmarks/speedrun.py: $SPEEDRUN_PRESET (default cifar10_speedrun) trained for
 #   $SPEEDRUN_BUDGET seconds (default 240) from process start, then FID of 10,000 samples against the
 #   50,000 CIFAR-10 train images on the GPU.
@@ -60,7 +61,7 @@ if [ "$SMOKE" = 1 ]; then
     VQ="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --num_workers 0 --eval_images 4 --device cpu"
     LATENT="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --num_workers 0 --device cpu"
     GEN="--num_samples 4 --batch_size 4 --num_steps 2 --device cpu"
-    KERNELS="$MODEL --batch_size 4 --sample_batch 4 --iters 1 --repeats 1"
+    KERNELS="$MODEL --batch_size 4 --sample_batch 4 --iters 1 --repeats 1"; SAMPLE_BATCHES="--batch_sizes 2"
 else
     DEV=cuda
     MODEL=""; BATCH=128; STEPS="--steps 15 --windows 3 --warmup 5"
@@ -74,7 +75,7 @@ else
     VQ="--batch_size 128 --train_steps 100 --log_every 50 --num_workers 8 --eval_images 1000"
     LATENT="--batch_size 128 --train_steps 100 --log_every 50 --num_workers 8 --compile true --compile_mode blocks"
     GEN="--num_samples 1000 --batch_size 500"
-    KERNELS=""
+    KERNELS=""; SAMPLE_BATCHES="--batch_sizes 64 250"
 fi
 
 step "machine"
@@ -123,6 +124,9 @@ extra() {   # what the first H200 job (2026-12-04) left unmeasured, most wanted 
     with_diffusers "diffusers: sampling loop" && fits "diffusers: sampling loop" && {
         step "ours (compiled) vs the plain diffusers loop: whole batches, 34 NFE, CFG 1.5"
         python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts loop --compile $LOOP --json "$JSON"; }
+    fits "sample batch sizes" && { step "sample as above, compiled, at smaller batches (generate's default is 64)"
+        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE $SAMPLE_BATCHES --cfg_modes guided \
+            --compile_modes default --json "$JSON"; }
     torchrun_steps
     sample_graphs
     fits "train the speedrun preset" && { step "train, --preset cifar10_speedrun's model (qk-norm, SwiGLU), compiled per block"
