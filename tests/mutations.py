@@ -565,6 +565,21 @@ MUTATIONS: List[Mutation] = [
              'mlp="swiglu", sampler="midpoint"', 'mlp="swiglu", positions="sincos_rope", sampler="midpoint"',
              ["tests/test_config.py::test_the_winning_presets_are_one_recipe_at_two_sizes"],
              "the preset is not the recipe that was measured"),
+    Mutation("padded_rows_kept", "evaluation/sampling.py",
+             "        x = x[:stop - first]\n", "",
+             ["tests/test_fid.py::test_a_padded_last_batch_keeps_the_forward_at_one_shape_and_the_same_samples"],
+             "a padded last batch returns its padding rows as samples"),
+    Mutation("last_batch_never_padded", "evaluation/sampling.py",
+             "first + batch_size if pad_last_batch and i > 0 else stop", "stop",
+             ["tests/test_fid.py::test_a_padded_last_batch_keeps_the_forward_at_one_shape_and_the_same_samples"],
+             "a compiled forward compiles the smaller last batch's shape again"),
+    Mutation("compiled_run_does_not_pad", "evaluation/sampling.py",
+             "pad_last_batch=self.compiled,", "pad_last_batch=False,",
+             ["tests/test_generate.py::test_compile_flag_samples_through_one_static_shape_compile"],
+             "generation with --compile compiles a second shape for the last batch"),
+    Mutation("kernel_choices_crash_on_missing_backend", "benchmarks/kernel_choices.py",
+             "except RuntimeError as err:", "except ValueError as err:",
+             ["tests/test_gpu_check.py"], "the GPU job dies on a backend the device lacks"),
 ]
 
 

@@ -190,6 +190,28 @@ def test_generate_images_is_the_same_for_any_batch_size():
     assert seen == [(0, 3), (3, 3), (6, 1)]
 
 
+def test_a_padded_last_batch_keeps_the_forward_at_one_shape_and_the_same_samples():
+    rows = []
+
+    def model(x, t, y):
+        rows.append(len(x))
+        return -x + y.float().reshape(-1, 1, 1, 1) / 3
+
+    labels = fid.balanced_labels(7, 3)
+    kwargs = dict(shape=(3, 4, 4), num_classes=3, seed=5, num_steps=2, sampler="euler", cfg_scale=2.0)
+    plain, _ = sampling.generate_images(model, labels, batch_size=3, **kwargs)
+    assert sorted(set(rows)) == [2, 6]          # CFG doubles the rows: the last batch of 1 is a second shape
+    rows.clear()
+    seen = []
+    padded, _ = sampling.generate_images(model, labels, batch_size=3, pad_last_batch=True, **kwargs,
+                                         on_batch=lambda first, batch: seen.append((first, len(batch))))
+    assert set(rows) == {6} and seen == [(0, 3), (3, 3), (6, 1)]
+    np.testing.assert_array_equal(padded, plain)
+    rows.clear()
+    sampling.generate_images(model, labels[:2], batch_size=3, pad_last_batch=True, **kwargs)
+    assert set(rows) == {4}                     # a single batch is not padded: it is the only shape
+
+
 def test_fid_every_logs_fid_to_metrics_jsonl(stand_in, image_folder, tmp_path):
     train_tiny(tmp_path, image_folder, "--train_steps", "4", "--fid_every", "2", "--fid_num_samples", "6",
                "--fid_batch_size", "4")
