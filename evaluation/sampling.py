@@ -117,7 +117,7 @@ def add_sampling_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
                    help="torch.compile the model's forward, once per batch shape (the first batch pays for it, "
-                        "~1 min for DiT-B/2; a smaller last batch runs padded to the full size instead of "
+                        "~20 s for DiT-B/2 on an H200; a smaller last batch runs padded to the full size instead of "
                         "compiling again); auto = on CUDA, where it is faster (docs/speed.md)")
 
 
