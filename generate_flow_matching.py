@@ -20,7 +20,9 @@ A run replaces what an earlier run wrote there (its images/NNNNNN*.png and sampl
 the folder never mixes two runs' samples; other files are left alone.
 
 Sample i starts from noise seeded by (--seed, i), and batches are dealt to ranks whole, so the
-same seed gives the same images whatever --batch_size or the number of ranks.
+same seed gives the same noise, labels and images whatever --batch_size or the number of ranks; the
+images only up to the float summation order of kernels that depend on the batch's shape (a uint8
+level or two, more often in bf16).
 """
 
 import argparse

@@ -48,15 +48,15 @@ def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[in
     made. Returns (all N images in index order on rank 0, None on the other ranks; NFE per sample);
     rank 0 always makes the first batch, so its NFE is the run's.
 
-    pad_last_batch (for a model compiled once per batch shape): a rank's smaller last batch, after a
-    full one, runs at the full size and its extra rows are dropped, which costs less than compiling
-    the smaller shape (~1 min for DiT-B/2); the kept samples are the same.
+    pad_last_batch (for a model compiled once per batch shape): when there is more than one batch,
+    the smaller last one runs at the full size and its extra rows are dropped, which costs less than
+    compiling a second shape; every batch then has one shape whatever the number of ranks.
     """
     n = len(labels)
     nfe, mine = 0, {}
-    for i, first in enumerate(tqdm(range(0, n, batch_size)[rank::world_size], disable=not progress, desc="sampling")):
+    for first in tqdm(range(0, n, batch_size)[rank::world_size], disable=not progress, desc="sampling"):
         stop = min(first + batch_size, n)
-        index = range(first, first + batch_size if pad_last_batch and i > 0 else stop)
+        index = range(first, first + batch_size if pad_last_batch and n > batch_size else stop)
         noise = flow_matching.per_sample_noise(seed, index, shape, device)
         y = labels[first:stop].to(device) if num_classes else None
         if y is not None and len(y) < len(index):   # the padding rows' class: any valid one

@@ -570,7 +570,7 @@ MUTATIONS: List[Mutation] = [
              ["tests/test_fid.py::test_a_padded_last_batch_keeps_the_forward_at_one_shape_and_the_same_samples"],
              "a padded last batch returns its padding rows as samples"),
     Mutation("last_batch_never_padded", "evaluation/sampling.py",
-             "first + batch_size if pad_last_batch and i > 0 else stop", "stop",
+             "first + batch_size if pad_last_batch and n > batch_size else stop", "stop",
              ["tests/test_fid.py::test_a_padded_last_batch_keeps_the_forward_at_one_shape_and_the_same_samples"],
              "a compiled forward compiles the smaller last batch's shape again"),
     Mutation("compiled_run_does_not_pad", "evaluation/sampling.py",
