@@ -354,12 +354,28 @@ def test_a_stop_signal_also_writes_the_steps_ema_snapshot(tiny_flags):
     assert reconstruct(ckpt_dir, 0.07, at_step=1)["posthoc_ema"]["snapshots"] == [1]
 
 
-def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
+class InfGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: a finite loss whose step would make NaN weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_non_finite_loss_or_gradient_stops_naming_the_step(tiny_flags, tmp_path, bad):
+    """At step 5 the loss (or, under fp32 / bf16 where no GradScaler skips the step, only the gradient)
+    turns non-finite: the run stops at its next write, naming step 5, and writes neither the step-6
+    checkpoint nor its post-hoc EMA snapshot from the NaN weights."""
     config = make_config(FlowMatchingConfig, {
         "dataset": "imagefolder", "data_dir": flag_value(tiny_flags, "--data_dir"), "image_size": 8,
         "hidden_size": 32, "depth": 1, "num_heads": 2, "batch_size": 4, "num_workers": 0,
         "mixed_precision": "no", "device": "cpu", "train_steps": 10, "save_every": 2, "log_every": 100,
-        "sample_every": 0, "checkpoint_dir": str(tmp_path / "nan")})
+        "ema_snapshot_every": 2, "sample_every": 0, "checkpoint_dir": str(tmp_path / "nan")})
     loader, info = get_flow_matching_dataloader(config)
     config = dataclasses.replace(config, **info.config_fields(config))
 
@@ -370,8 +386,11 @@ def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
 
         def loss(self, model, batch, draws):
             self.calls += 1
-            loss = model(batch[0], torch.full((4,), 0.5), batch[1]).square().mean()
-            return (loss * float("nan") if self.calls == 5 else loss), {}
+            out = model(batch[0], torch.full((4,), 0.5), batch[1])
+            if self.calls == 5:
+                return (out.square().mean() * float("nan") if bad == "loss"
+                        else InfGradient.apply(out).square().mean()), {}
+            return out.square().mean(), {}
 
         def checkpoint_extras(self):
             return {}
@@ -382,6 +401,24 @@ def test_non_finite_loss_stops_naming_the_step(tiny_flags, tmp_path):
         trainer.fit()
     last = ckpt_lib.find_latest(config.checkpoint_dir, "flow_matching")
     assert last.endswith("checkpoint_0000004.pt") and load(last)["step"] == 4
+    assert sorted(os.listdir(os.path.join(config.checkpoint_dir, "ema_snapshots"))) == [
+        "ema_0000002.pt", "ema_0000004.pt"]
+
+
+def test_a_stop_checkpoint_that_cannot_be_written_fails_the_run(tiny_flags, monkeypatch):
+    """A SIGTERM whose checkpoint write fails (a full disk) must not report a checkpoint and exit as a
+    clean stop: a requeued --resume latest would silently start from an older one."""
+    from utils.launch import RunFailed
+    trainer, _ = tiny_trainer(tiny_flags, 8, train_steps=100, log_every=100, sample_every=0)
+    trainer.stop_signal = signal.SIGTERM   # as the handler sets it: the loop stops after its first step
+
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("training.trainer.save_checkpoint", full_disk)
+    with pytest.raises(RunFailed, match=r"SIGTERM after step 1, but its checkpoint .*checkpoint_0000001.pt could not "
+                                        r"be written .*No space left.*; the last one written is none yet"):
+        trainer.fit()
 
 
 # ----------------------------------------------------------------------------- accumulation

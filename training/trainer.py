@@ -18,7 +18,7 @@ Everything else lives here: devices and torchrun, AMP, gradient accumulation, cl
 schedule, EMA (its decay ramped up from the first step), logging to stdout, metrics.jsonl and
 optionally TensorBoard (with the loss of the EMA and of the raw weights on a fixed probe batch, so
 a bad EMA shows), sample grids, atomic checkpoints, exact resume, SIGTERM/SIGINT, and a stop on a
-non-finite loss.
+non-finite loss or gradient.
 
 The EMA starts as a copy of the model handed in, so a run started with --init_from (the trained
 weights of a checkpoint) averages from the weights it trains from, as a fresh run does. The
@@ -71,7 +71,7 @@ EMA_FIELDS = ("ema_decay", "ema_gamma", "ema_warmup")
 
 
 class NonFiniteLoss(RunFailed):
-    """The loss became non-finite: the run stops without saving (exit 1)."""
+    """The loss (or, without GradScaler, the gradient) became non-finite: the run stops without saving (exit 1)."""
 
 
 @dataclass
@@ -251,7 +251,7 @@ class Trainer:
                     rate_steps, window_start = 0, time.perf_counter()
                 if any_rank(self.stop_signal is not None):
                     self._stop_on_signal()
-            self._save(self.final_path)
+            self._save(self.final_path, required=True)
             return self.final_path
         finally:
             bar.close()
@@ -322,8 +322,10 @@ class Trainer:
         for ema, gamma in zip(self.posthoc_emas, self.posthoc_gammas):
             update_ema(ema, self.raw_model, power_ema_decay(self.step, gamma))
         loss = loss_sum / self.accum_steps
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
-                                          self.step, self.first_bad_step)
+        finite = torch.isfinite(loss)
+        if not self.scaler.is_enabled():   # under fp16 GradScaler skips a step whose gradient is not finite
+            finite = finite & torch.isfinite(grad_norm)   # a finite loss with an inf gradient stepped to NaN weights
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, self.step, self.first_bad_step)
         self.step += 1
         return loss, grad_norm, {k: v.detach() for k, v in extras.items()}
 
@@ -418,8 +420,9 @@ class Trainer:
                     self.writer.add_scalar(f"{self.objective.kind}/{key}", value, record["step"])
 
     def _check_finite(self) -> None:
-        """Stop on every rank together if any rank saw a non-finite loss (under fp16 the others may
-        not: GradScaler skips the step everywhere, so only that rank's own loss shows it)."""
+        """Stop on every rank together if any rank saw a non-finite loss or (bf16, fp32) gradient norm
+        (under fp16 the others may not: GradScaler skips the step everywhere, so only that rank's own
+        loss shows it). Called before anything is written from the weights."""
         bad = self.first_bad_step
         if self.dist.distributed:
             bad = torch.where(bad < 0, torch.iinfo(bad.dtype).max, bad)
@@ -428,8 +431,8 @@ class Trainer:
         bad = int(bad)
         if bad >= 0:
             kept = self.last_checkpoint or "none was written yet"
-            raise NonFiniteLoss(f"the loss became non-finite at step {bad + 1}; stopping without saving. "
-                                f"Last good checkpoint: {kept}. Try a lower --lr, --grad_clip 1, or "
+            raise NonFiniteLoss(f"the loss or the gradient became non-finite at step {bad + 1}; stopping without "
+                                f"saving. Last good checkpoint: {kept}. Try a lower --lr, --grad_clip 1, or "
                                 f"--mixed_precision bf16")
 
     # ------------------------------------------------------------------------- checkpoints
@@ -448,23 +451,27 @@ class Trainer:
     def _snapshot(self) -> None:
         """The post-hoc EMAs of this step to CHECKPOINT_DIR/ema_snapshots (rank 0; atomic). Never
         pruned: every one of them is part of every later reconstruction."""
+        self._check_finite()
         if self.dist.is_main:
             c, kind = self.config, self.objective.kind
             path = os.path.join(snapshot_dir(c.checkpoint_dir, kind), SNAPSHOT_PATTERN.format(step=self.step))
             save_checkpoint(snapshot(self.step, self.posthoc_sigma_rels, self.posthoc_emas, c.ema_snapshot_dtype,
                                      dataclasses.asdict(c), kind, self.objective.checkpoint_extras()), path)
 
-    def _save(self, path: str) -> None:
+    def _save(self, path: str, required: bool = False) -> None:
+        """The checkpoint to `path` (rank 0; atomic). A periodic one that cannot be written (a full
+        disk) is skipped with a warning and tried again at the next save; a `required` one (the
+        final and the stop checkpoints) raises the OSError."""
         self._check_finite()
         window = {"loss_sum": self._mean_over_ranks(self.window_loss).cpu(), "steps": self.window_steps}
         if self.dist.is_main:
             try:
                 save_checkpoint(self.state_dict(window), path)
             except OSError as err:
-                if path == self.final_path:
+                if required:
                     raise
-                tqdm.write(f"WARNING: could not write checkpoint {path} ({err}); keeping "
-                           f"{self.last_checkpoint}; training goes on and tries again at the next save")
+                tqdm.write(f"WARNING: could not write checkpoint {path} ({err}); the last one written is "
+                           f"{self.last_checkpoint or 'none yet'}; training goes on and tries again at the next save")
                 return
             prune_checkpoints(self.config.checkpoint_dir, self.config.keep_checkpoints, self.objective.kind)
             tqdm.write(f"saved {path} (step {self.step})")
@@ -541,12 +548,17 @@ class Trainer:
 
     def _stop_on_signal(self) -> None:
         path = periodic_checkpoint(self.config.checkpoint_dir, self.objective.kind, self.step)
+        signum = self.stop_signal or signal.SIGTERM
         if self.posthoc_emas:  # the post-hoc EMA at this checkpoint's step needs this step's snapshot
             self._snapshot()
-        self._save(path)
+        try:
+            self._save(path, required=True)
+        except OSError as err:   # a requeued --resume latest would silently go back to an older one
+            raise RunFailed(f"stopped by {signal.Signals(signum).name} after step {self.step}, but its checkpoint "
+                            f"{path} could not be written ({err}); the last one written is "
+                            f"{self.last_checkpoint or 'none yet'}") from err
         # torchrun stops every rank once one exits non-zero: the others wait for rank 0's write.
         wait_for_all_ranks()
-        signum = self.stop_signal or signal.SIGTERM
         if self.dist.is_main:
             tqdm.write(f"stopped by {signal.Signals(signum).name} after step {self.step}; checkpoint {path}. "
                        f"Resume with the same command plus --resume latest (or --resume {path})")

@@ -2,7 +2,7 @@
 bad input as one line, ranks down.
 
 Exit codes: 0 done; 2 bad input (a value, a path, a missing optional package), as argparse uses
-for a bad flag; 1 a run that stopped on a non-finite loss. A traceback is kept for real bugs,
+for a bad flag; 1 a run that stopped itself (a non-finite loss, a stop checkpoint it could not write). A traceback is kept for real bugs,
 including a ValueError raised inside a library (scipy, numpy, torch): only the repo's own checks
 raise ValueErrors written for the user.
 """
