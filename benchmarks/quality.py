@@ -67,8 +67,8 @@ if ROOT not in sys.path:
 import flow_matching  # noqa: E402
 from benchmarks.common import clone_path, machine, save_chart  # noqa: E402
 from benchmarks.posthoc_ema import summarize as posthoc_summary  # noqa: E402
-from configs.cli import ArgumentParser, finite_float, parse_config  # noqa: E402
-from configs.flow_matching_config import PRESETS, FlowMatchingConfig  # noqa: E402
+from configs.cli import ArgumentParser, finite_float  # noqa: E402
+from configs.flow_matching_config import FlowMatchingConfig, parse_flow_matching_config  # noqa: E402
 from data.flow_matching_dataset import get_flow_matching_dataloader  # noqa: E402
 from utils.images import make_grid, save_image  # noqa: E402
 from evaluation import fid, sampling  # noqa: E402
@@ -98,7 +98,7 @@ NOT_RECIPE = ("checkpoint_dir", "sample_dir", "num_classes", "seed", "dataset", 
               "save_every", "keep_checkpoints", "log_every", "sample_every", "tensorboard", "resume",
               "sampler", "num_sampling_steps", "cfg_scale", "guidance_interval_start", "guidance_interval_end",
               "time_shift", "grid_samples_per_class", "fid_every", "fid_num_samples", "fid_cfg_scale",
-              "fid_batch_size")
+              "fid_batch_size", "compile", "compile_mode")
 DEFAULT_RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality.jsonl")
 DEFAULT_WEIGHTS = os.path.expanduser(os.path.join("~", ".cache", "fid_weights", "fid_inception.pth"))
 
@@ -165,8 +165,7 @@ def parse(argv):
         bench.print_help()
     data = [] if "--data_dir" in rest or "--dataset" in rest or not os.path.isdir(SHARED_CIFAR10) else \
         ["--dataset", "imagefolder", "--data_dir", os.path.normpath(SHARED_CIFAR10)]
-    config = parse_config(FlowMatchingConfig, PRESETS, ["--preset", PRESET, *data, *rest], description=__doc__,
-                          default_preset="cifar10")
+    config = parse_flow_matching_config(["--preset", PRESET, *data, *rest], description=__doc__)
     if args.num_samples < 2 or args.ref_num_images < 2:
         bench.error(f"--num_samples and --ref_num_images must be >= 2, got {args.num_samples}, {args.ref_num_images}")
     if args.sample_batch_size < 1:
@@ -184,7 +183,7 @@ def parse(argv):
     if args.pipeline == "peer":
         if "ema" in args.weights:
             bench.error("--weights ema: the peer pipeline keeps no EMA; use --weights raw")
-        preset = parse_config(FlowMatchingConfig, PRESETS, ["--preset", PRESET, *data])
+        preset = parse_flow_matching_config(["--preset", PRESET, *data])
         unused = [f"--{k}" for k, v in dataclasses.asdict(config).items()
                   if v != getattr(preset, k) and k not in PEER_FLAGS]
         if unused:
@@ -338,7 +337,7 @@ def score(model, config, args, device, extractor, ref_stats, grid_path: str):
 
 def config_diff(config: FlowMatchingConfig) -> dict:
     """The fields of a run's config that differ from the proxy16 preset and change what it learns."""
-    default = dataclasses.asdict(parse_config(FlowMatchingConfig, PRESETS, ["--preset", PRESET]))
+    default = dataclasses.asdict(parse_flow_matching_config(["--preset", PRESET]))
     return {k: v for k, v in dataclasses.asdict(config).items() if default.get(k) != v and k not in NOT_RECIPE}
 
 

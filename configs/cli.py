@@ -10,7 +10,7 @@ and one line naming the flag or value (argparse's convention).
 import argparse
 import dataclasses
 import typing
-from typing import Any, Dict, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Type, TypeVar
 
 T = TypeVar("T")
 
@@ -102,23 +102,33 @@ def build_parser(config_cls: Type, presets: Mapping[str, Mapping[str, Any]],
         help_text = f.metadata.get("help", "")
         if choices is not None:
             help_text = f"{help_text} {{{'|'.join(map(str, choices))}}}".strip()
-        parser.add_argument(f"--{f.name}", type=parse, default=None, metavar=parse.__name__.upper(),
+        # SUPPRESS: a flag that is not given is absent, so a given `none` overrides a preset's value.
+        parser.add_argument(f"--{f.name}", type=parse, default=argparse.SUPPRESS, metavar=parse.__name__.upper(),
                             help=f"{help_text} (default: {getattr(defaults, f.name)!r})")
     return parser
 
 
 def parse_config(config_cls: Type[T], presets: Mapping[str, Mapping[str, Any]],
                  argv: Optional[Sequence[str]] = None, description: str = "",
-                 default_preset: Optional[str] = None) -> T:
-    """Build a config from `--preset NAME` (applied first) and `--field value` flags."""
+                 default_preset: Optional[str] = None,
+                 resolve: Optional[Callable[[Dict[str, Any], Set[str]], None]] = None) -> T:
+    """Build a config from `--preset NAME` (applied first) and `--field value` flags.
+
+    `resolve(values, given)` may fill in, in place, the fields whose value follows from others
+    (every field's value, after the preset and flags; `given` = the flags on the command line)
+    before the config is built and validated once.
+    """
     default_preset = default_preset or next(iter(presets))
     parser = build_parser(config_cls, presets, description or config_cls.__doc__ or "", default_preset)
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset")
-    overrides: Dict[str, Any] = dict(presets[preset])
-    overrides.update({k: v for k, v in args.items() if v is not None})
+    values: Dict[str, Any] = dataclasses.asdict(config_cls())
+    values.update(presets[preset])
+    values.update(args)
+    if resolve is not None:
+        resolve(values, set(args))
     try:
-        return make_config(config_cls, overrides)
+        return make_config(config_cls, values)
     except ValueError as err:
         parser.error(str(err))
 

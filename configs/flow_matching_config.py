@@ -6,12 +6,10 @@ quality benchmark's proxy run, benchmarks/quality.py), and the recipe the ablati
 `cifar10_qk_swiglu` (DiT-B/2) with its proxy twin `proxy16_qk_swiglu`.
 """
 
-import dataclasses
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Dict, Literal, Optional, Set
 
 import torch
 
@@ -212,13 +210,17 @@ PRESETS["cifar10_speedrun"] = dict(
 MEANFLOW_SAMPLING = {"sampler": "meanflow", "num_sampling_steps": 1, "cfg_scale": 1.0}
 
 
+def resolve_flow_matching_fields(values: Dict[str, Any], given: Set[str]) -> None:
+    """The fields that follow from others, filled in before the config is validated: a MeanFlow
+    run's sampling defaults (over the preset's, unless given as flags), and --compile none's choice
+    (on for flow-matching training on CUDA), so the config saved with the run says what ran."""
+    if values["objective"] == "meanflow":
+        values.update({k: v for k, v in MEANFLOW_SAMPLING.items() if k not in given})
+    if values["compile"] is None:
+        cuda = values["device"] == "cuda" or (values["device"] == "auto" and torch.cuda.is_available())
+        values["compile"] = cuda and values["objective"] == "flow_matching"
+
+
 def parse_flow_matching_config(argv=None, description: str = "") -> FlowMatchingConfig:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    config = parse_config(FlowMatchingConfig, PRESETS, argv, description=description, default_preset="cifar10")
-    if config.compile is None:
-        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-        config = dataclasses.replace(config, compile=cuda and config.objective == "flow_matching")
-    if config.objective == "meanflow":
-        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-        config = dataclasses.replace(config, **{k: v for k, v in MEANFLOW_SAMPLING.items() if k not in given})
-    return config
+    return parse_config(FlowMatchingConfig, PRESETS, argv, description=description, default_preset="cifar10",
+                        resolve=resolve_flow_matching_fields)

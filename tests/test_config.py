@@ -105,9 +105,18 @@ def test_bad_flags_exit_2_naming_the_flag(argv, needle, capsys):
 
 
 def test_an_unguided_meanflow_run_needs_no_null_label():
-    config = parse_flow_matching_config(["--objective", "meanflow", "--class_dropout_prob", "0", "--cfg_scale", "1",
+    """Validation sees the MeanFlow run's own sampling defaults (CFG 1), not the preset's CFG 3 that
+    they replace: no --cfg_scale 1 is needed."""
+    config = parse_flow_matching_config(["--objective", "meanflow", "--class_dropout_prob", "0",
                                          "--meanflow_guidance_mix", "0"])
     assert (config.class_dropout_prob, config.meanflow_guidance_scale, config.meanflow_guidance_mix) == (0, 1, 0)
+    assert config.cfg_scale == 1.0
+
+
+def test_a_given_none_overrides_the_presets_value():
+    assert parse_flow_matching_config(["--preset", "cifar10_speedrun", "--device", "cpu"]).compile is True
+    assert parse_flow_matching_config(["--preset", "cifar10_speedrun", "--device", "cpu",
+                                       "--compile", "none"]).compile is False   # none = auto: eager on the CPU
 
 
 def test_a_meanflow_run_samples_with_one_jump_and_no_cfg_unless_told():

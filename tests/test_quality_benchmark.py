@@ -13,8 +13,7 @@ import pytest
 
 import train_flow_matching
 from benchmarks import quality
-from configs.cli import parse_config
-from configs.flow_matching_config import PRESETS, FlowMatchingConfig
+from configs.flow_matching_config import parse_flow_matching_config
 from evaluation import fid, sampling
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -153,7 +152,7 @@ def test_a_preset_shares_the_row_of_the_flags_it_stands_for():
     """The winning preset's run groups with the ablation runs of the same training flags (its own
     sampler is a column of the row, not a recipe difference); a training field stays in the diff."""
     def diff(*argv):
-        return quality.config_diff(parse_config(FlowMatchingConfig, PRESETS, ["--preset", "proxy16", *argv]))
+        return quality.config_diff(parse_flow_matching_config(["--preset", "proxy16", *argv]))
 
     winner = {"qk_norm": True, "mlp": "swiglu"}
     assert diff("--preset", "proxy16_qk_swiglu") == winner
