@@ -176,6 +176,14 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
     assert (ckpt["config"]["latent_size"], ckpt["config"]["latent_channels"]) == (4, 3)
     assert ckpt["latent"]["mean"].shape == ckpt["latent"]["std"].shape == (3,)
     assert ckpt["latent"]["vqvae_fingerprint"] == load_vqvae(path).fingerprint()
+    # Other training images give other latent statistics: a resume on them would shift the space
+    # the model learned, so it is refused; on the same images it goes on.
+    other_images = write_image_folder(tmp_path / "other_images", seed=1)
+    moved = [other_images if f == images else f for f in flags]
+    assert train_flow_matching.main(moved + ["--train_steps", "6", "--resume", final]) == 2
+    assert "normalized its latents with a per-channel mean of" in capsys.readouterr().err
+    assert train_flow_matching.main(flags + ["--train_steps", "5", "--resume", final]) == 0
+    assert load_checkpoint(final, kind="flow_matching")["step"] == 5
     # 3 classes x 2 samples of 8x8 pixels (2-pixel padding), decoded from 4x4 latents.
     assert Image.open(tmp_path / "samples" / "step_0000004.png").size == (22, 32)
 
@@ -196,7 +204,7 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
         assert generate_flow_matching.main(argv) == 2
         assert "is not the one this flow model was trained with" in capsys.readouterr().err
         assert generate_flow_matching.main(argv + ["--vqvae_checkpoint", original]) == 0
-        assert train_flow_matching.main(flags + ["--train_steps", "5", "--resume", final]) == 2
+        assert train_flow_matching.main(flags + ["--train_steps", "6", "--resume", final]) == 2
         assert "trained on the latents of another VQ-VAE" in capsys.readouterr().err
         started = flags + ["--checkpoint_dir", str(tmp_path / "mf"), "--objective", "meanflow", "--init_from", final]
         assert train_flow_matching.main(started) == 2
