@@ -86,10 +86,12 @@ class FlowMatchingConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("image_size", "in_channels", "patch_size", "hidden_size", "depth",
+        for name in ("image_size", "patch_size", "hidden_size", "depth",
                      "num_heads", "num_sampling_steps", "grid_samples_per_class"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"--in_channels must be 3 (RGB) or 1 (grayscale), got {self.in_channels}")
         if self.vqvae_checkpoint is None:
             if self.latent_size is not None or self.latent_channels is not None:
                 raise ValueError("--latent_size / --latent_channels are filled from --vqvae_checkpoint; "
@@ -103,6 +105,12 @@ class FlowMatchingConfig(TrainConfig):
             raise ValueError(f"--latent_size {self.latent_size} is not divisible by --patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"--hidden_size {self.hidden_size} is not divisible by --num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"--hidden_size {self.hidden_size} must be divisible by 4: the 2D sin-cos positions "
+                             f"give a quarter of the channels to each of sin and cos of rows and of columns")
+        if int(self.hidden_size * self.mlp_ratio) < 1:
+            raise ValueError(f"--mlp_ratio {self.mlp_ratio} leaves the MLP no hidden unit at --hidden_size "
+                             f"{self.hidden_size}")
         if self.positions != "sincos" and (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"--positions {self.positions} rotates pairs of each head's channels by rows and by "
                              f"columns: the head dimension --hidden_size / --num_heads = "

@@ -73,6 +73,8 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2 ** 32:   # data orders are seeded by seed * 1_000_003 + epoch (int64)
+            raise ValueError(f"--seed must be in [0, 2^32), got {self.seed}")
         if not 0.0 <= self.muon_momentum < 1.0:
             raise ValueError(f"--muon_momentum must be in [0, 1), got {self.muon_momentum}")
         for name in ("adam_beta1", "adam_beta2"):

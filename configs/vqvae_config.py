@@ -36,10 +36,11 @@ class VQVAEConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("image_size", "in_channels", "hidden_channels", "downsample_factor",
-                     "latent_channels", "grid_images"):
+        for name in ("image_size", "hidden_channels", "downsample_factor", "latent_channels", "grid_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"--in_channels must be 3 (RGB) or 1 (grayscale), got {self.in_channels}")
         for name in ("num_res_blocks", "eval_images", "commitment_weight", "dead_code_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")

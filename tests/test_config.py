@@ -24,7 +24,8 @@ def test_defaults_are_the_seed_run():
 # Fields whose example value needs a specific form, and flags that other values need beside them.
 SPECIAL_VALUES = {"num_classes": ("7", 7), "resume": ("latest", "latest"), "hidden_size": ("64", 64),
                   "vqvae_checkpoint": (__file__, __file__), "init_from": (__file__, __file__),
-                  "ema_snapshot_sigma_rels": ("0.03,0.2", "0.03,0.2"), "compile": ("true", True)}
+                  "ema_snapshot_sigma_rels": ("0.03,0.2", "0.03,0.2"), "compile": ("true", True),
+                  "in_channels": ("1", 1)}
 CONTEXT = {"hidden_size": ["--num_heads", "4"], "micro_batch_size": ["--batch_size", "8"],
            "latent_size": ["--vqvae_checkpoint", __file__], "latent_channels": ["--vqvae_checkpoint", __file__]}
 
@@ -95,6 +96,11 @@ def test_presets_apply_before_flags():
     (["--grad_clip", "inf"], "--grad_clip must be a finite number"),
     (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
     (["--class_dropout_prob", "0"], "--cfg_scale 3.0 would guide"),
+    (["--in_channels", "4"], "--in_channels must be 3 (RGB) or 1 (grayscale), got 4"),
+    (["--hidden_size", "66", "--num_heads", "2"], "--hidden_size 66 must be divisible by 4"),
+    (["--mlp_ratio", "0.001"], "--mlp_ratio 0.001 leaves the MLP no hidden unit"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
+    (["--seed", str(2 ** 45)], "--seed must be in [0, 2^32)"),
     (["--objective", "meanflow", "--class_dropout_prob", "0", "--cfg_scale", "1"], "--meanflow_guidance_mix 0.5) is built"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(argv, needle, capsys):
