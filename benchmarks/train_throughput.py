@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     images = torch.randint(0, 256, (max(4 * config.batch_size, 256), config.in_channels, config.image_size,
                                     config.image_size), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, max(config.num_classes, 1), (len(images),), generator=gen)
-    loader = DeviceLoader(images.to(device), labels.to(device), micro, seed=config.seed, hflip=config.hflip)
+    loader = DeviceLoader(images.to(device), labels.to(device), micro, global_batch=config.batch_size,
+                          seed=config.seed, hflip=config.hflip)
     torch.manual_seed(config.seed)
     model = dit_from_config(config)
     model.gradient_checkpointing = config.gradient_checkpointing

@@ -2,9 +2,10 @@
 
 Sources: torchvision's CIFAR10 (downloaded into data_dir when missing) or an ImageFolder (a class
 per subfolder), read at the model's size as float (C, H, W) in [-1, 1] (or uint8 for the decode-once
-loader). `ResumableSampler` shuffles per epoch from (seed, epoch), shards across ranks like
-DistributedSampler, decides horizontal flips from the same seed, and can start mid-epoch, so a
-resumed run sees exactly the batches the uninterrupted run would have seen. Any Dataset that
+loader). `ResumableSampler` shuffles per epoch from (seed, epoch), cuts the epoch to whole global
+batches, deals it round-robin to ranks, decides horizontal flips from the same seed, and can start
+mid-epoch, so a resumed run sees exactly the batches the uninterrupted run would have seen, and
+every optimizer step sees the same images whatever the rank and micro-batch split. Any Dataset that
 returns (image tensor in [-1, 1] shaped (C, H, W), int label) plugs in through `make_loader`.
 """
 
@@ -124,14 +125,24 @@ class FlipByIndex(Dataset):
 class ResumableSampler(DistributedSampler):
     """DistributedSampler whose epoch order, flips and start position are all reproducible.
 
-    Epoch e's permutation and flip bits come from a generator seeded with (seed, e); each rank
-    takes every world_size-th index (the tail is padded, as DistributedSampler does); the first
-    `start` entries of this rank's share are skipped once, to resume mid-epoch.
+    Epoch e's permutation and flip bits come from a generator seeded with (seed, e). An epoch is
+    the permutation's first whole multiple of `global_batch` (the images of one optimizer step on
+    all ranks; the rest wait for a later epoch's order), dealt round-robin: each rank takes every
+    world_size-th index. Step j of an epoch is then the permutation's entries [j B, (j + 1) B)
+    however the batch is split into ranks and micro-batches (padding a rank's tail, as
+    DistributedSampler does, or dropping a micro-batch's would make that depend on the split).
+    The first `start` entries of this rank's share are skipped once, to resume mid-epoch.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 hflip: bool = True):
+    def __init__(self, dataset: Dataset, global_batch: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, hflip: bool = True):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        if len(dataset) < global_batch:
+            raise ValueError(f"the dataset has {len(dataset)} items, fewer than one batch of {global_batch} "
+                             f"(--batch_size, over all ranks); lower --batch_size")
+        assert global_batch % num_replicas == 0, (global_batch, num_replicas)
+        self.total_size = len(dataset) // global_batch * global_batch
+        self.num_samples = self.total_size // num_replicas
         self.hflip = hflip
         self.start = 0
 
@@ -148,9 +159,7 @@ class ResumableSampler(DistributedSampler):
         n = len(self.dataset)
         order = torch.randperm(n, generator=gen)
         flips = torch.rand(n, generator=gen) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
-        total = self.num_samples * self.num_replicas
-        order = torch.cat([order, order[: total - n]]) if total > n else order
-        mine = order[self.rank:total:self.num_replicas][self.start:]
+        mine = order[self.rank:self.total_size:self.num_replicas][self.start:]
         self.start = 0
         return mine, flips[mine]
 
@@ -170,13 +179,11 @@ def ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, seed: int, hflip: bool, num_workers: int,
-                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """The training loader over any (image, label) dataset: per-rank batches, drop_last."""
-    if len(dataset) < batch_size * world_size:
-        raise ValueError(f"the dataset has {len(dataset)} items, fewer than one batch of "
-                         f"{batch_size} per rank x {world_size} ranks; lower --batch_size")
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, hflip=hflip)
+def make_loader(dataset: Dataset, batch_size: int, *, global_batch: int, seed: int, hflip: bool,
+                num_workers: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """The training loader over any (image, label) dataset: this rank's micro-batches of `batch_size`
+    (ResumableSampler: epochs of whole `global_batch`es)."""
+    sampler = ResumableSampler(dataset, global_batch, num_replicas=world_size, rank=rank, seed=seed, hflip=hflip)
     keyed = dataset if isinstance(dataset, FlipByIndex) else FlipByIndex(dataset)
     return DataLoader(keyed, batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=True,

@@ -2,7 +2,7 @@
 lives on the training device, batches gathered and flipped there.
 
     images, labels, num_classes = load_uint8_dataset(config, listing)   # decoded once, then cached
-    loader = DeviceLoader(images.to(device), labels.to(device), batch_size, seed=..., hflip=...)
+    loader = DeviceLoader(images.to(device), labels.to(device), batch_size, global_batch=..., seed=..., hflip=...)
     for x, y in loader: ...                                        # x float (B, C, H, W) in [-1, 1]
 
 It yields exactly the batches of the DataLoader path (data/flow_matching_dataset.py): the same
@@ -41,16 +41,13 @@ class DeviceLoader:
     """Batches (x, y) gathered from uint8 images already on the device; drop_last like the
     DataLoader path. Iterating reads the sampler's position once, at the start of each epoch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, seed: int,
-                 hflip: bool, rank: int = 0, world_size: int = 1):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, global_batch: int,
+                 seed: int, hflip: bool, rank: int = 0, world_size: int = 1):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        if len(images) < batch_size * world_size:
-            raise ValueError(f"the dataset has {len(images)} items, fewer than one batch of "
-                             f"{batch_size} per rank x {world_size} ranks; lower --batch_size")
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.dataset = _Length(len(images))  # as DataLoader.dataset: callers may read its attributes
-        self.sampler = ResumableSampler(self.dataset, num_replicas=world_size, rank=rank,
+        self.sampler = ResumableSampler(self.dataset, global_batch, num_replicas=world_size, rank=rank,
                                         seed=seed, hflip=hflip)
 
     def __len__(self) -> int:
@@ -114,5 +111,5 @@ def device_loader(config, listing: str, batch_size: int, device: torch.device, r
     does not share the folder, decode their own copy).
     """
     images, labels, _ = rank_zero_first(rank, lambda: load_uint8_dataset(config, listing, verbose=rank == 0))
-    return DeviceLoader(images.to(device), labels.to(device), batch_size, seed=config.seed,
-                        hflip=config.hflip, rank=rank, world_size=world_size)
+    return DeviceLoader(images.to(device), labels.to(device), batch_size, global_batch=config.batch_size,
+                        seed=config.seed, hflip=config.hflip, rank=rank, world_size=world_size)

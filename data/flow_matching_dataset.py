@@ -105,6 +105,6 @@ def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Opti
         if use_device_loader(config, len(dataset), device):
             return device_loader(config, listing_fingerprint(dataset, config.data_dir), batch_size, device,
                                  rank, world_size), info
-    return make_loader(dataset, batch_size, seed=config.seed, hflip=config.hflip,
+    return make_loader(dataset, batch_size, global_batch=config.batch_size, seed=config.seed, hflip=config.hflip,
                        num_workers=config.num_workers, rank=rank, world_size=world_size,
                        pin_memory=device.type == "cuda"), info

@@ -17,8 +17,8 @@ def get_vqvae_dataloader(config, *, batch_size: Optional[int] = None, rank: int 
     """The training loader a VQVAEConfig describes; batch_size is per forward on this rank."""
     dataset, _ = rank_zero_first(rank, lambda: build_image_dataset(
         config.dataset, config.data_dir, config.image_size, config.in_channels, train=True))
-    return make_loader(dataset, batch_size or config.batch_size, seed=config.seed, hflip=config.hflip,
-                       num_workers=config.num_workers, rank=rank, world_size=world_size,
+    return make_loader(dataset, batch_size or config.batch_size, global_batch=config.batch_size, seed=config.seed,
+                       hflip=config.hflip, num_workers=config.num_workers, rank=rank, world_size=world_size,
                        pin_memory=torch.cuda.is_available())
 
 

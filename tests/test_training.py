@@ -423,6 +423,34 @@ def test_a_stop_checkpoint_that_cannot_be_written_fails_the_run(tiny_flags, monk
 
 # ----------------------------------------------------------------------------- accumulation
 
+@pytest.mark.parametrize("world, micro", [(1, 4), (2, 4), (2, 2), (4, 2), (4, 1)])
+def test_each_step_sees_the_same_images_whatever_the_split(world, micro):
+    """37 images, global batch 8, three epochs: every optimizer step gathers the same images over
+    its ranks and micro-batches as one process with the whole batch (an epoch padded per rank or
+    cut per micro-batch would move its boundary with the split)."""
+    from data.device_loader import DeviceLoader
+    n, batch, epochs = 37, 8, 3
+    images, labels = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n)   # the label names the image
+
+    def steps(world, micro):
+        accum = batch // (world * micro)
+        per_rank = []
+        for rank in range(world):
+            loader = DeviceLoader(images, labels, micro, global_batch=batch, seed=3, hflip=False, rank=rank,
+                                  world_size=world)
+            read = []
+            for epoch in range(epochs):
+                loader.sampler.set_position(epoch, 0)
+                read += [y for _, y in loader]
+            per_rank.append(read)
+        count = len(per_rank[0]) // accum
+        return [sorted(torch.cat([y for r in per_rank for y in r[k * accum:(k + 1) * accum]]).tolist())
+                for k in range(count)]
+
+    whole = steps(1, batch)
+    assert len(whole) == epochs * (n // batch) and all(len(set(s)) == batch for s in whole)
+    assert steps(world, micro) == whole
+
 def tiny_trainer(tiny_flags, micro, **overrides):
     """A Trainer of the real flow objective on the tiny folder (fp32, no flips), with weights
     moved off their zero init so every weight has a gradient."""
