@@ -8,7 +8,8 @@ The same trainer as the flow model (AMP, accumulation, atomic checkpoints, exact
 --resume latest, SIGTERM, metrics). Logs reconstruction MSE and PSNR, commitment, perplexity and
 the share of codes used; writes reconstruction grids (originals above, reconstructions below) to
 --sample_dir and the final checkpoint to --checkpoint_dir/vqvae.pt. At the end it reports PSNR and
-code usage on --eval_images held-out images (--eval_data_dir) and appends them to the metrics.
+code usage on --eval_images images of --eval_data_dir (CIFAR-10: its test split; an ImageFolder run
+without it: its training images, which the line says) and appends them to the metrics.
 Every file of the run is prefixed vqvae_ (vqvae_checkpoint_*.pt, vqvae_metrics.jsonl,
 vqvae_config.json, vqvae_step_*.png), so the flow run can share checkpoints/ and samples/.
 """
@@ -35,8 +36,9 @@ def report(config, model, eval_loader, device, step: int) -> None:
     """Reconstruction quality of the trained weights on the evaluation images: printed and logged."""
     metrics = evaluate_reconstruction(model, eval_loader, device)
     source = config.eval_data_dir or config.data_dir
-    print(f"reconstruction on {metrics['images']} images of {source}"
-          f"{' (test split)' if config.dataset == 'cifar10' else ''}: PSNR {metrics['psnr']:.2f} dB, "
+    which = (" (test split)" if config.dataset == "cifar10" else
+             " (the training images: pass --eval_data_dir for held-out ones)" if config.eval_data_dir is None else "")
+    print(f"reconstruction on {metrics['images']} images of {source}{which}: PSNR {metrics['psnr']:.2f} dB, "
           f"MSE {metrics['mse']:.5f}, perplexity {metrics['perplexity']:.1f} of {config.codebook_size} codes, "
           f"code usage {100 * metrics['code_usage']:.1f}%")
     with open(run_file(config.checkpoint_dir, "vqvae", "metrics.jsonl"), "a") as f:

@@ -144,11 +144,13 @@ def test_psnr_of_images_in_minus_one_to_one():
 
 # ----------------------------------------------------------------------------- training
 
-def test_training_lowers_reconstruction_error_and_writes_everything(tmp_path):
+def test_training_lowers_reconstruction_error_and_writes_everything(tmp_path, capsys):
     data = write_smooth_folder(tmp_path / "images")
     flags = vq_flags(data, tmp_path) + ["--train_steps", "20", "--lr", "5e-3", "--sample_every", "20",
                                          "--grid_images", "3"]
     assert train_vqvae.main(flags) == 0
+    # No --eval_data_dir: the report is on the training images, and says so.
+    assert "(the training images: pass --eval_data_dir for held-out ones)" in capsys.readouterr().out
     records = read_metrics(tmp_path / "ckpt")
     train = [r for r in records if "mse" in r]
     for key in ("psnr", "perplexity", "code_usage", "commitment"):
