@@ -14,11 +14,24 @@ import os
 import signal
 from typing import Iterator, Tuple
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def load_image(path: str) -> Image.Image:
+    """ImageFolder's loader, but 16-bit images (PIL modes I;16*, I) are scaled to 8 bits first:
+    PIL's convert("RGB") clips them, which turns a 16-bit photo almost white."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    if image.mode.startswith("I"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def to_rgb(image):
@@ -69,7 +82,7 @@ def _image_folder(data_dir: str, transform, flag: str = "--data_dir") -> Dataset
         raise FileNotFoundError(f"{flag} {data_dir} is not a folder; an ImageFolder needs "
                                 f"one subfolder of images per class")
     try:
-        folder = datasets.ImageFolder(data_dir, transform=transform)
+        folder = datasets.ImageFolder(data_dir, transform=transform, loader=load_image)
     except (FileNotFoundError, OSError) as err:
         raise FileNotFoundError(f"{flag} {data_dir} is not a readable ImageFolder ({err}); it "
                                 f"needs one subfolder per class holding {'/'.join(IMAGE_EXTENSIONS)} files") from None

@@ -609,6 +609,20 @@ def test_image_folder_loader(tmp_path, mode, channels, size):
     assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_image_reads_as_its_8_bit_copy(tmp_path, channels):
+    """PIL's convert("RGB") clips 16-bit values (an image turned almost white); they are scaled instead."""
+    from PIL import Image
+    from data.datasets import build_image_dataset
+    gray = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    for name, image in (("a8", Image.fromarray(gray)), ("b16", Image.fromarray(gray.astype(np.uint16) * 257))):
+        os.makedirs(tmp_path / "imgs" / name)
+        image.save(tmp_path / "imgs" / name / "0.png")
+    assert Image.open(tmp_path / "imgs" / "b16" / "0.png").mode.startswith("I")
+    dataset, _ = build_image_dataset("imagefolder", str(tmp_path / "imgs"), 8, channels)
+    assert torch.equal(dataset[0][0], dataset[1][0])
+
+
 def test_flips_and_order_are_reproducible_and_resumable(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=2, per_class=6)
     config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": 8,
