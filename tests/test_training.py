@@ -366,6 +366,28 @@ class InfGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
+def test_the_other_ranks_wait_out_rank_zeros_grid_and_fid_on_the_long_barrier(tiny_flags, monkeypatch):
+    """Rank 0 alone draws grids and scores FID (up to an hour on a CPU); the other ranks must wait
+    for it on the long-timeout barrier, not in the next save's all-reduce, whose default timeout
+    (10 min NCCL, 30 min gloo) killed the run when an FID step was also a save step."""
+    from training import trainer as trainer_module
+    events = []
+    monkeypatch.setattr(trainer_module, "wait_for_all_ranks", lambda: events.append("wait"))
+    trainer, _ = tiny_trainer(tiny_flags, 8, train_steps=4, log_every=100, sample_every=2, save_every=2)
+
+    class Evaluator:
+        every = 2
+
+        def __call__(self, ema):
+            events.append(f"fid {trainer.step}")
+            return {}
+
+    monkeypatch.setattr(trainer.objective, "sample", lambda ema, path: events.append(f"grid {trainer.step}"))
+    trainer.evaluator = Evaluator()
+    trainer.fit()
+    assert events == ["grid 2", "wait", "fid 2", "wait", "grid 4", "wait", "fid 4", "wait"]
+
+
 @pytest.mark.parametrize("bad", ["loss", "gradient"])
 def test_non_finite_loss_or_gradient_stops_naming_the_step(tiny_flags, tmp_path, bad):
     """At step 5 the loss (or, under fp32 / bf16 where no GradScaler skips the step, only the gradient)

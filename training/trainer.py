@@ -269,6 +269,7 @@ class Trainer:
             grid = self.objective.sample(self.ema, run_file(self.config.sample_dir, kind, f"step_{self.step:07d}.png"))
             if self.writer is not None:
                 self.writer.add_image(f"{kind}/samples", grid, self.step, dataformats="HWC")
+        wait_for_all_ranks()   # the others wait out rank 0's work here, not in a short-timeout collective
 
     def _tensorboard(self):
         """A SummaryWriter in --checkpoint_dir/tensorboard (the package is imported only here)."""
@@ -403,9 +404,10 @@ class Trainer:
 
     def _evaluate(self, bar) -> None:
         self._check_finite()
-        metrics = self.evaluator(self.ema)
+        metrics = self.evaluator(self.ema)   # rank 0 alone scores: up to an hour on a CPU
         if self.dist.is_main:
             self._write_record({"step": self.step, **metrics}, bar)
+        wait_for_all_ranks()   # the others wait out rank 0's scoring here, not in a short-timeout collective
 
     def _write_record(self, record: Dict[str, Any], bar) -> None:
         """One line on stdout and one JSON line in metrics.jsonl (and TensorBoard scalars; rank 0 only)."""
