@@ -26,9 +26,9 @@ class VQVAEConfig(TrainConfig):
     downsample_factor: int = field(default=4, metadata={"help": "image side / latent side, a power of 2 (4: 32x32 -> 8x8)"})
     latent_channels: int = field(default=4, metadata={"help": "channels of the latent (the codebook vectors' size)"})
     codebook_size: int = field(default=512, metadata={"help": "number of codes K"})
-    codebook_decay: float = field(default=0.99, metadata={"help": "EMA decay of the codebook statistics per step"})
+    codebook_decay: float = field(default=0.99, metadata={"help": "EMA decay of the codebook statistics per forward pass (per micro-batch with --micro_batch_size: docs/vqvae.md)"})
     commitment_weight: float = field(default=0.25, metadata={"help": "weight of the commitment loss |z - sg(z_q)|^2"})
-    dead_code_threshold: float = field(default=1.0, metadata={"help": "a code whose EMA count of vectors per step falls below this is restarted on a random encoder output"})
+    dead_code_threshold: float = field(default=1.0, metadata={"help": "a code whose EMA count of vectors per forward pass falls below this is restarted on a random encoder output"})
     # Reconstruction grid and final report
     grid_images: int = field(default=8, metadata={"help": "images in the reconstruction grid (originals above, reconstructions below)"})
     eval_data_dir: Optional[str] = field(default=None, metadata={"help": "images for the final reconstruction report: an ImageFolder root (e.g. a test folder) or, for cifar10, a download folder whose test split is used; none = --data_dir (its test split for cifar10)"})
