@@ -73,7 +73,12 @@ def _converter(tp: Any):
     def parse(text: str):
         if optional and text.lower() == "none":
             return None
-        value = convert(text)
+        try:
+            value = convert(text)
+        except argparse.ArgumentTypeError:
+            if base is bool and optional:
+                raise argparse.ArgumentTypeError(f"expected true, false or none, got {text!r}") from None
+            raise
         if choices is not None and value not in choices:
             raise argparse.ArgumentTypeError(
                 f"invalid choice {text!r} (choose from {', '.join(map(str, choices))})")

@@ -97,6 +97,7 @@ def test_presets_apply_before_flags():
     (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
     (["--class_dropout_prob", "0"], "--cfg_scale 3.0 would guide"),
     (["--in_channels", "4"], "--in_channels must be 3 (RGB) or 1 (grayscale), got 4"),
+    (["--compile", "maybe"], "argument --compile: expected true, false or none, got 'maybe'"),
     (["--hidden_size", "66", "--num_heads", "2"], "--hidden_size 66 must be divisible by 4"),
     (["--mlp_ratio", "0.001"], "--mlp_ratio 0.001 leaves the MLP no hidden unit"),
     (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
