@@ -152,12 +152,13 @@ def test_fp16_trains_with_a_grad_scaler_and_resumes_exactly(tiny_flags, tmp_path
     assert all(torch.isfinite(v).all() for v in full["model"].values())
 
 
-def test_compiled_model_saves_unwrapped_weights(tiny_flags, tmp_path, monkeypatch):
-    """--compile true (the eager backend here: no C++ toolchain needed) saves weights without the
-    `_orig_mod.` prefix, which load into a plain DiT2D and resume."""
+@pytest.mark.parametrize("mode", ["default", "blocks"])
+def test_compiled_model_saves_unwrapped_weights(tiny_flags, tmp_path, monkeypatch, mode):
+    """--compile true (the eager backend here: no C++ toolchain needed), whole model or per block,
+    saves weights without the `_orig_mod.` prefix, which load into a plain DiT2D and resume."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager"))
-    flags = tiny_flags + ["--compile", "true", "--save_every", "100"]
+    flags = tiny_flags + ["--compile", "true", "--compile_mode", mode, "--save_every", "100"]
     assert train_flow_matching.main(flags + ["--train_steps", "2"]) == 0
     final = load(os.path.join(flag_value(tiny_flags, "--checkpoint_dir"), "flow_matching_final.pt"))
     for key in ("model", "ema"):
