@@ -61,7 +61,7 @@ if [ "$SMOKE" = 1 ]; then
     VQ="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --num_workers 0 --eval_images 4 --device cpu"
     LATENT="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --num_workers 0 --device cpu"
     GEN="--num_samples 4 --batch_size 4 --num_steps 2 --device cpu"
-    KERNELS="$MODEL --batch_size 4 --sample_batch 4 --iters 1 --repeats 1"; SAMPLE_BATCHES="--batch_sizes 2"
+    KERNELS="$MODEL --batch_size 4 --sample_batch 4 --iters 1 --repeats 1"; SAMPLE_BATCHES="--batch_sizes 3"
 else
     DEV=cuda
     MODEL=""; BATCH=128; STEPS="--steps 15 --windows 3 --warmup 5"

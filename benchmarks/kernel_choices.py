@@ -13,7 +13,8 @@ cut, and this script times the candidates alone, before any model change:
   compiled (inductor fuses bias and GELU into one elementwise pass: the model's compiled path), and
   cuBLASLt's GELU epilogue (`torch._addmm_activation`: the GEMM writes gelu(x W^T + b), no second
   pass over the (rows, 4 D) activation; no derivative, so sampling only). On a CPU the epilogue's
-  GELU is the exact one, which the error column shows.
+  GELU is the exact one (within bf16 rounding of the tanh one); PyTorch falls back to a GEMM and a
+  separate GELU where cuBLASLt's epilogue does not apply, which its time would show.
 Each row: median milliseconds of --iters calls (--repeats timings), TFLOP/s of the counted matmul
 FLOPs (attention 4 B H N^2 Dh forward, twice that backward; GEMM 2 M K N), and the output's largest
 error against an fp32 reference, relative to the reference's largest value. A backend that cannot

@@ -184,8 +184,8 @@ def parse(argv):
         if "ema" in args.weights:
             bench.error("--weights ema: the peer pipeline keeps no EMA; use --weights raw")
         preset = parse_flow_matching_config(["--preset", PRESET, *data])
-        unused = [f"--{k}" for k, v in dataclasses.asdict(config).items()
-                  if v != getattr(preset, k) and k not in PEER_FLAGS]
+        unused = [f"--{k}" for k, v in dataclasses.asdict(config).items()   # compile follows --device
+                  if v != getattr(preset, k) and k not in PEER_FLAGS + ("compile", "compile_mode")]
         if unused:
             bench.error(f"{' '.join(unused)}: the peer pipeline does not use these; it takes "
                         f"{' '.join('--' + k for k in PEER_FLAGS)}")

@@ -43,7 +43,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="forward precision")
     p.add_argument("--compile_modes", nargs="+", default=None, choices=COMPILE_MODES,
                    help="each measured: none = eager, else torch.compile(model, mode=..., dynamic=False) "
-                        "(reduce-overhead replays CUDA graphs) (default: default with --compile true, else none)")
+                        "(reduce-overhead replays CUDA graphs) (default: default where the config compiles: "
+                        "--compile true, or the default none on CUDA; else none)")
     p.add_argument("--extrapolate_to", type=int, default=0, help="also print the time for this many samples (linear)")
     p.add_argument("--profile", default=None, metavar="TABLE",
                    help="also profile one batch of the last setting: kernel time vs wall (the gaps); kernels' table to this file")
@@ -77,11 +78,13 @@ def main(argv=None) -> int:
             cfg_scale = config.cfg_scale if mode == "guided" and config.num_classes else 1.0
 
             def generate(count):
-                """The images of generate_flow_matching.py (its noise, labels, solver, interval, shift); NFE."""
+                """The images of generate_flow_matching.py (its noise, labels, solver, interval, shift, and a
+                compiled model's padded last batch); NFE."""
                 return generate_images(
                     net, labels[:count], shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
                     num_steps=num_steps, sampler=config.sampler, cfg_scale=cfg_scale, guidance_interval=interval,
-                    time_shift=config.time_shift, batch_size=batch_size, autocast_dtype=autocast, device=device)[1]
+                    time_shift=config.time_shift, batch_size=batch_size, autocast_dtype=autocast, device=device,
+                    pad_last_batch=compile_mode != "none")[1]
 
             warm_start = time.perf_counter()
             generate(min(batch_size, args.num_samples))  # warm-up and compilation

@@ -108,9 +108,10 @@ class FlowMatchingConfig(TrainConfig):
         if self.hidden_size % 4:
             raise ValueError(f"--hidden_size {self.hidden_size} must be divisible by 4: the 2D sin-cos positions "
                              f"give a quarter of the channels to each of sin and cos of rows and of columns")
-        if int(self.hidden_size * self.mlp_ratio) < 1:
-            raise ValueError(f"--mlp_ratio {self.mlp_ratio} leaves the MLP no hidden unit at --hidden_size "
-                             f"{self.hidden_size}")
+        inner = self.hidden_size * self.mlp_ratio * (2 / 3 if self.mlp == "swiglu" else 1)   # as models/layers.py
+        if int(inner) < 1:
+            raise ValueError(f"--mlp_ratio {self.mlp_ratio} leaves the {self.mlp} MLP no hidden unit at "
+                             f"--hidden_size {self.hidden_size}")
         if self.positions != "sincos" and (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"--positions {self.positions} rotates pairs of each head's channels by rows and by "
                              f"columns: the head dimension --hidden_size / --num_heads = "

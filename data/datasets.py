@@ -23,6 +23,11 @@ from torchvision import datasets, transforms
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+# What an image file decodes to (load_image): part of listing_fingerprint, so the caches of decoded
+# images, latents and FID statistics are made again when it changes. 2: 16-bit images scaled.
+IMAGE_DECODER = 2
+
+
 def load_image(path: str) -> Image.Image:
     """ImageFolder's loader, but 16-bit images (PIL modes I;16*, I) are scaled to 8 bits first:
     PIL's convert("RGB") clips them, which turns a 16-bit photo almost white."""
@@ -93,10 +98,13 @@ def _image_folder(data_dir: str, transform, flag: str = "--data_dir") -> Dataset
 
 
 def listing_fingerprint(dataset: Dataset, root: str) -> str:
-    """SHA-256 of an ImageFolder's files (relative path, label, size, mtime), which caches of the
-    folder are keyed on: a file added, removed, relabelled or rewritten makes a new cache. Datasets
-    without a file list (CIFAR-10's fixed pickles) hash their length only."""
+    """SHA-256 of an ImageFolder's files (relative path, label, size, mtime) and IMAGE_DECODER, which
+    caches of the folder are keyed on: a file added, removed, relabelled or rewritten, or decoded
+    differently, makes a new cache. Datasets without a file list (CIFAR-10's fixed pickles) hash
+    their length only."""
     files = hashlib.sha256(f"{len(dataset)}\n".encode())
+    if hasattr(dataset, "samples"):
+        files.update(f"decoder {IMAGE_DECODER}\n".encode())
     for path, label in getattr(dataset, "samples", []):
         stat = os.stat(path)
         files.update(f"{os.path.relpath(path, root)}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())

@@ -78,6 +78,11 @@ def test_decoded_dataset_is_cached_and_reused(tmp_path, monkeypatch):
     # A file added to the folder: another key, so the next run decodes again instead of serving stale data.
     shutil.copy(os.path.join(config.data_dir, "class_0", "0.png"), os.path.join(config.data_dir, "class_0", "new.png"))
     assert dl.cache_path(config, listing_fingerprint(dl.uint8_dataset(config)[0], config.data_dir)) != path
+    # The image decoder changed (as when 16-bit images came to be scaled): another key as well.
+    import data.datasets as datasets_module
+    before = listing_fingerprint(dl.uint8_dataset(config)[0], config.data_dir)
+    monkeypatch.setattr(datasets_module, "IMAGE_DECODER", datasets_module.IMAGE_DECODER + 1)
+    assert listing_fingerprint(dl.uint8_dataset(config)[0], config.data_dir) != before
 
 
 def test_auto_picks_the_device_loader_when_the_dataset_fits(tmp_path, monkeypatch):
@@ -274,3 +279,25 @@ def test_counted_flops_match_the_model_arithmetic():
     assert forward == L * block + embed + final
     train = count_flops_per_image(config, backward=True)
     assert 2.9 * forward < train <= 3 * forward
+
+
+def test_sample_throughput_times_compiled_batches_at_one_shape(monkeypatch, capsys):
+    """The benchmark's compiled sampling pads its last batch as generation does (10 samples at
+    batch 4: no third batch shape to compile inside the timed loop); eager sampling does not."""
+    from benchmarks import sample_throughput
+    rows = {}
+
+    def recorder(model, **kwargs):
+        seen = rows.setdefault(kwargs.get("mode"), set())
+
+        def compiled(*args):
+            seen.add(len(args[0]))
+            return model(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recorder)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    assert sample_throughput.main(["--preset", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
+                                   "--image_size", "8", "--device", "cpu", "--num_samples", "10", "--batch_sizes", "4",
+                                   "--cfg_modes", "guided", "--num_steps", "1", "--compile_modes", "default"]) == 0
+    assert rows == {"default": {8}}   # CFG: 2 x 4 rows, the last batch of 2 padded

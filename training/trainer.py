@@ -551,9 +551,9 @@ class Trainer:
     def _stop_on_signal(self) -> None:
         path = periodic_checkpoint(self.config.checkpoint_dir, self.objective.kind, self.step)
         signum = self.stop_signal or signal.SIGTERM
-        if self.posthoc_emas:  # the post-hoc EMA at this checkpoint's step needs this step's snapshot
-            self._snapshot()
         try:
+            if self.posthoc_emas:  # the post-hoc EMA at this checkpoint's step needs this step's snapshot
+                self._snapshot()
             self._save(path, required=True)
         except OSError as err:   # a requeued --resume latest would silently go back to an older one
             raise RunFailed(f"stopped by {signal.Signals(signum).name} after step {self.step}, but its checkpoint "
