@@ -288,3 +288,16 @@ class LatentSpace:
         if ckpt.get("latent", {}).get("vqvae_fingerprint") != self.fingerprint:
             raise ValueError(f"{path} was trained on the latents of another VQ-VAE than "
                              f"--vqvae_checkpoint; pass the VQ-VAE it was trained with")
+
+    def check_resumes(self, ckpt: Dict, path: str) -> None:
+        """check_trained_on, and the same normalization: the per-channel statistics come from the
+        training data, so a resume on other data would shift the space the model has learned."""
+        self.check_trained_on(ckpt, path)
+        now = self.state()
+        for key in ("mean", "std"):
+            before = ckpt["latent"][key].float()
+            if not torch.allclose(now[key], before, rtol=1e-4, atol=1e-6):
+                raise ValueError(f"{path} normalized its latents with a per-channel {key} of "
+                                 f"{[round(v, 4) for v in before.tolist()]}; the data found now gives "
+                                 f"{[round(v, 4) for v in now[key].tolist()]}: resume on the data the run "
+                                 f"started on (--data_dir)")
