@@ -15,7 +15,7 @@ import torch
 
 from configs.cli import parse_config
 from configs.train_config import TrainConfig
-from utils.validation import check_fid_sample_count, check_guidance_interval
+from utils.validation import check_fid_sample_count, check_guidance_interval, mlp_inner_width
 
 # Fields that fix the network's shape: a checkpoint only loads into a config that agrees on them.
 ARCHITECTURE_FIELDS = ("image_size", "in_channels", "num_classes", "patch_size", "hidden_size",
@@ -108,10 +108,7 @@ class FlowMatchingConfig(TrainConfig):
         if self.hidden_size % 4:
             raise ValueError(f"--hidden_size {self.hidden_size} must be divisible by 4: the 2D sin-cos positions "
                              f"give a quarter of the channels to each of sin and cos of rows and of columns")
-        inner = self.hidden_size * self.mlp_ratio * (2 / 3 if self.mlp == "swiglu" else 1)   # as models/layers.py
-        if int(inner) < 1:
-            raise ValueError(f"--mlp_ratio {self.mlp_ratio} leaves the {self.mlp} MLP no hidden unit at "
-                             f"--hidden_size {self.hidden_size}")
+        mlp_inner_width(self.hidden_size, self.mlp_ratio, self.mlp)
         if self.positions != "sincos" and (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"--positions {self.positions} rotates pairs of each head's channels by rows and by "
                              f"columns: the head dimension --hidden_size / --num_heads = "

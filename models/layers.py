@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.precision import Linear, attention
+from utils.validation import mlp_inner_width
 
 
 # ----------------------------------------------------------------------------- norm
@@ -207,7 +208,7 @@ class Mlp(nn.Module):
 
     def __init__(self, hidden_size: int, mlp_ratio: float):
         super().__init__()
-        inner = int(hidden_size * mlp_ratio)
+        inner = mlp_inner_width(hidden_size, mlp_ratio, "gelu")
         self.fc1 = Linear(hidden_size, inner)
         self.fc2 = Linear(inner, hidden_size)
 
@@ -225,7 +226,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, mlp_ratio: float):
         super().__init__()
-        inner = int(2 * hidden_size * mlp_ratio / 3)
+        inner = mlp_inner_width(hidden_size, mlp_ratio, "swiglu")
         self.fc1 = Linear(hidden_size, 2 * inner)
         self.fc2 = Linear(inner, hidden_size)
 

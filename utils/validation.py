@@ -8,6 +8,16 @@ def check_guidance_interval(start: float, end: float, flag: str = "--guidance_in
         raise ValueError(f"{flag} must satisfy 0 <= A <= B <= 1, got {start:g} {end:g}")
 
 
+def mlp_inner_width(hidden_size: int, mlp_ratio: float, mlp: str) -> int:
+    """The feed-forward branch's inner width (models/layers.py builds it, the config checks it at parse
+    time): mlp_ratio * hidden_size for the GELU MLP, 2/3 of that for SwiGLU, whose three matrices then
+    hold as many parameters as the GELU MLP's two."""
+    inner = int(2 * hidden_size * mlp_ratio / 3) if mlp == "swiglu" else int(hidden_size * mlp_ratio)
+    if inner < 1:
+        raise ValueError(f"--mlp_ratio {mlp_ratio} leaves the {mlp} MLP no hidden unit at --hidden_size {hidden_size}")
+    return inner
+
+
 def check_fid_sample_count(count: int, flag: str) -> None:
     """FID needs a covariance of the features: at least two images."""
     if count < 2:
