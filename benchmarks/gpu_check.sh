@@ -8,6 +8,8 @@
 #   here:         bash benchmarks/gpu_prepare.sh speedrun
 #   device tool:  run(command="bash benchmarks/gpu_check.sh speedrun", carry=[".gpu"], timeout_s=600)
 #   second call:  GPU_CHECK_BUDGET=420 bash benchmarks/gpu_check.sh extra   # what the first job left out
+#   on another card than the H200 of 2026-12-04 (an H100, say): ... gpu_check.sh baseline extra, so
+#   that extra's rows meet the rows they are compared with on the same card
 #   CPU smoke:    SMOKE=1 bash benchmarks/gpu_check.sh speed speedrun    # every stage at toy sizes (tests/test_gpu_check.py)
 #
 # speed: DiT-B/2 bf16 training at batch 128 (benchmarks/train_throughput.py: images/s, MFU, memory),
@@ -23,6 +25,8 @@
 #   stream's step, the MeanFlow step (eager), Muon's and fp16's steps and a few steps of VQ-VAE,
 #   latent flow and generation (paths no GPU has run yet), and max-autotune-no-cudagraphs training
 #   and sampling.
+# baseline: the rows extra's figures are read against, each again on this card: DiT-B/2 training
+#   compiled per block (the default) and compiled sampling at batch 1000.
 # speedrun: benchmarks/speedrun.py: $SPEEDRUN_PRESET (default cifar10_speedrun) trained for
 #   $SPEEDRUN_BUDGET seconds (default 240) from process start, then FID of 10,000 samples against the
 #   50,000 CIFAR-10 train images on the GPU.
@@ -149,6 +153,14 @@ extra() {   # what the first H200 job (2026-12-04) left unmeasured, most wanted 
             --compile_modes max-autotune-no-cudagraphs --extrapolate_to 50000 --json "$JSON"; }
 }
 
+baseline() {   # extra's reference rows on this card (the speed stage measures them and more)
+    fits "train compiled per block" && { step "baseline: train, --compile true --compile_mode blocks"
+        train blocks "$MODEL" --compile true --compile_mode blocks; }
+    fits "sample compiled" && { step "baseline: sample, midpoint 17 (34 NFE), CFG 1.5, bf16, batch 1000, compiled"
+        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE --cfg_modes guided \
+            --compile_modes default --extrapolate_to 50000 --json "$JSON"; }
+}
+
 torchrun_steps() {
     if [ -z "$DATA" ]; then
         step "torchrun skipped: no $GPU_DIR/cifar10_train.tar.gz"
@@ -199,11 +211,11 @@ speedrun() {
 
 for stage in $STAGES; do
     case "$stage" in
-        speed|speedrun|extra) "$stage" ;;
+        speed|speedrun|extra|baseline) "$stage" ;;
         torchrun) torchrun_steps ;;
         sample_graphs) sample_graphs ;;
         latent) latent_steps ;;
-        *) echo "unknown stage $stage: use speed, extra, speedrun, torchrun, sample_graphs, latent"; exit 2 ;;
+        *) echo "unknown stage $stage: use speed, extra, baseline, speedrun, torchrun, sample_graphs, latent"; exit 2 ;;
     esac
 done
 step "table"

@@ -65,3 +65,20 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
         assert "| speedrun repo tiny" in table
     else:
         assert "speedrun skipped: no FID Inception weights" in log
+
+
+def test_baseline_stage_measures_the_rows_extra_is_read_against(tmp_path):
+    """On another card than the first job's, `baseline extra` puts the compiled training step and
+    compiled sampling at full batch beside extra's rows, so ratios never cross cards."""
+    out = tmp_path / "out"
+    env = dict(os.environ, SMOKE="1", GPU_DIR=str(tmp_path / "none"), OUT=str(out), GPU_CHECK_BUDGET="100000",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "baseline"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and "Traceback" not in log, log[-3000:]
+    with open(out / "gpu_check.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["bench"], r["config"]["compile"], r["config"]["compile_mode"]) for r in rows if r["bench"] == "train"] \
+        == [("train", True, "blocks")]
+    assert [(r["compile_mode"], r["batch_size"]) for r in rows if r["bench"] == "sample"] == [("default", 4)]
