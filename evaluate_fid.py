@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -107,16 +108,20 @@ def validate(args) -> None:
     folder = os.path.dirname(os.path.abspath(args.output_jsonl))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ValueError(f"--output_jsonl {args.output_jsonl}: {folder} is not a writable folder")
+    if os.path.isdir(args.output_jsonl) or (os.path.exists(args.output_jsonl) and not os.access(args.output_jsonl, os.W_OK)):
+        raise ValueError(f"--output_jsonl {args.output_jsonl} is a folder or a read-only file: name a file to append "
+                         f"the rows to")
 
 
 def load_npz(path: str, num_samples) -> np.ndarray:
     if not os.path.isfile(path):
         raise ValueError(f"--samples {path} does not exist; write one with generate_flow_matching.py --save_npz")
     try:
-        with np.load(path) as data:
+        with np.load(path) as data:   # a .npy renamed .npz loads as an array: not a context manager (TypeError)
             images = data["images"]
-    except (KeyError, ValueError, OSError) as err:
-        raise ValueError(f"--samples {path} is not a samples.npz with an 'images' array ({err})") from None
+    except (KeyError, ValueError, OSError, TypeError, zipfile.BadZipFile) as err:
+        raise ValueError(f"--samples {path} is not a samples.npz with an 'images' array "
+                         f"({type(err).__name__}: {err}); write one with generate_flow_matching.py --save_npz") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[1] != images.shape[2]:
         raise ValueError(f"--samples {path}: 'images' must be uint8 (N, H, H, C) with C = 1 or 3, got "
                          f"{images.dtype} {images.shape}")

@@ -353,8 +353,8 @@ def sample(model: Callable, noise: torch.Tensor, y: Optional[torch.Tensor], *, n
 
 def sample_seed(seed: int, index: int) -> int:
     """A distinct 63-bit seed for each (seed, sample index) pair."""
-    assert 0 <= index < 2 ** 31
-    return ((seed % 2 ** 32) << 31) | index
+    assert 0 <= seed < 2 ** 32 and 0 <= index < 2 ** 31   # seeds are checked where they enter (check_seed)
+    return (seed << 31) | index
 
 
 def per_sample_noise(seed: int, indices: Sequence[int], shape: Sequence[int],

@@ -37,9 +37,11 @@ import torch
 
 from configs.cli import ArgumentParser
 from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
+from utils.checkpoint import write_atomically
 from utils.distributed import wait_for_all_ranks
 from utils.launch import launch
 from utils.images import make_grid, save_image
+from utils.validation import check_writable
 
 MAX_GRID_IMAGES = 256
 SAMPLE_NAME = re.compile(r"\d{6}(_class\d+)?\.png")  # write_images' names
@@ -57,15 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_npz", action="store_true", help="also write samples.npz (the input of FID tools)")
     add_sampling_flags(p, sweep=False)
     return p
-
-
-def check_writable(folder: str) -> None:
-    """ValueError unless `folder` exists writable or could be created (nothing is created)."""
-    probe = os.path.abspath(folder)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise ValueError(f"--output_dir {folder} cannot be written ({probe} is not a writable folder)")
 
 
 def plan_labels(args, num_classes: int) -> torch.Tensor:
@@ -95,7 +88,7 @@ def validate(args) -> None:
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     check_sampling_flags(args, sweep=False)
-    check_writable(args.output_dir)
+    check_writable(args.output_dir, f"--output_dir {args.output_dir}")
 
 
 def generate(args, dist) -> None:
@@ -127,7 +120,9 @@ def generate(args, dist) -> None:
     shown = images if args.class_grid else images[:MAX_GRID_IMAGES]
     save_image(make_grid(shown, nrow), os.path.join(args.output_dir, "grid.png"))
     if args.save_npz:
-        np.savez(os.path.join(args.output_dir, "samples.npz"), images=images, labels=labels.numpy())
+        # Atomic: a run killed mid-write leaves no truncated samples.npz for a FID tool to read.
+        write_atomically(os.path.join(args.output_dir, "samples.npz"),
+                         lambda f: np.savez(f, images=images, labels=labels.numpy()))
     seconds = time.perf_counter() - start
     print(f"{n} samples, {nfe} NFE per sample ({sampler}, {num_steps} steps, time_shift {time_shift:g}, cfg_scale "
           f"{cfg_scale}, guidance_interval {guidance_interval or 'all t'}), "

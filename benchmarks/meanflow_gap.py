@@ -29,6 +29,7 @@ from evaluation import fid  # noqa: E402
 from models.dit_2d import input_shape  # noqa: E402
 from rebuild import load_flow_model  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
+from utils.validation import check_seed  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,10 @@ def main(argv=None) -> int:
     if args.num_samples < 1 or args.reference_steps < 1 or min(args.jumps) < 1:
         p.error(f"--num_samples, --reference_steps and --jumps must be >= 1, got {args.num_samples}, "
                 f"{args.reference_steps}, {args.jumps}")
+    try:
+        check_seed(args.seed)
+    except ValueError as err:
+        p.error(str(err))
     device = resolve_device(args.device)
     loaded = []
     for path in args.checkpoints:  # all of them before any work: a bad one fails at once

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from utils.validation import parse_sigma_rels
+from utils.validation import check_seed, parse_sigma_rels
 
 
 @dataclass
@@ -73,8 +73,7 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2 ** 32:   # data orders are seeded by seed * 1_000_003 + epoch (int64)
-            raise ValueError(f"--seed must be in [0, 2^32), got {self.seed}")
+        check_seed(self.seed)
         if not 0.0 <= self.muon_momentum < 1.0:
             raise ValueError(f"--muon_momentum must be in [0, 1), got {self.muon_momentum}")
         for name in ("adam_beta1", "adam_beta2"):

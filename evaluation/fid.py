@@ -154,6 +154,9 @@ class InceptionFeatures(torch.nn.Module):
             source = weights_path
             if weights_path is not None:
                 state = read_weights(weights_path)
+                # Cached reference statistics key on the weights themselves: another file that fits
+                # the network (the compact form, a different checkpoint) gets statistics of its own.
+                self.name = f"{InceptionFeatures.name}-{weights_fingerprint(state)}"
                 if COMPACT_MARKER in state:
                     # torch-fidelity builds its network and loads the weights from a path in one
                     # call, so the fp32 form goes through a file that lives as long as the call.
@@ -173,6 +176,21 @@ class InceptionFeatures(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)[0]
+
+
+def weights_fingerprint(state: Dict[str, object]) -> str:
+    """A short hash of a state dict's names, dtypes, shapes and values."""
+    digest = hashlib.sha1()
+    for key in sorted(state):
+        value = state[key]
+        digest.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()[:12]
 
 
 @contextlib.contextmanager

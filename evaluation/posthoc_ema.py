@@ -34,7 +34,7 @@ import torch
 
 from configs.cli import ArgumentParser, finite_float
 from utils.checkpoint import FINAL_NAMES, is_training_checkpoint_name, run_file, save_checkpoint, start_checkpoint
-from utils.validation import MAX_SIGMA_REL, check_sigma_rel
+from utils.validation import MAX_SIGMA_REL, check_sigma_rel, check_writable
 
 SNAPSHOT_DIR = "ema_snapshots"
 SNAPSHOT_PATTERN = "ema_{step:07d}.pt"
@@ -192,6 +192,9 @@ def main(argv=None) -> int:
         p.error(f"-o {args.output} is a training checkpoint's name: writing there would replace a run's "
                 f"weights and optimizer state; choose another name (e.g. ema_{args.sigma_rel:g}.pt)")
     try:
+        if os.path.isdir(args.output):
+            raise ValueError(f"-o {args.output} is a folder: name the checkpoint file to write")
+        check_writable(os.path.dirname(os.path.abspath(args.output)), f"-o {args.output}")   # before the work
         ckpt = reconstruct(args.run, args.sigma_rel, args.at_step, args.kind, verbose=True)
     except ValueError as err:
         p.error(str(err))

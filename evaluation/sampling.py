@@ -28,7 +28,7 @@ from models.dit_2d import input_shape
 from models.vqvae import LatentSpace
 from rebuild import load_flow_model, load_latent_space
 from utils.images import to_uint8
-from utils.validation import check_guidance_interval
+from utils.validation import check_guidance_interval, check_seed
 
 
 def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[int], num_classes: int,
@@ -140,6 +140,7 @@ def check_sampling_flags(args, sweep: bool) -> None:
         check_guidance_interval(*args.guidance_interval)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    check_seed(args.seed)
 
 
 @dataclass

@@ -155,6 +155,10 @@ def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder,
     (["--samples", "NPZ", "--ref_data_dir", "ROOT"], "--ref_data_dir ROOT holds the splits test, train, not classes"),
     (["--images", "ROOT", "--ref_data_dir", "REF"], "--images ROOT holds the splits test, train, not classes"),
     (["--samples", "NPZ", "--ref_data_dir", "REF/class_0"], "--ref_data_dir REF/class_0 is not a readable ImageFolder"),
+    # what a generate run killed mid-write used to leave, and a .npy under the npz's name
+    (["--samples", "TRUNCATED", "--ref_data_dir", "REF"], "is not a samples.npz with an 'images' array (BadZipFile"),
+    (["--samples", "NPY", "--ref_data_dir", "REF"], "is not a samples.npz with an 'images' array (TypeError"),
+    (["--samples", "NPZ", "--ref_data_dir", "REF", "JSONL_IS_A_FOLDER"], "fid.jsonl is a folder or a read-only file"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(stand_in, folder, tmp_path, capsys, flags, expected):
     npz = tmp_path / "samples.npz"
@@ -162,7 +166,14 @@ def test_bad_input_is_one_line_and_exit_code_2(stand_in, folder, tmp_path, capsy
     root = tmp_path / "cifar"   # a dataset root: its subfolders are splits
     for split in ("train", "test"):
         write_image_folder(root / split, classes=2, per_class=2, size=(8, 8))
-    subst = {"NPZ": str(npz), "REF": folder, "ROOT": str(root)}
+    truncated, npy = tmp_path / "truncated.npz", tmp_path / "array.npz"
+    truncated.write_bytes(npz.read_bytes()[:len(npz.read_bytes()) // 2])
+    with open(npy, "wb") as f:
+        np.save(f, random_images(2, 0))
+    if "JSONL_IS_A_FOLDER" in flags:
+        flags = [f for f in flags if f != "JSONL_IS_A_FOLDER"]
+        (tmp_path / "fid.jsonl").mkdir()
+    subst = {"NPZ": str(npz), "REF": folder, "ROOT": str(root), "TRUNCATED": str(truncated), "NPY": str(npy)}
     flags = [subst.get(f, f.replace("REF", folder)) for f in flags]
     expected = expected.replace("ROOT", str(root)).replace("REF", folder)
     try:

@@ -114,8 +114,10 @@ def test_fid_with_the_compact_weights_equals_fid_with_the_fp32_weights(tmp_path)
     sets = [fid.ImageSet("imagefolder", os.path.join(CIFAR10, split), 32, num_images=NUM_IMAGES)
             for split in ("train", "test")]
     scores = []
+    names = [fid.InceptionFeatures(weights).name]
     for path in (weights, str(compact)):
         net = fid.InceptionFeatures(path)
+        names.append(net.name)
         assert {p.dtype for p in net.parameters()} == {torch.float32}
         stats = [fid.image_set_statistics(s, net, batch_size=50)[0] for s in sets]
         scores.append(fid.frechet_distance(*stats))
@@ -123,3 +125,14 @@ def test_fid_with_the_compact_weights_equals_fid_with_the_fp32_weights(tmp_path)
     print(f"FID {NUM_IMAGES} vs {NUM_IMAGES}: fp32 {full:.4f}, compact {half:.4f}, "
           f"relative {(half - full) / full:+.2e}")
     assert full > 1 and half == pytest.approx(full, rel=1e-3)
+    # Cached reference statistics key on the extractor's name: one per weights, the same per file.
+    assert names[0] == names[1] != names[2]
+
+
+def test_the_weights_fingerprint_follows_every_value_and_name():
+    state = stand_in_weights()
+    base = fid.weights_fingerprint(state)
+    assert fid.weights_fingerprint(dict(state)) == base
+    nudged = dict(state, **{"Mixed_7c.branch_pool.conv.weight": state["Mixed_7c.branch_pool.conv.weight"] * 1.01})
+    renamed = {("x" + k if k.startswith("fc.") else k): v for k, v in state.items()}
+    assert len({base, fid.weights_fingerprint(nudged), fid.weights_fingerprint(renamed)}) == 3

@@ -55,6 +55,17 @@ def test_random_samples_write_grid_images_and_npz(checkpoint, tmp_path, capsys):
     assert "2 NFE per sample" in out and "samples.npz" in out
 
 
+def test_a_run_killed_while_writing_the_npz_leaves_no_partial_file(checkpoint, tmp_path, monkeypatch):
+    def savez_then_die(file, **arrays):   # the first bytes land, then the process is stopped
+        (open(file, "wb") if isinstance(file, str) else file).write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez", savez_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint, tmp_path, "--num_samples", "2", "--save_npz")
+    assert not (tmp_path / "samples.npz").exists()
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("samples.npz")]
+
+
 def test_class_label(checkpoint, tmp_path):
     assert run(checkpoint, tmp_path, "--num_samples", "4", "--class_label", "2", "--save_npz") == 0
     assert npz(tmp_path)[1].tolist() == [2, 2, 2, 2]
@@ -154,6 +165,7 @@ def truncated(checkpoint, tmp_path):
     ("shift_inf", "--time_shift: must be a finite number, got 'inf'"),
     ("untrained_null", "--cfg_scale 4.0 guides with the null label, which this model never trained"),
     ("grid_and_label", "--class_grid draws every class; it cannot be combined with --class_label 1"),
+    ("seed_wide", "--seed must be in [0, 2^32), got 4294967296"),   # would alias --seed 0's noise
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpoint, tmp_path, capsys, case, needle):
     out = tmp_path / "out"
@@ -178,6 +190,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpo
         "shift_inf": ["--checkpoint", checkpoint, "--time_shift", "inf"],
         "untrained_null": ["--checkpoint", without_label_dropout(checkpoint, tmp_path), "--cfg_scale", "4"],
         "grid_and_label": ["--checkpoint", checkpoint, "--class_grid", "--class_label", "1"],
+        "seed_wide": ["--checkpoint", checkpoint, "--seed", str(2 ** 32)],
     }[case]
     if case != "output":
         argv += ["--output_dir", str(out)]

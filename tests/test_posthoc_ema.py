@@ -130,16 +130,21 @@ def test_cli_writes_a_checkpoint_generate_samples_from(posthoc_run, tmp_path, ca
     assert glob.glob(str(tmp_path / "gen" / "*.png"))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sigma_rel", "0.3"], "--sigma_rel must be in (0, 0.2887)"),
-    (["--sigma_rel", "0.07", "--at_step", "5"], "no EMA snapshot at step 5"),
+@pytest.mark.parametrize("args, output, message", [
+    (["--sigma_rel", "0.3"], "x.pt", "--sigma_rel must be in (0, 0.2887)"),
+    (["--sigma_rel", "0.07", "--at_step", "5"], "x.pt", "no EMA snapshot at step 5"),
+    # refused before the reconstruction, not with a traceback after it
+    (["--sigma_rel", "0.07"], "a_file/x.pt", "a_file is not a writable folder"),
+    (["--sigma_rel", "0.07"], "", "is a folder: name the checkpoint file to write"),
 ])
-def test_cli_bad_input_is_one_clear_line(posthoc_run, tmp_path, capsys, args, message):
+def test_cli_bad_input_is_one_clear_line(posthoc_run, tmp_path, capsys, args, output, message):
     _, run = posthoc_run
+    (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(SystemExit) as exit_info:
-        posthoc_ema.main([run, *args, "-o", str(tmp_path / "x.pt")])
+        posthoc_ema.main([run, *args, "-o", str(tmp_path / output)])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "profile fit error" not in err
 
 
 def test_a_run_without_snapshots_is_a_clear_error_and_keeps_no_extra_emas(tiny_flags, tmp_path, capsys):

@@ -1,6 +1,8 @@
 """Value rules that several layers check (the configs, the scripts' flags, the sampler, the
 benchmarks), each written once: a ValueError that names the flag and the values it got."""
 
+import os
+
 
 def check_guidance_interval(start: float, end: float, flag: str = "--guidance_interval A B") -> None:
     """CFG applies while start <= t <= end, an interval inside the flow's time [0, 1]."""
@@ -16,6 +18,23 @@ def mlp_inner_width(hidden_size: int, mlp_ratio: float, mlp: str) -> int:
     if inner < 1:
         raise ValueError(f"--mlp_ratio {mlp_ratio} leaves the {mlp} MLP no hidden unit at --hidden_size {hidden_size}")
     return inner
+
+
+def check_writable(folder: str, flag: str) -> None:
+    """ValueError unless `folder` exists writable or could be created (nothing is created), checked
+    before the work whose result goes there."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise ValueError(f"{flag} cannot be written ({probe} is not a writable folder)")
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """Seeds are 32-bit: data orders use seed * 1_000_003 + epoch (int64) and sample i's noise
+    (seed << 31) | i (flow_matching.sample_seed); a wider seed would alias a smaller one."""
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"{flag} must be in [0, 2^32), got {seed}")
 
 
 def check_fid_sample_count(count: int, flag: str) -> None:
