@@ -92,7 +92,7 @@ def validate(args) -> None:
         check_sigma_rel(sigma_rel, "--ema_sigma_rels entries")
     if args.ema_sigma_rels and args.weights != "ema":
         raise ValueError(f"--ema_sigma_rels rebuilds EMA weights; drop --weights {args.weights}")
-    if args.ema_sigma_rels and args.checkpoint:
+    if args.ema_sigma_rels and args.checkpoint and os.path.isfile(args.checkpoint):   # else: loading names it
         posthoc_ema.find_snapshot_dir(os.path.dirname(os.path.abspath(args.checkpoint)))
     if args.checkpoint is None:
         sweep = [f"--{name}" for name in ("cfg_scales", "num_steps_list", "samplers", "time_shifts",

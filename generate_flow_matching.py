@@ -51,11 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, allow_abbrev=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="flow-matching checkpoint (.pt) written by training")
-    p.add_argument("--num_samples", type=int, default=16, help="samples to draw (ignored with --class_grid)")
+    p.add_argument("--num_samples", type=int, default=16, help="samples to draw (ignored with --class_grid; default: %(default)s)")
     p.add_argument("--class_label", type=int, default=None, help="draw every sample from class K (default: random classes)")
     p.add_argument("--class_grid", action="store_true", help="a row per class, --samples_per_class columns")
-    p.add_argument("--samples_per_class", type=int, default=8, help="columns of --class_grid")
-    p.add_argument("--output_dir", default="generated", help="where images (and samples.npz) go")
+    p.add_argument("--samples_per_class", type=int, default=8, help="columns of --class_grid (default: %(default)s)")
+    p.add_argument("--output_dir", default="generated", help="where images (and samples.npz) go (default: %(default)s)")
     p.add_argument("--save_npz", action="store_true", help="also write samples.npz (the input of FID tools)")
     add_sampling_flags(p, sweep=False)
     return p

@@ -98,7 +98,9 @@ def initial_weights(path: str, model: DiT2D, config, fields, latent_space: Optio
     leaves the loaded velocity unchanged.
     """
     ckpt = load_checkpoint(path, kind="flow_matching")
-    check_config_fits(with_defaults(ckpt["config"], config), dataclasses.asdict(config), fields, path)
+    check_config_fits(with_defaults(ckpt["config"], config), dataclasses.asdict(config), fields, path,
+                      fix="--init_from builds the model from this run's flags: pass the checkpoint's values "
+                          "(or the --preset it was trained with)")
     if latent_space is not None:
         latent_space.check_trained_on(ckpt, f"--init_from {path}")
     own = model.state_dict()

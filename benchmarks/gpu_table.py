@@ -6,6 +6,7 @@ Reads the rows train_throughput.py, sample_throughput.py, kernel_choices.py, com
 append, in order, and prints a Markdown table (what, figure, note); missing files are skipped.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -66,7 +67,9 @@ def describe(row: dict) -> List[tuple]:
 
 
 def main(argv=None) -> int:
-    paths = (argv if argv is not None else sys.argv[1:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="JSON-lines files of benchmark rows (a missing one is skipped)")
+    paths = p.parse_args(argv).paths
     lines = [line for row in rows(paths) for line in describe(row)]
     print("| what | figure | note |\n|---|---|---|")
     for what, figure, note in lines:

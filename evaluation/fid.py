@@ -40,8 +40,8 @@ from utils.images import to_uint8
 Statistics = Dict[str, np.ndarray]  # {"mu": (D,), "sigma": (D, D)}, float64
 
 WEIGHTS_HINT = ("pass --inception_weights PATH, a local copy of the FID Inception weights "
-                "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or a file built by "
-                "make_fid_inception_weights.py, or its compact copy)")
+                "(`bash evaluation/fid_weights.sh` builds one offline and prints its path; or torch-fidelity's "
+                "weights-inception-2015-12-05-6726825d.pth, or a compact copy)")
 FP32_HINT = "pass the fp32 weights file that `bash evaluation/fid_weights.sh` prints"
 
 

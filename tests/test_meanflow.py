@@ -251,7 +251,8 @@ def test_init_from_a_checkpoint_of_another_shape_is_a_clear_error(tiny_flags, tm
     ckpt = str(tmp_path / "a" / "flow_matching_final.pt")
     assert train_flow_matching.main(tiny_flags + ["--objective", "meanflow", "--init_from", ckpt, "--depth", "3",
                                                   "--checkpoint_dir", str(tmp_path / "b")]) == 2
-    assert "depth: checkpoint 2 vs now 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "depth: checkpoint 2 vs now 3" in err and "--init_from builds the model from this run's flags" in err
 
 
 def test_adaptive_weight_is_a_stop_gradient_power_of_the_error():

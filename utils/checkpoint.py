@@ -186,7 +186,8 @@ def with_defaults(saved: Dict[str, Any], config) -> Dict[str, Any]:
     return {**defaults, **saved}
 
 
-def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, path: str) -> None:
+def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, path: str,
+                      fix: str = "Drop these flags (or pass the checkpoint's values) to resume it") -> None:
     """ValueError listing every field of `fields` (architecture, optimizer, data order) on which the
     two configs disagree. A latent run resumed without its VQ-VAE (or a pixel run with one) is named
     as such: the latent fields it would list come from that flag, not from the user's."""
@@ -199,6 +200,5 @@ def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, pa
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
              for k in fields if saved.get(k) != current.get(k)]
     if diffs:
-        raise ValueError(f"the config does not fit checkpoint {path}: " + "; ".join(diffs)
-                         + ". Drop these flags (or pass the checkpoint's values) to resume it")
+        raise ValueError(f"the config does not fit checkpoint {path}: " + "; ".join(diffs) + f". {fix}")
 
