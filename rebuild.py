@@ -37,7 +37,13 @@ def load_model(path: str, kind: str, build: Callable[[Dict[str, Any]], torch.nn.
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     ckpt = load_checkpoint(path, kind=kind)
     model = build(ckpt["config"])
-    model.load_state_dict(ckpt[weights], strict=True)
+    try:
+        model.load_state_dict(ckpt[weights], strict=True)
+    except RuntimeError as err:   # weights of another shape than its own config describes
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"checkpoint {path}: its {weights!r} weights do not fit the model its own config "
+                         f"describes ({detail}); it was written by other code or edited: retrain it, or use "
+                         f"the code that wrote it") from None
     return model.to(device).eval().requires_grad_(False), ckpt
 
 

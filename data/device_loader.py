@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.datasets import ResumableSampler, build_image_dataset, uint8_to_model
 from utils.checkpoint import save_checkpoint
 from utils.distributed import rank_zero_first
+from utils.validation import check_writable
 
 
 class _Length:
@@ -94,6 +95,7 @@ def load_uint8_dataset(config, listing: str, verbose: bool = True) -> Tuple[torc
     if os.path.isfile(path):
         cached = torch.load(path, map_location="cpu", weights_only=True)
         return cached["images"], cached["labels"], cached["num_classes"]
+    check_writable(config.data_cache_dir, f"--data_cache_dir {config.data_cache_dir}")   # before the decoding
     if verbose:
         print(f"decoding {config.data_dir} once into {path} (uint8; later runs load it)")
     dataset, found = uint8_dataset(config)

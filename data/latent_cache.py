@@ -29,6 +29,7 @@ from models.vqvae import VQVAE, LatentSpace
 from rebuild import load_vqvae
 from utils.checkpoint import save_checkpoint
 from utils.distributed import wait_for_all_ranks
+from utils.validation import check_writable
 
 CACHE_FORMAT = 1
 
@@ -96,6 +97,7 @@ def load_latent_dataset(config, vqvae: VQVAE, dataset: Dataset, batch_size: int,
     key = cache_key(vqvae, dataset, config)
     path = os.path.join(config.data_cache_dir, f"vq_latents_{key[:24]}.pt")
     if rank == 0 and not os.path.isfile(path):
+        check_writable(config.data_cache_dir, f"--data_cache_dir {config.data_cache_dir}")   # before the encoding
         print(f"latent cache miss: encoding {len(dataset)} images{' and their mirrors' if config.hflip else ''} "
               f"into {path}")
         codes, labels = encode_dataset(vqvae, dataset, config.hflip, batch_size, config.num_workers)
@@ -128,6 +130,11 @@ def resolve_vqvae(config, vqvae_encoder) -> Tuple[VQVAE, Optional[str]]:
                          f"vqvae_encoder (loaded from {recorded}); use one VQ-VAE")
     path = recorded or config.vqvae_checkpoint
     if isinstance(vqvae_encoder, VQVAE):
+        # Generation decodes with the trained weights of the recorded file: an EMA or edited copy
+        # would train on latents those weights do not decode.
+        if path is not None and vqvae_encoder.fingerprint() != load_vqvae(path).fingerprint():
+            raise ValueError(f"the VQVAE passed as vqvae_encoder does not hold the trained ('model') weights "
+                             f"of {path}, the file it records; pass rebuild.load_vqvae({path!r})")
         return vqvae_encoder, path
     if vqvae_encoder is None:
         return load_vqvae(path), path

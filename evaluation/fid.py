@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.datasets import build_image_dataset, listing_fingerprint
-from utils.checkpoint import write_atomically
+from utils.checkpoint import state_fingerprint, write_atomically
 from utils.images import to_uint8
 
 Statistics = Dict[str, np.ndarray]  # {"mu": (D,), "sigma": (D, D)}, float64
@@ -156,7 +156,7 @@ class InceptionFeatures(torch.nn.Module):
                 state = read_weights(weights_path)
                 # Cached reference statistics key on the weights themselves: another file that fits
                 # the network (the compact form, a different checkpoint) gets statistics of its own.
-                self.name = f"{InceptionFeatures.name}-{weights_fingerprint(state)}"
+                self.name = f"{InceptionFeatures.name}-{state_fingerprint(state)[:12]}"
                 if COMPACT_MARKER in state:
                     # torch-fidelity builds its network and loads the weights from a path in one
                     # call, so the fp32 form goes through a file that lives as long as the call.
@@ -176,21 +176,6 @@ class InceptionFeatures(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)[0]
-
-
-def weights_fingerprint(state: Dict[str, object]) -> str:
-    """A short hash of a state dict's names, dtypes, shapes and values."""
-    digest = hashlib.sha1()
-    for key in sorted(state):
-        value = state[key]
-        digest.update(key.encode())
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().contiguous()
-            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(repr(value).encode())
-    return digest.hexdigest()[:12]
 
 
 @contextlib.contextmanager

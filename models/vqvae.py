@@ -20,7 +20,6 @@ latents would ask the decoder to map inputs it never saw during training.
 Which weights: the trained ones ('model'), not the trainer's weight EMA (see rebuild.load_vqvae).
 """
 
-import hashlib
 import math
 from typing import Dict, Optional, Tuple
 
@@ -28,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.checkpoint import state_fingerprint
 
 # Fields of a VQVAEConfig that fix the network's shape.
 VQVAE_ARCHITECTURE_FIELDS = ("in_channels", "hidden_channels", "num_res_blocks", "downsample_factor",
@@ -108,10 +109,13 @@ class VectorQuantizer(nn.Module):
         return z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])        # (B*h*w, D)
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        """(N, D) float32 -> (N,) index of the nearest code (squared Euclidean distance)."""
-        e = self.embedding
-        distances = flat.square().sum(1, keepdim=True) - 2 * flat @ e.t() + e.square().sum(1)
-        return distances.argmin(1)
+        """(N, D) float32 -> (N,) index of the nearest code (Euclidean distance).
+
+        Differences, not |x|^2 - 2 x.e + |e|^2: that matmul would run in TF32 on CUDA where the
+        trainer allows it (set_float32_matmul_precision("high")) and pick a farther code in 0.3-0.6%
+        of near-ties, so training and generation would assign codes by different rules.
+        """
+        return torch.cdist(flat, self.embedding, compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) -> (B, h, w) int64 codes."""
@@ -174,7 +178,10 @@ class VectorQuantizer(nn.Module):
         n = self.cluster_size.sum()
         # Laplace smoothing keeps a code that received nothing from dividing by zero.
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
-        self.embedding.copy_(self.embed_sum / smoothed.unsqueeze(1))
+        # A code that never received a vector keeps its own (embed_sum is 0 there): with
+        # --dead_code_threshold 0 nothing restarts it, and K zero vectors would be duplicates.
+        received = (self.cluster_size > 0).unsqueeze(1)
+        self.embedding.copy_(torch.where(received, self.embed_sum / smoothed.unsqueeze(1), self.embedding))
 
         # Candidates are drawn for every code and kept only where it is dead: fixed shapes, no
         # host sync to count the dead codes.
@@ -236,11 +243,7 @@ class VQVAE(nn.Module):
 
     def fingerprint(self) -> str:
         """SHA-256 of every weight and codebook buffer: the identity of these latents."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return state_fingerprint(self.state_dict())
 
 
 def vqvae_from_config(config) -> VQVAE:

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
 
 from evaluation import fid  # noqa: E402
+from utils.checkpoint import state_fingerprint  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10")
@@ -129,10 +130,10 @@ def test_fid_with_the_compact_weights_equals_fid_with_the_fp32_weights(tmp_path)
     assert names[0] == names[1] != names[2]
 
 
-def test_the_weights_fingerprint_follows_every_value_and_name():
+def test_the_state_fingerprint_follows_every_value_and_name():
     state = stand_in_weights()
-    base = fid.weights_fingerprint(state)
-    assert fid.weights_fingerprint(dict(state)) == base
+    base = state_fingerprint(state)
+    assert state_fingerprint(dict(state)) == base
     nudged = dict(state, **{"Mixed_7c.branch_pool.conv.weight": state["Mixed_7c.branch_pool.conv.weight"] * 1.01})
     renamed = {("x" + k if k.startswith("fc.") else k): v for k, v in state.items()}
-    assert len({base, fid.weights_fingerprint(nudged), fid.weights_fingerprint(renamed)}) == 3
+    assert len({base, state_fingerprint(nudged), state_fingerprint(renamed)}) == 3

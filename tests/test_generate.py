@@ -139,6 +139,15 @@ def without_label_dropout(checkpoint, tmp_path):
     return path
 
 
+def config_edited(checkpoint, tmp_path):
+    """A checkpoint whose config no longer describes its weights (edited, or older code's)."""
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["config"]["depth"] += 1
+    path = str(tmp_path / "edited.pt")
+    save_checkpoint(ckpt, path)
+    return path
+
+
 def truncated(checkpoint, tmp_path):
     path = str(tmp_path / "cut.pt")
     with open(checkpoint, "rb") as src, open(path, "wb") as dst:
@@ -166,6 +175,7 @@ def truncated(checkpoint, tmp_path):
     ("untrained_null", "--cfg_scale 4.0 guides with the null label, which this model never trained"),
     ("grid_and_label", "--class_grid draws every class; it cannot be combined with --class_label 1"),
     ("seed_wide", "--seed must be in [0, 2^32), got 4294967296"),   # would alias --seed 0's noise
+    ("config_edited", "weights do not fit the model its own config describes"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpoint, tmp_path, capsys, case, needle):
     out = tmp_path / "out"
@@ -191,6 +201,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpo
         "untrained_null": ["--checkpoint", without_label_dropout(checkpoint, tmp_path), "--cfg_scale", "4"],
         "grid_and_label": ["--checkpoint", checkpoint, "--class_grid", "--class_label", "1"],
         "seed_wide": ["--checkpoint", checkpoint, "--seed", str(2 ** 32)],
+        "config_edited": ["--checkpoint", config_edited(checkpoint, tmp_path)],
     }[case]
     if case != "output":
         argv += ["--output_dir", str(out)]

@@ -79,6 +79,16 @@ def test_seed_snippet_encodes_once_then_reuses_the_cache(vqvae_run, tmp_path):
     assert counter.images == 2 * 18 and len(cache_files(tmp_path / "cache")) == 1
 
 
+def test_an_unwritable_cache_folder_is_refused_before_encoding(vqvae_run, tmp_path):
+    path, images = vqvae_run
+    (tmp_path / "a_file").write_text("not a folder")
+    encoder = load_vqvae(path)
+    counter = CountingEncoder(encoder)
+    with pytest.raises(ValueError, match="--data_cache_dir .*a_file/cache cannot be written"):
+        get_flow_matching_dataloader(flow_config(images, tmp_path / "a_file" / "cache"), vqvae_encoder=encoder)
+    assert counter.images == 0
+
+
 def test_the_briefs_snippet_with_the_encoder_alone(vqvae_run, tmp_path):
     """vqvae = load_vqvae(path); get_flow_matching_dataloader(vqvae_encoder=vqvae.encoder):
     the encoder remembers its checkpoint, whose VQ-VAE quantizes and decodes; the batches are
@@ -101,10 +111,19 @@ def test_cache_is_keyed_by_vqvae_weights_and_data(vqvae_run, tmp_path):
     cache = tmp_path / "cache"
     encoder = load_vqvae(path)
     get_flow_matching_dataloader(flow_config(images, cache), vqvae_encoder=encoder)
-    with torch.no_grad():
-        encoder.decoder.net[0].bias.add_(0.01)           # any other weights: another VQ-VAE
+    ckpt = load_checkpoint(path)                     # any other weights: another VQ-VAE
+    ckpt["model"]["decoder.net.0.bias"] = ckpt["model"]["decoder.net.0.bias"] + 0.01
+    save_checkpoint(ckpt, str(tmp_path / "other.pt"))
+    encoder = load_vqvae(str(tmp_path / "other.pt"))
     get_flow_matching_dataloader(flow_config(images, cache), vqvae_encoder=encoder)
     assert len(cache_files(cache)) == 2
+    edited = load_vqvae(path)                        # a copy edited in memory: not the file it records
+    with torch.no_grad():
+        edited.decoder.net[0].bias.add_(0.01)
+    with pytest.raises(ValueError, match="does not hold the trained .'model'. weights of"):
+        get_flow_matching_dataloader(flow_config(images, cache), vqvae_encoder=edited)
+    with pytest.raises(ValueError, match="does not hold the trained .'model'. weights of"):
+        get_flow_matching_dataloader(flow_config(images, cache), vqvae_encoder=load_vqvae(path, weights="ema"))
 
     copy = str(tmp_path / "copy")
     shutil.copytree(images, copy)

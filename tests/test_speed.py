@@ -92,6 +92,18 @@ def test_auto_picks_the_device_loader_when_the_dataset_fits(tmp_path, monkeypatc
     assert not isinstance(loader, dl.DeviceLoader)
 
 
+def test_an_unwritable_cache_folder_is_refused_before_decoding(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a folder")
+    config = folder_config(tmp_path, data_loader="device", data_cache_dir=str(tmp_path / "a_file" / "cache"))
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded although the cache cannot be written")
+
+    monkeypatch.setattr(dl, "decode_dataset", no_decode)
+    with pytest.raises(ValueError, match="--data_cache_dir .*a_file/cache cannot be written"):
+        get_flow_matching_dataloader(config)
+
+
 def test_cache_inside_the_data_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--data_cache_dir .* inside --data_dir"):
         folder_config(tmp_path, data_cache_dir=str(tmp_path / "imgs" / "cache"))

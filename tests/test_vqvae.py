@@ -129,6 +129,26 @@ def test_dead_codes_restart_on_encoder_outputs_deterministically():
     assert torch.equal(restarted(0)[0].embedding, q.embedding)
 
 
+def test_nearest_code_is_exact_for_latents_far_from_the_origin():
+    """Two codes 1e-3 apart at |e| ~ 300: |x|^2 - 2 x.e + |e|^2 cancels ~1e5 in fp32 and loses the
+    ~1e-4 that separates them (as a TF32 matmul on CUDA loses it at |e| ~ 1); differences do not."""
+    gen = torch.Generator().manual_seed(0)
+    q = VectorQuantizer(2, 2)
+    q.embedding.copy_(torch.tensor([[200.0, 200.0], [200.0, 200.001]]))
+    flat = torch.tensor([200.0, 200.0]) + torch.rand(400, 2, generator=gen) * torch.tensor([0.0, 0.001])
+    exact = torch.cdist(flat.double(), q.embedding.double()).argmin(1)
+    assert {0, 1} <= set(exact.tolist())
+    assert torch.equal(q.nearest(flat), exact)
+
+
+def test_with_no_restarts_a_code_that_received_nothing_keeps_its_vector():
+    q = VectorQuantizer(4, 2, decay=0.9, dead_code_threshold=0.0).train()
+    before = q.embedding.clone()
+    z = q.embedding[0].reshape(1, 2, 1, 1).expand(1, 2, 2, 2).clone()   # every vector goes to code 0
+    q(z)
+    assert torch.equal(q.embedding[1:], before[1:]) and q.embedding[1:].abs().sum() > 0
+
+
 def test_first_training_step_seeds_the_whole_codebook_from_data():
     q = VectorQuantizer(8, 2).train()
     z = torch.randn(2, 2, 4, 4)

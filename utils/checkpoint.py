@@ -13,6 +13,7 @@ A checkpoint is a plain dict that `torch.load(weights_only=True)` reads:
 
 import dataclasses
 import glob
+import hashlib
 import os
 import random
 import re
@@ -71,6 +72,19 @@ def training_checkpoint(kind: str, model: torch.nn.Module, ema: torch.nn.Module,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "step": step, "config": dataclasses.asdict(config), "rng": rng_state(),
             "data": {"epoch": epoch, "samples": samples}, "log_window": log_window, **(extras or {})}
+
+
+def state_fingerprint(state: Dict[str, Any]) -> str:
+    """SHA-256 of a state dict's names and values (tensors by their bytes, anything else by its
+    repr): the identity of a set of weights (a VQ-VAE's latents, the FID Inception's statistics)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(state.items()):
+        digest.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
 
 
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
