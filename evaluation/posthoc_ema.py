@@ -58,30 +58,53 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     return ((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) ** 0.5
 
 
+def _shares(gamma: float, rows: np.ndarray) -> np.ndarray:
+    """What update j - 1 hands theta_j: 1 - d_{j-1} = (gamma + 1) / (gamma + 1 + j); theta_0 starts with 1."""
+    return np.where(rows == 0, 1.0, (gamma + 1.0) / (gamma + 1.0 + rows))
+
+
+def _log_decay_prefix(gamma: float, step: int) -> np.ndarray:
+    """L (step + 1,): L[m] = sum of log d_k for k < m, so theta_j's share shrinks by exp(L[s] - L[j])
+    over updates j .. s - 1."""
+    k = np.arange(step, dtype=np.float64)
+    return np.concatenate([[0.0], np.cumsum(np.log1p(k) - np.log(gamma + 2.0 + k))])
+
+
 def profile_weights(gamma: float, step: int) -> np.ndarray:
     """The weights (step + 1,) of theta_0..theta_step in the trainer's power EMA after `step` updates,
     update k being ema = d_k * ema + (1 - d_k) * theta_{k+1} with d_k = power_ema_decay(k, gamma);
     theta_0 is the initial weights the EMA starts from. They sum to 1."""
-    k = np.arange(step, dtype=np.float64)
-    log_d = np.log1p(k) - np.log(gamma + 2.0 + k)
-    # suffix[j] = sum of log d_k for k = j .. step-1: what is left of theta_j's share after the later updates.
-    suffix = np.concatenate([np.cumsum(log_d[::-1])[::-1], [0.0]])
-    share = np.ones(step + 1)
-    share[1:] = (gamma + 1.0) / (gamma + 1.0 + np.arange(1, step + 1))   # 1 - d_{j-1}
-    return share * np.exp(suffix)
+    prefix = _log_decay_prefix(gamma, step)
+    return _shares(gamma, np.arange(step + 1)) * np.exp(prefix[-1] - prefix)
 
 
-def solve_coefficients(snapshots: Sequence[Tuple[float, int]], gamma: float, step: int) -> Tuple[np.ndarray, float]:
+def solve_coefficients(snapshots: Sequence[Tuple[float, int]], gamma: float, step: int,
+                       chunk_rows: Optional[int] = None) -> Tuple[np.ndarray, float]:
     """Least-squares coefficients x of the snapshots ((gamma_i, step_i), each step_i <= step) whose
     combined profile sum_i x_i p_i best matches the profile (gamma, step); returns (x, the fit's
-    relative error ||sum x_i p_i - p|| / ||p||)."""
+    relative error ||sum x_i p_i - p|| / ||p||).
+
+    The (step + 1, n) matrix of profiles is never held: its rows stream through a QR factorization
+    in chunks (TSQR), whose R has the singular values of the whole matrix, so the solution is
+    lstsq's at O(n^2) memory (a dense one is 16 GB for 2,000 snapshot columns of a 1M-step run).
+    """
     assert snapshots and max(s for _, s in snapshots) <= step, (snapshots, step)
-    columns = np.zeros((step + 1, len(snapshots)))
-    for i, (g, s) in enumerate(snapshots):
-        columns[:s + 1, i] = profile_weights(g, s)
-    target = profile_weights(gamma, step)
-    x = np.linalg.lstsq(columns, target, rcond=None)[0]
-    return x, float(np.linalg.norm(columns @ x - target) / np.linalg.norm(target))
+    n = len(snapshots)
+    chunk_rows = chunk_rows or max(n + 1, 2 ** 20 // (n + 1))   # ~8 MB a chunk
+    prefixes = {g: _log_decay_prefix(g, step) for g in {*(g for g, _ in snapshots), gamma}}
+    r, target_sq = np.zeros((0, n + 1)), 0.0
+    for first in range(0, step + 1, chunk_rows):
+        rows = np.arange(first, min(first + chunk_rows, step + 1))
+        block = np.zeros((len(rows), n + 1))
+        for i, (g, s) in enumerate([*snapshots, (gamma, step)]):
+            live = rows <= s
+            block[live, i] = _shares(g, rows[live]) * np.exp(prefixes[g][s] - prefixes[g][rows[live]])
+        target_sq += float(block[:, n] @ block[:, n])
+        r = np.linalg.qr(np.vstack([r, block]), mode="r")
+    # min ||A x - b|| = min ||R11 x - r12|| with the rest r22 (R of [A | b]) left over.
+    x = np.linalg.lstsq(r[:n, :n], r[:n, n], rcond=None)[0]
+    residual = np.linalg.norm(r[:n, :n] @ x - r[:n, n]) ** 2 + (r[n, n] ** 2 if r.shape[0] > n else 0.0)
+    return x, float(np.sqrt(residual / target_sq))
 
 
 # ----------------------------------------------------------------------------- snapshots on disk

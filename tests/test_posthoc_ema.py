@@ -71,6 +71,23 @@ def test_a_profile_between_the_tracked_ones_fits_closely():
     assert error < 5e-3 < last_only
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 7, 64])
+def test_the_streamed_solve_is_the_dense_least_squares(chunk_rows):
+    """Rows streamed through QR in chunks give what lstsq gives on the whole (step + 1, n) matrix,
+    also for an end point between snapshots and with nearly collinear columns (snapshots 1 step apart)."""
+    gammas = (sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10))
+    snapshots = [(g, s) for s in (3, 4, 50, 120, 121, 200) for g in gammas]
+    for gamma, step in ((sigma_rel_to_gamma(0.07), 200), (sigma_rel_to_gamma(0.15), 230)):
+        dense = np.zeros((step + 1, len(snapshots)))
+        for i, (g, s) in enumerate(snapshots):
+            dense[:s + 1, i] = profile_weights(g, s)
+        target = profile_weights(gamma, step)
+        expected = np.linalg.lstsq(dense, target, rcond=None)[0]
+        x, error = solve_coefficients(snapshots, gamma, step, chunk_rows=chunk_rows)
+        np.testing.assert_allclose(dense @ x, dense @ expected, atol=1e-12)
+        assert error == pytest.approx(np.linalg.norm(dense @ expected - target) / np.linalg.norm(target), rel=1e-6)
+
+
 @pytest.fixture
 def posthoc_run(tiny_flags, tmp_path):
     """A 300-step tiny run with post-hoc EMAs (snapshots every 10 steps) whose sampling EMA is the
