@@ -172,7 +172,8 @@ def parse(argv):
         bench.error(f"--sample_batch_size must be >= 1, got {args.sample_batch_size}")
     try:   # the sweep flags' rules (quality.py has no --guidance_interval; --sample_batch_size is its batch)
         sampling.check_sampling_flags(argparse.Namespace(**vars(args), guidance_interval=None,
-                                                         batch_size=args.sample_batch_size), sweep=True)
+                                                         batch_size=args.sample_batch_size, seed=config.seed),
+                                      sweep=True)
     except ValueError as err:
         bench.error(str(err))
     args.results = args.results or DEFAULT_RESULTS
