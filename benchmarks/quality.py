@@ -269,7 +269,8 @@ class PeerVelocity(torch.nn.Module):
 
 
 def train_peer(config, run_dir: str, device: torch.device, deadline: Optional[float] = None):
-    """The afternoon pipeline; returns its model in eval mode. With a `deadline` (a
+    """The afternoon pipeline; returns (its model in eval mode, the config with what the data taught
+    it: the number of classes). With a `deadline` (a
     time.perf_counter() value: benchmarks/speedrun.py's wall budget) it stops after the first step
     that ends past it, and its checkpoint's `step` says how far it got."""
     try:
@@ -308,7 +309,7 @@ def train_peer(config, run_dir: str, device: torch.device, deadline: Optional[fl
     os.makedirs(run_dir, exist_ok=True)
     save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(config), "step": step},
                     os.path.join(run_dir, "peer_final.pt"))   # atomic: its existence means a finished run
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), config
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -701,7 +702,7 @@ def run(argv=None) -> int:
         config = FlowMatchingConfig(**ckpt["config"])
         steps = ckpt["step"]
     else:
-        model = train_peer(config, run_dir, device)
+        model, config = train_peer(config, run_dir, device)
         train_seconds, steps, models = round(time.perf_counter() - start, 1), config.train_steps, {"raw": model}
 
     diff = config_diff(config)

@@ -77,6 +77,19 @@ def test_a_scored_checkpoint_gives_the_rows_of_its_training_run(bench, monkeypat
     assert os.path.isfile(os.path.join("runs", f"scored_{folder}", "grid_ema.png"))
 
 
+def test_the_peer_pipeline_trains_and_scores_its_rows(bench):
+    """The diffusers + torchcfm peer learns the number of classes from the data like the repo's run
+    and is scored by the same code (one row per setting, raw weights: the peer keeps no EMA)."""
+    pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
+    pytest.importorskip("diffusers", reason="the peer needs benchmarks/requirements.txt")
+    pytest.importorskip("torchcfm", reason="the peer needs benchmarks/requirements.txt")
+    at = TRAINING.index("--sample_every")
+    training = TRAINING[:at] + TRAINING[at + 2:]   # the peer draws no grids during training
+    assert quality.main(bench + SCORING + training + ["--pipeline", "peer"]) == 0
+    rows = results()
+    assert len(rows) == 4 and {(r["pipeline"], r["weights"], r["steps"]) for r in rows} == {("peer", "raw", 3)}
+
+
 @pytest.fixture
 def checkpoint(bench, tmp_path):
     """A one-step run of seed 3 on the images of `bench`."""
