@@ -98,7 +98,7 @@ NOT_RECIPE = ("checkpoint_dir", "sample_dir", "num_classes", "seed", "dataset", 
               "save_every", "keep_checkpoints", "log_every", "sample_every", "tensorboard", "resume",
               "sampler", "num_sampling_steps", "cfg_scale", "guidance_interval_start", "guidance_interval_end",
               "time_shift", "grid_samples_per_class", "fid_every", "fid_num_samples", "fid_cfg_scale",
-              "fid_batch_size", "compile", "compile_mode")
+              "fid_batch_size", "compile", "compile_mode", "device", "num_workers", "data_loader")
 DEFAULT_RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality.jsonl")
 DEFAULT_WEIGHTS = os.path.expanduser(os.path.join("~", ".cache", "fid_weights", "fid_inception.pth"))
 
@@ -344,9 +344,10 @@ def config_diff(config: FlowMatchingConfig) -> dict:
 
 
 def git_commit() -> str:
+    """The commit the code came from; "-dirty" when the working tree had uncommitted changes."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -362,16 +363,20 @@ def read_rows(path: str) -> List[dict]:
 
 def read_groups(path: str) -> Dict[Setting, List[dict]]:
     """Rows of --results grouped by setting (pipeline, config diff, steps, weights, sampler, NFE, cfg,
-    time shift, guidance interval, N, reference); rows from before the shift and interval existed
-    sampled with 1 and none."""
-    groups: Dict[Setting, List[dict]] = {}
+    time shift, guidance interval, N, reference), one row per seed: a seed scored again (a --checkpoint
+    re-scoring a trained setting) replaces its earlier row rather than counting twice. Rows from
+    before the shift and interval existed sampled with 1 and none."""
+    groups: Dict[Setting, Dict[int, dict]] = {}
     for row in read_rows(path):
         interval = row.get("guidance_interval")
         key = Setting(row["pipeline"], json.dumps(row["config_diff"], sort_keys=True), row["steps"], row["weights"],
                       row["sampler"], row["nfe"], row["cfg_scale"], row.get("time_shift", 1.0),
                       "-" if interval is None else "{:g},{:g}".format(*interval), row["num_samples"], row["reference"])
-        groups.setdefault(key, []).append(row)
-    return groups
+        seeds = groups.setdefault(key, {})
+        if row["seed"] in seeds and seeds[row["seed"]]["train_seconds"] is not None and row["train_seconds"] is None:
+            row = dict(row, train_seconds=seeds[row["seed"]]["train_seconds"])   # the training time it re-scores
+        seeds[row["seed"]] = row
+    return {key: list(seeds.values()) for key, seeds in groups.items()}
 
 
 def curves(path: str) -> Dict[tuple, List[tuple]]:
@@ -457,9 +462,11 @@ def matches(key: Setting, **fields) -> bool:
 
 
 def pick(groups, **fields) -> Optional[List[dict]]:
-    """The rows (sorted by seed) of the setting `fields` describes; None when it was not scored."""
-    rows = next((rows for key, rows in groups.items() if matches(key, **fields)), None)
-    return sorted(rows, key=lambda r: r["seed"]) if rows else None
+    """The rows (sorted by seed) of the setting `fields` describes; None when it was not scored.
+    A setting scored at two N or against two references is ambiguous here: FID depends on both."""
+    found = [(key, rows) for key, rows in groups.items() if matches(key, **fields)]
+    assert len({(key.n, key.reference) for key, _ in found}) <= 1, f"{fields} was scored at several N / references"
+    return sorted(found[0][1], key=lambda r: r["seed"]) if found else None
 
 
 def fid_mean(rows) -> float:
@@ -479,7 +486,8 @@ def per_seed(rows) -> str:
 def effect(rows, against) -> List[str]:
     """[difference of the means, twice the larger spread, the effect it allows to claim]."""
     difference, twice = fid_mean(rows) - fid_mean(against), 2 * max(spread(rows), spread(against))
-    claim = ("none beyond the spread" if abs(difference) <= twice else
+    claim = ("one seed: no claim" if min(len(rows), len(against)) < 2 else
+             "none beyond the spread" if abs(difference) <= twice else
              "lower (better)" if difference < 0 else "higher (worse)")
     return [f"{difference:+.2f}", f"{twice:.2f}", claim]
 

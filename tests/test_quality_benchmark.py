@@ -72,7 +72,8 @@ def test_a_scored_checkpoint_gives_the_rows_of_its_training_run(bench, monkeypat
     assert len(lines) == 8   # each setting's trained and scored rows share a line
     for line, t in zip(lines, trained):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[10] == "0,0" and cells[14] == f"{t['train_seconds']:.0f}"  # seeds; train s of the trained row
+        # seed 0 once (the re-scoring replaces its row, it is no second seed); train s of the trained row
+        assert cells[10] == "0" and cells[12] == "0.00" and cells[14] == f"{t['train_seconds']:.0f}"
     folder = os.path.basename(os.path.dirname(checkpoint))
     assert os.path.isfile(os.path.join("runs", f"scored_{folder}", "grid_ema.png"))
 
@@ -172,6 +173,16 @@ def test_a_preset_shares_the_row_of_the_flags_it_stands_for():
     assert diff("--qk_norm", "true", "--mlp", "swiglu") == winner
     assert diff("--sampler", "heun", "--cfg_scale", "3", "--save_every", "250") == {}
     assert diff("--lr", "0.002", "--ema_gamma", "7") == {"lr": 0.002, "ema_gamma": 7.0}
+    assert diff("--device", "cpu", "--num_workers", "0", "--data_loader", "workers") == {}   # where, not what
+
+
+def test_an_effect_needs_two_seeds_on_each_side():
+    def rows(*fids):
+        return [{"fid": f, "seed": i} for i, f in enumerate(fids)]
+
+    assert quality.effect(rows(50.0), rows(60.0, 60.5))[2] == "one seed: no claim"
+    assert quality.effect(rows(50.0, 50.4), rows(60.0, 60.5))[2] == "lower (better)"
+    assert quality.effect(rows(60.2, 60.4), rows(60.0, 60.5))[2] == "none beyond the spread"
 
 
 def test_fid_curves_join_steps_of_one_setting_only(tmp_path):
