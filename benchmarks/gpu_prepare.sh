@@ -30,8 +30,10 @@ else
     cp "$compact" .gpu/fid_inception_fp16.pth
 fi
 # What travels: tracked and untracked-not-ignored files, plus .gpu/.
-tree_bytes=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 -r stat -c %s 2>/dev/null \
-    | awk '{s += $1} END {print s + 0}')
+# A tracked file deleted in the working tree does not travel: stat skips it (and fails, which must
+# not end the script under set -e and pipefail).
+tree_bytes=$( (git ls-files -z; git ls-files -z --others --exclude-standard) \
+    | { xargs -0 -r stat -c %s 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}')
 gpu_bytes=$(du -sb .gpu | cut -f1)
 total=$((tree_bytes + gpu_bytes))
 limit=$((64 * 1024 * 1024))

@@ -9,6 +9,7 @@ append, in order, and prints a Markdown table (what, figure, note); missing file
 import argparse
 import json
 import os
+import statistics
 import sys
 from typing import Iterator, List
 
@@ -32,8 +33,9 @@ def describe(row: dict) -> List[tuple]:
                 + (f", {c['objective']}" if c.get("objective", "flow_matching") != "flow_matching" else ""))
         figure = f"{row['images_per_s']:,.0f} img/s" + (f", MFU {100 * row['mfu']:.1f}%" if row.get("mfu") else "")
         prof = row.get("profile") or {}
-        note = (f"{1000 * min(row['step_seconds']):.1f} ms/step, busy {100 * prof['busy']:.0f}%, "
-                f"{prof['launches'] / max(len(row['step_seconds']), 1):.0f} launches/window" if prof else "")
+        # The median window, as images/s; the profile covers one window of steps_per_window steps.
+        note = (f"{1000 * statistics.median(row['step_seconds']):.1f} ms/step, busy {100 * prof['busy']:.0f}%, "
+                f"{prof['launches'] / row['steps_per_window']:.0f} launches/step" if prof else "")
         note += f"; warm-up {row['warmup_seconds']:.0f} s; {row.get('sync_check') or ''}"
         return [(what, figure, note)]
     if row.get("bench") == "sample":
@@ -48,8 +50,9 @@ def describe(row: dict) -> List[tuple]:
         for part in ("train", "sample", "loop"):
             if part in row:
                 r = row[part]["images_per_s"]
-                out.append((f"vs diffusers: {part}, batch {row['args']['batch_size']}, ours compiled "
-                            f"{row['args']['compile']}", f"{row[part]['ratio']:.2f}x",
+                ours = "compiled" if row["args"]["compile"] else "eager"
+                out.append((f"vs diffusers: {part}, batch {row['args']['batch_size']}, ours {ours} vs diffusers "
+                            f"eager", f"{row[part]['ratio']:.2f}x",
                             f"ours {r['ours']:,.1f}, diffusers {r['diffusers']:,.1f} img/s"))
         return out
     if row.get("bench") == "kernel":

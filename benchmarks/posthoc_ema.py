@@ -33,7 +33,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.common import clone_path, save_chart  # noqa: E402
-from evaluation.posthoc_ema import SNAPSHOT_DIR, SNAPSHOT_DTYPES, gamma_to_sigma_rel  # noqa: E402
+from evaluation.posthoc_ema import SNAPSHOT_DIR, SNAPSHOT_DTYPES, gamma_to_sigma_rel, power_ema_decay  # noqa: E402
 from utils.checkpoint import FINAL_NAMES, load_checkpoint  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "posthoc_ema.jsonl")
@@ -44,7 +44,11 @@ WEIGHTS = os.path.expanduser(os.path.join("~", ".cache", "fid_weights", "fid_inc
 def score(run: str, args, sigma_rels, tag: dict) -> None:
     """evaluate_fid.py on the run's final checkpoint (its EMA, or the rebuilt `sigma_rels`); rows to --results."""
     checkpoint = os.path.join(run, FINAL_NAMES["flow_matching"])
-    config = load_checkpoint(checkpoint)["config"]
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt["config"]
+    # The tracked EMA is the power function of ema_gamma (its sigma_rel) only while --ema_decay's cap
+    # never bound (the decay grows with the step, so the last update's is the largest) and the ramp was on.
+    power = config.get("ema_warmup", True) and power_ema_decay(ckpt["step"] - 1, config["ema_gamma"]) <= config["ema_decay"]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.jsonl")
         argv = ["--checkpoint", checkpoint, "--num_samples", str(args.num_samples), "--ref_num_images",
@@ -56,7 +60,8 @@ def score(run: str, args, sigma_rels, tag: dict) -> None:
     with open(args.results, "a") as f:
         for row in rows:
             tracked = "ema_sigma_rel" not in row
-            row.update(tag, run_seed=config["seed"], ema="tracked" if tracked else "posthoc",
+            kind = ("tracked" if power else "tracked (capped)") if tracked else "posthoc"   # capped: no verdict
+            row.update(tag, run_seed=config["seed"], ema=kind,
                        sigma_rel=round(gamma_to_sigma_rel(config["ema_gamma"]), 5) if tracked else row["ema_sigma_rel"])
             f.write(json.dumps(row) + "\n")
 

@@ -116,6 +116,7 @@ def main(argv=None) -> int:
               f"{100 * snap / (every * median(seconds) / args.steps):.2f}% of the step time at every {every} steps")
     write_json(args.json, {"bench": "train", "machine": machine(device), "config": vars(config),
                            "images_per_s": rate, "step_seconds": [s / args.steps for s in seconds],
+                           "steps_per_window": args.steps,
                            "flops_per_image": flops, "tflops": achieved, "mfu": mfu,
                            "peak_memory_gib": mem, "warmup_seconds": warm, "profile": prof, "sync_check": sync,
                            "snapshot_seconds": snap})

@@ -82,3 +82,15 @@ def test_baseline_stage_measures_the_rows_extra_is_read_against(tmp_path):
     assert [(r["bench"], r["config"]["compile"], r["config"]["compile_mode"]) for r in rows if r["bench"] == "train"] \
         == [("train", True, "blocks")]
     assert [(r["compile_mode"], r["batch_size"]) for r in rows if r["bench"] == "sample"] == [("default", 4)]
+
+
+def test_the_table_reads_a_train_row_per_step_at_the_median_window():
+    """The profile holds one window's launches (steps_per_window steps); ms/step is the median
+    window's, the one images/s comes from."""
+    from benchmarks.gpu_table import describe
+    row = {"bench": "train", "config": {"hidden_size": 768, "depth": 12, "batch_size": 128, "mixed_precision": "bf16",
+                                        "compile": True, "compile_mode": "blocks"},
+           "images_per_s": 2000.0, "mfu": 0.3, "step_seconds": [0.05, 0.07, 0.06], "steps_per_window": 15,
+           "profile": {"busy": 0.98, "launches": 15 * 1400}, "warmup_seconds": 12.0, "sync_check": "none"}
+    [(what, figure, note)] = describe(row)
+    assert "60.0 ms/step" in note and "1400 launches/step" in note and "MFU 30.0%" in figure

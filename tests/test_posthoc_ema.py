@@ -4,6 +4,7 @@ and its CLI, evaluate_fid.py's sigma_rel sweep."""
 import glob
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -252,3 +253,24 @@ def test_evaluate_fid_scores_one_row_per_sigma_rel(posthoc_run, tmp_path, monkey
     assert [r["ema_sigma_rel"] for r in rows] == [0.05, 0.07, 0.2]
     assert all(r["weights"] == "posthoc_ema" for r in rows)
     assert len({r["fid"] for r in rows}) == 3
+
+
+@pytest.mark.parametrize("step, ema_decay, kind", [(1000, 0.9999, "tracked"), (1000, 0.99, "tracked (capped)")])
+def test_the_benchmark_names_a_capped_tracked_ema(tmp_path, monkeypatch, step, ema_decay, kind):
+    """benchmarks/posthoc_ema.py labels the tracked EMA with ema_gamma's sigma_rel only while the
+    --ema_decay cap never bound (gamma 8 reaches 0.99 at step ~890): a capped one gets no verdict."""
+    from benchmarks import posthoc_ema as bench
+    ckpt_lib.save_checkpoint({"kind": "flow_matching", "step": step, "model": {},
+                     "config": {"seed": 0, "ema_gamma": 8.0, "ema_decay": ema_decay, "ema_warmup": True}},
+                    str(tmp_path / "flow_matching_final.pt"))
+
+    def evaluate(argv, check):   # evaluate_fid.py's row for the tracked EMA
+        with open(argv[argv.index("--output_jsonl") + 1], "w") as f:
+            f.write(json.dumps({"fid": 50.0}) + "\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", evaluate)
+    args = SimpleNamespace(num_samples=10, ref_num_images=10, inception_weights="w", device="cpu",
+                           results=str(tmp_path / "rows.jsonl"))
+    bench.score(str(tmp_path), args, None, {})
+    [row] = [json.loads(line) for line in open(tmp_path / "rows.jsonl")]
+    assert row["ema"] == kind and row["sigma_rel"] == pytest.approx(0.09045, abs=1e-4)
