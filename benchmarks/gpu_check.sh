@@ -29,7 +29,7 @@
 #   compiled per block (the default) and compiled sampling at batch 1000.
 # speedrun: benchmarks/speedrun.py: $SPEEDRUN_PRESET (default cifar10_speedrun) trained for
 #   $SPEEDRUN_BUDGET seconds (default 240) from process start, then FID of 10,000 samples against the
-#   50,000 CIFAR-10 train images on the GPU.
+#   50,000 CIFAR-10 train images on the GPU, at 17 and at 5 midpoint steps (34 and 10 NFE).
 # Each step starts only while the call is under $GPU_CHECK_BUDGET seconds (default 300); the skipped
 # ones say so. Inputs come from .gpu/ (gpu_prepare.sh): the CIFAR-10 train tarball, wheels
 # (diffusers for speed, torch-fidelity for speedrun) and the compact FID Inception weights.
@@ -74,7 +74,8 @@ else
     DIFF="--hidden_size 768 --depth 12 --num_heads 12 --batch_size 128 --warmup 3 --repeats 10"
     LOOP="--batch_size 1000 --warmup 1 --repeats 2"
     TORCHRUN="--batch_size 128 --train_steps 30 --log_every 10 --warmup_steps 10 --num_workers 8"
-    SPEEDRUN="--num_samples 10000 --num_workers 12"
+    # The checkpoint scored at its 17 midpoint steps and at 5 (34 and 10 NFE): FID against samples/s.
+    SPEEDRUN="--num_samples 10000 --num_workers 12 --num_steps_list 17 5"
     SPEEDRUN_BUDGET="${SPEEDRUN_BUDGET:-240}"
     VQ="--batch_size 128 --train_steps 100 --log_every 50 --num_workers 8 --eval_images 1000"
     LATENT="--batch_size 128 --train_steps 100 --log_every 50 --num_workers 8 --compile true --compile_mode blocks"

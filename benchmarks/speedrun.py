@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where reference statistics are cached (default: %(default)s)")
     p.add_argument("--sample_batch_size", type=int, default=1000,
                    help="samples per forward pass when scoring (default: %(default)s)")
+    p.add_argument("--num_steps_list", type=int, nargs="+", default=None, metavar="K",
+                   help="score the checkpoint at each of these step counts of its own sampler, a row each: FID "
+                        "against samples/s from one training budget (default: the checkpoint's own steps)")
     p.add_argument("--cold_start", default="true", choices=("true", "false"),
                    help="true = empty data and compile caches in the run's folder, so decoding and compiling count "
                         "in every run; false = the usual caches, warm from earlier runs (default: %(default)s)")
@@ -162,6 +165,8 @@ def parse(argv) -> Tuple[argparse.Namespace, FlowMatchingConfig, List[str], str]
         bench.error(f"--num_samples must be >= 2 (FID needs a covariance), got {args.num_samples}")
     if args.sample_batch_size < 1:
         bench.error(f"--sample_batch_size must be >= 1, got {args.sample_batch_size}")
+    if args.num_steps_list and min(args.num_steps_list) < 1:
+        bench.error(f"--num_steps_list entries must be >= 1, got {args.num_steps_list}")
     if not os.path.isfile(args.inception_weights):
         bench.error(f"--inception_weights {args.inception_weights} is not a file; build it with "
                     f"bash evaluation/fid_weights.sh")
@@ -255,29 +260,37 @@ def load_run(pipeline: str, checkpoint: str, device: torch.device) -> SamplingRu
                        "bf16" if device.type == "cuda" else "fp32", device)
 
 
-def score(run: SamplingRun, args) -> dict:
-    """FID of --num_samples samples of `run` with its checkpoint's own sampler, steps, CFG scale,
-    time shift and guidance interval (balanced classes, noise seeded by (its seed, i)) against every
-    image of --ref_data_dir: evaluate_fid.py --checkpoint's sampling and statistics."""
+def score(run: SamplingRun, args) -> List[dict]:
+    """FID of --num_samples samples of `run` with its checkpoint's own sampler, CFG scale, time shift
+    and guidance interval (balanced classes, noise seeded by (its seed, i)) against every image of
+    --ref_data_dir, at its own steps or each of --num_steps_list: evaluate_fid.py --checkpoint's
+    sampling and statistics. A setting's sample_s is its sampling alone (the first one's includes
+    compiling the sampler on CUDA)."""
     config = run.config
     sampler, = run.samplers(None, "--sampler")
     cfg_scale, = run.cfg_scales(None, "--cfg_scale")
     time_shift, = run.time_shifts(None)
     interval = run.guidance_interval(None)
-    images, nfe = run.generate(
-        fid.balanced_labels(args.num_samples, run.num_classes), seed=config["seed"],
-        num_steps=config["num_sampling_steps"], sampler=sampler, cfg_scale=cfg_scale, guidance_interval=interval,
-        time_shift=time_shift, batch_size=args.sample_batch_size, progress=True)
     extractor = fid.InceptionFeatures(args.inception_weights).to(run.device).eval()
     ref = fid.ImageSet("imagefolder", args.ref_data_dir, config["image_size"], config["in_channels"])
     ref_stats, ref_n, path, cached = fid.reference_statistics(
         ref, extractor, args.fid_cache_dir, run.device, FEATURE_BATCH, config["num_workers"], progress=True)
     print(f"reference: {ref.describe(ref_n)}; statistics {'read from' if cached else 'written to'} {path}")
-    stats = fid.image_statistics(images, extractor, run.device, FEATURE_BATCH, progress=True)
-    return dict(sampler=sampler, num_steps=config["num_sampling_steps"], nfe=nfe, cfg_scale=cfg_scale,
-                time_shift=time_shift, guidance_interval=list(interval) if interval else None,
-                fid=fid.frechet_distance(stats, ref_stats), num_samples=len(images), reference=ref.describe(ref_n),
-                reference_num_images=ref_n)
+    rows = []
+    for num_steps in args.num_steps_list or [config["num_sampling_steps"]]:
+        start = time.perf_counter()
+        images, nfe = run.generate(
+            fid.balanced_labels(args.num_samples, run.num_classes), seed=config["seed"], num_steps=num_steps,
+            sampler=sampler, cfg_scale=cfg_scale, guidance_interval=interval, time_shift=time_shift,
+            batch_size=args.sample_batch_size, progress=True)
+        sample_s = time.perf_counter() - start   # generate returns host arrays: the device is done
+        stats = fid.image_statistics(images, extractor, run.device, FEATURE_BATCH, progress=True)
+        rows.append(dict(sampler=sampler, num_steps=num_steps, nfe=nfe, cfg_scale=cfg_scale, time_shift=time_shift,
+                         guidance_interval=list(interval) if interval else None,
+                         fid=fid.frechet_distance(stats, ref_stats), num_samples=len(images),
+                         reference=ref.describe(ref_n), reference_num_images=ref_n, sample_s=round(sample_s, 3),
+                         samples_per_s=round(len(images) / sample_s, 1)))
+    return rows
 
 
 def peer_ignores(config: FlowMatchingConfig) -> List[str]:
@@ -301,7 +314,8 @@ def describe(row: dict) -> str:
             f"images) in {row['train_wall_s']:.1f} s of a {row['budget_s']:g} s budget "
             f"({'finished' if row['finished'] else 'stopped by the budget'}); {row['weights']} weights, "
             f"{row['sampler']} {row['num_steps']} steps (NFE {row['nfe']}), cfg {row['cfg_scale']:g}: "
-            f"FID {row['fid']:.2f} (N {row['num_samples']} vs {row['reference']}), scored in {row['score_s']:.0f} s; "
+            f"FID {row['fid']:.2f} (N {row['num_samples']} vs {row['reference']}) at {row['samples_per_s']:,.1f} "
+            f"samples/s; scoring took {row['score_s']:.0f} s; "
             f"{row['gpu']}, torch {row['torch']}, commit {row['commit']}")
 
 
@@ -335,23 +349,24 @@ def main(argv=None, start: Optional[float] = None) -> int:
 
     scoring = time.perf_counter()
     device = resolve_device(config.device)
-    scored = score(load_run(args.pipeline, checkpoint, device), args)
+    settings = score(load_run(args.pipeline, checkpoint, device), args)
     score_s = time.perf_counter() - scoring
-    row = {"pipeline": args.pipeline, "preset": args.preset, "flags": flags, "data": args.data_dir,
-           "budget_s": args.budget_s,
-           "steps": steps, "batch_size": trained.batch_size, "images_seen": steps * trained.batch_size,
-           "train_wall_s": round(train_wall_s, 1), "finished": steps >= trained.train_steps,
-           "train_steps": trained.train_steps, "weights": "ema" if args.pipeline == "repo" else "raw", **scored, "fid": round(scored["fid"], 3),
-           "score_s": round(score_s, 1), "checkpoint": checkpoint,
-           "cold_start": args.cold_start,
-           "peer_ignores": peer_ignores(trained) if args.pipeline == "peer" else [],
-           "gpu": gpu_name(device), "torch": torch.__version__, "commit": commit,
-           "date": datetime.datetime.now().isoformat(timespec="seconds")}
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row))
-    print(describe(row) + f"; appended to {args.results}")
+    for scored in settings:
+        row = {"pipeline": args.pipeline, "preset": args.preset, "flags": flags, "data": args.data_dir,
+               "budget_s": args.budget_s,
+               "steps": steps, "batch_size": trained.batch_size, "images_seen": steps * trained.batch_size,
+               "train_wall_s": round(train_wall_s, 1), "finished": steps >= trained.train_steps,
+               "train_steps": trained.train_steps, "weights": "ema" if args.pipeline == "repo" else "raw",
+               **scored, "fid": round(scored["fid"], 3), "score_s": round(score_s, 1), "checkpoint": checkpoint,
+               "cold_start": args.cold_start,
+               "peer_ignores": peer_ignores(trained) if args.pipeline == "peer" else [],
+               "gpu": gpu_name(device), "torch": torch.__version__, "commit": commit,
+               "date": datetime.datetime.now().isoformat(timespec="seconds")}
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row))
+        print(describe(row) + f"; appended to {args.results}")
     return 0
 
 

@@ -31,6 +31,7 @@ TOY = ["--preset", "tiny", "--image_size", "8", "--hidden_size", "32", "--depth"
 FIELDS = {"pipeline", "preset", "flags", "data", "budget_s", "steps", "batch_size", "images_seen", "train_wall_s",
           "finished", "train_steps", "weights", "sampler", "num_steps", "nfe", "cfg_scale", "time_shift",
           "guidance_interval", "fid", "num_samples", "reference", "reference_num_images", "score_s", "checkpoint",
+          "sample_s", "samples_per_s",
           "cold_start", "peer_ignores", "gpu", "torch", "commit", "date"}
 
 
@@ -48,11 +49,17 @@ def bench(tmp_path, monkeypatch):
             "--sample_batch_size", "12", "--fid_cache_dir", "fid", "--runs_dir", "runs", "--results", "results.jsonl"]
 
 
-def the_row() -> dict:
+def the_rows() -> list:
     with open("results.jsonl") as f:
-        [row] = [json.loads(line) for line in f]
-    assert set(row) == FIELDS
-    assert all(v is not None for k, v in row.items() if k != "guidance_interval"), row
+        rows = [json.loads(line) for line in f]
+    for row in rows:
+        assert set(row) == FIELDS
+        assert all(v is not None for k, v in row.items() if k != "guidance_interval"), row
+    return rows
+
+
+def the_row() -> dict:
+    [row] = the_rows()
     return row
 
 
@@ -67,9 +74,14 @@ def test_the_budget_stops_the_trainer_whose_checkpoint_is_scored_in_a_full_row(b
 
     monkeypatch.setattr(speedrun, "train_repo", slow_to_exit)
     start, start_wall = time.perf_counter(), time.time()
-    assert speedrun.main(["--budget_s", str(BUDGET_S), *bench, *TOY]) == 0
+    # Scored at its own 2 steps, then at 1: a row each, from the one checkpoint.
+    assert speedrun.main(["--budget_s", str(BUDGET_S), *bench, *TOY, "--num_steps_list", "2", "1"]) == 0
     elapsed = time.perf_counter() - start
-    row = the_row()
+    row, fewer = the_rows()
+    assert {k: v for k, v in fewer.items() if k not in ("num_steps", "nfe", "fid", "sample_s", "samples_per_s", "date")} \
+        == {k: v for k, v in row.items() if k not in ("num_steps", "nfe", "fid", "sample_s", "samples_per_s", "date")}
+    assert (fewer["num_steps"], fewer["nfe"]) == (1, 1) and fewer["fid"] != row["fid"]
+    assert row["sample_s"] <= row["score_s"] and row["samples_per_s"] > 0
     # The SIGTERM path: a periodic checkpoint of the step reached, not the final one.
     assert os.path.basename(row["checkpoint"]).startswith("checkpoint_") and not row["finished"]
     ckpt = load_checkpoint(row["checkpoint"], kind="flow_matching")
@@ -123,6 +135,7 @@ def test_the_peer_trains_for_the_budget_and_is_scored_by_the_same_code(bench):
     (["--data_dir", "images", "--data_cache_dir", "cache"], "--data_cache_dir: --cold_start true decodes"),
     (["--data_dir", "images", "--pipeline", "peer"], "pip install -r benchmarks/requirements.txt"),
     (["--data_dir", "images", "--pipeline", "peer", "--qk_norm", "true"], "--qk_norm: the peer pipeline does not"),
+    (["--data_dir", "images", "--num_steps_list", "5", "0"], "--num_steps_list entries must be >= 1, got [5, 0]"),
 ])
 def test_bad_input_exits_2_with_one_line(bench, tmp_path, monkeypatch, capsys, flags, expected):
     if flags[-1] == "peer":   # as without diffusers and torchcfm installed
