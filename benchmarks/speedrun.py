@@ -358,7 +358,7 @@ def main(argv=None, start: Optional[float] = None) -> int:
                "steps": steps, "batch_size": trained.batch_size, "images_seen": steps * trained.batch_size,
                "train_wall_s": round(train_wall_s, 1), "finished": steps >= trained.train_steps,
                "train_steps": trained.train_steps, "weights": "ema" if args.pipeline == "repo" else "raw",
-               **scored, "fid": round(scored["fid"], 3), "score_s": round(score_s, 1), "checkpoint": checkpoint,
+               **scored, "fid": round(scored["fid"], 3), "score_s": round(score_s, 3), "checkpoint": checkpoint,
                "cold_start": args.cold_start,
                "peer_ignores": peer_ignores(trained) if args.pipeline == "peer" else [],
                "gpu": gpu_name(device), "torch": torch.__version__, "commit": commit,

@@ -91,7 +91,7 @@ def test_the_budget_stops_the_trainer_whose_checkpoint_is_scored_in_a_full_row(b
     # by the step in flight and the save (generous: a loaded CI machine must not fail it).
     assert BUDGET_S <= row["train_wall_s"] < BUDGET_S + 30, row["train_wall_s"]
     assert abs(row["train_wall_s"] - (written["mtime"] - start_wall)) < 1, (row["train_wall_s"], written)   # not the exit
-    assert row["score_s"] >= 0 and row["train_wall_s"] + row["score_s"] <= elapsed + 1   # score_s: 0.1 s resolution
+    assert row["score_s"] >= 0 and row["train_wall_s"] + row["score_s"] <= elapsed + 1   # the budget check allows 1 s of slack
     # The EMA, sampled with the checkpoint's own settings (tiny: Euler, CFG 3; 2 steps given) and
     # scored as evaluate_fid.py scores that checkpoint, to the row's rounding.
     assert (row["weights"], row["sampler"], row["num_steps"], row["cfg_scale"]) == ("ema", "euler", 2, 3.0)
