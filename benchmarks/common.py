@@ -14,6 +14,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.nn.attention import SDPBackend
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +25,12 @@ from configs.cli import ArgumentParser  # noqa: E402
 from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
+
+
+# The fused SDPA kernels a benchmark may restrict attention to (PyTorch picks among them by default:
+# cuDNN first on Hopper).
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
 def clone_path(text: str) -> str:

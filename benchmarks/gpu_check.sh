@@ -18,7 +18,8 @@
 #   batch 1000, eager and compiled; our training step against diffusers' DiT; then the `extra` stage
 #   while time is left.
 # extra (also a stage of its own, for a second call; gpu_prepare.sh speed lays out its inputs): the
-#   candidate kernels for attention and the GELU at the model's shapes (kernel_choices.py), whole
+#   candidate kernels for attention and the GELU at the model's shapes (kernel_choices.py), the
+#   training step with attention on flash instead of PyTorch's pick (cuDNN on Hopper), whole
 #   sampling batches against the plain diffusers loop, compiled sampling at batches 64 and 250 (which
 #   batch generation should default to), a few steps of train_flow_matching.py under torchrun (NCCL)
 #   on the carried CIFAR-10, CUDA-graph sampling, the speedrun preset's step, the fp32 residual
@@ -66,6 +67,7 @@ if [ "$SMOKE" = 1 ]; then
     LATENT="--preset tiny --image_size 8 --batch_size 4 --train_steps 2 --log_every 1 --num_workers 0 --device cpu"
     GEN="--num_samples 4 --batch_size 4 --num_steps 2 --device cpu"
     KERNELS="$MODEL --batch_size 4 --sample_batch 4 --iters 1 --repeats 1"; SAMPLE_BATCHES="--batch_sizes 3"
+    ATTENTION=math   # the CPU's default is its flash kernel: math is the restriction the smoke test can see
 else
     DEV=cuda
     MODEL=""; BATCH=128; STEPS="--steps 15 --windows 3 --warmup 5"
@@ -81,6 +83,7 @@ else
     LATENT="--batch_size 128 --train_steps 100 --log_every 50 --num_workers 8 --compile true --compile_mode blocks"
     GEN="--num_samples 1000 --batch_size 500"
     KERNELS=""; SAMPLE_BATCHES="--batch_sizes 64 250"
+    ATTENTION=flash
 fi
 
 step "machine"
@@ -127,6 +130,9 @@ speed() {   # the most needed figures first: the budget guard cuts from the end
 extra() {   # what the first H200 job (2026-12-04) left unmeasured, most wanted first
     fits "kernel choices" && { step "kernel choices: SDPA backends, GELU after the GEMM vs in its epilogue (< 1 min)"
         python benchmarks/kernel_choices.py --device "$DEV" $KERNELS --json "$JSON"; }
+    # PyTorch picks cuDNN's attention on Hopper; in the H200 profile its backward took 4x its forward.
+    fits "train, SDPA $ATTENTION" && { step "train, compiled per block, attention restricted to SDPA's $ATTENTION kernel"
+        train attention "$MODEL" --compile true --compile_mode blocks --sdpa_backend "$ATTENTION"; }
     with_diffusers "diffusers: sampling loop" && fits "diffusers: sampling loop" && {
         step "ours (compiled) vs the plain diffusers loop: whole batches, 34 NFE, CFG 1.5"
         python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts loop --compile $LOOP --json "$JSON"; }

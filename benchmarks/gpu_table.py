@@ -30,7 +30,8 @@ def describe(row: dict) -> List[tuple]:
                 + (", qk-norm+SwiGLU" if c.get("qk_norm") and c.get("mlp") == "swiglu" else "")
                 + (", fp32 residual" if c.get("fp32_residual") else "")
                 + (f", {c['optimizer']}" if c.get("optimizer", "adamw") != "adamw" else "")
-                + (f", {c['objective']}" if c.get("objective", "flow_matching") != "flow_matching" else ""))
+                + (f", {c['objective']}" if c.get("objective", "flow_matching") != "flow_matching" else "")
+                + (f", SDPA {row['sdpa_backend']}" if row.get("sdpa_backend", "auto") != "auto" else ""))
         figure = f"{row['images_per_s']:,.0f} img/s" + (f", MFU {100 * row['mfu']:.1f}%" if row.get("mfu") else "")
         prof = row.get("profile") or {}
         # The median window, as images/s; the profile covers one window of steps_per_window steps.

@@ -31,12 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention import sdpa_kernel  # noqa: E402
 
-from benchmarks.common import benchmark_parser, machine, parse_benchmark, time_call, write_json  # noqa: E402
-
-BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+from benchmarks.common import (SDPA_BACKENDS, benchmark_parser, machine, parse_benchmark, time_call,  # noqa: E402
+                               write_json)
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -105,7 +103,7 @@ def attention_choices(bench: Bench, batch: int, heads: int, tokens: int, head_di
                 return out.detach()
         return fn
 
-    for name, backend in BACKENDS.items():
+    for name, backend in SDPA_BACKENDS.items():
         bench.run("attention", shape, name, call(q, k, v, backend), flops, ref)
     bench.run("attention", shape, "picked by PyTorch (the model)", call(q, k, v), flops, ref)
     bench.run("attention", shape, "picked, contiguous q k v", call(q.contiguous(), k.contiguous(), v.contiguous()),

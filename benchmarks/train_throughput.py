@@ -8,12 +8,15 @@ Every FlowMatchingConfig flag works (--preset, --batch_size, --mixed_precision, 
 so the number is the model and step, not JPEG decoding. After --warmup steps (compilation happens
 there), --windows windows of --steps steps are timed, each ended by one device synchronization
 (as in training, nothing syncs inside a window); the median window is reported.
+--sdpa_backend restricts attention to one fused kernel for the whole run (PyTorch picks cuDNN on
+Hopper), so the step is timed with each; the profile's table names the kernels that ran.
 With --ema_snapshot_every N the step includes the two post-hoc EMA updates, and one snapshot write
 (into a temporary folder) is timed apart and reported amortized over N steps.
 MFU = images/s x counted training FLOPs per image / (--peak_tflops x 1e12).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -23,8 +26,9 @@ from statistics import median
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from benchmarks.common import (benchmark_parser, check_no_sync, count_flops_per_image, machine,  # noqa: E402
+from benchmarks.common import (SDPA_BACKENDS, benchmark_parser, check_no_sync, count_flops_per_image, machine,  # noqa: E402
                                parse_benchmark, profile, reset_peak_memory, synchronize,
                                time_call, write_json)
 from data.device_loader import DeviceLoader  # noqa: E402
@@ -32,6 +36,9 @@ from models.dit_2d import dit_from_config  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from training.objectives import FlowMatchingObjective  # noqa: E402
 from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size, peak_memory_gb  # noqa: E402
+
+# The fused kernels, and the unfused reference (also the one restriction a CPU can tell from its default).
+BACKENDS = {**SDPA_BACKENDS, "math": SDPBackend.MATH}
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -46,6 +53,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync_debug", default="false", choices=("true", "false"),
                    help="CUDA: run 2 more steps under torch.cuda.set_sync_debug_mode('error') and report "
                         "whether any host sync happened (the step is meant to have none)")
+    p.add_argument("--sdpa_backend", default="auto", choices=("auto",) + tuple(BACKENDS),
+                   help="attention's kernel for the whole run: auto lets PyTorch pick; a name restricts SDPA "
+                        "to that backend (a shape or device it cannot run is an error)")
     return p
 
 
@@ -54,6 +64,8 @@ def main(argv=None) -> int:
     args, config, device = parse_benchmark(bench, argv, __doc__)
     if args.steps < 1 or args.windows < 1 or args.warmup < 0:
         bench.error(f"--steps and --windows must be >= 1 and --warmup >= 0, got {args.steps}, {args.windows}, {args.warmup}")
+    if args.sdpa_backend in ("cudnn", "efficient") and device.type != "cuda":
+        bench.error(f"--sdpa_backend {args.sdpa_backend} runs on CUDA only, not on {device.type}: use flash, math or auto")
     micro = micro_batch_size(config, 1)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (max(4 * config.batch_size, 256), config.in_channels, config.image_size,
@@ -74,13 +86,17 @@ def main(argv=None) -> int:
         for _ in range(n):
             trainer.train_step(next(batches) for _ in range(trainer.accum_steps))
 
+    # Compilation happens in the warm-up, inside the restriction: the compiled graph calls that kernel.
+    backend = (contextlib.nullcontext() if args.sdpa_backend == "auto"
+               else sdpa_kernel(BACKENDS[args.sdpa_backend]))
     reset_peak_memory(device)
-    warm = time_call(lambda: steps(args.warmup), device) if args.warmup else 0.0
-    seconds = [time_call(lambda: steps(args.steps), device) for _ in range(args.windows)]
-    synchronize(device)
-    prof = profile(lambda: steps(args.steps), device, args.profile) if args.profile else None
-    sync = check_no_sync(lambda: steps(2), device) if args.sync_debug == "true" else None
-    snap = median(time_call(trainer._snapshot, device) for _ in range(3)) if trainer.posthoc_emas else None
+    with backend:
+        warm = time_call(lambda: steps(args.warmup), device) if args.warmup else 0.0
+        seconds = [time_call(lambda: steps(args.steps), device) for _ in range(args.windows)]
+        synchronize(device)
+        prof = profile(lambda: steps(args.steps), device, args.profile) if args.profile else None
+        sync = check_no_sync(lambda: steps(2), device) if args.sync_debug == "true" else None
+        snap = median(time_call(trainer._snapshot, device) for _ in range(3)) if trainer.posthoc_emas else None
     scratch.cleanup()
     rate = args.steps * config.batch_size / median(seconds)
     # The count is one forward and backward of the model: flow matching's step. MeanFlow's step adds
@@ -94,7 +110,7 @@ def main(argv=None) -> int:
     print(f"train: hidden {config.hidden_size}, depth {config.depth}, heads {config.num_heads}, patch "
           f"{config.patch_size}, {config.image_size}px, {params / 1e6:.1f}M params, batch {config.batch_size} "
           f"(micro {micro}), {config.mixed_precision}, compile {config.compile}, grad ckpt "
-          f"{config.gradient_checkpointing}, {config.objective}, {device.type}")
+          f"{config.gradient_checkpointing}, {config.objective}, attention {args.sdpa_backend}, {device.type}")
     print(f"  {rate:.1f} images/s, {1000 * median(seconds) / args.steps:.1f} ms/step (median of {args.windows} "
           f"windows x {args.steps} steps; warm-up {args.warmup} steps took {warm:.1f}s)")
     if flops is None:
@@ -115,7 +131,7 @@ def main(argv=None) -> int:
         print(f"  post-hoc EMA snapshot ({config.ema_snapshot_dtype}): {1000 * snap:.1f} ms a write, "
               f"{100 * snap / (every * median(seconds) / args.steps):.2f}% of the step time at every {every} steps")
     write_json(args.json, {"bench": "train", "machine": machine(device), "config": vars(config),
-                           "images_per_s": rate, "step_seconds": [s / args.steps for s in seconds],
+                           "sdpa_backend": args.sdpa_backend, "images_per_s": rate, "step_seconds": [s / args.steps for s in seconds],
                            "steps_per_window": args.steps,
                            "flops_per_image": flops, "tflops": achieved, "mfu": mfu,
                            "peak_memory_gib": mem, "warmup_seconds": warm, "profile": prof, "sync_check": sync,

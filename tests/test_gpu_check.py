@@ -33,10 +33,16 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
         rows = [json.loads(line) for line in f]
     trains = [r for r in rows if r.get("bench") == "train"]
     assert [(r["config"]["compile"], r["config"]["compile_mode"]) for r in trains] == [
-        (False, "blocks"), (True, "default"), (True, "blocks"), (True, "blocks"), (True, "blocks"),
+        (False, "blocks"), (True, "default"), (True, "blocks"), (True, "blocks"), (True, "blocks"), (True, "blocks"),
         (False, "blocks"), (True, "blocks"), (True, "blocks"), (True, "max-autotune-no-cudagraphs")]
-    assert [r["config"]["optimizer"] for r in trains].index("muon") == 6
-    assert [r["config"]["mixed_precision"] for r in trains].index("fp16") == 7
+    assert [r["config"]["optimizer"] for r in trains].index("muon") == 7
+    assert [r["config"]["mixed_precision"] for r in trains].index("fp16") == 8
+    # One step restricts attention to one SDPA kernel (flash on the GPU; math here, where PyTorch's own
+    # pick is the CPU flash kernel), and its profile shows that kernel ran instead of the default.
+    assert [r["sdpa_backend"] for r in trains] == ["auto"] * 3 + ["math"] + ["auto"] * 6
+    math_op = "aten::_scaled_dot_product_attention_math"
+    assert math_op in (out / "profile_train_attention.txt").read_text()
+    assert math_op not in (out / "profile_train_blocks.txt").read_text()
     assert [r["config"]["fp32_residual"] for r in trains].count(True) == 1
     assert all(r["profile"]["kernel_s"] > 0 and r["sync_check"] for r in trains)
     assert [r["config"]["objective"] for r in trains].count("meanflow") == 1
@@ -56,8 +62,8 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
     latent = log[log.index("=== train_vqvae.py, then train_flow_matching.py on its latents"):]
     assert "latent flow matching: 4x2x2 latents" in latent and "samples.npz" in latent
     table = log[log.index("=== table"):]
-    assert table.count("| train ") == 9 and table.count("| sample ") == 5 and table.count("| kernel ") == 17
-    assert ", meanflow |" in table and ", fp32 residual |" in table and ", muon |" in table
+    assert table.count("| train ") == 10 and table.count("| sample ") == 5 and table.count("| kernel ") == 17
+    assert ", SDPA math |" in table and ", meanflow |" in table and ", fp32 residual |" in table and ", muon |" in table
     if os.environ.get("FID_INCEPTION_WEIGHTS"):   # CI builds them; the speedrun stage scores with them
         with open(out / "speedrun.jsonl") as f:
             [row] = [json.loads(line) for line in f]
