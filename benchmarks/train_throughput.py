@@ -8,7 +8,7 @@ Every FlowMatchingConfig flag works (--preset, --batch_size, --mixed_precision, 
 so the number is the model and step, not JPEG decoding. After --warmup steps (compilation happens
 there), --windows windows of --steps steps are timed, each ended by one device synchronization
 (as in training, nothing syncs inside a window); the median window is reported.
---sdpa_backend restricts attention to one fused kernel for the whole run (PyTorch picks cuDNN on
+--sdpa_backend restricts attention to one SDPA kernel for the whole run (PyTorch picks cuDNN on
 Hopper), so the step is timed with each; the profile's table names the kernels that ran.
 With --ema_snapshot_every N the step includes the two post-hoc EMA updates, and one snapshot write
 (into a temporary folder) is timed apart and reported amortized over N steps.
@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from benchmarks.common import (SDPA_BACKENDS, benchmark_parser, check_no_sync, count_flops_per_image, machine,  # noqa: E402
-                               parse_benchmark, profile, reset_peak_memory, synchronize,
-                               time_call, write_json)
+from benchmarks.common import (SDPA_BACKENDS, benchmark_parser, check_no_sync,  # noqa: E402
+                               count_flops_per_image, machine, parse_benchmark, profile,
+                               reset_peak_memory, synchronize, time_call, write_json)
 from data.device_loader import DeviceLoader  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         print(f"  post-hoc EMA snapshot ({config.ema_snapshot_dtype}): {1000 * snap:.1f} ms a write, "
               f"{100 * snap / (every * median(seconds) / args.steps):.2f}% of the step time at every {every} steps")
     write_json(args.json, {"bench": "train", "machine": machine(device), "config": vars(config),
-                           "sdpa_backend": args.sdpa_backend, "images_per_s": rate, "step_seconds": [s / args.steps for s in seconds],
+                           "sdpa_backend": args.sdpa_backend, "images_per_s": rate,
+                           "step_seconds": [s / args.steps for s in seconds],
                            "steps_per_window": args.steps,
                            "flops_per_image": flops, "tflops": achieved, "mfu": mfu,
                            "peak_memory_gib": mem, "warmup_seconds": warm, "profile": prof, "sync_check": sync,
