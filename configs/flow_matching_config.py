@@ -68,7 +68,7 @@ class FlowMatchingConfig(TrainConfig):
     logit_normal_std: float = field(default=1.0, metadata={"help": "std of logit(t) for logit_normal"})
     # Sampling (training grids and the default of generate_flow_matching.py)
     num_sampling_steps: int = field(default=50, metadata={"help": "ODE solver steps"})
-    sampler: Literal["euler", "heun", "midpoint", "meanflow"] = field(default="euler", metadata={"help": "ODE solver; meanflow = jumps with a MeanFlow model's average velocity (the default with --objective meanflow)"})
+    sampler: Literal["euler", "heun", "midpoint", "ab2", "meanflow"] = field(default="euler", metadata={"help": "ODE solver: euler (1 NFE a step), heun and midpoint (second order, 2 NFE a step), ab2 (second-order Adams-Bashforth, 1 NFE a step); meanflow = jumps with a MeanFlow model's average velocity (the default with --objective meanflow)"})
     cfg_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance scale; 1 = no guidance"})
     guidance_interval_start: float = field(default=0.0, metadata={"help": "guidance applies only while guidance_interval_start <= t <= guidance_interval_end (Kynkaanniemi et al. 2024; t=0 noise); outside it the conditional velocity alone"})
     guidance_interval_end: float = field(default=1.0, metadata={"help": "end of the guidance interval (see guidance_interval_start); 0, 1 = guidance on every step"})
@@ -139,7 +139,7 @@ class FlowMatchingConfig(TrainConfig):
             raise ValueError(f"--time_shift must be > 0 (1 = a uniform grid), got {self.time_shift}")
         if self.sampler == "meanflow" and self.objective != "meanflow":
             raise ValueError("--sampler meanflow needs a MeanFlow model (--objective meanflow); a flow-matching "
-                             "model samples with --sampler euler, heun or midpoint")
+                             "model samples with --sampler euler, heun, midpoint or ab2")
         if not 0.0 <= self.meanflow_ratio <= 1.0:
             raise ValueError(f"--meanflow_ratio must be in [0, 1], got {self.meanflow_ratio}")
         if self.meanflow_adaptive_p < 0 or self.meanflow_adaptive_c <= 0:

@@ -180,7 +180,7 @@ class SamplingRun:
         if "meanflow" in samplers and self.config.get("objective", "flow_matching") != "meanflow":
             raise ValueError(f"{flag} meanflow needs a MeanFlow checkpoint (trained with --objective meanflow); "
                              f"{self.config.get('objective', 'flow_matching')} checkpoints sample with "
-                             f"euler, heun or midpoint")
+                             f"{', '.join(s for s in flow_matching.SAMPLERS if s != 'meanflow')}")
         return samplers
 
     def time_shifts(self, given: Optional[Sequence[float]]) -> List[float]:

@@ -111,13 +111,16 @@ def point_field(mu):
     return lambda x, t: (mu - x) / (1 - t)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "ab2"])
 @pytest.mark.parametrize("shift", [1.0, 3.0, 1 / 3])
 @pytest.mark.parametrize("steps", [1, 2, 3, 7, 50])
-def test_euler_lands_exactly_on_a_single_point(steps, shift):
-    """Whatever the grid: its last step starts at t0 and has dt = 1 - t0, which cancels 1 / (1 - t0)."""
+def test_euler_and_ab2_land_exactly_on_a_single_point(steps, shift, sampler):
+    """Whatever the grid: its last step starts at t0 and has dt = 1 - t0, which cancels 1 / (1 - t0).
+    ab2 too: on the exact straight path the velocity is the constant mu - noise, so extrapolating
+    it through the previous step's changes nothing."""
     mu = torch.tensor([[1.5, -2.0, 0.25]], dtype=torch.float64)
     x0 = torch.randn(5, 3, dtype=torch.float64)
-    x1, nfe = fm.integrate(point_field(mu), x0, steps, "euler", time_shift=shift)
+    x1, nfe = fm.integrate(point_field(mu), x0, steps, sampler, time_shift=shift)
     torch.testing.assert_close(x1, mu.expand(5, 3), rtol=0, atol=1e-12)
     assert nfe == steps
 
@@ -159,15 +162,15 @@ def gaussian_field(m, s):
     return v
 
 
-def observed_orders(field, x0, exact, sampler, steps=(16, 32, 64, 128)):
+def observed_orders(field, x0, exact, sampler, steps=(16, 32, 64, 128), shift=1.0):
     errors = []
     for n in steps:
-        x1, _ = fm.integrate(field, x0.clone(), n, sampler)
+        x1, _ = fm.integrate(field, x0.clone(), n, sampler, time_shift=shift)
         errors.append((x1 - exact).abs().max().item())
     return [math.log2(a / b) for a, b in zip(errors, errors[1:])]
 
 
-@pytest.mark.parametrize("sampler,order", [("euler", 1), ("heun", 2), ("midpoint", 2)])
+@pytest.mark.parametrize("sampler,order", [("euler", 1), ("heun", 2), ("midpoint", 2), ("ab2", 2)])
 def test_solver_order_on_a_gaussian(sampler, order):
     """Error at t = 1 against the exact map z -> m + s z. On this linear field the midpoint rule
     happens to be superconvergent (order 3), so it is held to 'at least 2' here and to exactly 2
@@ -181,15 +184,29 @@ def test_solver_order_on_a_gaussian(sampler, order):
         assert all(abs(o - order) < 0.15 for o in observed), observed
 
 
-@pytest.mark.parametrize("sampler,order", [("euler", 1), ("heun", 2), ("midpoint", 2)])
-def test_solver_order_on_a_nonlinear_field(sampler, order):
-    """dx/dt = x^2 + sin(t), against a 4096-step Heun reference."""
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("sampler,order", [("euler", 1), ("heun", 2), ("midpoint", 2), ("ab2", 2)])
+def test_solver_order_on_a_nonlinear_field(sampler, order, shift):
+    """dx/dt = x^2 + sin(t), against a 4096-step Heun reference, on the uniform and a shifted grid."""
     def field(x, t):
         return x * x + math.sin(t)
     x0 = torch.tensor([0.5, -0.3], dtype=torch.float64)
     reference, _ = fm.integrate(field, x0.clone(), 4096, "heun")
-    observed = observed_orders(field, x0, reference, sampler, steps=(32, 64, 128))
+    steps = (32, 64, 128) if shift == 1.0 else (128, 256, 512)  # the shifted grid's orders settle later
+    observed = observed_orders(field, x0, reference, sampler, steps=steps, shift=shift)
     assert all(abs(o - order) < 0.15 for o in observed), observed
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 1 / 3])
+def test_ab2_is_exact_after_its_first_step_for_a_velocity_linear_in_t(shift):
+    """Each ab2 step integrates the line through the last two velocities, so for v = a + b t only
+    its first (Euler) step errs, by b t_1^2 / 2, on any grid: unequal steps need their own weights
+    (the equal-step 3/2, -1/2 miss here on the shifted grids)."""
+    a, b = torch.tensor([0.3, -1.2], dtype=torch.float64), 2.5
+    x0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    t1 = fm.time_grid(6, shift)[1]
+    x1, _ = fm.integrate(lambda x, t: a + b * t + 0 * x, x0, 6, "ab2", time_shift=shift)
+    torch.testing.assert_close(x1, x0 + a + b / 2 - b * t1 ** 2 / 2, rtol=0, atol=1e-12)
 
 
 def test_solver_nfe_and_bad_arguments():
@@ -197,6 +214,7 @@ def test_solver_nfe_and_bad_arguments():
     x = torch.zeros(2, dtype=torch.float64)
     assert fm.integrate(field, x, 5, "heun")[1] == 9    # the last step is an Euler step
     assert fm.integrate(field, x, 5, "midpoint")[1] == 10
+    assert fm.integrate(field, x, 5, "ab2")[1] == 5     # one evaluation a step, the previous one reused
     with pytest.raises(ValueError, match="num_steps"):
         fm.integrate(field, x, 0)
     with pytest.raises(ValueError, match="unknown sampler 'rk4'"):
@@ -219,7 +237,8 @@ class LabelModel(torch.nn.Module):
 
 @pytest.mark.parametrize("sampler, times", [("euler", [0.0, 0.25, 0.5, 0.75]),
                                              ("heun", [0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75]),   # never t = 1
-                                             ("midpoint", [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875])])
+                                             ("midpoint", [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]),
+                                             ("ab2", [0.0, 0.25, 0.5, 0.75])])
 def test_sample_gives_the_model_the_time_of_the_convention(sampler, times):
     """sample() integrates from t = 0 (noise) to t = 1 (data) and tells the model those times, as
     training does (t = 1 is data): every row of every forward gets the step's t."""
@@ -236,7 +255,8 @@ def test_sample_gives_the_model_the_time_of_the_convention(sampler, times):
 
 @pytest.mark.parametrize("sampler, times", [("euler", [0.0, 0.1, 0.25, 0.5]),
                                              ("heun", [0.0, 0.1, 0.1, 0.25, 0.25, 0.5, 0.5]),
-                                             ("midpoint", [0.0, 0.05, 0.1, 0.175, 0.25, 0.375, 0.5, 0.75])])
+                                             ("midpoint", [0.0, 0.05, 0.1, 0.175, 0.25, 0.375, 0.5, 0.75]),
+                                             ("ab2", [0.0, 0.1, 0.25, 0.5])])
 def test_generate_images_steps_through_the_shifted_grid(sampler, times):
     """time_shift reaches the solver through generate_images and sample: 4 steps at shift 3 are
     the grid 0, 0.1, 0.25, 0.5, 1 (midpoint: the middle of each step)."""
