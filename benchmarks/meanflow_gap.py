@@ -2,18 +2,19 @@
 
     python benchmarks/meanflow_gap.py benchmarks/runs/repo_seed0/flow_matching_final.pt \
         benchmarks/runs/repo_seed0_objective_meanflow_..._init_from_.../checkpoint_0000100.pt --device cpu
-    python benchmarks/meanflow_gap.py RUN/flow_matching_final.pt --sampler ab2 --jumps 5 10 --reference_steps 100
+    python benchmarks/meanflow_gap.py RUN/flow_matching_final.pt --samplers euler midpoint ab2 --jumps 5 10 \
+        --reference_steps 100
 
 A MeanFlow model's average velocity is right when K jumps of it reach the point its own velocity
 field (u at r = t) reaches by integrating finely; FID cannot say which of the two is off, this can.
 For each checkpoint (EMA weights, its own config's CFG scale): the same --num_samples noises
 (per-sample seeds from --seed, the labels cycling through the classes) are integrated by the
 midpoint solver with --reference_steps steps (the reference), and by K = --jumps jumps: the
-meanflow sampler on a MeanFlow checkpoint, K steps of --sampler (default Euler) on a flow-matching
-one (its K-step answer, the baseline a MeanFlow fine-tune starts from; with another --sampler, that
-solver's error at K steps: solvers compared at equal NFE). Printed per checkpoint: the mean square
-difference to the reference for each K with its NFE, and the reference's per-element variance (the
-scale: a gap of that size is no better than a random sample).
+meanflow sampler on a MeanFlow checkpoint, K steps of each of --samplers (default Euler) on a
+flow-matching one (its K-step answer, the baseline a MeanFlow fine-tune starts from; with other
+solvers, each one's error at K steps, to compare them at equal NFE). Printed per checkpoint and
+solver: the mean square difference to the reference for each K with its NFE, and the reference's
+per-element variance (the scale: a gap of that size is no better than a random sample).
 """
 
 import argparse
@@ -40,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=64, help="noises per checkpoint (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--jumps", type=int, nargs="+", default=[1, 2], help="K values (default: 1 2)")
-    p.add_argument("--sampler", default="euler", choices=[s for s in flow_matching.SAMPLERS if s != "meanflow"],
-                   help="the solver of a flow-matching checkpoint's K steps (default: %(default)s); a MeanFlow "
-                        "checkpoint always jumps with its meanflow sampler")
+    p.add_argument("--samplers", nargs="+", default=["euler"],
+                   choices=[s for s in flow_matching.SAMPLERS if s != "meanflow"],
+                   help="the solvers of a flow-matching checkpoint's K steps, a row each (default: euler); a "
+                        "MeanFlow checkpoint always jumps with its meanflow sampler")
     p.add_argument("--reference_steps", type=int, default=17,
                    help="midpoint steps of the reference (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -80,22 +82,22 @@ def main(argv=None) -> int:
                                             sampler=sampler, cfg_scale=config["cfg_scale"])
 
         reference = run("midpoint", args.reference_steps)[0]
-        sampler = "meanflow" if meanflow else args.sampler
-        gaps, nfes = {}, {}
-        for k in args.jumps:
-            x, nfes[k] = run(sampler, k)
-            gaps[k] = (x - reference).pow(2).mean().item()
-        row = {"checkpoint": path, "step": ckpt["step"], "objective": config["objective"], "sampler": sampler,
-               "cfg_scale": config["cfg_scale"], "num_samples": args.num_samples, "seed": args.seed,
-               "reference": f"midpoint {args.reference_steps}",
-               # 4 significant digits, not decimals: a gap can be 1e-4
-               "reference_variance": float(f"{reference.var().item():.4g}"),
-               **{f"gap_{k}": float(f"{g:.4g}") for k, g in gaps.items()},
-               **{f"nfe_{k}": n for k, n in nfes.items()}, "machine": machine(device)}
-        print(f"{path}: step {row['step']}, {row['objective']}, cfg {row['cfg_scale']}, {sampler}: "
-              + ", ".join(f"{k} step(s) = {nfes[k]} NFE {g:.4g}" for k, g in gaps.items())
-              + f" (reference variance {row['reference_variance']:.4g})", flush=True)
-        write_json(args.json, row)
+        for sampler in ["meanflow"] if meanflow else args.samplers:
+            gaps, nfes = {}, {}
+            for k in args.jumps:
+                x, nfes[k] = run(sampler, k)
+                gaps[k] = (x - reference).pow(2).mean().item()
+            row = {"checkpoint": path, "step": ckpt["step"], "objective": config["objective"], "sampler": sampler,
+                   "cfg_scale": config["cfg_scale"], "num_samples": args.num_samples, "seed": args.seed,
+                   "reference": f"midpoint {args.reference_steps}",
+                   # 4 significant digits, not decimals: a gap can be 1e-4
+                   "reference_variance": float(f"{reference.var().item():.4g}"),
+                   **{f"gap_{k}": float(f"{g:.4g}") for k, g in gaps.items()},
+                   **{f"nfe_{k}": n for k, n in nfes.items()}, "machine": machine(device)}
+            print(f"{path}: step {row['step']}, {row['objective']}, cfg {row['cfg_scale']}, {sampler}: "
+                  + ", ".join(f"{k} step(s) = {nfes[k]} NFE {g:.4g}" for k, g in gaps.items())
+                  + f" (reference variance {row['reference_variance']:.4g})", flush=True)
+            write_json(args.json, row)
     return 0
 
 

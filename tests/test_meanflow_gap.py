@@ -67,11 +67,11 @@ def test_the_gap_is_k_jumps_of_the_objective_sampler_against_fine_midpoint(check
     assert row["reference_variance"] == pytest.approx(reference.var().item(), abs=1e-4)
 
 
-def test_sampler_sets_the_solver_of_a_flow_matching_checkpoint_and_its_nfe(checkpoint, tmp_path):
-    """--sampler midpoint: K midpoint steps (2K NFE) against the reference; a MeanFlow checkpoint
-    still jumps with meanflow (K NFE)."""
-    [row] = _gap_rows(tmp_path, checkpoint, "--num_samples", "4", "--jumps", "1", "3", "--sampler", "midpoint",
-                      "--reference_steps", "6")
+def test_samplers_set_the_solvers_of_a_flow_matching_checkpoint_a_row_each(checkpoint, tmp_path):
+    """--samplers ab2 midpoint: a row for K ab2 steps (K NFE), one for K midpoint steps (2K NFE),
+    against one reference; a MeanFlow checkpoint still jumps with meanflow (K NFE), in one row."""
+    rows = _gap_rows(tmp_path, checkpoint, "--num_samples", "4", "--jumps", "1", "3", "--samplers", "ab2",
+                     "midpoint", "--reference_steps", "6")
     model, ckpt = load_flow_model(checkpoint)
     config = ckpt["config"]
     noise = flow_matching.per_sample_noise(0, range(4), input_shape(config), "cpu")
@@ -83,12 +83,14 @@ def test_sampler_sets_the_solver_of_a_flow_matching_checkpoint_and_its_nfe(check
                                         sampler=sampler, cfg_scale=config["cfg_scale"])[0]
 
     meanflow = config["objective"] == "meanflow"
-    sampler = "meanflow" if meanflow else "midpoint"
-    assert row["sampler"] == sampler
-    assert (row["nfe_1"], row["nfe_3"]) == ((1, 3) if meanflow else (2, 6))
+    expected = {"meanflow": (1, 3)} if meanflow else {"ab2": (1, 3), "midpoint": (2, 6)}
+    assert [row["sampler"] for row in rows] == list(expected)
     reference = run("midpoint", 6)
-    for k in (1, 3):
-        assert row[f"gap_{k}"] == pytest.approx((run(sampler, k) - reference).pow(2).mean().item(), rel=1e-3)
+    for row in rows:
+        assert (row["nfe_1"], row["nfe_3"]) == expected[row["sampler"]]
+        for k in (1, 3):
+            gap = (run(row["sampler"], k) - reference).pow(2).mean().item()
+            assert row[f"gap_{k}"] == pytest.approx(gap, rel=1e-3)
 
 
 def test_a_model_that_stands_still_has_no_gap(checkpoint, tmp_path):
