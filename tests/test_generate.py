@@ -92,6 +92,7 @@ def test_same_seed_same_images_whatever_the_batch_size(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("flags,nfe", [
     (["--sampler", "heun"], 3), (["--sampler", "midpoint", "--num_steps", "3"], 6),
+    (["--sampler", "ab2", "--num_steps", "3"], 3),
     (["--cfg_scale", "4.0"], 2), (["--guidance_interval", "0.2", "0.8"], 2), (["--weights", "model"], 2),
     (["--precision", "bf16"], 2), (["--time_shift", "3"], 2), (["--time_shift", "0.5", "--sampler", "heun"], 3)])
 def test_solver_and_guidance_flags(checkpoint, tmp_path, capsys, flags, nfe):
