@@ -622,6 +622,7 @@ TABLES = {
     "options": lambda: options_table(read_groups(results("recipe.jsonl"))),
     "headline": lambda: headline_table(read_groups(results("recipe.jsonl"))),
     "sampling": lambda: sampling_table(read_groups(results("recipe.jsonl"))),
+    "solvers": lambda: summarize(results("solvers.jsonl")),
     "meanflow": lambda: meanflow_table(results("meanflow.jsonl"), results("recipe.jsonl")),
     "meanflow gap": lambda: gap_table(results("meanflow_gap.jsonl")),
     "posthoc ema": lambda: posthoc_summary(results("posthoc_ema.jsonl")),
