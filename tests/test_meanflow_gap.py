@@ -42,21 +42,26 @@ def _gap_rows(tmp_path, *argv):
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def test_the_gap_is_k_jumps_of_the_objective_sampler_against_fine_midpoint(checkpoint, tmp_path):
-    """Euler on a flow-matching checkpoint, the meanflow sampler on a MeanFlow one, each from the
-    noise and labels the reference starts from."""
-    [row] = _gap_rows(tmp_path, checkpoint, "--num_samples", "6", "--seed", "4", "--jumps", "1", "2",
-                      "--reference_steps", "5")
+def _sampler_of(checkpoint, seed, num_samples):
+    """run(sampler, steps): the checkpoint's EMA samples from the noise and labels the script uses."""
     model, ckpt = load_flow_model(checkpoint)
     config = ckpt["config"]
-    noise = flow_matching.per_sample_noise(4, range(6), input_shape(config), "cpu")
-    y = fid.balanced_labels(6, config["num_classes"])
+    noise = flow_matching.per_sample_noise(seed, range(num_samples), input_shape(config), "cpu")
+    y = fid.balanced_labels(num_samples, config["num_classes"])
 
     def run(sampler, steps):
         with torch.no_grad():
             return flow_matching.sample(model, noise, y, num_classes=config["num_classes"], num_steps=steps,
                                         sampler=sampler, cfg_scale=config["cfg_scale"])[0]
+    return run, config
 
+
+def test_the_gap_is_k_jumps_of_the_objective_sampler_against_fine_midpoint(checkpoint, tmp_path):
+    """Euler on a flow-matching checkpoint, the meanflow sampler on a MeanFlow one, each from the
+    noise and labels the reference starts from."""
+    [row] = _gap_rows(tmp_path, checkpoint, "--num_samples", "6", "--seed", "4", "--jumps", "1", "2",
+                      "--reference_steps", "5")
+    run, config = _sampler_of(checkpoint, seed=4, num_samples=6)
     reference = run("midpoint", 5)
     jumps = "meanflow" if config["objective"] == "meanflow" else "euler"
     for k in (1, 2):
@@ -72,16 +77,7 @@ def test_samplers_set_the_solvers_of_a_flow_matching_checkpoint_a_row_each(check
     against one reference; a MeanFlow checkpoint still jumps with meanflow (K NFE), in one row."""
     rows = _gap_rows(tmp_path, checkpoint, "--num_samples", "4", "--jumps", "1", "3", "--samplers", "ab2",
                      "midpoint", "--reference_steps", "6")
-    model, ckpt = load_flow_model(checkpoint)
-    config = ckpt["config"]
-    noise = flow_matching.per_sample_noise(0, range(4), input_shape(config), "cpu")
-    y = fid.balanced_labels(4, config["num_classes"])
-
-    def run(sampler, steps):
-        with torch.no_grad():
-            return flow_matching.sample(model, noise, y, num_classes=config["num_classes"], num_steps=steps,
-                                        sampler=sampler, cfg_scale=config["cfg_scale"])[0]
-
+    run, config = _sampler_of(checkpoint, seed=0, num_samples=4)
     meanflow = config["objective"] == "meanflow"
     expected = {"meanflow": (1, 3)} if meanflow else {"ab2": (1, 3), "midpoint": (2, 6)}
     assert [row["sampler"] for row in rows] == list(expected)
