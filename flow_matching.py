@@ -293,7 +293,9 @@ def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int, sampler: st
     `ab2` (Adams-Bashforth, two steps) is second order at 1 NFE per step: each step evaluates the
     velocity once, at its start, and extrapolates it linearly in t through the previous step's
     velocity (x += dt * ((1 + r) v_n - r v_(n-1)), r = dt_n / (2 dt_(n-1)), for any grid); its first
-    step, with no previous velocity, is an Euler step. Like Euler it never evaluates t = 1.
+    step, with no previous velocity, is an Euler step. Like Euler it never evaluates t = 1. At an end
+    of a guidance interval the field jumps, and ab2's first step past it extrapolates through the
+    other field's velocity (any solver whose step straddles the jump mixes the two as well).
     `meanflow` needs a MeanFlow model (velocity(x, t, r) is its average velocity): each step is one
     jump x_r = x_t + (r - t) u(x_t, t, r), exact for the exact u.
     """
