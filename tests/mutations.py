@@ -278,6 +278,9 @@ MUTATIONS: List[Mutation] = [
              ["tests/test_generate.py::test_compile_flag_samples_through_one_static_shape_compile"],
              "--compile true compiles a model that sampling never calls"),
     # --- the speedrun benchmark
+    Mutation("speedrun_ignores_num_steps_list", "benchmarks/speedrun.py",
+             'seed=config["seed"], num_steps=num_steps,', 'seed=config["seed"], num_steps=config["num_sampling_steps"],',
+             ["tests/test_speedrun.py"], "every --num_steps_list row sampled at the checkpoint's own steps"),
     Mutation("speedrun_scores_raw_weights", "benchmarks/speedrun.py",
              'args = flags.parse_args(["--weights", "ema", "--device", device.type])',
              'args = flags.parse_args(["--weights", "model", "--device", device.type])',
