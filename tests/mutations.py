@@ -295,8 +295,8 @@ MUTATIONS: List[Mutation] = [
     # --- flow math, samplers, noise, VQ-VAE
     Mutation("path_reversed", "flow_matching.py", "return (1 - t) * noise + t * data",
              "return t * noise + (1 - t) * data", ["tests/test_flow_matching.py"], "x_t with t=0 at data"),
-    Mutation("euler_uses_end_time", "flow_matching.py", "x = x + dt * velocity(x, t0)\n            nfe += 1\n        elif sampler == \"meanflow\"",
-             "x = x + dt * velocity(x, t1)\n            nfe += 1\n        elif sampler == \"meanflow\"", ["tests/test_flow_matching.py"], "Euler evaluates at the step's end"),
+    Mutation("euler_uses_end_time", "flow_matching.py", "x = x + dt * velocity(x, t0)\n            nfe += 1\n        elif sampler == \"ab2\"",
+             "x = x + dt * velocity(x, t1)\n            nfe += 1\n        elif sampler == \"ab2\"", ["tests/test_flow_matching.py"], "Euler evaluates at the step's end"),
     Mutation("heun_corrects_at_t1", "flow_matching.py",
              'elif sampler == "heun" and t1 < 1.0:', 'elif sampler == "heun" and t1 <= 1.0:',
              ["tests/test_flow_matching.py"], "Heun evaluates the model at t = 1 (FID 160 on the proxy at 5 steps)"),
