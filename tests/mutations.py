@@ -9,7 +9,10 @@ The working tree (tracked and untracked files that git does not ignore) is copie
 folder once. The target tests run there unmutated first (they must pass, or the table would mean
 nothing); then each mutation replaces one exact piece of text (which must occur exactly once, so
 a stale entry is an error, not a silent pass), runs its target tests with `pytest -x`, and
-restores the file. A bug is KILLED when a test fails, SURVIVED when all pass.
+restores the file. A bug is KILLED when a test fails, SURVIVED when all pass, NOT RUN when every
+target test skipped (the real-Inception tests skip unless FID_INCEPTION_WEIGHTS names the weights
+file, as in .ci/run: `export FID_INCEPTION_WEIGHTS=$(bash evaluation/fid_weights.sh)`). The copy sees
+the checkout's ../shared through a link.
 
 Not part of the test suite (it runs the targeted tests once per bug); run it before calling a
 test change done, and put its table in the note.
@@ -719,14 +722,18 @@ def copy_tree(dest: str) -> None:
 
 
 def run_tests(copy: str, tests: Sequence[str], timeout: int) -> Tuple[str, str, float]:
-    """(status, first failing test or message, seconds): status passed | failed | error."""
+    """(status, first failing test or message, seconds): status passed | failed | error | skipped
+    (every test skipped: nothing was checked, e.g. FID_INCEPTION_WEIGHTS unset)."""
     start = time.perf_counter()
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider",
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfs", "-p", "no:cacheprovider",
                                  *tests], cwd=copy, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "error", f"timed out after {timeout} s", time.perf_counter() - start
     seconds = time.perf_counter() - start
+    if result.returncode == 0 and not re.search(r"\d+ passed", result.stdout):
+        reasons = re.findall(r"^SKIPPED \[\d+\] \S+: (.*)$", result.stdout, re.M)
+        return "skipped", (reasons or ["all skipped"])[0][:120], seconds
     if result.returncode == 0:
         return "passed", "", seconds
     failed = re.findall(r"^FAILED (\S+)", result.stdout, re.M)
@@ -750,8 +757,12 @@ def main(argv=None) -> int:
             print(f"{m.name:<34} {m.path:<28} {' '.join(m.tests)}  # {m.why}")
         return 0
 
-    with tempfile.TemporaryDirectory(prefix="mutations_") as copy:
+    with tempfile.TemporaryDirectory(prefix="mutations_") as folder:
+        # The copy gets the checkout's neighbour ../shared (the CIFAR-10 JPEGs some tests read) as a link.
+        copy = os.path.join(folder, os.path.basename(ROOT))
         copy_tree(copy)
+        if os.path.isdir(os.path.join(ROOT, "..", "shared")):
+            os.symlink(os.path.realpath(os.path.join(ROOT, "..", "shared")), os.path.join(folder, "shared"))
         for m in chosen:  # every mutation must still apply to the code as it is
             count = open(os.path.join(copy, m.path)).read().count(m.old)
             if count != 1:
@@ -761,7 +772,7 @@ def main(argv=None) -> int:
         targets = sorted({t for m in chosen for t in m.tests})
         status, detail, seconds = run_tests(copy, targets, args.timeout * 4)
         print(f"baseline: {len(targets)} target(s) {status} in {seconds:.0f} s {detail}", flush=True)
-        if status != "passed":
+        if status not in ("passed", "skipped"):
             print("error: the target tests fail without any mutation; fix them first", file=sys.stderr)
             return 1
         rows = []
@@ -775,7 +786,7 @@ def main(argv=None) -> int:
             finally:
                 with open(path, "w") as f:
                     f.write(original)
-            verdict = {"failed": "KILLED", "passed": "SURVIVED", "error": "ERROR"}[status]
+            verdict = {"failed": "KILLED", "passed": "SURVIVED", "error": "ERROR", "skipped": "NOT RUN"}[status]
             rows.append((m, verdict, detail, seconds))
             print(f"{m.name:<34} {verdict:<8} {detail} ({seconds:.0f} s)", flush=True)
 
@@ -783,7 +794,9 @@ def main(argv=None) -> int:
     for m, verdict, detail, _ in rows:
         print(f"| `{m.name}` | {m.why} | {verdict} | {detail.replace('|', '/') if verdict != 'SURVIVED' else '-'} |")
     survived = sum(v != "KILLED" for _, v, _, _ in rows)
-    print(f"\n{len(rows) - survived} of {len(rows)} killed")
+    not_run = sum(v == "NOT RUN" for _, v, _, _ in rows)
+    print(f"\n{len(rows) - survived} of {len(rows)} killed"
+          + (f"; {not_run} not run: every target test skipped (the reason is in its row)" if not_run else ""))
     return 1 if survived else 0
 
 
