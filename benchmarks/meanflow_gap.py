@@ -82,6 +82,7 @@ def main(argv=None) -> int:
                                             sampler=sampler, cfg_scale=config["cfg_scale"])
 
         reference = run("midpoint", args.reference_steps)[0]
+        reference_variance = float(f"{reference.var().item():.4g}")   # 4 significant digits: a gap can be 1e-4
         for sampler in ["meanflow"] if meanflow else args.samplers:
             gaps, nfes = {}, {}
             for k in args.jumps:
@@ -89,9 +90,7 @@ def main(argv=None) -> int:
                 gaps[k] = (x - reference).pow(2).mean().item()
             row = {"checkpoint": path, "step": ckpt["step"], "objective": config["objective"], "sampler": sampler,
                    "cfg_scale": config["cfg_scale"], "num_samples": args.num_samples, "seed": args.seed,
-                   "reference": f"midpoint {args.reference_steps}",
-                   # 4 significant digits, not decimals: a gap can be 1e-4
-                   "reference_variance": float(f"{reference.var().item():.4g}"),
+                   "reference": f"midpoint {args.reference_steps}", "reference_variance": reference_variance,
                    **{f"gap_{k}": float(f"{g:.4g}") for k, g in gaps.items()},
                    **{f"nfe_{k}": n for k, n in nfes.items()}, "machine": machine(device)}
             print(f"{path}: step {row['step']}, {row['objective']}, cfg {row['cfg_scale']}, {sampler}: "
