@@ -90,13 +90,20 @@ def main(argv=None) -> int:
     backend = (contextlib.nullcontext() if args.sdpa_backend == "auto"
                else sdpa_kernel(BACKENDS[args.sdpa_backend]))
     reset_peak_memory(device)
-    with backend:
-        warm = time_call(lambda: steps(args.warmup), device) if args.warmup else 0.0
-        seconds = [time_call(lambda: steps(args.steps), device) for _ in range(args.windows)]
-        synchronize(device)
-        prof = profile(lambda: steps(args.steps), device, args.profile) if args.profile else None
-        sync = check_no_sync(lambda: steps(2), device) if args.sync_debug == "true" else None
-        snap = median(time_call(trainer._snapshot, device) for _ in range(3)) if trainer.posthoc_emas else None
+    try:
+        with backend:
+            warm = time_call(lambda: steps(args.warmup), device) if args.warmup else 0.0
+            seconds = [time_call(lambda: steps(args.steps), device) for _ in range(args.windows)]
+            synchronize(device)
+            prof = profile(lambda: steps(args.steps), device, args.profile) if args.profile else None
+            sync = check_no_sync(lambda: steps(2), device) if args.sync_debug == "true" else None
+            snap = median(time_call(trainer._snapshot, device) for _ in range(3)) if trainer.posthoc_emas else None
+    except RuntimeError as e:  # SDPA's own message is a page of per-backend warnings
+        if args.sdpa_backend == "auto" or "No available kernel" not in str(e):
+            raise
+        bench.error(f"--sdpa_backend {args.sdpa_backend} cannot run this attention (head dim "
+                    f"{config.hidden_size // config.num_heads}, {config.mixed_precision}, {device.type}): "
+                    f"use auto or another backend")
     scratch.cleanup()
     rate = args.steps * config.batch_size / median(seconds)
     # The count is one forward and backward of the model: flow matching's step. MeanFlow's step adds

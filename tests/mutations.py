@@ -706,6 +706,10 @@ MUTATIONS: List[Mutation] = [
              'contextlib.nullcontext() if args.sdpa_backend == "auto"', "contextlib.nullcontext() if True",
              ["tests/test_gpu_check.py::test_smoke_form_runs_the_speed_and_speedrun_stages"],
              "the attention-kernel step times PyTorch's default kernel under another name"),
+    Mutation("sdpa_backend_failure_is_a_traceback", "benchmarks/train_throughput.py",
+             'if args.sdpa_backend == "auto" or "No available kernel" not in str(e):', "if True:",
+             ["tests/test_speed.py::test_a_backend_that_cannot_run_the_shape_is_one_line"],
+             "a restricted SDPA backend that cannot run the shape dies with SDPA's page of warnings"),
 ]
 
 

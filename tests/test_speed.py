@@ -313,3 +313,23 @@ def test_sample_throughput_times_compiled_batches_at_one_shape(monkeypatch, caps
                                    "--image_size", "8", "--device", "cpu", "--num_samples", "10", "--batch_sizes", "4",
                                    "--cfg_modes", "guided", "--num_steps", "1", "--compile_modes", "default"]) == 0
     assert rows == {"default": {8}}   # CFG: 2 x 4 rows, the last batch of 2 padded
+
+
+def test_a_backend_that_cannot_run_the_shape_is_one_line(monkeypatch, capsys):
+    """--sdpa_backend flash on a CUDA shape flash lacks: exit 2 naming the backend and the head dim,
+    not SDPA's page of per-backend warnings (the CPU kernels run any shape, so SDPA's error is
+    stood in for here)."""
+    from benchmarks import train_throughput
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("No available kernel. Aborting execution.")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_kernel)
+    argv = ["--preset", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2", "--image_size", "8",
+            "--batch_size", "4", "--device", "cpu", "--steps", "1", "--windows", "1", "--warmup", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        train_throughput.main(argv + ["--sdpa_backend", "flash"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--sdpa_backend flash cannot run this attention (head dim 16, " in err and "Traceback" not in err
+    with pytest.raises(RuntimeError, match="No available kernel"):   # PyTorch's own pick failing is a real bug
+        train_throughput.main(argv)
