@@ -65,7 +65,8 @@ def describe(row: dict) -> List[tuple]:
                  f"max error {err:.1e} (relative)" if err is not None else "")]
     if "fid" in row and "train_wall_s" in row:   # speedrun.py
         return [(f"speedrun {row.get('pipeline', 'repo')} {row.get('preset', '')}, budget {row.get('budget_s')} s",
-                 f"FID {row['fid']:.2f} (N {row.get('num_samples')}), {row.get('nfe')} NFE",
+                 f"FID {row['fid']:.2f} (N {row.get('num_samples')}), {row.get('sampler')} {row.get('num_steps')} "
+                 f"steps = {row.get('nfe')} NFE",
                  f"{row.get('steps')} steps in {row['train_wall_s']:.0f} s"
                  + (f"; sampled at {row['samples_per_s']:,.0f}/s" if row.get("samples_per_s") else ""))]
     return []

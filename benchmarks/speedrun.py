@@ -19,9 +19,10 @@ torch.compile's caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) go to the run
 deleted after training; --cold_start false uses the usual ones (--data_cache_dir, torch's).
 
 The checkpoint is then scored, outside the budget: --num_samples samples of its EMA with its own
-sampler, steps, CFG scale, time shift and guidance interval (the config stored in it), noise
-seeded by (its --seed, i), FID against every image of --ref_data_dir (default: --data_dir) at the
-model's resolution, with reference statistics cached in --fid_cache_dir, on the config's --device.
+sampler, steps, CFG scale, time shift and guidance interval (the config stored in it; --samplers
+and --num_steps_list score each solver and step count given instead, a row each), noise seeded by
+(its --seed, i), FID against every image of --ref_data_dir (default: --data_dir) at the model's
+resolution, with reference statistics cached in --fid_cache_dir, on the config's --device.
 It is evaluate_fid.py --checkpoint's scoring, in this process from the same pieces
 (evaluation/sampling.py's SamplingRun, evaluation/fid.py): an entry point imports no other.
 
@@ -63,6 +64,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import importlib.util  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
@@ -79,6 +81,7 @@ if ROOT not in sys.path:
 
 from benchmarks import quality  # noqa: E402
 from configs.cli import ArgumentParser  # noqa: E402
+import flow_matching  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig, parse_flow_matching_config  # noqa: E402
 from evaluation import fid  # noqa: E402
 from evaluation.sampling import SamplingRun, add_sampling_flags, load_sampling_run  # noqa: E402
@@ -122,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample_batch_size", type=int, default=1000,
                    help="samples per forward pass when scoring (default: %(default)s)")
     p.add_argument("--num_steps_list", type=int, nargs="+", default=None, metavar="K",
-                   help="score the checkpoint at each of these step counts of its own sampler, a row each: FID "
-                        "against samples/s from one training budget (default: the checkpoint's own steps)")
+                   help="score the checkpoint at each of these step counts, a row each: FID against samples/s "
+                        "from one training budget (default: the checkpoint's own steps)")
+    p.add_argument("--samplers", nargs="+", default=None, choices=flow_matching.SAMPLERS,
+                   help="score with each of these ODE solvers, a row for each solver and step count "
+                        "(default: the checkpoint's own sampler)")
     p.add_argument("--cold_start", default="true", choices=("true", "false"),
                    help="true = empty data and compile caches in the run's folder, so decoding and compiling count "
                         "in every run; false = the usual caches, warm from earlier runs (default: %(default)s)")
@@ -201,6 +207,9 @@ def parse(argv) -> Tuple[argparse.Namespace, FlowMatchingConfig, List[str], str]
         "--checkpoint_dir", os.path.join(run_dir, "checkpoints"), "--sample_dir", os.path.join(run_dir, "samples"),
         "--sample_every", "0", "--save_every", str(NEVER)]
     config = parse_flow_matching_config(args.trainer_flags, description=__doc__)
+    if "meanflow" in (args.samplers or []) and config.objective != "meanflow":   # refused before the budget, not after
+        bench.error(f"--samplers meanflow needs a MeanFlow run (--objective meanflow); a {config.objective} run "
+                    f"samples with {', '.join(s for s in flow_matching.SAMPLERS if s != 'meanflow')}")
     try:
         resolve_device(config.device)
     except ValueError as err:
@@ -261,13 +270,12 @@ def load_run(pipeline: str, checkpoint: str, device: torch.device) -> SamplingRu
 
 
 def score(run: SamplingRun, args) -> List[dict]:
-    """FID of --num_samples samples of `run` with its checkpoint's own sampler, CFG scale, time shift
-    and guidance interval (balanced classes, noise seeded by (its seed, i)) against every image of
-    --ref_data_dir, at its own steps or each of --num_steps_list: evaluate_fid.py --checkpoint's
-    sampling and statistics. A setting's sample_s is its sampling alone (the first one's includes
+    """FID of --num_samples samples of `run` with its checkpoint's own CFG scale, time shift and
+    guidance interval (balanced classes, noise seeded by (its seed, i)) against every image of
+    --ref_data_dir, with its own sampler or each of --samplers, at its own steps or each of
+    --num_steps_list: evaluate_fid.py --checkpoint's sampling and statistics. A setting's sample_s is its sampling alone (the first one's includes
     compiling the sampler on CUDA)."""
     config = run.config
-    sampler, = run.samplers(None, "--sampler")
     cfg_scale, = run.cfg_scales(None, "--cfg_scale")
     time_shift, = run.time_shifts(None)
     interval = run.guidance_interval(None)
@@ -277,7 +285,8 @@ def score(run: SamplingRun, args) -> List[dict]:
         ref, extractor, args.fid_cache_dir, run.device, FEATURE_BATCH, config["num_workers"], progress=True)
     print(f"reference: {ref.describe(ref_n)}; statistics {'read from' if cached else 'written to'} {path}")
     rows = []
-    for num_steps in args.num_steps_list or [config["num_sampling_steps"]]:
+    for sampler, num_steps in itertools.product(run.samplers(args.samplers, "--samplers"),
+                                                args.num_steps_list or [config["num_sampling_steps"]]):
         start = time.perf_counter()
         images, nfe = run.generate(
             fid.balanced_labels(args.num_samples, run.num_classes), seed=config["seed"], num_steps=num_steps,

@@ -66,9 +66,10 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
     assert ", SDPA math |" in table and ", meanflow |" in table and ", fp32 residual |" in table and ", muon |" in table
     if os.environ.get("FID_INCEPTION_WEIGHTS"):   # CI builds them; the speedrun stage scores with them
         with open(out / "speedrun.jsonl") as f:
-            [row] = [json.loads(line) for line in f]
-        assert row["steps"] > 0 and row["num_samples"] == 8 and math.isfinite(row["fid"])
-        assert "| speedrun repo tiny" in table
+            rows = [json.loads(line) for line in f]
+        assert [(r["sampler"], r["nfe"]) for r in rows] == [("midpoint", 4), ("ab2", 2)]
+        assert all(r["steps"] > 0 and r["num_samples"] == 8 and math.isfinite(r["fid"]) for r in rows)
+        assert table.count("| speedrun repo tiny") == 2 and "ab2 2 steps = 2 NFE" in table
     else:
         assert "speedrun skipped: no FID Inception weights" in log
 

@@ -74,13 +74,20 @@ def test_the_budget_stops_the_trainer_whose_checkpoint_is_scored_in_a_full_row(b
 
     monkeypatch.setattr(speedrun, "train_repo", slow_to_exit)
     start, start_wall = time.perf_counter(), time.time()
-    # Scored at its own 2 steps, then at 1: a row each, from the one checkpoint.
-    assert speedrun.main(["--budget_s", str(BUDGET_S), *bench, *TOY, "--num_steps_list", "2", "1"]) == 0
+    # Scored with its own sampler (Euler) and with midpoint, each at 2 steps, then at 1: a row each,
+    # from the one checkpoint.
+    sweep = ["--samplers", "euler", "midpoint", "--num_steps_list", "2", "1"]
+    assert speedrun.main(["--budget_s", str(BUDGET_S), *bench, *TOY, *sweep]) == 0
     elapsed = time.perf_counter() - start
-    row, fewer = the_rows()
-    assert {k: v for k, v in fewer.items() if k not in ("num_steps", "nfe", "fid", "sample_s", "samples_per_s", "date")} \
-        == {k: v for k, v in row.items() if k not in ("num_steps", "nfe", "fid", "sample_s", "samples_per_s", "date")}
-    assert (fewer["num_steps"], fewer["nfe"]) == (1, 1)   # its FID is evaluate_fid.py's at 1 step (below)
+    rows = the_rows()
+    row, fewer = rows[:2]
+    setting = ("sampler", "num_steps", "nfe", "fid", "sample_s", "samples_per_s", "date")
+    assert all({k: v for k, v in other.items() if k not in setting} == {k: v for k, v in row.items() if k not in setting}
+               for other in rows)
+    # Midpoint's rows took 2 NFE a step: the solver named is the one that ran. Their FIDs are
+    # evaluate_fid.py's with the same flags (below).
+    assert [(r["sampler"], r["num_steps"], r["nfe"]) for r in rows] == [
+        ("euler", 2, 2), ("euler", 1, 1), ("midpoint", 2, 4), ("midpoint", 1, 2)]
     assert row["sample_s"] <= row["score_s"] and row["samples_per_s"] > 0
     # The SIGTERM path: a periodic checkpoint of the step reached, not the final one.
     assert os.path.basename(row["checkpoint"]).startswith("checkpoint_") and not row["finished"]
@@ -92,7 +99,7 @@ def test_the_budget_stops_the_trainer_whose_checkpoint_is_scored_in_a_full_row(b
     assert BUDGET_S <= row["train_wall_s"] < BUDGET_S + 30, row["train_wall_s"]
     assert abs(row["train_wall_s"] - (written["mtime"] - start_wall)) < 1, (row["train_wall_s"], written)   # not the exit
     assert row["score_s"] >= 0 and row["train_wall_s"] + row["score_s"] <= elapsed + 1   # the budget check allows 1 s of slack
-    # The EMA, sampled with the checkpoint's own settings (tiny: Euler, CFG 3; 2 steps given) and
+    # The EMA, sampled with the checkpoint's own CFG scale (tiny: 3) and
     # scored as evaluate_fid.py scores that checkpoint, to the row's rounding.
     assert (row["weights"], row["sampler"], row["num_steps"], row["cfg_scale"]) == ("ema", "euler", 2, 3.0)
     assert math.isfinite(row["fid"]) and row["fid"] > 0
@@ -100,11 +107,11 @@ def test_the_budget_stops_the_trainer_whose_checkpoint_is_scored_in_a_full_row(b
     # steps to the row's 3 decimals.)
     assert evaluate_fid.main(["--checkpoint", row["checkpoint"], "--num_samples", "12", "--device", "cpu",
                               "--ref_data_dir", "images", "--fid_cache_dir", "fid", "--output_jsonl", "fid.jsonl",
-                              "--num_steps_list", "2", "1"]) == 0
+                              *sweep]) == 0
     with open("fid.jsonl") as f:
         scored = [json.loads(line) for line in f]
-    for ours, theirs in zip((row, fewer), scored, strict=True):
-        assert (theirs["nfe"], theirs["reference"]) == (ours["nfe"], ours["reference"])
+    for ours, theirs in zip(rows, scored, strict=True):
+        assert (theirs["sampler"], theirs["nfe"], theirs["reference"]) == (ours["sampler"], ours["nfe"], ours["reference"])
         assert round(theirs["fid"], 3) == ours["fid"]
     assert (row["num_samples"], row["reference_num_images"]) == (12, 18) and "images" in row["reference"]
     assert (row["pipeline"], row["preset"], row["gpu"]) == ("repo", "tiny", "cpu")
@@ -140,6 +147,8 @@ def test_the_peer_trains_for_the_budget_and_is_scored_by_the_same_code(bench):
     (["--data_dir", "images", "--pipeline", "peer"], "pip install -r benchmarks/requirements.txt"),
     (["--data_dir", "images", "--pipeline", "peer", "--qk_norm", "true"], "--qk_norm: the peer pipeline does not"),
     (["--data_dir", "images", "--num_steps_list", "5", "0"], "--num_steps_list entries must be >= 1, got [5, 0]"),
+    (["--data_dir", "images", "--samplers", "euler", "meanflow"], "--samplers meanflow needs a MeanFlow run"),
+    (["--data_dir", "images", "--samplers", "rk4"], "--samplers: invalid choice: 'rk4'"),
 ])
 def test_bad_input_exits_2_with_one_line(bench, tmp_path, monkeypatch, capsys, flags, expected):
     if flags[-1] == "peer":   # as without diffusers and torchcfm installed
