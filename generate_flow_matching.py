@@ -44,7 +44,7 @@ from utils.images import make_grid, save_image
 from utils.validation import check_writable
 
 MAX_GRID_IMAGES = 256
-SAMPLE_NAME = re.compile(r"\d{6}(_class\d+)?\.png")  # write_images' names
+SAMPLE_NAME = re.compile(r"\d{6,}(_class\d+)?\.png")  # write_images' names (index zero-padded to 6 digits, more past 999,999)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -105,9 +105,10 @@ def test_a_run_replaces_an_earlier_runs_samples(checkpoint, tmp_path, capsys):
     the script did not name are left alone."""
     assert run(checkpoint, tmp_path, "--num_samples", "5", "--save_npz") == 0
     (tmp_path / "images" / "notes.txt").write_text("mine")
+    (tmp_path / "images" / "1000000_class0.png").write_bytes(b"")   # a run past 999,999 samples names 7 digits
     capsys.readouterr()
     assert run(checkpoint, tmp_path, "--num_samples", "2", "--class_label", "1") == 0
-    assert "replacing an earlier run's 5 images and samples.npz" in capsys.readouterr().out
+    assert "replacing an earlier run's 6 images and samples.npz" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "images")) == ["000000_class1.png", "000001_class1.png", "notes.txt"]
     assert not (tmp_path / "samples.npz").exists()
 

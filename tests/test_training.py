@@ -446,6 +446,24 @@ def test_a_stop_checkpoint_that_cannot_be_written_fails_the_run(tiny_flags, monk
 
 # ----------------------------------------------------------------------------- accumulation
 
+@pytest.mark.parametrize("batch, micro, world, expected", [
+    (8, 0, 2, 4), (8, 2, 2, 2),
+    (4, 0, 8, "--batch_size 4 must be a multiple of the 8 ranks: use a batch size that splits evenly"),
+    (100, 0, 8, "--batch_size 100 must be a multiple of the 8 ranks"),
+    (8, 3, 2, "--batch_size 8 must be a multiple of --micro_batch_size 3 x 2 ranks"),
+])
+def test_the_split_into_ranks_and_micro_batches(batch, micro, world, expected):
+    """The error names only the flags the user set: no --micro_batch_size they never passed."""
+    from training.trainer import micro_batch_size
+    config = FlowMatchingConfig(batch_size=batch, micro_batch_size=micro)
+    if isinstance(expected, int):
+        assert micro_batch_size(config, world) == expected
+    else:
+        with pytest.raises(ValueError) as err:
+            micro_batch_size(config, world)
+        assert str(err.value).startswith(expected), err.value
+
+
 @pytest.mark.parametrize("world, micro", [(1, 4), (2, 4), (2, 2), (4, 2), (4, 1)])
 def test_each_step_sees_the_same_images_whatever_the_split(world, micro):
     """37 images, global batch 8, three epochs: every optimizer step gathers the same images over

@@ -133,11 +133,15 @@ def noise_seed(seed: int) -> int:
 
 def micro_batch_size(config, world_size: int) -> int:
     """Images per forward on one rank; batch_size must split into ranks x micro-batches."""
-    micro = config.micro_batch_size or config.batch_size // world_size
-    if micro < 1 or config.batch_size % (micro * world_size):
+    if not config.micro_batch_size:
+        if config.batch_size % world_size:
+            raise ValueError(f"--batch_size {config.batch_size} must be a multiple of the {world_size} ranks: "
+                             f"use a batch size that splits evenly over them")
+        return config.batch_size // world_size
+    if config.batch_size % (config.micro_batch_size * world_size):
         raise ValueError(f"--batch_size {config.batch_size} must be a multiple of --micro_batch_size "
-                         f"{config.micro_batch_size or micro} x {world_size} ranks")
-    return micro
+                         f"{config.micro_batch_size} x {world_size} ranks")
+    return config.micro_batch_size
 
 
 def learning_rates(optimizer) -> Dict[str, float]:
