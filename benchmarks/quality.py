@@ -623,6 +623,7 @@ TABLES = {
     "headline": lambda: headline_table(read_groups(results("recipe.jsonl"))),
     "sampling": lambda: sampling_table(read_groups(results("recipe.jsonl"))),
     "solvers": lambda: summarize(results("solvers.jsonl")),
+    "guidance interval": lambda: summarize(results("guidance_interval.jsonl")),
     "meanflow": lambda: meanflow_table(results("meanflow.jsonl"), results("recipe.jsonl")),
     "meanflow gap": lambda: gap_table(results("meanflow_gap.jsonl")),
     "posthoc ema": lambda: posthoc_summary(results("posthoc_ema.jsonl")),

@@ -77,11 +77,17 @@ def main(argv=None) -> int:
         for batch_size, mode in itertools.product(args.batch_sizes, modes):
             cfg_scale = config.cfg_scale if mode == "guided" and config.num_classes else 1.0
 
+            rows = [0]
+
+            def counted(x, *args):   # the rows the forwards ran: CFG's two halves inside the interval, one outside
+                rows[0] += len(x)
+                return net(x, *args)
+
             def generate(count):
                 """The images of generate_flow_matching.py (its noise, labels, solver, interval, shift, and a
                 compiled model's padded last batch); NFE."""
                 return generate_images(
-                    net, labels[:count], shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
+                    counted, labels[:count], shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
                     num_steps=num_steps, sampler=config.sampler, cfg_scale=cfg_scale, guidance_interval=interval,
                     time_shift=config.time_shift, batch_size=batch_size, autocast_dtype=autocast, device=device,
                     pad_last_batch=compile_mode != "none")[1]
@@ -91,20 +97,21 @@ def main(argv=None) -> int:
             synchronize(device)
             warm = time.perf_counter() - warm_start
             reset_peak_memory(device)
+            rows[0] = 0
             start = time.perf_counter()
             nfe = generate(args.num_samples)
             synchronize(device)
             seconds = time.perf_counter() - start
             rate = args.num_samples / seconds
-            rows = 2 if cfg_scale != 1.0 else 1
+            rows_per_sample = rows[0] / args.num_samples   # a padded last batch's extra rows count: they ran
             mem = peak_memory_gb(device)
             print(f"  compile {compile_mode}, batch {batch_size}, cfg_scale {cfg_scale:g}: {args.num_samples} samples in "
-                  f"{seconds:.2f}s = {rate:.2f} images/s, {rate * nfe:.1f} NFE/s ({nfe} NFE per sample, {rows} model "
-                  f"rows per NFE), first batch (compile) {warm:.1f}s, peak memory {mem:.2f} GiB")
+                  f"{seconds:.2f}s = {rate:.2f} images/s, {rate * nfe:.1f} NFE/s ({nfe} NFE per sample, {rows_per_sample:g} model "
+                  f"rows per sample), first batch (compile) {warm:.1f}s, peak memory {mem:.2f} GiB")
             record = {"bench": "sample", "machine": machine(device), "config": vars(config), "cfg_scale": cfg_scale,
                       "compile_mode": compile_mode, "num_steps": num_steps, "nfe": nfe, "batch_size": batch_size,
                       "num_samples": args.num_samples, "seconds": seconds, "images_per_s": rate,
-                      "nfe_per_s": rate * nfe, "first_batch_seconds": warm, "peak_memory_gib": mem}
+                      "nfe_per_s": rate * nfe, "rows_per_sample": rows_per_sample, "first_batch_seconds": warm, "peak_memory_gib": mem}
             if args.extrapolate_to:
                 estimate = args.extrapolate_to / rate
                 print(f"    extrapolated: {args.extrapolate_to} samples in {estimate:.1f}s ({estimate / 60:.2f} min), "

@@ -5,6 +5,7 @@ arithmetic."""
 
 import dataclasses
 import itertools
+import json
 import os
 import shutil
 
@@ -333,3 +334,16 @@ def test_a_backend_that_cannot_run_the_shape_is_one_line(monkeypatch, capsys):
     assert "--sdpa_backend flash cannot run this attention (head dim 16, " in err and "Traceback" not in err
     with pytest.raises(RuntimeError, match="No available kernel"):   # PyTorch's own pick failing is a real bug
         train_throughput.main(argv)
+
+
+def test_sample_throughput_counts_the_rows_a_guidance_interval_saves(tmp_path):
+    """Midpoint 5 steps evaluates t = 0, 0.1, ..., 0.9: guided only from t = 0.5, CFG forwards two
+    rows at 5 of them and one at the other 5; unguided, one row at each."""
+    from benchmarks import sample_throughput
+    out = tmp_path / "rows.jsonl"
+    assert sample_throughput.main(["--preset", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
+                                   "--image_size", "8", "--device", "cpu", "--num_samples", "6", "--batch_sizes", "4",
+                                   "--cfg_modes", "guided,unguided", "--compile_modes", "none", "--sampler", "midpoint",
+                                   "--num_steps", "5", "--guidance_interval_start", "0.5", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["cfg_scale"], r["nfe"], r["rows_per_sample"]) for r in rows] == [(3.0, 10, 15), (1.0, 10, 10)]
