@@ -84,7 +84,7 @@ from configs.cli import ArgumentParser  # noqa: E402
 import flow_matching  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig, parse_flow_matching_config  # noqa: E402
 from evaluation import fid  # noqa: E402
-from evaluation.sampling import SamplingRun, add_sampling_flags, load_sampling_run  # noqa: E402
+from evaluation.sampling import SamplingRun, add_sampling_flags, load_sampling_run, samplers_for  # noqa: E402
 from utils.checkpoint import find_latest, load_checkpoint  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 
@@ -207,10 +207,8 @@ def parse(argv) -> Tuple[argparse.Namespace, FlowMatchingConfig, List[str], str]
         "--checkpoint_dir", os.path.join(run_dir, "checkpoints"), "--sample_dir", os.path.join(run_dir, "samples"),
         "--sample_every", "0", "--save_every", str(NEVER)]
     config = parse_flow_matching_config(args.trainer_flags, description=__doc__)
-    if "meanflow" in (args.samplers or []) and config.objective != "meanflow":   # refused before the budget, not after
-        bench.error(f"--samplers meanflow needs a MeanFlow run (--objective meanflow); a {config.objective} run "
-                    f"samples with {', '.join(s for s in flow_matching.SAMPLERS if s != 'meanflow')}")
     try:
+        samplers_for(dataclasses.asdict(config), args.samplers, "--samplers")
         resolve_device(config.device)
     except ValueError as err:
         bench.error(str(err))
@@ -273,8 +271,8 @@ def score(run: SamplingRun, args) -> List[dict]:
     """FID of --num_samples samples of `run` with its checkpoint's own CFG scale, time shift and
     guidance interval (balanced classes, noise seeded by (its seed, i)) against every image of
     --ref_data_dir, with its own sampler or each of --samplers, at its own steps or each of
-    --num_steps_list: evaluate_fid.py --checkpoint's sampling and statistics. A setting's sample_s is its sampling alone (the first one's includes
-    compiling the sampler on CUDA)."""
+    --num_steps_list: evaluate_fid.py --checkpoint's sampling and statistics. A setting's sample_s
+    is its sampling alone (the first one's includes compiling the sampler on CUDA)."""
     config = run.config
     cfg_scale, = run.cfg_scales(None, "--cfg_scale")
     time_shift, = run.time_shifts(None)

@@ -143,6 +143,18 @@ def check_sampling_flags(args, sweep: bool) -> None:
     check_seed(args.seed)
 
 
+def samplers_for(config: Dict[str, Any], given: Optional[Sequence[str]], flag: str) -> List[str]:
+    """The solvers to sample a run of `config` (a checkpoint's config dict) with: `given` (the values
+    of `flag`), or its own. ValueError for `meanflow` on a flow-matching run, which has no average
+    velocity (a benchmark asks before training, not after)."""
+    samplers = list(given or [config["sampler"]])
+    if "meanflow" in samplers and config.get("objective", "flow_matching") != "meanflow":
+        raise ValueError(f"{flag} meanflow needs a MeanFlow checkpoint (trained with --objective meanflow); "
+                         f"{config.get('objective', 'flow_matching')} checkpoints sample with "
+                         f"{', '.join(s for s in flow_matching.SAMPLERS if s != 'meanflow')}")
+    return samplers
+
+
 @dataclass
 class SamplingRun:
     """A checkpoint ready to sample: the model, its checkpoint, decoder and forward precision."""
@@ -174,14 +186,8 @@ class SamplingRun:
                 for s in (given or [None])]
 
     def samplers(self, given: Optional[Sequence[str]], flag: str) -> List[str]:
-        """The solvers to sample with: `given` (the values of `flag`), or the checkpoint's.
-        ValueError for `meanflow` on a flow-matching checkpoint, which has no average velocity."""
-        samplers = list(given or [self.config["sampler"]])
-        if "meanflow" in samplers and self.config.get("objective", "flow_matching") != "meanflow":
-            raise ValueError(f"{flag} meanflow needs a MeanFlow checkpoint (trained with --objective meanflow); "
-                             f"{self.config.get('objective', 'flow_matching')} checkpoints sample with "
-                             f"{', '.join(s for s in flow_matching.SAMPLERS if s != 'meanflow')}")
-        return samplers
+        """The solvers to sample this checkpoint with: see samplers_for."""
+        return samplers_for(self.config, given, flag)
 
     def time_shifts(self, given: Optional[Sequence[float]]) -> List[float]:
         """The time-grid shifts to sample at: `given`, or the checkpoint's (1 before the field existed)."""
