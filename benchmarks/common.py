@@ -23,7 +23,7 @@ if ROOT not in sys.path:
 
 from configs.cli import ArgumentParser  # noqa: E402
 from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
-from models.dit_2d import dit_from_config  # noqa: E402
+from models.dit_2d import dit_from_config, input_shape  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 
 
@@ -68,13 +68,14 @@ def parse_benchmark(bench: argparse.ArgumentParser, argv, doc: str):
 
 def count_flops_per_image(config, backward: bool) -> int:
     """Matmul FLOPs (2 per multiply-add) of one image through DiT2D: forward, or forward + backward.
+    The input is what the config's DiT sees: its VQ-VAE latent in a latent run, else the image.
 
     Counted by torch's FlopCounterMode on the meta device (no memory, no time), where attention
     runs as explicit matmuls and is counted too (QK^T and AV, and their gradients).
     """
     with torch.device("meta"):
         model = dit_from_config(config)
-        x = torch.randn(1, config.in_channels, config.image_size, config.image_size)
+        x = torch.randn(1, *input_shape(config))
         t = torch.rand(1)
         y = torch.zeros(1, dtype=torch.long) if config.num_classes else None
     with FlopCounterMode(display=False) as counter:

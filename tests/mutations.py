@@ -717,6 +717,11 @@ MUTATIONS: List[Mutation] = [
              'if args.sdpa_backend == "auto" or "No available kernel" not in str(e):', "if True:",
              ["tests/test_speed.py::test_a_backend_that_cannot_run_the_shape_is_one_line"],
              "a restricted SDPA backend that cannot run the shape dies with SDPA's page of warnings"),
+    Mutation("flops_count_the_image_not_the_latent", "benchmarks/common.py",
+             "x = torch.randn(1, *input_shape(config))",
+             "x = torch.randn(1, config.in_channels, config.image_size, config.image_size)",
+             ["tests/test_speed.py::test_counted_flops_match_the_model_arithmetic"],
+             "a latent run's MFU is counted on the image's shape, which its DiT never sees"),
 ]
 
 

@@ -281,10 +281,16 @@ def test_vqvae_training_step_reads_nothing_back_to_the_host(tmp_path):
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def test_counted_flops_match_the_model_arithmetic():
-    config = make_config(FlowMatchingConfig, {"image_size": 8, "hidden_size": 32, "depth": 2,
+@pytest.mark.parametrize("space", ["pixels", "latents"])
+def test_counted_flops_match_the_model_arithmetic(space):
+    """8x8 RGB images, or 4x4x4 VQ-VAE latents of 16x16 images (the model sees the latent; the
+    checkpoint path only has to exist)."""
+    shape = ({"image_size": 8} if space == "pixels" else
+             {"image_size": 16, "latent_size": 4, "latent_channels": 4, "vqvae_checkpoint": __file__})
+    config = make_config(FlowMatchingConfig, {**shape, "hidden_size": 32, "depth": 2,
                                               "num_heads": 2, "num_classes": 10})
-    D, N, P, L = 32, 16, 3 * 2 * 2, 2
+    D, L = 32, 2
+    N, P = (16, 3 * 2 * 2) if space == "pixels" else (4, 4 * 2 * 2)
     block = 2 * N * (3 * D * D + D * D + 2 * 4 * D * D) + 4 * N * N * D + 2 * D * 6 * D
     embed = 2 * N * P * D + 2 * (256 * D + D * D)
     final = 2 * D * 2 * D + 2 * N * D * P
