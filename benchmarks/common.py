@@ -33,6 +33,22 @@ SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
+# Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in
+# order as substrings of torch.cuda.get_device_name() ("NVIDIA H100 PCIe" before "NVIDIA H100 80GB
+# HBM3"): MFU is quoted against the card that ran, not against whichever card the job was written for.
+PEAK_HALF_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0))
+
+
+def peak_half_tflops(device: torch.device):
+    """(peak TFLOP/s, card name) of a CUDA card in PEAK_HALF_TFLOPS; (None, name) for any other
+    card or a CPU."""
+    if device.type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_HALF_TFLOPS if key in name), None), name
+
+
 def clone_path(text: str) -> str:
     """`text` with every absolute path into the shared folder beside the repo written as a clone sees
     it (../shared/...): result rows hold the path of the machine that ran them."""

@@ -41,7 +41,9 @@ OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 JSON="$OUT/gpu_check.jsonl"
-PEAK="${PEAK_TFLOPS:-989}"   # H200 SXM dense bf16 peak (spec sheet); MFU is relative to it
+# MFU is relative to the card's dense bf16 peak, which train_throughput.py looks up by the card's name
+# (benchmarks/common.py PEAK_HALF_TFLOPS); PEAK_TFLOPS overrides it, e.g. for a card not in that table.
+PEAK="${PEAK_TFLOPS:-}"
 BUDGET="${GPU_CHECK_BUDGET:-300}"
 STAGES="${*:-speed}"
 SMOKE="${SMOKE:-0}"
@@ -68,6 +70,7 @@ if [ "$SMOKE" = 1 ]; then
     GEN="--num_samples 4 --batch_size 4 --num_steps 2 --device cpu"
     KERNELS="$MODEL --batch_size 4 --sample_batch 4 --iters 1 --repeats 1"; SAMPLE_BATCHES="--batch_sizes 3"
     ATTENTION=math   # the CPU's default is its flash kernel: math is the restriction the smoke test can see
+    PEAK="${PEAK:-1}"   # a CPU has no peak in the table: a nominal one, so that the MFU path runs
 else
     DEV=cuda
     MODEL=""; BATCH=128; STEPS="--steps 15 --windows 3 --warmup 5"
@@ -104,7 +107,7 @@ fi
 
 train() {  # train_throughput.py with the job's sizes; $1 = a name for the profile table, $2 = the model flags, then flags
     local name=$1 model=$2; shift 2
-    python benchmarks/train_throughput.py --device "$DEV" $model --batch_size "$BATCH" $STEPS --peak_tflops "$PEAK" \
+    python benchmarks/train_throughput.py --device "$DEV" $model --batch_size "$BATCH" $STEPS ${PEAK:+--peak_tflops "$PEAK"} \
         --profile "$OUT/profile_train_$name.txt" --sync_debug true --json "$JSON" "$@"
 }
 

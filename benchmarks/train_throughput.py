@@ -1,7 +1,7 @@
 """Training throughput of the real step (Trainer.train_step): images/s, achieved FLOP/s, MFU, memory.
 
     python benchmarks/train_throughput.py --preset tiny --device cpu
-    python benchmarks/train_throughput.py --preset cifar10 --device cuda --compile true --peak_tflops 989
+    python benchmarks/train_throughput.py --preset cifar10 --device cuda --compile true
 
 Every FlowMatchingConfig flag works (--preset, --batch_size, --mixed_precision, --compile,
 --gradient_checkpointing, ...). Batches come from the on-device uint8 loader over random images,
@@ -12,7 +12,9 @@ there), --windows windows of --steps steps are timed, each ended by one device s
 Hopper), so the step is timed with each; the profile's table names the kernels that ran.
 With --ema_snapshot_every N the step includes the two post-hoc EMA updates, and one snapshot write
 (into a temporary folder) is timed apart and reported amortized over N steps.
-MFU = images/s x counted training FLOPs per image / (--peak_tflops x 1e12).
+MFU = images/s x counted training FLOPs per image / (peak x 1e12), where the peak is --peak_tflops or,
+under bf16 / fp16 on a card benchmarks.common.PEAK_HALF_TFLOPS lists (H100, H200, A100, ...), that
+card's dense half-precision peak.
 """
 
 import argparse
@@ -29,7 +31,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from benchmarks.common import (SDPA_BACKENDS, benchmark_parser, check_no_sync,  # noqa: E402
-                               count_flops_per_image, machine, parse_benchmark, profile,
+                               count_flops_per_image, machine, parse_benchmark, peak_half_tflops, profile,
                                reset_peak_memory, synchronize, time_call, write_json)
 from data.device_loader import DeviceLoader  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
@@ -46,7 +48,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed window")
     p.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak TFLOP/s in the run's dtype, for MFU")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s in the run's dtype, for MFU (default: under bf16 / fp16, the "
+                        "card's dense peak when benchmarks/common.py knows the card; else no MFU)")
     p.add_argument("--profile", default=None, metavar="TABLE",
                    help="also profile one window: kernel time vs wall (the gaps) and launches per step; the "
                         "kernels' table goes to this file")
@@ -110,7 +114,10 @@ def main(argv=None) -> int:
     # a JVP (and a guidance forward) the count leaves out: an MFU from it would be understated.
     flops = count_flops_per_image(config, backward=True) if config.objective == "flow_matching" else None
     achieved = rate * flops / 1e12 if flops else None
-    mfu = achieved / args.peak_tflops if args.peak_tflops and achieved else None
+    peak, card = args.peak_tflops, None
+    if peak is None and config.mixed_precision in ("bf16", "fp16"):
+        peak, card = peak_half_tflops(device)
+    mfu = achieved / peak if peak and achieved else None
     mem = peak_memory_gb(device)
     params = sum(p.numel() for p in model.parameters())
     print(f"machine: {machine(device)}")
@@ -124,8 +131,8 @@ def main(argv=None) -> int:
         print(f"  FLOPs and MFU not counted for --objective {config.objective} (its JVP is not in the count)")
     else:
         print(f"  counted FLOPs {flops / 1e9:.2f} G/image (fwd+bwd) -> {achieved:.2f} TFLOP/s"
-              + (f", MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s" if mfu is not None else
-                 " (pass --peak_tflops for MFU)"))
+              + (f", MFU {100 * mfu:.1f}% of {peak:g} TFLOP/s" + (f" ({card}'s dense peak)" if card else "")
+                 if mfu is not None else " (pass --peak_tflops for MFU)"))
     print(f"  peak memory {mem:.2f} GiB ({'allocated on the GPU' if device.type == 'cuda' else 'process RSS high-water'})")
     if prof is not None:
         print(f"  profile of {args.steps} steps: wall {1000 * prof['wall_s'] / args.steps:.1f} ms/step, kernels "
@@ -141,7 +148,7 @@ def main(argv=None) -> int:
                            "sdpa_backend": args.sdpa_backend, "images_per_s": rate,
                            "step_seconds": [s / args.steps for s in seconds],
                            "steps_per_window": args.steps,
-                           "flops_per_image": flops, "tflops": achieved, "mfu": mfu,
+                           "flops_per_image": flops, "tflops": achieved, "mfu": mfu, "peak_tflops": peak,
                            "peak_memory_gib": mem, "warmup_seconds": warm, "profile": prof, "sync_check": sync,
                            "snapshot_seconds": snap})
     return 0

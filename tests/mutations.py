@@ -722,6 +722,15 @@ MUTATIONS: List[Mutation] = [
              "x = torch.randn(1, config.in_channels, config.image_size, config.image_size)",
              ["tests/test_speed.py::test_counted_flops_match_the_model_arithmetic"],
              "a latent run's MFU is counted on the image's shape, which its DiT never sees"),
+    Mutation("pcie_h100_gets_the_sxm_peak", "benchmarks/common.py",
+             '(("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),',
+             '(("H100", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),',
+             ["tests/test_speed.py::test_the_peak_is_the_card_that_ran"],
+             "an H100 PCIe's MFU is quoted against the SXM card's peak (understated by a quarter)"),
+    Mutation("fp32_step_mfu_against_the_bf16_peak", "benchmarks/train_throughput.py",
+             'if peak is None and config.mixed_precision in ("bf16", "fp16"):', "if peak is None:",
+             ["tests/test_speed.py::test_mfu_uses_the_looked_up_peak_unless_one_is_given"],
+             "an fp32 step's MFU is quoted against the half-precision tensor-core peak"),
 ]
 
 

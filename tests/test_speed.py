@@ -322,6 +322,35 @@ def test_sample_throughput_times_compiled_batches_at_one_shape(monkeypatch, caps
     assert rows == {"default": {8}}   # CFG: 2 x 4 rows, the last batch of 2 padded
 
 
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-40GB", 312.0),
+                                        ("NVIDIA GeForce RTX 4090", None)])
+def test_the_peak_is_the_card_that_ran(monkeypatch, name, peak):
+    """MFU's denominator is looked up by the card's name (the PCIe H100 is not the SXM one); an
+    unknown card gets none rather than another card's."""
+    from benchmarks.common import peak_half_tflops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_half_tflops(torch.device("cuda", 0)) == (peak, name)
+    assert peak_half_tflops(torch.device("cpu")) == (None, "cpu")
+
+
+@pytest.mark.parametrize("flags, peak", [([], 100.0), (["--peak_tflops", "50"], 50.0),
+                                         (["--mixed_precision", "no"], None)])
+def test_mfu_uses_the_looked_up_peak_unless_one_is_given(tmp_path, monkeypatch, flags, peak):
+    """The card's half-precision peak applies to bf16 / fp16 steps only (fp32 runs on other units);
+    --peak_tflops overrides it."""
+    from benchmarks import train_throughput
+    monkeypatch.setattr(train_throughput, "peak_half_tflops", lambda device: (100.0, "NVIDIA Test"))
+    rows = tmp_path / "rows.jsonl"
+    train_throughput.main(["--preset", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
+                           "--image_size", "8", "--batch_size", "4", "--device", "cpu", "--steps", "1",
+                           "--windows", "1", "--warmup", "0", "--mixed_precision", "bf16",
+                           "--json", str(rows)] + flags)
+    row = json.loads(rows.read_text())
+    assert row["peak_tflops"] == peak
+    assert row["mfu"] == (pytest.approx(row["tflops"] / peak) if peak else None)
+
+
 def test_a_backend_that_cannot_run_the_shape_is_one_line(monkeypatch, capsys):
     """--sdpa_backend flash on a CUDA shape flash lacks: exit 2 naming the backend and the head dim,
     not SDPA's page of per-backend warnings (the CPU kernels run any shape, so SDPA's error is
