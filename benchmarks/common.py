@@ -49,6 +49,20 @@ def peak_half_tflops(device: torch.device):
     return next((peak for key, peak in PEAK_HALF_TFLOPS if key in name), None), name
 
 
+def add_peak_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s in the run's dtype, for MFU (default: under bf16 / fp16, the "
+                        "card's dense peak when benchmarks/common.py knows the card; else no MFU)")
+
+
+def peak_for(args, device: torch.device, half_precision: bool):
+    """(peak TFLOP/s or None, the card it was looked up for or None): --peak_tflops, else the card's
+    dense half-precision peak for a bf16 / fp16 run (fp32 matmuls run on other units), else none."""
+    if args.peak_tflops:
+        return args.peak_tflops, None
+    return peak_half_tflops(device) if half_precision else (None, None)
+
+
 def clone_path(text: str) -> str:
     """`text` with every absolute path into the shared folder beside the repo written as a clone sees
     it (../shared/...): result rows hold the path of the machine that ran them."""

@@ -44,8 +44,9 @@ def describe(row: dict) -> List[tuple]:
         what = (f"sample {c['sampler']} {row['num_steps']} steps ({row['nfe']} NFE), cfg {row['cfg_scale']:g}, "
                 f"batch {row['batch_size']}, compile {row['compile_mode']}")
         est = row.get("extrapolated_seconds", {}).get("50000")
-        return [(what, f"{row['images_per_s']:,.1f} img/s, {row['nfe_per_s']:,.0f} NFE/s",
-                 f"first batch {row['first_batch_seconds']:.0f} s" + (f"; 50k in {est:.0f} s" if est else ""))]
+        figure = f"{row['images_per_s']:,.1f} img/s, {row['nfe_per_s']:,.0f} NFE/s" + (
+            f", MFU {100 * row['mfu']:.1f}% (ceiling {row['images_per_s_at_peak']:,.0f} img/s)" if row.get("mfu") else "")
+        return [(what, figure, f"first batch {row['first_batch_seconds']:.0f} s" + (f"; 50k in {est:.0f} s" if est else ""))]
     if "params" in row and "args" in row:   # compare_diffusers.py
         out = []
         for part in ("train", "sample", "loop"):

@@ -11,6 +11,9 @@ generate_flow_matching.py: per-sample noise from (seed, index), the ODE solve un
 model's: speed does not depend on their values. One untimed batch warms up (and compiles), then
 --num_samples are timed; with --extrapolate_to N the time for N samples is extrapolated linearly
 from that measurement (and printed as such).
+Each row also gives the counted forward TFLOP/s (model rows/s x counted forward FLOPs a row), the MFU
+against the card's peak (as train_throughput.py: looked up for bf16, or --peak_tflops), and the
+samples/s that peak would give at these settings: the arithmetic ceiling a sampler speed goal meets.
 """
 
 import argparse
@@ -24,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import flow_matching  # noqa: E402
-from benchmarks.common import (benchmark_parser, machine, parse_benchmark, profile,  # noqa: E402
-                               reset_peak_memory, synchronize, write_json)
+from benchmarks.common import (add_peak_flag, benchmark_parser, count_flops_per_image, machine,  # noqa: E402
+                               parse_benchmark, peak_for, profile, reset_peak_memory, synchronize, write_json)
 from evaluation.sampling import generate_images  # noqa: E402
 from models.dit_2d import dit_from_config, input_shape  # noqa: E402
 from training.trainer import peak_memory_gb  # noqa: E402
@@ -48,6 +51,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--extrapolate_to", type=int, default=0, help="also print the time for this many samples (linear)")
     p.add_argument("--profile", default=None, metavar="TABLE",
                    help="also profile one batch of the last setting: kernel time vs wall (the gaps); kernels' table to this file")
+    add_peak_flag(p)
     return p
 
 
@@ -67,6 +71,8 @@ def main(argv=None) -> int:
     interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start, config.guidance_interval_end)
     labels = torch.arange(args.num_samples) % max(config.num_classes, 1)
     autocast = torch.bfloat16 if args.precision == "bf16" else None
+    row_flops = count_flops_per_image(config, backward=False)   # one model row's forward
+    peak, card = peak_for(args, device, half_precision=args.precision == "bf16")
     print(f"machine: {machine(device)}")
     print(f"sample: hidden {config.hidden_size}, depth {config.depth}, patch {config.patch_size}, "
           f"{config.image_size}px, {config.sampler} x {num_steps} steps, {args.precision}, {device.type}")
@@ -105,13 +111,20 @@ def main(argv=None) -> int:
             rate = args.num_samples / seconds
             rows_per_sample = rows[0] / args.num_samples   # a padded last batch's extra rows count: they ran
             mem = peak_memory_gb(device)
+            achieved = rate * rows_per_sample * row_flops / 1e12
+            mfu, ceiling = (achieved / peak, peak * 1e12 / (rows_per_sample * row_flops)) if peak else (None, None)
             print(f"  compile {compile_mode}, batch {batch_size}, cfg_scale {cfg_scale:g}: {args.num_samples} samples in "
                   f"{seconds:.2f}s = {rate:.2f} images/s, {rate * nfe:.1f} NFE/s ({nfe} NFE per sample, {rows_per_sample:g} model "
                   f"rows per sample), first batch (compile) {warm:.1f}s, peak memory {mem:.2f} GiB")
+            print(f"    counted forward {achieved:.2f} TFLOP/s ({row_flops / 1e9:.2f} GFLOP a row)"
+                  + (f", MFU {100 * mfu:.1f}% of {peak:g} TFLOP/s" + (f" ({card}'s dense peak)" if card else "")
+                     + f": at 100% of it {ceiling:.0f} images/s" if peak else " (pass --peak_tflops for MFU)"))
             record = {"bench": "sample", "machine": machine(device), "config": vars(config), "cfg_scale": cfg_scale,
                       "compile_mode": compile_mode, "num_steps": num_steps, "nfe": nfe, "batch_size": batch_size,
                       "num_samples": args.num_samples, "seconds": seconds, "images_per_s": rate,
-                      "nfe_per_s": rate * nfe, "rows_per_sample": rows_per_sample, "first_batch_seconds": warm, "peak_memory_gib": mem}
+                      "nfe_per_s": rate * nfe, "rows_per_sample": rows_per_sample, "flops_per_row": row_flops,
+                      "tflops": achieved, "peak_tflops": peak, "mfu": mfu, "images_per_s_at_peak": ceiling,
+                      "first_batch_seconds": warm, "peak_memory_gib": mem}
             if args.extrapolate_to:
                 estimate = args.extrapolate_to / rate
                 print(f"    extrapolated: {args.extrapolate_to} samples in {estimate:.1f}s ({estimate / 60:.2f} min), "

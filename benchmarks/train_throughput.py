@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from benchmarks.common import (SDPA_BACKENDS, benchmark_parser, check_no_sync,  # noqa: E402
-                               count_flops_per_image, machine, parse_benchmark, peak_half_tflops, profile,
+                               add_peak_flag, count_flops_per_image, machine, parse_benchmark, peak_for, profile,
                                reset_peak_memory, synchronize, time_call, write_json)
 from data.device_loader import DeviceLoader  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
@@ -48,9 +48,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed window")
     p.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--peak_tflops", type=float, default=None,
-                   help="the device's peak TFLOP/s in the run's dtype, for MFU (default: under bf16 / fp16, the "
-                        "card's dense peak when benchmarks/common.py knows the card; else no MFU)")
+    add_peak_flag(p)
     p.add_argument("--profile", default=None, metavar="TABLE",
                    help="also profile one window: kernel time vs wall (the gaps) and launches per step; the "
                         "kernels' table goes to this file")
@@ -114,9 +112,7 @@ def main(argv=None) -> int:
     # a JVP (and a guidance forward) the count leaves out: an MFU from it would be understated.
     flops = count_flops_per_image(config, backward=True) if config.objective == "flow_matching" else None
     achieved = rate * flops / 1e12 if flops else None
-    peak, card = args.peak_tflops, None
-    if peak is None and config.mixed_precision in ("bf16", "fp16"):
-        peak, card = peak_half_tflops(device)
+    peak, card = peak_for(args, device, half_precision=config.mixed_precision in ("bf16", "fp16"))
     mfu = achieved / peak if peak and achieved else None
     mem = peak_memory_gb(device)
     params = sum(p.numel() for p in model.parameters())

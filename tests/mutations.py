@@ -728,9 +728,13 @@ MUTATIONS: List[Mutation] = [
              ["tests/test_speed.py::test_the_peak_is_the_card_that_ran"],
              "an H100 PCIe's MFU is quoted against the SXM card's peak (understated by a quarter)"),
     Mutation("fp32_step_mfu_against_the_bf16_peak", "benchmarks/train_throughput.py",
-             'if peak is None and config.mixed_precision in ("bf16", "fp16"):', "if peak is None:",
+             'half_precision=config.mixed_precision in ("bf16", "fp16")', "half_precision=True",
              ["tests/test_speed.py::test_mfu_uses_the_looked_up_peak_unless_one_is_given"],
              "an fp32 step's MFU is quoted against the half-precision tensor-core peak"),
+    Mutation("sample_flops_count_one_row_per_evaluation", "benchmarks/sample_throughput.py",
+             "achieved = rate * rows_per_sample * row_flops / 1e12", "achieved = rate * nfe * row_flops / 1e12",
+             ["tests/test_speed.py::test_sample_throughput_counts_the_rows_a_guidance_interval_saves"],
+             "sampling's TFLOP/s and MFU leave out CFG's second half of every guided forward"),
 ]
 
 

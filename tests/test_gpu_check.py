@@ -101,3 +101,12 @@ def test_the_table_reads_a_train_row_per_step_at_the_median_window():
            "profile": {"busy": 0.98, "launches": 15 * 1400}, "warmup_seconds": 12.0, "sync_check": "none"}
     [(what, figure, note)] = describe(row)
     assert "60.0 ms/step" in note and "1400 launches/step" in note and "MFU 30.0%" in figure
+
+
+def test_the_table_gives_a_sample_rows_mfu_and_ceiling():
+    from benchmarks.gpu_table import describe
+    row = {"bench": "sample", "config": {"sampler": "midpoint"}, "num_steps": 17, "nfe": 34, "cfg_scale": 1.5,
+           "batch_size": 1000, "compile_mode": "default", "images_per_s": 141.0, "nfe_per_s": 4794.0,
+           "mfu": 0.446, "images_per_s_at_peak": 316.2, "first_batch_seconds": 20.0}
+    [(what, figure, note)] = describe(row)
+    assert "(34 NFE)" in what and figure == "141.0 img/s, 4,794 NFE/s, MFU 44.6% (ceiling 316 img/s)"

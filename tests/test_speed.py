@@ -339,8 +339,8 @@ def test_the_peak_is_the_card_that_ran(monkeypatch, name, peak):
 def test_mfu_uses_the_looked_up_peak_unless_one_is_given(tmp_path, monkeypatch, flags, peak):
     """The card's half-precision peak applies to bf16 / fp16 steps only (fp32 runs on other units);
     --peak_tflops overrides it."""
-    from benchmarks import train_throughput
-    monkeypatch.setattr(train_throughput, "peak_half_tflops", lambda device: (100.0, "NVIDIA Test"))
+    from benchmarks import common, train_throughput
+    monkeypatch.setattr(common, "peak_half_tflops", lambda device: (100.0, "NVIDIA Test"))
     rows = tmp_path / "rows.jsonl"
     train_throughput.main(["--preset", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
                            "--image_size", "8", "--batch_size", "4", "--device", "cpu", "--steps", "1",
@@ -373,12 +373,21 @@ def test_a_backend_that_cannot_run_the_shape_is_one_line(monkeypatch, capsys):
 
 def test_sample_throughput_counts_the_rows_a_guidance_interval_saves(tmp_path):
     """Midpoint 5 steps evaluates t = 0, 0.1, ..., 0.9: guided only from t = 0.5, CFG forwards two
-    rows at 5 of them and one at the other 5; unguided, one row at each."""
+    rows at 5 of them and one at the other 5; unguided, one row at each. The counted TFLOP/s and the
+    ceiling at the peak are those rows' forwards."""
     from benchmarks import sample_throughput
     out = tmp_path / "rows.jsonl"
     assert sample_throughput.main(["--preset", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
                                    "--image_size", "8", "--device", "cpu", "--num_samples", "6", "--batch_sizes", "4",
                                    "--cfg_modes", "guided,unguided", "--compile_modes", "none", "--sampler", "midpoint",
-                                   "--num_steps", "5", "--guidance_interval_start", "0.5", "--json", str(out)]) == 0
+                                   "--num_steps", "5", "--guidance_interval_start", "0.5", "--peak_tflops", "2",
+                                   "--json", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["cfg_scale"], r["nfe"], r["rows_per_sample"]) for r in rows] == [(3.0, 10, 15), (1.0, 10, 10)]
+    flops = count_flops_per_image(make_config(FlowMatchingConfig, {"hidden_size": 32, "depth": 1, "num_heads": 2,
+                                                                   "image_size": 8, "num_classes": 10}), backward=False)
+    for r in rows:
+        assert r["flops_per_row"] == flops and r["peak_tflops"] == 2.0
+        assert r["tflops"] == pytest.approx(r["images_per_s"] * r["rows_per_sample"] * flops / 1e12)
+        assert r["mfu"] == pytest.approx(r["tflops"] / 2)
+        assert r["images_per_s_at_peak"] == pytest.approx(2e12 / (r["rows_per_sample"] * flops))
