@@ -291,6 +291,20 @@ def test_latest_picks_the_highest_step(tmp_path):
     assert ckpt_lib.find_latest(str(tmp_path), "flow_matching").endswith("flow_matching_final.pt")
 
 
+
+def test_a_users_files_named_like_checkpoints_are_left_alone(tmp_path):
+    """checkpoint_best.pt (a user's copy, step 3) is neither pruned, resumed from nor read;
+    checkpoint_notes.pt (not a checkpoint at all) does not stop the folder's runs."""
+    for step in (1, 2, 4):
+        ckpt_lib.save_checkpoint({"step": step}, str(tmp_path / ckpt_lib.CHECKPOINT_PATTERN.format(step=step)))
+    ckpt_lib.save_checkpoint({"step": 5}, str(tmp_path / "checkpoint_best.pt"))
+    (tmp_path / "checkpoint_notes.pt").write_text("not a checkpoint")
+    assert ckpt_lib.find_latest(str(tmp_path), "flow_matching").endswith("checkpoint_0000004.pt")
+    ckpt_lib.check_nothing_ahead(str(tmp_path), "flow_matching", "latest")
+    ckpt_lib.prune_checkpoints(str(tmp_path), keep=1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_0000004.pt", "checkpoint_best.pt", "checkpoint_notes.pt"]
+
+
 # ----------------------------------------------------------------------------- saving
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -149,9 +149,17 @@ def checkpoint_step(path: str) -> int:
                          f"or not a checkpoint of this repo") from None
 
 
+def periodic_checkpoints(checkpoint_dir: str, kind: str) -> List[str]:
+    """The periodic checkpoints of this kind in the folder, by their exact name: a user's
+    checkpoint_best.pt beside them is neither read, resumed from nor pruned."""
+    name = re.compile(re.escape(RUN_PREFIXES[kind]) + r"checkpoint_\d+\.pt")
+    return [p for p in glob.glob(run_file(checkpoint_dir, kind, "checkpoint_*.pt"))
+            if name.fullmatch(os.path.basename(p))]
+
+
 def run_checkpoints(checkpoint_dir: str, kind: str) -> List[str]:
     """Every checkpoint (periodic and final) of this kind in the folder."""
-    found = glob.glob(run_file(checkpoint_dir, kind, "checkpoint_*.pt"))
+    found = periodic_checkpoints(checkpoint_dir, kind)
     final = os.path.join(checkpoint_dir, FINAL_NAMES[kind])
     return found + [final] if os.path.isfile(final) else found
 
@@ -188,7 +196,7 @@ def check_nothing_ahead(checkpoint_dir: str, kind: str, resume: Optional[str]) -
 
 def prune_checkpoints(checkpoint_dir: str, keep: int, kind: str = "flow_matching") -> None:
     """Delete all but the `keep` newest periodic checkpoints of this kind (final ones are never pruned)."""
-    periodic = sorted(glob.glob(run_file(checkpoint_dir, kind, "checkpoint_*.pt")), key=checkpoint_step)
+    periodic = sorted(periodic_checkpoints(checkpoint_dir, kind), key=checkpoint_step)
     for path in periodic[:-keep]:
         os.remove(path)
 
