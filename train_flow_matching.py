@@ -21,9 +21,7 @@ from configs.flow_matching_config import ARCHITECTURE_FIELDS, parse_flow_matchin
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from rebuild import initial_weights, load_vqvae
-from evaluation.posthoc_ema import check_no_earlier_snapshots
-from utils.checkpoint import check_nothing_ahead
-from training.startup import announce_run
+from training.startup import announce_run, check_run_folders, save_run_config
 from utils.launch import launch
 from evaluation.periodic import PeriodicFID
 from training.objectives import FlowMatchingObjective
@@ -31,8 +29,7 @@ from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size
 
 
 def train(config, dist) -> None:
-    check_nothing_ahead(config.checkpoint_dir, "flow_matching", config.resume)
-    check_no_earlier_snapshots(config.checkpoint_dir, "flow_matching", config.resume)
+    check_run_folders(config, "flow_matching")
     micro = micro_batch_size(config, dist.world_size)
     vqvae = (load_vqvae(config.vqvae_checkpoint, device=dist.device)
              if config.vqvae_checkpoint else None)
@@ -54,7 +51,9 @@ def train(config, dist) -> None:
     evaluator = (PeriodicFID(config, dist.device, autocast_dtype, dist.rank, dist.world_size,
                              decode=info.latent_space.decode if info.latent_space is not None else None)
                  if config.fid_every else None)
-    path = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS, evaluator=evaluator).fit()
+    trainer = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS, evaluator=evaluator)
+    save_run_config(config, "flow_matching", dist)
+    path = trainer.fit()
     if dist.is_main:
         print(f"done: {path}")
 

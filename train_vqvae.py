@@ -24,9 +24,8 @@ from configs.vqvae_config import parse_vqvae_config
 from data.vqvae_dataset import get_vqvae_dataloader, get_vqvae_eval_loader, grid_images
 from evaluation.reconstruction import evaluate_reconstruction
 from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, vqvae_from_config
-from evaluation.posthoc_ema import check_no_earlier_snapshots
-from utils.checkpoint import check_nothing_ahead, run_file
-from training.startup import announce_run
+from utils.checkpoint import run_file
+from training.startup import announce_run, check_run_folders, save_run_config
 from utils.launch import launch
 from training.objectives import VQVAEObjective
 from training.trainer import Trainer, micro_batch_size
@@ -46,8 +45,7 @@ def report(config, model, eval_loader, device, step: int) -> None:
 
 
 def train(config, dist) -> None:
-    check_nothing_ahead(config.checkpoint_dir, "vqvae", config.resume)
-    check_no_earlier_snapshots(config.checkpoint_dir, "vqvae", config.resume)
+    check_run_folders(config, "vqvae")
     micro = micro_batch_size(config, dist.world_size)
     loader = get_vqvae_dataloader(config, batch_size=micro, rank=dist.rank, world_size=dist.world_size)
     # Built before training so that a bad --eval_data_dir fails at once, not after the run.
@@ -61,6 +59,7 @@ def train(config, dist) -> None:
     objective = VQVAEObjective(config, model, grid_images(loader, config.grid_images))
     # A resume keeps the image size too: the latents' shape, and with it every flow run on them, follows it.
     trainer = Trainer(config, model, objective, loader, dist, (*VQVAE_ARCHITECTURE_FIELDS, "image_size"))
+    save_run_config(config, "vqvae", dist)
     path = trainer.fit()
     if dist.is_main:
         if eval_loader is not None:

@@ -206,10 +206,35 @@ def test_resume_takes_optimizer_settings_from_the_flags(tiny_flags, capsys, opti
 
 
 def test_resume_with_a_different_architecture_is_a_clear_error(tiny_flags, tmp_path, capsys):
+    """...and the refused run leaves the run's config.json as it was (it describes the checkpoints)."""
     assert train_flow_matching.main(tiny_flags + ["--train_steps", "1"]) == 0
+    saved = os.path.join(flag_value(tiny_flags, "--checkpoint_dir"), "config.json")
+    before = open(saved).read()
     code = train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--depth", "3", "--resume", "latest"])
     assert code == 2
     assert "depth: checkpoint 2 vs now 3" in capsys.readouterr().err
+    assert open(saved).read() == before
+
+
+def test_an_unwritable_sample_dir_is_refused_before_training(tiny_flags, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    code = train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--sample_every", "1",
+                                                  "--sample_dir", str(tmp_path / "a_file" / "samples")])
+    assert code == 2
+    assert f"--sample_dir {tmp_path / 'a_file' / 'samples'} cannot be written" in capsys.readouterr().err
+    assert not os.path.exists(flag_value(tiny_flags, "--checkpoint_dir"))   # before any work
+
+
+def test_a_grid_that_cannot_be_written_is_a_warning(tiny_flags, monkeypatch, capsys):
+    """A full disk at a grid step must not end the run before its next checkpoint."""
+    from training import objectives
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(objectives, "save_grid", full_disk)
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--sample_every", "1"]) == 0
+    assert capsys.readouterr().out.count("WARNING: could not write the sample grid") == 2
+    assert os.path.isfile(os.path.join(flag_value(tiny_flags, "--checkpoint_dir"), "flow_matching_final.pt"))
 
 
 @pytest.mark.parametrize("flags, diff", [(["--seed", "1"], "seed: checkpoint 0 vs now 1"),

@@ -1,19 +1,30 @@
-"""The start-up report of a training run: the resolved config, the model's size and batch split,
-and the run's config.json."""
+"""A training run's start: the checks of its folders before any work, the report of the resolved
+config, the model's size and batch split, and the run's config.json."""
 
 import json
-import os
 
 import torch
 
 from configs.cli import format_config
-from utils.checkpoint import run_file
+from evaluation.posthoc_ema import check_no_earlier_snapshots
+from utils.checkpoint import check_nothing_ahead, run_file, write_atomically
 from utils.distributed import DistInfo
+from utils.validation import check_writable
+
+
+def check_run_folders(config, kind: str) -> None:
+    """ValueError before any work (decoding, encoding, compiling, the first grid step) when the run's
+    folders are another run's or cannot be written."""
+    check_nothing_ahead(config.checkpoint_dir, kind, config.resume)
+    check_no_earlier_snapshots(config.checkpoint_dir, kind, config.resume)
+    check_writable(config.checkpoint_dir, f"--checkpoint_dir {config.checkpoint_dir}")
+    if config.sample_every:
+        check_writable(config.sample_dir, f"--sample_dir {config.sample_dir}")
 
 
 def announce_run(config, model: torch.nn.Module, kind: str, dist: DistInfo, micro: int) -> None:
     """Print the resolved config and the model's size and batch split (`micro` images per forward
-    on a rank); save the config as the run's config.json (rank 0 only)."""
+    on a rank; rank 0 only)."""
     if not dist.is_main:
         return
     print(f"config:\n{format_config(config)}")
@@ -21,6 +32,11 @@ def announce_run(config, model: torch.nn.Module, kind: str, dist: DistInfo, micr
           f"{dist.world_size} rank(s){f' (torchrun, {dist.backend})' if dist.distributed else ''} on {dist.device}; "
           f"micro-batch {micro}, "
           f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
-    os.makedirs(config.checkpoint_dir, exist_ok=True)
-    with open(run_file(config.checkpoint_dir, kind, "config.json"), "w") as f:
-        json.dump(vars(config), f, indent=2)
+
+
+def save_run_config(config, kind: str, dist: DistInfo) -> None:
+    """The run's config.json (rank 0; atomic), written once the Trainer has accepted its resume
+    checkpoint: a refused resume leaves the config of the run it refused to continue."""
+    if dist.is_main:
+        text = json.dumps(vars(config), indent=2).encode()
+        write_atomically(run_file(config.checkpoint_dir, kind, "config.json"), lambda f: f.write(text))

@@ -266,13 +266,19 @@ class Trainer:
 
     def _sample_grid(self) -> None:
         """The EMA's grid of this step to --sample_dir (and TensorBoard), after every rank has
-        checked that its weights are finite."""
+        checked that its weights are finite. A grid that cannot be written (a full disk) is a
+        warning: it must not end the run before its next checkpoint."""
         self._check_finite()
         if self.dist.is_main:
             kind = self.objective.kind
-            grid = self.objective.sample(self.ema, run_file(self.config.sample_dir, kind, f"step_{self.step:07d}.png"))
-            if self.writer is not None:
-                self.writer.add_image(f"{kind}/samples", grid, self.step, dataformats="HWC")
+            path = run_file(self.config.sample_dir, kind, f"step_{self.step:07d}.png")
+            try:
+                grid = self.objective.sample(self.ema, path)
+            except OSError as err:
+                tqdm.write(f"WARNING: could not write the sample grid {path} ({err}); training goes on")
+            else:
+                if self.writer is not None:
+                    self.writer.add_image(f"{kind}/samples", grid, self.step, dataformats="HWC")
         wait_for_all_ranks()   # the others wait out rank 0's work here, not in a short-timeout collective
 
     def _tensorboard(self):
