@@ -735,6 +735,26 @@ MUTATIONS: List[Mutation] = [
              "achieved = rate * rows_per_sample * row_flops / 1e12", "achieved = rate * nfe * row_flops / 1e12",
              ["tests/test_speed.py::test_sample_throughput_counts_the_rows_a_guidance_interval_saves"],
              "sampling's TFLOP/s and MFU leave out CFG's second half of every guided forward"),
+    Mutation("any_checkpoint_star_file_is_a_run_checkpoint", "utils/checkpoint.py",
+             "if name.fullmatch(os.path.basename(p))]", "if True]",
+             ["tests/test_training.py::test_a_users_files_named_like_checkpoints_are_left_alone"],
+             "a user's checkpoint_best.pt is pruned or resumed from; a non-checkpoint named so stops every run"),
+    Mutation("sample_dir_unchecked", "training/startup.py",
+             "    if config.sample_every:\n", "    if False:\n",
+             ["tests/test_training.py::test_an_unwritable_sample_dir_is_refused_before_training"],
+             "an unwritable --sample_dir ends the run at its first grid step, before any checkpoint"),
+    Mutation("grid_write_error_ends_the_run", "training/trainer.py",
+             'except OSError as err:\n                tqdm.write(f"WARNING: could not write the sample grid',
+             'except ZeroDivisionError as err:\n                tqdm.write(f"WARNING: could not write the sample grid',
+             ["tests/test_training.py::test_a_grid_that_cannot_be_written_is_a_warning"],
+             "a full disk at a grid step ends the run, losing the steps since the last checkpoint"),
+    Mutation("refused_resume_rewrites_config_json", "train_flow_matching.py",
+             '    trainer = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS, evaluator=evaluator)\n'
+             '    save_run_config(config, "flow_matching", dist)\n',
+             '    save_run_config(config, "flow_matching", dist)\n'
+             '    trainer = Trainer(config, model, objective, loader, dist, ARCHITECTURE_FIELDS, evaluator=evaluator)\n',
+             ["tests/test_training.py::test_resume_with_a_different_architecture_is_a_clear_error"],
+             "a refused resume overwrites config.json with the config it refused"),
 ]
 
 
