@@ -119,7 +119,7 @@ def load_npz(path: str, num_samples) -> np.ndarray:
     try:
         with np.load(path) as data:   # a .npy renamed .npz loads as an array: not a context manager (TypeError)
             images = data["images"]
-    except (KeyError, ValueError, OSError, TypeError, zipfile.BadZipFile) as err:
+    except (KeyError, ValueError, OSError, TypeError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"--samples {path} is not a samples.npz with an 'images' array "
                          f"({type(err).__name__}: {err}); write one with generate_flow_matching.py --save_npz") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[1] != images.shape[2]:

@@ -84,6 +84,10 @@ def load_latent_space(ckpt: Dict, vqvae_checkpoint: Optional[str] = None,
     if path is None:
         raise ValueError("this latent flow checkpoint does not record its VQ-VAE; pass "
                          "--vqvae_checkpoint PATH (the VQ-VAE it was trained with)")
+    if not os.path.isfile(path) and vqvae_checkpoint is not None:
+        raise FileNotFoundError(f"--vqvae_checkpoint {path} does not exist; pass the path of the VQ-VAE this "
+                                f"latent flow model was trained with (it recorded "
+                                f"{ckpt['config'].get('vqvae_checkpoint')})")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"the VQ-VAE this latent flow model was trained with, {path}, does not exist "
                                 f"(moved?); pass its current path with --vqvae_checkpoint PATH")
@@ -106,7 +110,7 @@ def initial_weights(path: str, model: DiT2D, config, fields, latent_space: Optio
     ckpt = load_checkpoint(path, kind="flow_matching")
     check_config_fits(with_defaults(ckpt["config"], config), dataclasses.asdict(config), fields, path,
                       fix="--init_from builds the model from this run's flags: pass the checkpoint's values "
-                          "(or the --preset it was trained with)")
+                          "(or the --preset it was trained with)", use="start from it")
     if latent_space is not None:
         latent_space.check_trained_on(ckpt, f"--init_from {path}")
     own = model.state_dict()

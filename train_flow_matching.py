@@ -4,8 +4,8 @@
     python train_flow_matching.py --preset tiny --dataset imagefolder --data_dir PATH --device cpu
     torchrun --nproc_per_node 8 train_flow_matching.py  # batch_size stays the global batch
     python train_flow_matching.py --vqvae_checkpoint checkpoints/vqvae.pt   # on VQ-VAE latents
-    python train_flow_matching.py --objective meanflow --init_from checkpoints/flow_matching_final.pt
-                                                        # 1-2 step sampling from a flow-matching run
+    python train_flow_matching.py --objective meanflow --init_from checkpoints/flow_matching_final.pt \
+        --checkpoint_dir checkpoints/meanflow_init      # 1-2 step sampling from a flow-matching run
 
 Every config field is a flag (`--help` lists them). Writes checkpoints, config.json and
 metrics.jsonl to --checkpoint_dir and EMA sample grids to --sample_dir.

@@ -33,6 +33,10 @@ class VQVAEConfig(TrainConfig):
     grid_images: int = field(default=8, metadata={"help": "images in the reconstruction grid (originals above, reconstructions below)"})
     eval_data_dir: Optional[str] = field(default=None, metadata={"help": "images for the final reconstruction report: an ImageFolder root (e.g. a test folder) or, for cifar10, a download folder whose test split is used; none = --data_dir (its test split for cifar10)"})
     eval_images: int = field(default=1000, metadata={"help": "images (evenly spaced) in the final reconstruction report; 0 skips it"})
+    # TrainConfig's choices narrowed: a VQ-VAE is convolutions, with no transformer blocks for Muon
+    # or for a per-block compile, so those are refused with the flags rather than after the data loads.
+    optimizer: Literal["adamw"] = field(default="adamw", metadata={"help": "adamw (Muon is for a DiT2D's transformer blocks; a VQ-VAE has none)"})
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = field(default="default", metadata={"help": "with --compile: torch.compile's mode for the whole model (a VQ-VAE has no transformer blocks to compile one by one)"})
 
     def validate(self) -> None:
         super().validate()

@@ -159,6 +159,7 @@ def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder,
     # what a generate run killed mid-write used to leave, and a .npy under the npz's name
     (["--samples", "TRUNCATED", "--ref_data_dir", "REF"], "is not a samples.npz with an 'images' array (BadZipFile"),
     (["--samples", "NPY", "--ref_data_dir", "REF"], "is not a samples.npz with an 'images' array (TypeError"),
+    (["--samples", "EMPTY", "--ref_data_dir", "REF"], "is not a samples.npz with an 'images' array (EOFError"),
     (["--samples", "NPZ", "--ref_data_dir", "REF", "JSONL_IS_A_FOLDER"], "fid.jsonl is a folder or a read-only file"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(stand_in, folder, tmp_path, capsys, flags, expected):
@@ -167,14 +168,16 @@ def test_bad_input_is_one_line_and_exit_code_2(stand_in, folder, tmp_path, capsy
     root = tmp_path / "cifar"   # a dataset root: its subfolders are splits
     for split in ("train", "test"):
         write_image_folder(root / split, classes=2, per_class=2, size=(8, 8))
-    truncated, npy = tmp_path / "truncated.npz", tmp_path / "array.npz"
+    truncated, npy, empty = tmp_path / "truncated.npz", tmp_path / "array.npz", tmp_path / "empty.npz"
+    empty.write_bytes(b"")
     truncated.write_bytes(npz.read_bytes()[:len(npz.read_bytes()) // 2])
     with open(npy, "wb") as f:
         np.save(f, random_images(2, 0))
     if "JSONL_IS_A_FOLDER" in flags:
         flags = [f for f in flags if f != "JSONL_IS_A_FOLDER"]
         (tmp_path / "fid.jsonl").mkdir()
-    subst = {"NPZ": str(npz), "REF": folder, "ROOT": str(root), "TRUNCATED": str(truncated), "NPY": str(npy)}
+    subst = {"NPZ": str(npz), "REF": folder, "ROOT": str(root), "TRUNCATED": str(truncated), "NPY": str(npy),
+             "EMPTY": str(empty)}
     flags = [subst.get(f, f.replace("REF", folder)) for f in flags]
     expected = expected.replace("ROOT", str(root)).replace("REF", folder)
     try:

@@ -232,6 +232,15 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
         assert generate_flow_matching.main(argv) == 2
         assert f"the VQ-VAE this latent flow model was trained with, {path}, does not exist (moved?); pass its " \
                f"current path with --vqvae_checkpoint PATH" in capsys.readouterr().err
+        typo = str(tmp_path / "orignal_vqvae.pt")   # the user's own path wrong: named as theirs
+        assert generate_flow_matching.main(argv + ["--vqvae_checkpoint", typo]) == 2
+        assert f"--vqvae_checkpoint {typo} does not exist; pass the path of the VQ-VAE this latent flow model " \
+               f"was trained with (it recorded {path})" in capsys.readouterr().err
+        # --init_from a latent run without its VQ-VAE: "start from it", nothing is resumed
+        pixel_start = [f for f in started if f not in ("--vqvae_checkpoint", path)]
+        assert train_flow_matching.main(pixel_start) == 2
+        assert f"was trained on the latents of VQ-VAE {path}: start from it with --vqvae_checkpoint {path}" \
+            in capsys.readouterr().err
     finally:
         shutil.copy(original, path)
 

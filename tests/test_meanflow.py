@@ -253,6 +253,11 @@ def test_init_from_a_checkpoint_of_another_shape_is_a_clear_error(tiny_flags, tm
                                                   "--checkpoint_dir", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "depth: checkpoint 2 vs now 3" in err and "--init_from builds the model from this run's flags" in err
+    # into the folder of the run it starts from: a folder of its own is the fix (resuming would be wrong)
+    assert train_flow_matching.main(tiny_flags + ["--objective", "meanflow", "--init_from", ckpt,
+                                                  "--checkpoint_dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "A run started with --init_from needs a --checkpoint_dir of its own" in err and "--resume" not in err
 
 
 def test_adaptive_weight_is_a_stop_gradient_power_of_the_error():

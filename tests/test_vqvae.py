@@ -231,6 +231,9 @@ def test_load_vqvae(tmp_path, image_folder):
     (["--downsample_factor", "3"], "--downsample_factor must be a power of 2"),
     (["--image_size", "30"], "--image_size 30 is not divisible by --downsample_factor 4"),
     (["--codebook_decay", "1"], "--codebook_decay must be in [0, 1)"),
+    # a VQ-VAE has no transformer blocks: refused with the flags, not after the data loads
+    (["--optimizer", "muon"], "--optimizer: invalid choice 'muon' (choose from adamw)"),
+    (["--compile", "true", "--compile_mode", "blocks"], "--compile_mode: invalid choice 'blocks'"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

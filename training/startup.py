@@ -15,7 +15,10 @@ from utils.validation import check_writable
 def check_run_folders(config, kind: str) -> None:
     """ValueError before any work (decoding, encoding, compiling, the first grid step) when the run's
     folders are another run's or cannot be written."""
-    check_nothing_ahead(config.checkpoint_dir, kind, config.resume)
+    new_run = getattr(config, "init_from", None) and not config.resume   # a new run: resuming is not the fix
+    check_nothing_ahead(config.checkpoint_dir, kind, config.resume,
+                        fix="A run started with --init_from needs a --checkpoint_dir of its own (or move them "
+                            "away)" if new_run else None)
     check_no_earlier_snapshots(config.checkpoint_dir, kind, config.resume)
     check_writable(config.checkpoint_dir, f"--checkpoint_dir {config.checkpoint_dir}")
     if config.sample_every:

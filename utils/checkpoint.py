@@ -175,7 +175,7 @@ def start_checkpoint(checkpoint_dir: str, kind: str, resume: Optional[str]) -> O
     return resume if resume != "latest" else find_latest(checkpoint_dir, kind)
 
 
-def check_nothing_ahead(checkpoint_dir: str, kind: str, resume: Optional[str]) -> None:
+def check_nothing_ahead(checkpoint_dir: str, kind: str, resume: Optional[str], fix: Optional[str] = None) -> None:
     """ValueError when the folder holds checkpoints past the step this run starts from (0, or the
     step of its --resume checkpoint); the training scripts call it before any other work.
 
@@ -190,8 +190,8 @@ def check_nothing_ahead(checkpoint_dir: str, kind: str, resume: Optional[str]) -
     if ahead:
         names = ", ".join(f"{os.path.basename(p)} (step {checkpoint_step(p)})" for p in ahead)
         raise ValueError(f"--checkpoint_dir {checkpoint_dir} holds checkpoints past step {step}, where this "
-                         f"run starts: {names}. Pass --resume latest to continue from the newest, another "
-                         f"--checkpoint_dir, or move them away")
+                         f"run starts: {names}. " + (fix or "Pass --resume latest to continue from the newest, "
+                                                     "another --checkpoint_dir, or move them away"))
 
 
 def prune_checkpoints(checkpoint_dir: str, keep: int, kind: str = "flow_matching") -> None:
@@ -209,16 +209,18 @@ def with_defaults(saved: Dict[str, Any], config) -> Dict[str, Any]:
 
 
 def check_config_fits(saved: Dict[str, Any], current: Dict[str, Any], fields, path: str,
-                      fix: str = "Drop these flags (or pass the checkpoint's values) to resume it") -> None:
+                      fix: str = "Drop these flags (or pass the checkpoint's values) to resume it",
+                      use: str = "resume it") -> None:
     """ValueError listing every field of `fields` (architecture, optimizer, data order) on which the
-    two configs disagree. A latent run resumed without its VQ-VAE (or a pixel run with one) is named
-    as such: the latent fields it would list come from that flag, not from the user's."""
+    two configs disagree. A latent run resumed (or started from, `use`) without its VQ-VAE, or a
+    pixel run with one, is named as such: the latent fields it would list come from that flag, not
+    from the user's."""
     was, now = saved.get("vqvae_checkpoint"), current.get("vqvae_checkpoint")
     if was and not now:
-        raise ValueError(f"checkpoint {path} was trained on the latents of VQ-VAE {was}: resume it with "
+        raise ValueError(f"checkpoint {path} was trained on the latents of VQ-VAE {was}: {use} with "
                          f"--vqvae_checkpoint {was}")
     if now and not was:
-        raise ValueError(f"checkpoint {path} was trained in pixel space: resume it without --vqvae_checkpoint")
+        raise ValueError(f"checkpoint {path} was trained in pixel space: {use} without --vqvae_checkpoint")
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
              for k in fields if saved.get(k) != current.get(k)]
     if diffs:
