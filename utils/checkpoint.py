@@ -90,10 +90,17 @@ def state_fingerprint(state: Dict[str, Any]) -> str:
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """`write(f)` into a temporary file in the same folder, fsync, then os.replace onto `path`.
 
-    A crash, a SIGKILL or a full disk mid-write leaves the previous file at `path` untouched.
+    A crash, a SIGKILL or a full disk mid-write leaves the previous file at `path` untouched; the
+    temporary file such a process leaves (`path`.tmpPID, possibly a checkpoint's or a dataset
+    cache's size) is removed by the next write to `path` once that process is gone. On POSIX the
+    folder is fsynced too, so that the rename itself survives a power loss.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        pid = stale[len(path) + 4:]
+        if pid.isdigit() and not process_alive(int(pid)):
+            os.remove(stale)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -101,9 +108,29 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if os.name == "posix":
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (on this machine; one of another user counts). Off POSIX
+    every process counts as running: there os.kill(pid, 0) would end it."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
