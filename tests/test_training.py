@@ -835,15 +835,24 @@ def test_train_script_end_to_end(tiny_flags, tmp_path):
 
 def test_launch_reports_bad_input_in_one_line_and_keeps_a_librarys_traceback(capsys):
     """Exit 2 and one line for the repo's own ValueErrors and for OSErrors; a ValueError raised
-    inside a library (here the standard library's statistics) is a bug and keeps its traceback."""
+    inside a library (here the standard library's statistics), or by Python on a line of ours (an
+    unpacking, an int() of a bad string), is a bug and keeps its traceback."""
     import statistics
     from utils.launch import launch
 
     def bad_value(dist):
-        raise ValueError("--lr -1 must be > 0")
+        raise ValueError("--lr -1 must be > 0 "
+                         "(a check's message over two lines)")
+
+    def bad_unpacking(dist):
+        only, = [1, 2]
 
     assert launch("prog", "cpu", bad_value) == 2
-    assert capsys.readouterr().err == "prog: error: --lr -1 must be > 0\n"
+    assert capsys.readouterr().err == "prog: error: --lr -1 must be > 0 (a check's message over two lines)\n"
     assert launch("prog", "cpu", lambda dist: open("/nonexistent/data/x.jpg")) == 2
     with pytest.raises(statistics.StatisticsError):
         launch("prog", "cpu", lambda dist: statistics.mean([]))
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        launch("prog", "cpu", bad_unpacking)
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        launch("prog", "cpu", lambda dist: int("x"))

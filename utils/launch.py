@@ -3,10 +3,12 @@ bad input as one line, ranks down.
 
 Exit codes: 0 done; 2 bad input (a value, a path, a missing optional package), as argparse uses
 for a bad flag; 1 a run that stopped itself (a non-finite loss, a stop checkpoint it could not write). A traceback is kept for real bugs,
-including a ValueError raised inside a library (scipy, numpy, torch): only the repo's own checks
-raise ValueErrors written for the user.
+including a ValueError raised inside a library (scipy, numpy, torch) or by Python itself in the
+repo's code (an unpacking, an int() of a bad string): only the repo's own checks, `raise
+ValueError(...)` statements, raise ValueErrors written for the user.
 """
 
+import linecache
 import os
 import sys
 from typing import Callable
@@ -25,14 +27,18 @@ class RunFailed(RuntimeError):
 
 def is_user_error(err: BaseException) -> bool:
     """A USER_ERRORS exception meant for the user: any OSError or ImportError; a ValueError only
-    when the innermost Python frame that raised it is this repo's code (not an installed package)."""
+    when the innermost Python frame that raised it is a `raise` statement in this repo's code (not
+    an installed package's, nor a built-in operation's on a line of ours)."""
     if not isinstance(err, ValueError):
         return True
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    where = os.path.abspath(tb.tb_frame.f_code.co_filename) if tb is not None else ""
-    return where.startswith(REPO + os.sep) and "site-packages" not in where
+    if tb is None:
+        return False
+    where = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    ours = where.startswith(REPO + os.sep) and "site-packages" not in where
+    return ours and linecache.getline(where, tb.tb_lineno).lstrip().startswith("raise")
 
 
 def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
