@@ -38,7 +38,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT="${OUT:-/tmp/gpu_check}"
-mkdir -p "$OUT"
+# The job's working files (unpacked data, wheels, run folders, FID statistics) go under SCRATCH, one
+# folder of the call's own: two calls (a test beside a mutation run) never share or delete each other's.
+SCRATCH="${SCRATCH:-/tmp/gpu_check_scratch}"
+mkdir -p "$OUT" "$SCRATCH"
 LOG="$OUT/gpu_check.log"
 JSON="$OUT/gpu_check.jsonl"
 # MFU is relative to the card's dense bf16 peak, which train_throughput.py looks up by the card's name
@@ -96,12 +99,12 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 
 # Carried wheels install into a private folder (the machine's own packages stay as they are).
 if ls "$GPU_DIR"/*.whl >/dev/null 2>&1; then
-    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_site \
-        "$GPU_DIR"/*.whl && export PYTHONPATH="/tmp/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SCRATCH/site" \
+        "$GPU_DIR"/*.whl && export PYTHONPATH="$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 DATA=""
 if [ -f "$GPU_DIR/cifar10_train.tar.gz" ]; then
-    mkdir -p /tmp/gpu_data && tar xzf "$GPU_DIR/cifar10_train.tar.gz" -C /tmp/gpu_data && DATA=/tmp/gpu_data/train
+    rm -rf "$SCRATCH/data" && mkdir -p "$SCRATCH/data" && tar xzf "$GPU_DIR/cifar10_train.tar.gz" -C "$SCRATCH/data" && DATA="$SCRATCH/data/train"
     echo "data: $(find "$DATA" -name '*.jpg' | wc -l) images in $DATA"
 fi
 
@@ -177,10 +180,10 @@ torchrun_steps() {
         step "torchrun skipped: no $GPU_DIR/cifar10_train.tar.gz"
     elif fits "torchrun"; then
         step "torchrun --nproc_per_node 1 train_flow_matching.py ($([ "$DEV" = cuda ] && echo NCCL || echo gloo)), a few steps on CIFAR-10"
-        rm -rf /tmp/gpu_check_torchrun
+        rm -rf "$SCRATCH/torchrun"
         torchrun --standalone --nproc_per_node 1 train_flow_matching.py --dataset imagefolder --data_dir "$DATA" \
             $TORCHRUN --data_loader workers --sample_every 0 --save_every 100000 \
-            --checkpoint_dir /tmp/gpu_check_torchrun && ls /tmp/gpu_check_torchrun
+            --checkpoint_dir "$SCRATCH/torchrun" && ls "$SCRATCH/torchrun"
     fi
 }
 
@@ -189,7 +192,7 @@ latent_steps() {   # train_vqvae.py, the flow model on its latents, generation d
         step "VQ-VAE and latent flow skipped: no $GPU_DIR/cifar10_train.tar.gz"
     elif fits "VQ-VAE and latent flow"; then
         step "train_vqvae.py, then train_flow_matching.py on its latents, then generate_flow_matching.py"
-        local dir=/tmp/gpu_check_latent; rm -rf "$dir"
+        local dir="$SCRATCH/latent"; rm -rf "$dir"
         python train_vqvae.py --dataset imagefolder --data_dir "$DATA" $VQ --sample_every 0 --save_every 100000 \
             --checkpoint_dir "$dir/vq" --sample_dir "$dir/vq_samples" &&
         python train_flow_matching.py --dataset imagefolder --data_dir "$DATA" --vqvae_checkpoint "$dir/vq/vqvae.pt" \
@@ -213,11 +216,11 @@ speedrun() {
     [ "$SMOKE" = 1 ] && weights="${FID_INCEPTION_WEIGHTS:-}"
     if [ ! -f "$weights" ]; then step "speedrun skipped: no FID Inception weights ($weights; gpu_prepare.sh speedrun)"; return; fi
     step "speedrun: --preset ${SPEEDRUN_PRESET:-cifar10_speedrun}, ${SPEEDRUN_BUDGET} s from process start, then FID"
-    rm -rf /tmp/gpu_check_speedrun
+    rm -rf "$SCRATCH/speedrun"
     python benchmarks/speedrun.py --budget_s "$SPEEDRUN_BUDGET" --preset "${SPEEDRUN_PRESET:-cifar10_speedrun}" \
-        --data_dir "$DATA" --inception_weights "$weights" --runs_dir /tmp/gpu_check_speedrun \
-        --fid_cache_dir /tmp/gpu_check_fid --results "$OUT/speedrun.jsonl" $SPEEDRUN ${SPEEDRUN_FLAGS:-}
-    cp /tmp/gpu_check_speedrun/*/checkpoints/metrics.jsonl "$OUT/speedrun_metrics.jsonl" 2>/dev/null
+        --data_dir "$DATA" --inception_weights "$weights" --runs_dir "$SCRATCH/speedrun" \
+        --fid_cache_dir "$SCRATCH/fid" --results "$OUT/speedrun.jsonl" $SPEEDRUN ${SPEEDRUN_FLAGS:-}
+    cp "$SCRATCH"/speedrun/*/checkpoints/metrics.jsonl "$OUT/speedrun_metrics.jsonl" 2>/dev/null
 }
 
 for stage in $STAGES; do

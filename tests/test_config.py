@@ -44,9 +44,9 @@ def example_value(f, current):
     if typing.get_origin(kind) is typing.Union:  # Optional[X]
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     if kind is float:
-        return "0.5", 0.5
+        return ("0.5", 0.5) if current != 0.5 else ("0.25", 0.25)
     if kind is int:
-        return "4", 4
+        return ("4", 4) if current != 4 else ("3", 3)
     return "xyz", "xyz"
 
 
@@ -54,6 +54,7 @@ def test_every_field_can_be_overridden():
     defaults = FlowMatchingConfig()
     for f in dataclasses.fields(FlowMatchingConfig):
         text, value = example_value(f, getattr(defaults, f.name))
+        assert value != getattr(defaults, f.name), f.name   # an ignored flag would go unnoticed
         config = parse_flow_matching_config([f"--{f.name}", text, *CONTEXT.get(f.name, [])])
         assert getattr(config, f.name) == value, f.name
 
@@ -84,7 +85,7 @@ def test_presets_apply_before_flags():
 
 @pytest.mark.parametrize("argv,needle", [
     (["--no_such_flag", "1"], "--no_such_flag"),
-    (["--hidden", "64"], "--hidden"),                     # no abbreviations
+    (["--hidden", "48"], "unrecognized arguments: --hidden 48"),   # no abbreviations (48 would be a valid --hidden_size)
     (["--lr", "fast"], "--lr"),
     (["--mixed_precision", "fp8"], "fp8"),
     (["--hflip", "maybe"], "--hflip"),

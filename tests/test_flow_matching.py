@@ -18,13 +18,23 @@ def test_path_endpoints_and_target():
     assert torch.equal(fm.target_velocity(noise, data), data - noise)
 
 
+def test_path_inside_is_linear_per_sample():
+    """Each row at its own t (3 rows of 3 channels: a t broadcast along channels would also fit the
+    shapes), checked element by element against (1 - t) noise + t data."""
+    noise, data, t = torch.randn(3, 3, 2, 2), torch.randn(3, 3, 2, 2), torch.tensor([0.1, 0.5, 0.9])
+    x_t = fm.interpolate(noise, data, t)
+    for i in range(3):
+        torch.testing.assert_close(x_t[i], (1 - t[i]) * noise[i] + t[i] * data[i], rtol=0, atol=1e-6)
+
+
 def test_loss_target_is_data_minus_noise():
-    """A model that returns exactly data - noise (read back from x_t and t) has zero loss."""
+    """The model sees x_t = (1 - t) noise + t data at the drawn t, and a model that returns exactly
+    data - noise has zero loss."""
     data = torch.randn(6, 1, 4, 4)
     seen = {}
 
     def oracle(x_t, t, y):
-        seen["t"], seen["y"] = t, y
+        seen["x_t"], seen["t"], seen["y"] = x_t, t, y
         return torch.zeros_like(x_t)
 
     gen = torch.Generator().manual_seed(0)
@@ -35,6 +45,7 @@ def test_loss_target_is_data_minus_noise():
     t = torch.rand(6, generator=gen)
     noise = torch.randn(data.shape, generator=gen)
     assert torch.equal(seen["t"], t)
+    torch.testing.assert_close(seen["x_t"], (1 - t.view(6, 1, 1, 1)) * noise + t.view(6, 1, 1, 1) * data)
     torch.testing.assert_close(loss0, (data - noise).square().mean())
 
     def perfect(x_t, t, y):

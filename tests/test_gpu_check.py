@@ -23,7 +23,7 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
         tar.add(tmp_path / "src" / "train", arcname="train")
     out = tmp_path / "out"
     env = dict(os.environ, SMOKE="1", GPU_DIR=str(gpu_dir), OUT=str(out), GPU_CHECK_BUDGET="100000",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+               SCRATCH=str(tmp_path / "scratch"), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "speed", "speedrun"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
     log = result.stdout + result.stderr
@@ -57,7 +57,10 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
     # On the CPU the cuDNN and memory-efficient backends do not run: a row says so instead of a failure.
     assert [r["choice"] for r in kernels if r["ms"] is None] == ["cudnn", "efficient"] * 2
     assert all(r["rel_err"] < 0.02 for r in kernels if r.get("rel_err") is not None)
-    assert "=== torchrun --nproc_per_node 1" in log and "flow_matching_final.pt" in log
+    assert "=== torchrun --nproc_per_node 1" in log
+    # Its working files under this call's SCRATCH only (a concurrent call, e.g. a mutation run's, has its own).
+    assert (tmp_path / "scratch" / "torchrun" / "flow_matching_final.pt").is_file()
+    assert (tmp_path / "scratch" / "data" / "train").is_dir() and (tmp_path / "scratch" / "latent").is_dir()
     assert "1 rank(s) (torchrun, gloo) on cpu" in log  # the multi-GPU path (NCCL on the GPU), not a world of one
     latent = log[log.index("=== train_vqvae.py, then train_flow_matching.py on its latents"):]
     assert "latent flow matching: 4x2x2 latents" in latent and "samples.npz" in latent
@@ -79,7 +82,7 @@ def test_baseline_stage_measures_the_rows_extra_is_read_against(tmp_path):
     compiled sampling at full batch beside extra's rows, so ratios never cross cards."""
     out = tmp_path / "out"
     env = dict(os.environ, SMOKE="1", GPU_DIR=str(tmp_path / "none"), OUT=str(out), GPU_CHECK_BUDGET="100000",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+               SCRATCH=str(tmp_path / "scratch"), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "baseline"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     log = result.stdout + result.stderr

@@ -91,21 +91,38 @@ def test_unconditional_model_ignores_labels():
     assert model(torch.randn(2, 3, 8, 8), torch.rand(2), None).shape == (2, 3, 8, 8)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
+    """...while it really recomputes: every block goes through torch's checkpoint when the flag is
+    on (in training), none when it is off or under no_grad."""
+    import models.dit_2d as dit_2d
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+    checkpoint = dit_2d.checkpoint
+    monkeypatch.setattr(dit_2d, "checkpoint", counted)
     torch.manual_seed(0)
     model = tiny()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
-    grads = []
+    grads, used = [], []
     for flag in (False, True):
         model.zero_grad()
         model.gradient_checkpointing = flag
+        calls.clear()
         model(x, t, y).square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+        used.append(len(calls))
+    assert used == [0, len(model.blocks)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+    calls.clear()
+    with torch.no_grad():
+        model(x, t, y)
+    assert not calls
 
 
 def test_bad_sizes_name_both_numbers():

@@ -57,8 +57,7 @@ def test_device_loader_yields_the_dataloader_batches(tmp_path, rank, world):
         assert len(batches[0]) == len(batches[1]) > 0
         for (xa, ya), (xb, yb) in zip(*batches):
             assert xb.dtype == torch.float32 and torch.equal(xa, xb) and torch.equal(ya, yb)
-    flipped = [torch.equal(x, x.flip(-1)) for x, _ in batches[1]]
-    assert not all(flipped)
+    # That both paths do flip, about half the images, is test_training.py::test_half_of_the_images_are_mirrored.
 
 
 def test_decoded_dataset_is_cached_and_reused(tmp_path, monkeypatch):

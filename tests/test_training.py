@@ -632,6 +632,38 @@ def test_lr_schedule_and_clipping_as_the_optimizer_sees_them(tiny_flags):
     assert max(pre_clip) > 0.05   # clipping was active
 
 
+def test_the_constant_schedule_holds_the_peak_after_warmup():
+    from training.optim import lr_factor
+    config = make_config(FlowMatchingConfig, {"warmup_steps": 4, "train_steps": 12, "lr_schedule": "constant",
+                                              "min_lr_ratio": 0.1})
+    assert [lr_factor(k, config) for k in range(12)] == [0.25, 0.5, 0.75] + [1.0] * 9
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_optimizer_gets_the_configs_settings(optimizer):
+    """AdamW: matrices decay by --weight_decay, vectors (biases, norms' gains) not at all, both with
+    --lr and --adam_beta1/2; Muon (its groups: the blocks' hidden matrices): --muon_lr, --muon_momentum,
+    --muon_weight_decay, --muon_adjust_lr."""
+    from training.optim import build_optimizer
+    config = make_config(FlowMatchingConfig, {"image_size": 8, "hidden_size": 32, "depth": 2, "num_heads": 2,
+                                              "num_classes": 3, "optimizer": optimizer, "lr": 3e-4,
+                                              "weight_decay": 0.05, "adam_beta1": 0.8, "adam_beta2": 0.95,
+                                              "muon_lr": 0.01, "muon_momentum": 0.9, "muon_weight_decay": 0.02,
+                                              "muon_adjust_lr": "original"})
+    model = dit_from_config(config)
+    opt = build_optimizer(model, config, torch.device("cpu"))
+    groups = {g["name"]: g for g in opt.param_groups}
+    adamw = [g for name, g in groups.items() if name.startswith("adamw")]
+    muon = [g for name, g in groups.items() if not name.startswith("adamw")]
+    assert all(g["lr"] == g["base_lr"] == 3e-4 and g["betas"] == (0.8, 0.95) for g in adamw)
+    assert all(p.dim() >= 2 for p in groups["adamw_decay"]["params"]) and groups["adamw_decay"]["weight_decay"] == 0.05
+    assert all(p.dim() < 2 for p in groups["adamw_no_decay"]["params"]) and groups["adamw_no_decay"]["weight_decay"] == 0
+    assert bool(muon) == (optimizer == "muon")
+    for g in muon:
+        assert (g["lr"], g["momentum"], g["weight_decay"], g["adjust_lr_fn"]) == (0.01, 0.9, 0.02, "original")
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize("scheme, mean, std", [("logit_normal", -1.0, 0.5), ("uniform", 0.0, 1.0)])
 def test_the_objective_draws_t_as_the_config_says(scheme, mean, std):
     """FlowMatchingObjective passes --time_sampling and its mean/std to the loss."""

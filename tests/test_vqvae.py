@@ -240,7 +240,7 @@ def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
         train_vqvae.main(flags)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1]
+    assert len(err) == 1 and message in err[0]
 
 
 def test_missing_data_folder_exits_2(tmp_path, capsys):
