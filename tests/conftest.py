@@ -98,6 +98,16 @@ def tiny_flags(image_folder, tmp_path):
                          "--sample_dir", str(tmp_path / "samples")]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_in_tmp(tmp_path_factory):
+    """The module-scoped fixtures (trained checkpoints shared by a file's tests) are set up before
+    any test's own folder: they run in a folder of the session's, never in the repo; a test that
+    undoes its monkeypatches comes back here too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _work_in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own folder, so defaults relative to the working directory
