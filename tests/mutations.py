@@ -806,6 +806,11 @@ MUTATIONS: List[Mutation] = [
              'if config.lr_schedule == "constant":', "if False:",
              ["tests/test_training.py::test_the_constant_schedule_holds_the_peak_after_warmup"],
              "the default constant schedule decays like cosine"),
+    Mutation("resume_restores_old_weight_decay", "training/optim.py",
+             "        group.update(hyper)\n",
+             '        group.update({k: v for k, v in hyper.items() if k in ("lr", "base_lr")})\n',
+             ["tests/test_training.py::test_resume_takes_optimizer_settings_from_the_flags"],
+             "a --weight_decay changed on resume is printed as taken but the checkpoint's is used"),
 ]
 
 

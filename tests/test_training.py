@@ -191,18 +191,20 @@ def test_compile_wraps_ddp_not_the_reverse(tiny_flags, monkeypatch):
     assert kind == "compiled" and isinstance(inner, DDP) and inner.module is trainer.raw_model
 
 
-@pytest.mark.parametrize("optimizer, flag, group", [("adamw", "--lr", "adamw_decay"),
-                                                     ("muon", "--muon_lr", "muon")])
-def test_resume_takes_optimizer_settings_from_the_flags(tiny_flags, capsys, optimizer, flag, group):
-    """A rate changed on resume is used (torch's load_state_dict alone would restore the old one)."""
+@pytest.mark.parametrize("optimizer, flag, group, key", [("adamw", "--lr", "adamw_decay", "base_lr"),
+                                                          ("muon", "--muon_lr", "muon", "base_lr"),
+                                                          ("adamw", "--weight_decay", "adamw_decay", "weight_decay")])
+def test_resume_takes_optimizer_settings_from_the_flags(tiny_flags, capsys, optimizer, flag, group, key):
+    """A rate or a decay changed on resume is used (torch's load_state_dict alone would restore the
+    old one)."""
     common = tiny_flags + ["--optimizer", optimizer]
     assert train_flow_matching.main(common + ["--train_steps", "1", flag, "1e-3"]) == 0
     capsys.readouterr()
     assert train_flow_matching.main(common + ["--train_steps", "2", flag, "2e-3", "--resume", "latest"]) == 0
-    assert f"{group}.base_lr: 0.001 -> 0.002" in capsys.readouterr().out
+    assert f"{group}.{key}: 0.001 -> 0.002" in capsys.readouterr().out
     final = load(os.path.join(flag_value(tiny_flags, "--checkpoint_dir"), "flow_matching_final.pt"))
     groups = final["optimizer"]["param_groups"] if optimizer == "adamw" else final["optimizer"]["muon"]["param_groups"]
-    assert {g["name"]: g["base_lr"] for g in groups}[group] == 2e-3
+    assert {g["name"]: g[key] for g in groups}[group] == 2e-3
 
 
 def test_resume_with_a_different_architecture_is_a_clear_error(tiny_flags, tmp_path, capsys):
