@@ -335,14 +335,17 @@ def test_a_users_files_named_like_checkpoints_are_left_alone(tmp_path):
 # ----------------------------------------------------------------------------- saving
 
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
-    """A SIGKILLed save leaves c.pt.tmpPID behind; the next save removes it once PID is gone, and
-    leaves a running process's (another rank's, another run's) alone."""
+    """A SIGKILLed save leaves c.pt.tmp-HOST-PID behind; the next save on that host removes it once
+    PID is gone, and leaves a running process's (another rank's, another run's) and another host's
+    (on a shared file system its PIDs are not ours to check) alone."""
+    import socket
     path = str(tmp_path / "c.pt")
-    dead, running = f"{path}.tmp99999999", f"{path}.tmp{os.getppid()}"
-    for stale in (dead, running):
+    here = f"{path}.tmp-{socket.gethostname()}-"
+    dead, running, elsewhere = f"{here}99999999", f"{here}{os.getppid()}", f"{path}.tmp-other-node-99999999"
+    for stale in (dead, running, elsewhere):
         open(stale, "wb").write(b"partial bytes")
     ckpt_lib.save_checkpoint({"step": 1}, path)
-    assert sorted(os.listdir(tmp_path)) == ["c.pt", os.path.basename(running)]
+    assert sorted(os.listdir(tmp_path)) == sorted(["c.pt", os.path.basename(running), os.path.basename(elsewhere)])
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

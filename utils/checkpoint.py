@@ -17,6 +17,7 @@ import hashlib
 import os
 import random
 import re
+import socket
 from typing import Any, BinaryIO, Callable, Dict, List, Optional
 
 import numpy as np
@@ -91,17 +92,19 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """`write(f)` into a temporary file in the same folder, fsync, then os.replace onto `path`.
 
     A crash, a SIGKILL or a full disk mid-write leaves the previous file at `path` untouched; the
-    temporary file such a process leaves (`path`.tmpPID, possibly a checkpoint's or a dataset
-    cache's size) is removed by the next write to `path` once that process is gone. On POSIX the
-    folder is fsynced too, so that the rename itself survives a power loss.
+    temporary file such a process leaves (`path`.tmp-HOST-PID, possibly a checkpoint's or a dataset
+    cache's size) is removed by the next write to `path` from the same host once that process is
+    gone (another host's, on a shared file system, may still be writing). On POSIX the folder is
+    fsynced too, so that the rename itself survives a power loss.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(glob.escape(path) + ".tmp*"):
-        pid = stale[len(path) + 4:]
+    prefix = f"{path}.tmp-{socket.gethostname()}-"
+    for stale in glob.glob(glob.escape(prefix) + "*"):
+        pid = stale[len(prefix):]
         if pid.isdigit() and not process_alive(int(pid)):
             os.remove(stale)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{prefix}{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             write(f)
