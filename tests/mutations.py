@@ -811,6 +811,10 @@ MUTATIONS: List[Mutation] = [
              '        group.update({k: v for k, v in hyper.items() if k in ("lr", "base_lr")})\n',
              ["tests/test_training.py::test_resume_takes_optimizer_settings_from_the_flags"],
              "a --weight_decay changed on resume is printed as taken but the checkpoint's is used"),
+    Mutation("generate_precision_flag_ignored", "evaluation/sampling.py",
+             'precision = args.precision if args.precision != "auto" else', 'precision = "fp32" if args.precision != "auto" else',
+             ["tests/test_generate.py::test_solver_and_guidance_flags"],
+             "generate_flow_matching.py --precision bf16 samples in fp32"),
 ]
 
 
