@@ -386,7 +386,9 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_flags, tmp_path
     deadline = time.time() + 120
     while not os.path.exists(metrics) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert os.path.exists(metrics), "no step logged within 120 s: the signal would test nothing"
+    if not os.path.exists(metrics):
+        proc.kill()
+        pytest.fail(f"no step logged within 120 s, so the signal would test nothing: {proc.communicate()[0][-2000:]}")
     if to_group:
         os.killpg(proc.pid, signal.SIGTERM)
     else:
