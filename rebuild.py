@@ -80,14 +80,15 @@ def load_latent_space(ckpt: Dict, vqvae_checkpoint: Optional[str] = None,
                              "space; drop the flag")
         return None
     latent = ckpt["latent"]
-    path = vqvae_checkpoint or ckpt["config"].get("vqvae_checkpoint")
+    recorded = ckpt["config"].get("vqvae_checkpoint")
+    path = vqvae_checkpoint or recorded
     if path is None:
         raise ValueError("this latent flow checkpoint does not record its VQ-VAE; pass "
                          "--vqvae_checkpoint PATH (the VQ-VAE it was trained with)")
-    if not os.path.isfile(path) and vqvae_checkpoint is not None:
+    if not os.path.isfile(path) and vqvae_checkpoint:
         raise FileNotFoundError(f"--vqvae_checkpoint {path} does not exist; pass the path of the VQ-VAE this "
-                                f"latent flow model was trained with (it recorded "
-                                f"{ckpt['config'].get('vqvae_checkpoint')})")
+                                f"latent flow model was trained with"
+                                + (f" (it recorded {recorded})" if recorded else ""))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"the VQ-VAE this latent flow model was trained with, {path}, does not exist "
                                 f"(moved?); pass its current path with --vqvae_checkpoint PATH")

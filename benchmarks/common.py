@@ -34,10 +34,10 @@ SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_
 
 
 # Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in
-# order as substrings of torch.cuda.get_device_name() ("NVIDIA H100 PCIe" before "NVIDIA H100 80GB
-# HBM3"): MFU is quoted against the card that ran, not against whichever card the job was written for.
-PEAK_HALF_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0))
+# order as substrings of torch.cuda.get_device_name() ("H100 PCIe" before "H100", "GB200" before
+# "B200"): MFU is quoted against the card that ran, not against whichever card the job was written for.
+PEAK_HALF_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0),
+                    ("H200", 989.0), ("GB200", 2500.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0))
 
 
 def peak_half_tflops(device: torch.device):

@@ -38,8 +38,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT="${OUT:-/tmp/gpu_check}"
-# The job's working files (unpacked data, wheels, run folders, FID statistics) go under SCRATCH, one
-# folder of the call's own: two calls (a test beside a mutation run) never share or delete each other's.
+# The job's working files (unpacked data, wheels, run folders, FID statistics) go under SCRATCH: give
+# two calls at once (a test beside a mutation run) a SCRATCH each, or they delete each other's run folders.
 SCRATCH="${SCRATCH:-/tmp/gpu_check_scratch}"
 mkdir -p "$OUT" "$SCRATCH"
 LOG="$OUT/gpu_check.log"
@@ -92,6 +92,7 @@ else
     KERNELS=""; SAMPLE_BATCHES="--batch_sizes 64 250"
     ATTENTION=flash
 fi
+PEAK_FLAG="${PEAK:+--peak_tflops $PEAK}"   # for every training and sampling row's MFU
 
 step "machine"
 [ "$DEV" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
@@ -110,7 +111,7 @@ fi
 
 train() {  # train_throughput.py with the job's sizes; $1 = a name for the profile table, $2 = the model flags, then flags
     local name=$1 model=$2; shift 2
-    python benchmarks/train_throughput.py --device "$DEV" $model --batch_size "$BATCH" $STEPS ${PEAK:+--peak_tflops "$PEAK"} \
+    python benchmarks/train_throughput.py --device "$DEV" $model --batch_size "$BATCH" $STEPS $PEAK_FLAG \
         --profile "$OUT/profile_train_$name.txt" --sync_debug true --json "$JSON" "$@"
 }
 
@@ -126,7 +127,7 @@ speed() {   # the most needed figures first: the budget guard cuts from the end
     fits "train compiled per block" && { step "train, --compile true --compile_mode blocks (regional)"
         train blocks "$MODEL" --compile true --compile_mode blocks; }
     fits "sample" && { step "sample: midpoint 17 (34 NFE), CFG 1.5, bf16, batch 1000: eager and compiled"
-        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE --cfg_modes guided \
+        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE $PEAK_FLAG --cfg_modes guided \
             --compile_modes none default --extrapolate_to 50000 --profile "$OUT/profile_sample.txt" --json "$JSON"; }
     with_diffusers "diffusers: training step" && fits "diffusers: training step" && {
         step "ours (compiled) vs diffusers' DiT (eager): training step, batch $BATCH"
@@ -144,7 +145,7 @@ extra() {   # what the first H200 job (2026-12-04) left unmeasured, most wanted 
         step "ours (compiled) vs the plain diffusers loop: whole batches, 34 NFE, CFG 1.5"
         python benchmarks/compare_diffusers.py --device "$DEV" $DIFF --parts loop --compile $LOOP --json "$JSON"; }
     fits "sample batch sizes" && { step "sample as above, compiled, at smaller batches (generate's default is 64)"
-        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE $SAMPLE_BATCHES --cfg_modes guided \
+        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE $PEAK_FLAG $SAMPLE_BATCHES --cfg_modes guided \
             --compile_modes default --json "$JSON"; }
     torchrun_steps
     sample_graphs
@@ -163,7 +164,7 @@ extra() {   # what the first H200 job (2026-12-04) left unmeasured, most wanted 
     fits "train max-autotune" && { step "train, --compile_mode max-autotune-no-cudagraphs (Triton GEMMs, fused epilogues)"
         train autotune "$MODEL" --compile true --compile_mode max-autotune-no-cudagraphs; }
     fits "sample max-autotune" && { step "sample as above, compiled with max-autotune-no-cudagraphs"
-        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE --cfg_modes guided \
+        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE $PEAK_FLAG --cfg_modes guided \
             --compile_modes max-autotune-no-cudagraphs --extrapolate_to 50000 --json "$JSON"; }
 }
 
@@ -171,7 +172,7 @@ baseline() {   # extra's reference rows on this card (the speed stage measures t
     fits "train compiled per block" && { step "baseline: train, --compile true --compile_mode blocks"
         train blocks "$MODEL" --compile true --compile_mode blocks; }
     fits "sample compiled" && { step "baseline: sample, midpoint 17 (34 NFE), CFG 1.5, bf16, batch 1000, compiled"
-        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE --cfg_modes guided \
+        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE $PEAK_FLAG --cfg_modes guided \
             --compile_modes default --extrapolate_to 50000 --json "$JSON"; }
 }
 
@@ -205,7 +206,7 @@ latent_steps() {   # train_vqvae.py, the flow model on its latents, generation d
 
 sample_graphs() {
     fits "sample with CUDA graphs" && { step "sample as above, compiled with CUDA graphs (reduce-overhead)"
-        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE --cfg_modes guided \
+        python benchmarks/sample_throughput.py --device "$DEV" $SAMPLE $PEAK_FLAG --cfg_modes guided \
             --compile_modes reduce-overhead --extrapolate_to 50000 --json "$JSON"; }
 }
 

@@ -129,7 +129,7 @@ def snapshot(step: int, sigma_rels: Sequence[float], emas: Sequence[torch.nn.Mod
 def list_snapshots(folder: str) -> List[Tuple[int, str]]:
     """[(step, path)] of the snapshots in `folder`, by step."""
     found = []
-    for path in glob.glob(os.path.join(folder, "ema_*.pt")):
+    for path in glob.glob(os.path.join(glob.escape(folder), "ema_*.pt")):
         match = re.fullmatch(r"ema_(\d+)\.pt", os.path.basename(path))
         if match:
             found.append((int(match.group(1)), path))

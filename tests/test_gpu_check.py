@@ -52,6 +52,7 @@ def test_smoke_form_runs_the_speed_and_speedrun_stages(tmp_path):
     assert [(r["compile_mode"], r["batch_size"]) for r in samples] == [
         ("none", 4), ("default", 4), ("default", 3), ("reduce-overhead", 4), ("max-autotune-no-cudagraphs", 4)]
     assert all(r["nfe"] == 2 and r["images_per_s"] > 0 for r in samples)
+    assert all(r["mfu"] > 0 and r["images_per_s_at_peak"] > 0 for r in samples)   # the smoke form's nominal peak
     kernels = [r for r in rows if r.get("bench") == "kernel"]
     assert {r["op"] for r in kernels} == {"attention", "mlp_gelu"} and len(kernels) == 17
     # On the CPU the cuDNN and memory-efficient backends do not run: a row says so instead of a failure.

@@ -322,7 +322,8 @@ def test_sample_throughput_times_compiled_batches_at_one_shape(monkeypatch, caps
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.0),
-                                        ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-40GB", 312.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
+                                        ("NVIDIA GB200", 2500.0), ("NVIDIA A100-SXM4-40GB", 312.0),
                                         ("NVIDIA GeForce RTX 4090", None)])
 def test_the_peak_is_the_card_that_ran(monkeypatch, name, peak):
     """MFU's denominator is looked up by the card's name (the PCIe H100 is not the SXM one); an

@@ -335,17 +335,58 @@ def test_a_users_files_named_like_checkpoints_are_left_alone(tmp_path):
 # ----------------------------------------------------------------------------- saving
 
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
-    """A SIGKILLed save leaves c.pt.tmp-HOST-PID behind; the next save on that host removes it once
-    PID is gone, and leaves a running process's (another rank's, another run's) and another host's
-    (on a shared file system its PIDs are not ours to check) alone."""
+    """A SIGKILLed save leaves c.pt.tmp-HOST-PID behind; a later save on that host removes it once
+    PID is gone and the file is older than STALE_TMP_S. Left alone: a running process's (another
+    rank's, another run's), a fresh one (a writer in another PID namespace under the same host
+    name), another host's (on a shared file system its PIDs are not ours to check)."""
     import socket
     path = str(tmp_path / "c.pt")
     here = f"{path}.tmp-{socket.gethostname()}-"
-    dead, running, elsewhere = f"{here}99999999", f"{here}{os.getppid()}", f"{path}.tmp-other-node-99999999"
-    for stale in (dead, running, elsewhere):
+    dead, running, fresh = f"{here}99999999", f"{here}{os.getppid()}", f"{here}99999998"
+    elsewhere = f"{path}.tmp-other-node-99999999"
+    old = time.time() - ckpt_lib.STALE_TMP_S - 60
+    for stale in (dead, running, fresh, elsewhere):
         open(stale, "wb").write(b"partial bytes")
+        if stale != fresh:
+            os.utime(stale, (old, old))
     ckpt_lib.save_checkpoint({"step": 1}, path)
-    assert sorted(os.listdir(tmp_path)) == sorted(["c.pt", os.path.basename(running), os.path.basename(elsewhere)])
+    kept = ["c.pt"] + [os.path.basename(p) for p in (running, fresh, elsewhere)]
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
+def test_cleanup_and_folder_fsync_are_best_effort(tmp_path, monkeypatch):
+    """A stale file another writer removes first, or a file system that refuses fsync on a folder
+    (some network mounts), must not fail a write whose file is in place."""
+    import socket
+    import stat
+    path = str(tmp_path / "c.pt")
+    stale = f"{path}.tmp-{socket.gethostname()}-99999999"
+    open(stale, "wb").write(b"partial bytes")
+    os.utime(stale, (0, 0))
+
+    def removed_by_another_writer(pid):
+        os.remove(stale)
+        return False
+    monkeypatch.setattr(ckpt_lib, "process_alive", removed_by_another_writer)
+    fsync = os.fsync
+
+    def no_fsync_on_folders(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        return fsync(fd)
+    monkeypatch.setattr(os, "fsync", no_fsync_on_folders)
+    ckpt_lib.save_checkpoint({"step": 3}, path)
+    assert torch.load(path, weights_only=True)["step"] == 3 and os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_runs_in_a_folder_named_with_glob_characters_find_their_checkpoints(tmp_path):
+    """runs/lr[3e-4]: --resume latest, pruning and the ahead check see its checkpoints."""
+    folder = tmp_path / "lr[3e-4]"
+    for step in (1, 2):
+        ckpt_lib.save_checkpoint({"step": step}, str(folder / ckpt_lib.CHECKPOINT_PATTERN.format(step=step)))
+    assert ckpt_lib.find_latest(str(folder), "flow_matching").endswith("checkpoint_0000002.pt")
+    ckpt_lib.prune_checkpoints(str(folder), keep=1)
+    assert os.listdir(folder) == ["checkpoint_0000002.pt"]
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -387,7 +428,7 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_flags, tmp_path
     while not os.path.exists(metrics) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     if not os.path.exists(metrics):
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL) if to_group else proc.kill()
         pytest.fail(f"no step logged within 120 s, so the signal would test nothing: {proc.communicate()[0][-2000:]}")
     if to_group:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -11,6 +11,7 @@ A checkpoint is a plain dict that `torch.load(weights_only=True)` reads:
     plus any extras the objective adds (e.g. latent statistics).
 """
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -18,6 +19,7 @@ import os
 import random
 import re
 import socket
+import time
 from typing import Any, BinaryIO, Callable, Dict, List, Optional
 
 import numpy as np
@@ -88,22 +90,29 @@ def state_fingerprint(state: Dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+STALE_TMP_S = 600   # a temporary file untouched this long, of a process gone, is a killed writer's
+
+
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """`write(f)` into a temporary file in the same folder, fsync, then os.replace onto `path`.
 
-    A crash, a SIGKILL or a full disk mid-write leaves the previous file at `path` untouched; the
+    A crash, a SIGKILL or a full disk mid-write leaves the previous file at `path` untouched. The
     temporary file such a process leaves (`path`.tmp-HOST-PID, possibly a checkpoint's or a dataset
-    cache's size) is removed by the next write to `path` from the same host once that process is
-    gone (another host's, on a shared file system, may still be writing). On POSIX the folder is
-    fsynced too, so that the rename itself survives a power loss.
+    cache's size) is removed, best effort, by a later write to `path` from the same host once that
+    process is gone and the file has not changed for STALE_TMP_S: another host's (a shared file
+    system) has PIDs we cannot check, and a container sharing the host name but not its PID
+    namespace is still writing to a file it keeps fresh. On POSIX the folder is fsynced too (best
+    effort: some network file systems refuse it), so that the rename itself survives a power loss.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     prefix = f"{path}.tmp-{socket.gethostname()}-"
     for stale in glob.glob(glob.escape(prefix) + "*"):
         pid = stale[len(prefix):]
-        if pid.isdigit() and not process_alive(int(pid)):
-            os.remove(stale)
+        with contextlib.suppress(OSError):   # another writer may remove it first
+            if (re.fullmatch("[0-9]+", pid) and not process_alive(int(pid))
+                    and time.time() - os.path.getmtime(stale) > STALE_TMP_S):
+                os.remove(stale)
     tmp = f"{prefix}{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -112,11 +121,12 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         if os.name == "posix":
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with contextlib.suppress(OSError):   # the file is in place; only the rename's durability is at stake
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -183,7 +193,7 @@ def periodic_checkpoints(checkpoint_dir: str, kind: str) -> List[str]:
     """The periodic checkpoints of this kind in the folder, by their exact name: a user's
     checkpoint_best.pt beside them is neither read, resumed from nor pruned."""
     name = re.compile(re.escape(RUN_PREFIXES[kind]) + r"checkpoint_\d+\.pt")
-    return [p for p in glob.glob(run_file(checkpoint_dir, kind, "checkpoint_*.pt"))
+    return [p for p in glob.glob(run_file(glob.escape(checkpoint_dir), kind, "checkpoint_*.pt"))
             if name.fullmatch(os.path.basename(p))]
 
 

@@ -8,7 +8,7 @@ repo's code (an unpacking, an int() of a bad string): only the repo's own checks
 ValueError(...)` statements, raise ValueErrors written for the user.
 """
 
-import linecache
+import dis
 import os
 import sys
 from typing import Callable
@@ -36,9 +36,11 @@ def is_user_error(err: BaseException) -> bool:
         tb = tb.tb_next
     if tb is None:
         return False
-    where = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    code = tb.tb_frame.f_code
+    where = os.path.abspath(code.co_filename)
     ours = where.startswith(REPO + os.sep) and "site-packages" not in where
-    return ours and linecache.getline(where, tb.tb_lineno).lstrip().startswith("raise")
+    # The instruction that raised, read from the bytecode (the source may have changed since).
+    return ours and dis.opname[code.co_code[tb.tb_lasti]] == "RAISE_VARARGS"
 
 
 def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
