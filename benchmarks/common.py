@@ -63,6 +63,14 @@ def peak_for(args, device: torch.device, half_precision: bool):
     return peak_half_tflops(device) if half_precision else (None, None)
 
 
+def mfu_text(mfu: Optional[float], peak: Optional[float], card: Optional[str]) -> str:
+    """The MFU clause of a benchmark's line: ', MFU x% of P TFLOP/s' naming the card whose peak it
+    is, or the hint for a device without one."""
+    if mfu is None:
+        return " (pass --peak_tflops for MFU)"
+    return f", MFU {100 * mfu:.1f}% of {peak:g} TFLOP/s" + (f" ({card}'s dense peak)" if card else "")
+
+
 def clone_path(text: str) -> str:
     """`text` with every absolute path into the shared folder beside the repo written as a clone sees
     it (../shared/...): result rows hold the path of the machine that ran them."""

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 import flow_matching  # noqa: E402
 from benchmarks.common import (add_peak_flag, benchmark_parser, count_flops_per_image, machine,  # noqa: E402
-                               parse_benchmark, peak_for, profile, reset_peak_memory, synchronize, write_json)
+                               mfu_text, parse_benchmark, peak_for, profile, reset_peak_memory, synchronize,
+                               write_json)
 from evaluation.sampling import generate_images  # noqa: E402
 from models.dit_2d import dit_from_config, input_shape  # noqa: E402
 from training.trainer import peak_memory_gb  # noqa: E402
@@ -117,8 +118,7 @@ def main(argv=None) -> int:
                   f"{seconds:.2f}s = {rate:.2f} images/s, {rate * nfe:.1f} NFE/s ({nfe} NFE per sample, {rows_per_sample:g} model "
                   f"rows per sample), first batch (compile) {warm:.1f}s, peak memory {mem:.2f} GiB")
             print(f"    counted forward {achieved:.2f} TFLOP/s ({row_flops / 1e9:.2f} GFLOP a row)"
-                  + (f", MFU {100 * mfu:.1f}% of {peak:g} TFLOP/s" + (f" ({card}'s dense peak)" if card else "")
-                     + f": at 100% of it {ceiling:.0f} images/s" if peak else " (pass --peak_tflops for MFU)"))
+                  + mfu_text(mfu, peak, card) + (f": at 100% of it {ceiling:.0f} images/s" if ceiling else ""))
             record = {"bench": "sample", "machine": machine(device), "config": vars(config), "cfg_scale": cfg_scale,
                       "compile_mode": compile_mode, "num_steps": num_steps, "nfe": nfe, "batch_size": batch_size,
                       "num_samples": args.num_samples, "seconds": seconds, "images_per_s": rate,

@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from benchmarks.common import (SDPA_BACKENDS, benchmark_parser, check_no_sync,  # noqa: E402
-                               add_peak_flag, count_flops_per_image, machine, parse_benchmark, peak_for, profile,
-                               reset_peak_memory, synchronize, time_call, write_json)
+                               add_peak_flag, count_flops_per_image, machine, mfu_text, parse_benchmark, peak_for,
+                               profile, reset_peak_memory, synchronize, time_call, write_json)
 from data.device_loader import DeviceLoader  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
@@ -127,8 +127,7 @@ def main(argv=None) -> int:
         print(f"  FLOPs and MFU not counted for --objective {config.objective} (its JVP is not in the count)")
     else:
         print(f"  counted FLOPs {flops / 1e9:.2f} G/image (fwd+bwd) -> {achieved:.2f} TFLOP/s"
-              + (f", MFU {100 * mfu:.1f}% of {peak:g} TFLOP/s" + (f" ({card}'s dense peak)" if card else "")
-                 if mfu is not None else " (pass --peak_tflops for MFU)"))
+              + mfu_text(mfu, peak, card))
     print(f"  peak memory {mem:.2f} GiB ({'allocated on the GPU' if device.type == 'cuda' else 'process RSS high-water'})")
     if prof is not None:
         print(f"  profile of {args.steps} steps: wall {1000 * prof['wall_s'] / args.steps:.1f} ms/step, kernels "

@@ -736,7 +736,7 @@ MUTATIONS: List[Mutation] = [
              ["tests/test_speed.py::test_sample_throughput_counts_the_rows_a_guidance_interval_saves"],
              "sampling's TFLOP/s and MFU leave out CFG's second half of every guided forward"),
     Mutation("any_checkpoint_star_file_is_a_run_checkpoint", "utils/checkpoint.py",
-             "if name.fullmatch(os.path.basename(p))]", "if True]",
+             "if PERIODIC_NAME.fullmatch(os.path.basename(p)[prefix:])]", "if True]",
              ["tests/test_training.py::test_a_users_files_named_like_checkpoints_are_left_alone"],
              "a user's checkpoint_best.pt is pruned or resumed from; a non-checkpoint named so stops every run"),
     Mutation("sample_dir_unchecked", "training/startup.py",

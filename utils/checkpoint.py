@@ -192,9 +192,9 @@ def checkpoint_step(path: str) -> int:
 def periodic_checkpoints(checkpoint_dir: str, kind: str) -> List[str]:
     """The periodic checkpoints of this kind in the folder, by their exact name: a user's
     checkpoint_best.pt beside them is neither read, resumed from nor pruned."""
-    name = re.compile(re.escape(RUN_PREFIXES[kind]) + r"checkpoint_\d+\.pt")
+    prefix = len(RUN_PREFIXES[kind])   # the glob fixes the kind's prefix, PERIODIC_NAME the rest
     return [p for p in glob.glob(run_file(glob.escape(checkpoint_dir), kind, "checkpoint_*.pt"))
-            if name.fullmatch(os.path.basename(p))]
+            if PERIODIC_NAME.fullmatch(os.path.basename(p)[prefix:])]
 
 
 def run_checkpoints(checkpoint_dir: str, kind: str) -> List[str]:
