@@ -137,12 +137,12 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def profile(fn: Callable[[], object], device: torch.device, table_path: Optional[str] = None,
-            rows: int = 80) -> Dict:
+def profile(fn: Callable[[], object], device: torch.device, table_path: Optional[str] = None) -> Dict:
     """Where one call of fn spends its time: wall seconds, the device's kernel seconds (their sum,
     from torch.profiler), the share of the wall the device is busy (the rest is launch overhead,
     host work and syncs: the gaps), kernel launches, and the kernels' table, sorted by device
-    time, written to `table_path`. On a CPU the operators' self time stands in for kernel time."""
+    time, written whole to `table_path` (a kernel asked about, such as which attention ran, may be
+    cheap enough to fall below any row limit). On a CPU the operators' self time stands in for kernel time."""
     from torch.profiler import ProfilerActivity
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
@@ -164,7 +164,7 @@ def profile(fn: Callable[[], object], device: torch.device, table_path: Optional
     if table_path:
         os.makedirs(os.path.dirname(os.path.abspath(table_path)), exist_ok=True)
         with open(table_path, "w") as f:
-            f.write(events.table(sort_by=sort, row_limit=rows, max_name_column_width=70) + "\n")
+            f.write(events.table(sort_by=sort, row_limit=-1, max_name_column_width=70) + "\n")
     return {"wall_s": wall, "kernel_s": busy, "busy": busy / wall, "launches": launches}
 
 
