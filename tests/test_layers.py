@@ -17,11 +17,14 @@ TOP = 6  # entry scripts and benchmarks/
 
 
 def modules():
-    """{module name: path} of the repo's code (tests excluded)."""
+    """{module name: path} of the repo's code (tests excluded). A virtual environment made inside
+    the checkout (`python -m venv venv`; pytest skips it by its pyvenv.cfg too) is not repo code."""
     found = {}
+    venvs = tuple(os.path.dirname(os.path.relpath(cfg, ROOT)) + os.sep
+                  for cfg in glob.glob(os.path.join(ROOT, "**", "pyvenv.cfg"), recursive=True))
     for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True):
         rel = os.path.relpath(path, ROOT)
-        if rel.startswith(("tests", os.path.join("benchmarks", "runs"))):
+        if rel.startswith(("tests", os.path.join("benchmarks", "runs")) + venvs):
             continue
         name = rel[:-3].replace(os.sep, ".")
         found[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
