@@ -6,7 +6,6 @@ package and any lower layer; packages of one layer do not import each other.
 """
 
 import ast
-import glob
 import os
 
 from tests.conftest import ROOT
@@ -14,20 +13,22 @@ from tests.conftest import ROOT
 LAYERS = {"utils": 0, "configs": 1, "models": 1, "flow_matching": 1, "optimizers": 1, "rebuild": 2,
           "data": 3, "evaluation": 4, "training": 5}
 TOP = 6  # entry scripts and benchmarks/
+SKIPPED = {"tests", os.path.join("benchmarks", "runs")}
 
 
 def modules():
-    """{module name: path} of the repo's code (tests excluded). A virtual environment made inside
-    the checkout (`python -m venv venv`; pytest skips it by its pyvenv.cfg too) is not repo code."""
+    """{module name: path} of the repo's code (tests excluded). Hidden folders and a virtual
+    environment made inside the checkout (`python -m venv venv`: a folder with a pyvenv.cfg,
+    which pytest skips too) are not repo code."""
     found = {}
-    venvs = tuple(os.path.dirname(os.path.relpath(cfg, ROOT)) + os.sep
-                  for cfg in glob.glob(os.path.join(ROOT, "**", "pyvenv.cfg"), recursive=True))
-    for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True):
-        rel = os.path.relpath(path, ROOT)
-        if rel.startswith(("tests", os.path.join("benchmarks", "runs")) + venvs):
-            continue
-        name = rel[:-3].replace(os.sep, ".")
-        found[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and not os.path.isfile(os.path.join(folder, d, "pyvenv.cfg"))
+                         and os.path.relpath(os.path.join(folder, d), ROOT) not in SKIPPED)
+        for path in (os.path.join(folder, f) for f in files if f.endswith(".py")):
+            rel = os.path.relpath(path, ROOT)
+            name = rel[:-3].replace(os.sep, ".")
+            found[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
     return found
 
 
