@@ -85,11 +85,11 @@ def load_latent_space(ckpt: Dict, vqvae_checkpoint: Optional[str] = None,
     if path is None:
         raise ValueError("this latent flow checkpoint does not record its VQ-VAE; pass "
                          "--vqvae_checkpoint PATH (the VQ-VAE it was trained with)")
-    if not os.path.isfile(path) and vqvae_checkpoint:
-        raise FileNotFoundError(f"--vqvae_checkpoint {path} does not exist; pass the path of the VQ-VAE this "
-                                f"latent flow model was trained with"
-                                + (f" (it recorded {recorded})" if recorded else ""))
     if not os.path.isfile(path):
+        if vqvae_checkpoint:   # the user's path, mistyped: not the record's having moved
+            raise FileNotFoundError(f"--vqvae_checkpoint {path} does not exist; pass the path of the VQ-VAE this "
+                                    f"latent flow model was trained with"
+                                    + (f" (it recorded {recorded})" if recorded else ""))
         raise FileNotFoundError(f"the VQ-VAE this latent flow model was trained with, {path}, does not exist "
                                 f"(moved?); pass its current path with --vqvae_checkpoint PATH")
     vqvae = load_vqvae(path, device=device)
