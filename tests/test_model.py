@@ -1,4 +1,4 @@
-"""DiT2D: zero output at init, shapes, gradients, determinism, input checks."""
+"""DiT2D: zero output at init, shapes, the position table, gradients, determinism, input checks."""
 
 import pytest
 import torch
@@ -83,6 +83,29 @@ def test_positions_are_a_non_persistent_buffer():
     model = tiny()
     assert "pos_embed" not in model.state_dict()
     assert model.pos_embed.shape == (1, 16, 32)
+
+
+def test_positions_are_dit_and_maes_table():
+    """The table DiT and MAE ship (get_2d_sincos_pos_embed), written out again here in numpy: the
+    first half of the channels encodes the column, the second the row, each sin then cos over
+    frequencies 10000^(-k / (D/4)). A checkpoint trained elsewhere with those positions, or ours
+    read by their code, depends on this exact layout."""
+    import numpy as np
+
+    def one_axis(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    dim, size = 32, 4
+    grid = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64))  # (column, row)
+    reference = np.concatenate([one_axis(dim // 2, grid[0]), one_axis(dim // 2, grid[1])], axis=1)
+    table = tiny().pos_embed[0]                                                              # (16, 32), row-major tokens
+    assert torch.allclose(table, torch.from_numpy(reference).float(), atol=1e-6)
+    # Spelled out: token 1 is row 0, column 1; token `size` is row 1, column 0.
+    assert table[1, 0] == pytest.approx(torch.sin(torch.tensor(1.0)).item()) and table[1, dim // 2] == 0.0
+    assert table[size, 0] == 0.0 and table[size, dim // 2] == pytest.approx(torch.sin(torch.tensor(1.0)).item())
+    assert table[0, dim // 4] == 1.0 and table[0, 3 * dim // 4] == 1.0                        # cos(0) starts each second quarter
 
 
 def test_unconditional_model_ignores_labels():
