@@ -91,6 +91,10 @@ MUTATIONS: List[Mutation] = [
              ["tests/test_ema.py::test_a_resume_that_changes_the_ema_says_what_changed"],
              "a resume that turns the EMA ramp on or off says nothing"),
     # --- training: time, draws, labels, schedule, clipping
+    Mutation("warmup_note_backwards", "training/startup.py",
+             "if config.warmup_steps > config.train_steps:", "if config.train_steps > config.warmup_steps:",
+             ["tests/test_training.py::test_a_run_shorter_than_its_warmup_says_where_its_lr_ends"],
+             "the note on a run that ends mid-warmup is printed for every other run"),
     Mutation("logit_normal_is_uniform", "flow_matching.py",
              "return torch.sigmoid(mean + std * torch.randn(batch, device=device, generator=generator))",
              "return torch.rand(batch, device=device, generator=generator)",

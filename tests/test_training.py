@@ -19,6 +19,7 @@ import torch
 import train_flow_matching
 from configs.cli import make_config
 from configs.flow_matching_config import FlowMatchingConfig
+from configs.vqvae_config import VQVAEConfig
 from data.datasets import build_image_dataset
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
@@ -28,6 +29,7 @@ from tests.conftest import ROOT, StandIn, write_image_folder
 from utils import checkpoint as ckpt_lib
 from utils.distributed import DistInfo
 from training.objectives import FlowMatchingObjective
+from training.startup import announce_run
 from training.trainer import Draws, NonFiniteLoss, Trainer
 
 
@@ -132,6 +134,16 @@ def test_a_cpu_run_says_how_long_it_would_take(tiny_flags, capsys):
     trainer.step = 99_000
     trainer._estimate_cpu_time(1.0, Bar())   # 200 s left: nothing to say
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("config_class", [FlowMatchingConfig, VQVAEConfig])
+def test_a_run_shorter_than_its_warmup_says_where_its_lr_ends(config_class, capsys):
+    dist = DistInfo(0, 0, 1, torch.device("cpu"))
+    announce_run(config_class(train_steps=5, warmup_steps=20), torch.nn.Linear(2, 2), "run", dist, micro=4)
+    assert "note: --warmup_steps 20 is longer than --train_steps 5: the run ends mid-warmup, its learning rates at 25% " \
+           "of their peak" in capsys.readouterr().out
+    announce_run(config_class(train_steps=20, warmup_steps=20), torch.nn.Linear(2, 2), "run", dist, micro=4)
+    assert "warmup" not in capsys.readouterr().out.split("parameters;")[1]   # the config listing above names the field
 
 
 def test_fp16_trains_with_a_grad_scaler_and_resumes_exactly(tiny_flags, tmp_path):

@@ -35,6 +35,9 @@ def announce_run(config, model: torch.nn.Module, kind: str, dist: DistInfo, micr
           f"{dist.world_size} rank(s){f' (torchrun, {dist.backend})' if dist.distributed else ''} on {dist.device}; "
           f"micro-batch {micro}, "
           f"{config.batch_size // (micro * dist.world_size)} accumulation step(s)")
+    if config.warmup_steps > config.train_steps:   # allowed (a short trial of a long recipe), but never silent
+        print(f"note: --warmup_steps {config.warmup_steps} is longer than --train_steps {config.train_steps}: the run "
+              f"ends mid-warmup, its learning rates at {config.train_steps / config.warmup_steps:.0%} of their peak")
 
 
 def save_run_config(config, kind: str, dist: DistInfo) -> None:
