@@ -11,12 +11,13 @@
 Features are the 2048-d pool3 features of the TensorFlow FID Inception (2015-12-05), computed by
 torch-fidelity (pip install -r requirements-eval.txt); offline, pass --inception_weights PATH.
 Reference statistics are cached in --fid_cache_dir, so a second evaluation against the same set
-skips them. A checkpoint is sampled with balanced classes (sample i has class i mod K) from noise
-seeded by (--seed, i), once for every combination of --samplers, --num_steps_list, --cfg_scales
-and --time_shifts (each defaults to the checkpoint's setting, as --guidance_interval does); the
-script prints a table of FID against NFE, shift, scale and interval and appends every row to
---output_jsonl. With --ema_sigma_rels the sweep repeats for the EMA of each length, rebuilt from the
-post-hoc EMA snapshots of the checkpoint's run (evaluation/posthoc_ema.py) at the checkpoint's step.
+skips them. A checkpoint is sampled with the reference's class mix (balanced, sample i of class
+i mod K, when its classes are equally frequent, as in CIFAR-10) from noise seeded by (--seed, i),
+once for every combination of --samplers, --num_steps_list, --cfg_scales and --time_shifts (each
+defaults to the checkpoint's setting, as --guidance_interval does); the script prints a table of
+FID against NFE, shift, scale and interval and appends every row to --output_jsonl. With
+--ema_sigma_rels the sweep repeats for the EMA of each length, rebuilt from the post-hoc EMA
+snapshots of the checkpoint's run (evaluation/posthoc_ema.py) at the checkpoint's step.
 Image sets (--images, the reference) are read at the model's resolution exactly as training reads them.
 """
 
@@ -200,7 +201,11 @@ def evaluate(args, dist) -> None:
         rows.append(row)
 
     if args.checkpoint:
-        labels = fid.balanced_labels(args.num_samples or DEFAULT_NUM_SAMPLES, run.num_classes)
+        counts = fid.class_counts(ref) if run.num_classes else None
+        labels = fid.class_labels(args.num_samples or DEFAULT_NUM_SAMPLES, run.num_classes, counts)
+        mix = fid.label_mix(run.num_classes, counts)
+        if main:
+            print(f"labels: {mix}")
         loaded = None
         for sigma_rel, sampler, num_steps, cfg_scale, time_shift in itertools.product(
                 args.ema_sigma_rels or [None], samplers, args.num_steps_list or [config["num_sampling_steps"]],
@@ -223,7 +228,7 @@ def evaluate(args, dist) -> None:
                 report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe,
                        sampling_seconds=round(sampling, 1), samples_per_s=round(len(images) / sampling, 1),
                        cfg_scale=cfg_scale, time_shift=time_shift, guidance_interval=guidance_interval,
-                       step=run.ckpt["step"], weights=args.weights if sigma_rel is None else "posthoc_ema",
+                       labels=mix, step=run.ckpt["step"], weights=args.weights if sigma_rel is None else "posthoc_ema",
                        **({} if sigma_rel is None else {"ema_sigma_rel": sigma_rel}),
                        seed=args.seed, precision=run.precision)
             wait_for_all_ranks()  # and its Inception features, before the next setting's sampling

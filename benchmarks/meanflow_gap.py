@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         config = ckpt["config"]
         num_classes = config["num_classes"]
         noise = flow_matching.per_sample_noise(args.seed, range(args.num_samples), input_shape(config), device)
-        y = fid.balanced_labels(args.num_samples, num_classes).to(device) if num_classes else None
+        y = fid.class_labels(args.num_samples, num_classes).to(device) if num_classes else None
         meanflow = config["objective"] == "meanflow"
 
         def run(sampler: str, steps: int):

@@ -13,7 +13,7 @@ The repo's run is `train_flow_matching.py --preset proxy16` (DiT width 192 / dep
 them replaces proxy16; rows still show their config's difference from proxy16), trained by the
 script itself in a subprocess. 16x16 images (64 tokens) are the choice that lets a 2-core CPU train
 a 6-block DiT for ~1.5 epochs in a run, enough to separate recipes; FID on them is a proxy, not a
-CIFAR-10 FID. The checkpoint is then sampled (balanced classes, noise seeded by (--seed, i)) with
+CIFAR-10 FID. The checkpoint is then sampled (the reference's classes, balanced here; noise seeded by (--seed, i)) with
 each combination of --weights, --samplers, --num_steps_list, --cfg_scales, --time_shifts and
 --guidance_intervals and scored with the repo's FID pipeline (TensorFlow Inception features)
 against a fixed random subset of the training images at the same resolution, whose statistics are
@@ -314,10 +314,10 @@ def train_peer(config, run_dir: str, device: torch.device, deadline: Optional[fl
 
 # ----------------------------------------------------------------------------- scoring
 
-def score(model, config, args, device, extractor, ref_stats, grid_path: str):
+def score(model, config, args, device, extractor, ref_stats, counts, grid_path: str):
     """FID of each sampler x steps x cfg x shift x interval setting: [(fields, fid, seconds)]; saves a
-    grid of the first."""
-    labels = fid.balanced_labels(args.num_samples, config.num_classes)
+    grid of the first. Labels in the reference's class mix (`counts`, fid.class_counts)."""
+    labels = fid.class_labels(args.num_samples, config.num_classes, counts)
     out = []
     for sampler, num_steps, cfg_scale, time_shift, interval in itertools.product(
             args.samplers or [config.sampler], args.num_steps_list or [config.num_sampling_steps],
@@ -699,7 +699,7 @@ def run(argv=None) -> int:
                        num_images=args.ref_num_images)
     ref_stats, ref_n, ref_path, _ = fid.reference_statistics(
         ref, extractor, config.fid_cache_dir, device, 100, config.num_workers, progress=True)
-    reference = ref.describe(ref_n)
+    reference, counts = ref.describe(ref_n), fid.class_counts(ref)
 
     start = time.perf_counter()
     if args.pipeline == "repo":
@@ -718,7 +718,7 @@ def run(argv=None) -> int:
     diff = config_diff(config)
     rows = []
     for weights, model in models.items():
-        for fields, value, seconds in score(model, config, args, device, extractor, ref_stats,
+        for fields, value, seconds in score(model, config, args, device, extractor, ref_stats, counts,
                                             os.path.join(run_dir, f"grid_{weights}.png")):
             row = {"pipeline": args.pipeline, "config_diff": diff, "data": config.data_dir,
                    "seed": config.seed, "steps": steps,

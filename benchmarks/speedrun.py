@@ -269,7 +269,7 @@ def load_run(pipeline: str, checkpoint: str, device: torch.device) -> SamplingRu
 
 def score(run: SamplingRun, args) -> List[dict]:
     """FID of --num_samples samples of `run` with its checkpoint's own CFG scale, time shift and
-    guidance interval (balanced classes, noise seeded by (its seed, i)) against every image of
+    guidance interval (the reference's class mix, balanced for CIFAR-10; noise seeded by (its seed, i)) against every image of
     --ref_data_dir, with its own sampler or each of --samplers, at its own steps or each of
     --num_steps_list: evaluate_fid.py --checkpoint's sampling and statistics. A setting's sample_s
     is its sampling alone (the first one's includes compiling the sampler on CUDA)."""
@@ -282,12 +282,13 @@ def score(run: SamplingRun, args) -> List[dict]:
     ref_stats, ref_n, path, cached = fid.reference_statistics(
         ref, extractor, args.fid_cache_dir, run.device, FEATURE_BATCH, config["num_workers"], progress=True)
     print(f"reference: {ref.describe(ref_n)}; statistics {'read from' if cached else 'written to'} {path}")
+    labels = fid.class_labels(args.num_samples, run.num_classes, fid.class_counts(ref) if run.num_classes else None)
     rows = []
     for sampler, num_steps in itertools.product(run.samplers(args.samplers, "--samplers"),
                                                 args.num_steps_list or [config["num_sampling_steps"]]):
         start = time.perf_counter()
         images, nfe = run.generate(
-            fid.balanced_labels(args.num_samples, run.num_classes), seed=config["seed"], num_steps=num_steps,
+            labels, seed=config["seed"], num_steps=num_steps,
             sampler=sampler, cfg_scale=cfg_scale, guidance_interval=interval, time_shift=time_shift,
             batch_size=args.sample_batch_size, progress=True)
         sample_s = time.perf_counter() - start   # generate returns host arrays: the device is done

@@ -232,11 +232,23 @@ def image_statistics(images: np.ndarray, extractor: torch.nn.Module, device="cpu
                                        total, "sample features", progress))
 
 
-def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    """0, 1, ..., K-1, 0, 1, ...: each class equally often, as in CIFAR-10's splits (-1s if K = 0)."""
+def class_labels(n: int, num_classes: int, counts: Optional[List[int]] = None) -> torch.Tensor:
+    """The labels of n samples to score: each class in its share of the reference set, whose images
+    per class are `counts` (`class_counts`), so that a model drawing the data's own mix is not
+    scored against another mix (sampled 50/50 against a 90/10 folder, a perfect model's FID is in
+    the hundreds). Shares are rounded by largest remainder and the classes interleaved. With equal
+    counts (CIFAR-10's splits) or none, sample i has class i mod K; so too when the reference's
+    classes are not the model's (another number of class folders: no mix to follow). -1s if K = 0."""
     if num_classes == 0:
         return torch.full((n,), -1, dtype=torch.long)
-    return torch.arange(n) % num_classes
+    if counts is None or len(counts) != num_classes or len(set(counts)) == 1:
+        return torch.arange(n) % num_classes
+    quota = n * torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    share = quota.floor().long()
+    share[torch.argsort(share - quota, stable=True)[:n - int(share.sum())]] += 1   # largest remainders
+    # Class c's j-th sample sits (j + 1/2) / share_c of the way down the list: every prefix keeps the mix.
+    position = torch.cat([(torch.arange(k, dtype=torch.float64) + 0.5) / k for k in share.tolist()])
+    return torch.repeat_interleave(torch.arange(num_classes), share)[torch.argsort(position, stable=True)]
 
 
 @dataclass
@@ -263,6 +275,25 @@ def _load(image_set: ImageSet):
         raise ValueError(f"{n} images were asked of {image_set.data_dir}, which holds only "
                          f"{len(dataset)}; ask for {len(dataset)} or fewer (0 = all)")
     return dataset, n
+
+
+def label_mix(num_classes: int, counts: Optional[List[int]]) -> str:
+    """How `class_labels` picks the labels for these counts, in words, for the log and the results."""
+    if num_classes == 0:
+        return "none (unconditional)"
+    if counts is not None and len(counts) != num_classes:
+        return f"each class equally often (the reference has {len(counts)} classes, the model {num_classes})"
+    if counts is None or len(set(counts)) == 1:
+        return "each class equally often"
+    return f"the reference's class mix ({max(counts)} to {min(counts)} images a class)"
+
+
+def class_counts(image_set: ImageSet) -> List[int]:
+    """Images per class of the whole set, the mix `class_labels` follows (reads the file list and
+    labels only). A num_images subset's statistics stand for the whole set, and so do its labels:
+    the subset's own mix is the whole set's plus sampling noise (CIFAR-10's stays balanced)."""
+    dataset, _ = _load(image_set)
+    return torch.bincount(torch.as_tensor(dataset.targets), minlength=len(dataset.classes)).tolist()
 
 
 def image_set_statistics(image_set: ImageSet, extractor: torch.nn.Module, device="cpu",

@@ -33,15 +33,18 @@ class PeriodicFID:
                                                          config.class_dropout_prob)
         self.guidance_interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start,
                                                                          config.guidance_interval_end)
+        ref = fid.ImageSet("imagefolder" if config.fid_ref_dir else config.dataset,
+                           config.fid_ref_dir or config.data_dir, config.image_size, config.in_channels,
+                           num_images=config.fid_ref_num_images)
+        counts = fid.class_counts(ref) if config.num_classes else None   # every rank samples its share of these labels
+        self.labels = fid.class_labels(config.fid_num_samples, config.num_classes, counts)
         if rank == 0:
             self.extractor = fid.InceptionFeatures(config.inception_weights).to(device).eval()
-            ref = fid.ImageSet("imagefolder" if config.fid_ref_dir else config.dataset,
-                               config.fid_ref_dir or config.data_dir, config.image_size, config.in_channels,
-                               num_images=config.fid_ref_num_images)
             self.reference, n, path, cached = fid.reference_statistics(
                 ref, self.extractor, config.fid_cache_dir, device, config.fid_batch_size,
                 config.num_workers, progress=True)
-            print(f"FID reference: {ref.describe(n)}; statistics {'read from' if cached else 'written to'} {path}")
+            print(f"FID reference: {ref.describe(n)}; statistics {'read from' if cached else 'written to'} {path}; "
+                  f"labels: {fid.label_mix(config.num_classes, counts)}")
         wait_for_all_ranks()  # the other ranks wait out rank 0's reference statistics here
 
     @torch.no_grad()
@@ -49,7 +52,7 @@ class PeriodicFID:
         """The metrics on rank 0, {} on the other ranks."""
         c = self.config
         images, nfe = generate_images(
-            ema, fid.balanced_labels(c.fid_num_samples, c.num_classes),
+            ema, self.labels,
             shape=input_shape(c), num_classes=c.num_classes, seed=c.seed,
             num_steps=c.num_sampling_steps, sampler=c.sampler, cfg_scale=self.cfg_scale,
             guidance_interval=self.guidance_interval, time_shift=c.time_shift, batch_size=c.fid_batch_size,

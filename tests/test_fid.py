@@ -137,6 +137,51 @@ def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder,
         assert line.split()[-1] == f"{r['fid']:.3f}"
 
 
+def test_fid_labels_follow_the_reference_class_mix():
+    """A model that draws the data's own class mix must not be scored against another mix."""
+    assert fid.class_labels(7, 3).tolist() == fid.class_labels(7, 3, [5, 5, 5]).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    labels = fid.class_labels(20, 3, [60, 30, 10])
+    assert torch.bincount(labels).tolist() == [12, 6, 2] and torch.bincount(labels[:10]).tolist() == [6, 3, 1]
+    assert torch.bincount(fid.class_labels(7, 3, [6, 3, 1])).tolist() == [4, 2, 1]   # largest remainders of 4.2, 2.1, 0.7
+    assert fid.class_labels(7, 3, [6, 3]).tolist() == [0, 1, 2, 0, 1, 2, 0]          # not the model's classes: balanced
+    assert fid.class_labels(3, 0, None).tolist() == [-1, -1, -1]
+    assert fid.label_mix(3, [60, 30, 10]) == "the reference's class mix (60 to 10 images a class)"
+    assert fid.label_mix(3, [5, 5, 5]) == "each class equally often"
+    # Why: two classes with distinct features, the reference 90/10. The data's own mix scores ~0, 50/50 does not.
+    rng = np.random.default_rng(0)
+    centre = np.zeros((2, 8))
+    centre[1, 0] = 10.0
+
+    def features(labels):
+        return centre[labels] + rng.standard_normal((len(labels), 8))
+
+    reference = fid.statistics(features(np.repeat([0, 1], [9000, 1000])))
+    own_mix = fid.frechet_distance(fid.statistics(features(fid.class_labels(4000, 2, [9000, 1000]).numpy())), reference)
+    balanced = fid.frechet_distance(fid.statistics(features(fid.class_labels(4000, 2).numpy())), reference)
+    assert own_mix < 0.1 and balanced > 10
+
+
+def test_a_checkpoint_and_fid_every_sample_the_reference_class_mix(stand_in, tmp_path, monkeypatch, capsys):
+    uneven = write_image_folder(tmp_path / "uneven", classes=3, per_class=6, size=(8, 8))
+    for c, keep in ((1, 2), (2, 1)):                     # 6, 2 and 1 images
+        for i in range(keep, 6):
+            os.remove(os.path.join(uneven, f"class_{c}", f"{i}.png"))
+    periodic_labels, checkpoint_labels = [], []
+    from evaluation import periodic
+    monkeypatch.setattr(periodic, "generate_images",
+                        lambda ema, labels, **kw: (periodic_labels.append(labels), sampling.generate_images(ema, labels, **kw))[1])
+    checkpoint = train_tiny(tmp_path, uneven, "--train_steps", "2", "--fid_every", "2", "--fid_num_samples", "9",
+                            "--fid_batch_size", "9")
+    assert "labels: the reference's class mix (6 to 1 images a class)" in capsys.readouterr().out
+    generate = sampling.SamplingRun.generate
+    monkeypatch.setattr(sampling.SamplingRun, "generate",
+                        lambda self, labels, **kw: (checkpoint_labels.append(labels), generate(self, labels, **kw))[1])
+    assert run(tmp_path, "--checkpoint", checkpoint, "--num_samples", "18", "--batch_size", "18") == 0
+    assert "labels: the reference's class mix (6 to 1 images a class)" in capsys.readouterr().out
+    assert [torch.bincount(labels).tolist() for labels in periodic_labels + checkpoint_labels] == [[6, 2, 1], [12, 4, 2]]
+    assert rows(tmp_path)[0]["labels"] == "the reference's class mix (6 to 1 images a class)"
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--samples", "missing.npz", "--ref_data_dir", "REF"], "--samples missing.npz does not exist"),
     (["--samples", "NPZ", "--ref_data_dir", "REF", "--num_samples", "99"], "--num_samples 99 exceeds the 18 images"),
@@ -193,7 +238,7 @@ def test_generate_images_is_the_same_for_any_batch_size():
     def model(x, t, y):
         return -x + y.float().reshape(-1, 1, 1, 1) / 3
 
-    labels = fid.balanced_labels(7, 3)
+    labels = fid.class_labels(7, 3)
     assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
     seen = []
     kwargs = dict(shape=(3, 4, 4), num_classes=3, seed=5, num_steps=3, sampler="heun", cfg_scale=1.0)
@@ -212,7 +257,7 @@ def test_a_padded_last_batch_keeps_the_forward_at_one_shape_and_the_same_samples
         rows.append(len(x))
         return -x + y.float().reshape(-1, 1, 1, 1) / 3
 
-    labels = fid.balanced_labels(7, 3)
+    labels = fid.class_labels(7, 3)
     kwargs = dict(shape=(3, 4, 4), num_classes=3, seed=5, num_steps=2, sampler="euler", cfg_scale=2.0)
     plain, _ = sampling.generate_images(model, labels, batch_size=3, **kwargs)
     assert sorted(set(rows)) == [2, 6]          # CFG doubles the rows: the last batch of 1 is a second shape

@@ -47,7 +47,7 @@ def _sampler_of(checkpoint, seed, num_samples):
     model, ckpt = load_flow_model(checkpoint)
     config = ckpt["config"]
     noise = flow_matching.per_sample_noise(seed, range(num_samples), input_shape(config), "cpu")
-    y = fid.balanced_labels(num_samples, config["num_classes"])
+    y = fid.class_labels(num_samples, config["num_classes"])
 
     def run(sampler, steps):
         with torch.no_grad():

@@ -143,7 +143,7 @@ def evaluate(checkpoint, images, tmp_path, monkeypatch, *flags):
                               "--device", "cpu", "--num_workers", "0", "--output_jsonl", str(out), *flags]) == 0
     net = StandIn()
     ref_stats = fid.image_statistics(np.repeat(images, 3, axis=0), net)
-    labels = fid.balanced_labels(12, 3).numpy()
+    labels = fid.class_labels(12, 3).numpy()
 
     def fid_of(**settings):
         return fid.frechet_distance(fid.image_statistics(direct(checkpoint, labels, **settings), net), ref_stats)
