@@ -235,8 +235,8 @@ def image_statistics(images: np.ndarray, extractor: torch.nn.Module, device="cpu
 def class_labels(n: int, num_classes: int, counts: Optional[List[int]] = None) -> torch.Tensor:
     """The labels of n samples to score: each class in its share of the reference set, whose images
     per class are `counts` (`class_counts`), so that a model drawing the data's own mix is not
-    scored against another mix (sampled 50/50 against a 90/10 folder, a perfect model's FID is in
-    the hundreds). Shares are rounded by largest remainder and the classes interleaved. With equal
+    scored against another mix (sampled 50/50 against a 90/10 reference, a perfect model's FID
+    is far from zero). Shares are rounded by largest remainder and the classes interleaved. With equal
     counts (CIFAR-10's splits) or none, sample i has class i mod K; so too when the reference's
     classes are not the model's (another number of class folders: no mix to follow). -1s if K = 0."""
     if num_classes == 0:
