@@ -29,13 +29,19 @@ IMAGE_DECODER = 2
 
 
 def load_image(path: str) -> Image.Image:
-    """ImageFolder's loader, but 16-bit images (PIL modes I;16*, I) are scaled to 8 bits first:
-    PIL's convert("RGB") clips them, which turns a 16-bit photo almost white."""
+    """ImageFolder's loader, but 16-bit images (PIL modes I;16*, and I, which older Pillows give a
+    16-bit PNG) are scaled to 8 bits first: PIL's convert("RGB") clips them, which turns a 16-bit
+    photo almost white. 32-bit integer and floating-point images have no such scale: refused."""
     with open(path, "rb") as f:
         image = Image.open(f)
         image.load()
-    if image.mode.startswith("I"):
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if image.mode.startswith("I") or image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" or pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"{path} is a {'floating-point' if image.mode == 'F' else '32-bit integer'} image "
+                             f"(values {pixels.min():g} to {pixels.max():g}), which has no 8-bit scale to read it "
+                             f"at: convert it to an 8- or 16-bit image")
+        image = Image.fromarray((pixels / 257).round().clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 

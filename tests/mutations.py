@@ -242,6 +242,10 @@ MUTATIONS: List[Mutation] = [
              "return lr * 0.22 * math.sqrt(max(rows, cols))", ["tests/test_muon.py"],
              "match_rms_adamw's 0.2 as 0.22 (a 10% LR error)"),
     # --- data, latents, precision, checkpoints
+    Mutation("wide_images_read_clipped", "data/datasets.py",
+             'if image.mode == "F" or pixels.min() < 0 or pixels.max() > 65535:', "if False:",
+             ["tests/test_training.py::test_an_image_without_an_8_bit_scale_is_refused_by_name"],
+             "a 32-bit or float image is read as a white or black square"),
     Mutation("never_flip", "data/datasets.py",
              "flips = torch.rand(n, generator=gen) < 0.5 if self.hflip",
              "flips = torch.rand(n, generator=gen) < 0.0 if self.hflip",

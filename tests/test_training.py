@@ -807,6 +807,18 @@ def test_a_16_bit_image_reads_as_its_8_bit_copy(tmp_path, channels):
     assert torch.equal(dataset[0][0], dataset[1][0])
 
 
+@pytest.mark.parametrize("pixels", [np.full((8, 8), 70_000, np.int32), np.full((8, 8), -1, np.int32),
+                                    np.full((8, 8), 0.5, np.float32)], ids=["32_bit", "negative", "float"])
+def test_an_image_without_an_8_bit_scale_is_refused_by_name(tmp_path, pixels):
+    """PIL's convert("RGB") clips them: a 32-bit image read as all white, a [0, 1] float one as black."""
+    from PIL import Image
+    from data.datasets import load_image
+    path = tmp_path / "image.tif"
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(ValueError, match=f"{path} is a .* image .*: convert it to an 8- or 16-bit image"):
+        load_image(str(path))
+
+
 def test_flips_and_order_are_reproducible_and_resumable(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=2, per_class=6)
     config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": 8,
