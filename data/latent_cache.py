@@ -28,7 +28,7 @@ from data.datasets import FlipByIndex, listing_fingerprint
 from models.vqvae import VQVAE, LatentSpace
 from rebuild import load_vqvae
 from utils.checkpoint import save_checkpoint
-from utils.distributed import wait_for_all_ranks
+from utils.distributed import rank_zero_first
 from utils.validation import check_writable
 
 CACHE_FORMAT = 1
@@ -92,19 +92,30 @@ def load_latent_dataset(config, vqvae: VQVAE, dataset: Dataset, batch_size: int,
                         rank: int = 0) -> LatentDataset:
     """The cached latents of `dataset` under config.data_cache_dir, encoding them on a miss.
 
-    Under torch.distributed rank 0 encodes and writes while the other ranks wait, then read.
+    Under torch.distributed rank 0 looks first (encoding and writing on a miss) while the other
+    ranks wait; they then read its file, or encode their own where they do not see it (nodes that
+    do not share --data_cache_dir), as the decoded-image cache does.
     """
     key = cache_key(vqvae, dataset, config)
     path = os.path.join(config.data_cache_dir, f"vq_latents_{key[:24]}.pt")
-    if rank == 0 and not os.path.isfile(path):
+    cache = rank_zero_first(rank, lambda: read_or_encode(path, key, config, vqvae, dataset, batch_size, rank))
+    mean, std = channel_stats(cache["codes"], vqvae.quantizer.embedding)
+    return LatentDataset(cache["codes"], cache["labels"], LatentSpace(vqvae, mean, std))
+
+
+def read_or_encode(path: str, key: str, config, vqvae: VQVAE, dataset: Dataset, batch_size: int,
+                   rank: int) -> dict:
+    """The cache file's contents, encoded and written first when the file is not there."""
+    if not os.path.isfile(path):
         check_writable(config.data_cache_dir, f"--data_cache_dir {config.data_cache_dir}")   # before the encoding
-        print(f"latent cache miss: encoding {len(dataset)} images{' and their mirrors' if config.hflip else ''} "
-              f"into {path}")
+        print(f"latent cache miss{f' on rank {rank}' if rank else ''}: encoding {len(dataset)} images"
+              f"{' and their mirrors' if config.hflip else ''} into {path}")
         codes, labels = encode_dataset(vqvae, dataset, config.hflip, batch_size, config.num_workers)
-        save_checkpoint({"format": CACHE_FORMAT, "key": key, "codes": codes, "labels": labels}, path)
-    elif rank == 0:
+        cache = {"format": CACHE_FORMAT, "key": key, "codes": codes, "labels": labels}
+        save_checkpoint(cache, path)
+        return cache
+    if rank == 0:
         print(f"latent cache hit: {path}")
-    wait_for_all_ranks()
     try:
         cache = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign file
@@ -113,8 +124,7 @@ def load_latent_dataset(config, vqvae: VQVAE, dataset: Dataset, batch_size: int,
     if not isinstance(cache, dict) or cache.get("key") != key:
         raise ValueError(f"latent cache {path} does not hold the latents it is named for; delete it "
                          f"and run again to re-encode")
-    mean, std = channel_stats(cache["codes"], vqvae.quantizer.embedding)
-    return LatentDataset(cache["codes"], cache["labels"], LatentSpace(vqvae, mean, std))
+    return cache
 
 
 def resolve_vqvae(config, vqvae_encoder) -> Tuple[VQVAE, Optional[str]]:

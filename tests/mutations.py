@@ -242,6 +242,11 @@ MUTATIONS: List[Mutation] = [
              "return lr * 0.22 * math.sqrt(max(rows, cols))", ["tests/test_muon.py"],
              "match_rms_adamw's 0.2 as 0.22 (a 10% LR error)"),
     # --- data, latents, precision, checkpoints
+    Mutation("latent_cache_only_rank_zero_encodes", "data/latent_cache.py",
+             "    if not os.path.isfile(path):\n        check_writable(",
+             "    if rank == 0 and not os.path.isfile(path):\n        check_writable(",
+             ["tests/test_latent_flow.py::test_a_rank_that_does_not_see_rank_zeros_cache_encodes_its_own"],
+             "a node that does not share rank 0's cache folder fails to read a file it never sees"),
     Mutation("wide_images_read_clipped", "data/datasets.py",
              'if image.mode == "F" or pixels.min() < 0 or pixels.max() > 65535:', "if False:",
              ["tests/test_training.py::test_an_image_without_an_8_bit_scale_is_refused_by_name"],

@@ -17,6 +17,7 @@ from configs.cli import make_config
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig
 from data.datasets import build_image_dataset
 from data.flow_matching_dataset import get_flow_matching_dataloader
+from data.latent_cache import load_latent_dataset
 from rebuild import load_vqvae
 from utils.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
@@ -87,6 +88,21 @@ def test_an_unwritable_cache_folder_is_refused_before_encoding(vqvae_run, tmp_pa
     with pytest.raises(ValueError, match="--data_cache_dir .*a_file/cache cannot be written"):
         get_flow_matching_dataloader(flow_config(images, tmp_path / "a_file" / "cache"), vqvae_encoder=encoder)
     assert counter.images == 0
+
+
+def test_a_rank_that_does_not_see_rank_zeros_cache_encodes_its_own(vqvae_run, tmp_path, capsys):
+    """Nodes without a shared --data_cache_dir: rank 1's folder is empty after rank 0 wrote its
+    file (it used to stop with 'cannot be read; delete it and run again', and again at every run)."""
+    path, images = vqvae_run
+    dataset, _ = build_image_dataset("imagefolder", images, 8, 3)
+    encoder = load_vqvae(path)
+    counter = CountingEncoder(encoder)
+    rank0 = load_latent_dataset(flow_config(images, tmp_path / "node0"), encoder, dataset, 4, rank=0)
+    rank1 = load_latent_dataset(flow_config(images, tmp_path / "node1"), encoder, dataset, 4, rank=1)
+    assert counter.images == 2 * 2 * 18 and "latent cache miss on rank 1" in capsys.readouterr().out
+    assert torch.equal(rank0.codes, rank1.codes) and len(cache_files(tmp_path / "node1")) == 1
+    load_latent_dataset(flow_config(images, tmp_path / "node1"), encoder, dataset, 4, rank=1)
+    assert counter.images == 2 * 2 * 18                 # and reads it afterwards
 
 
 def test_the_briefs_snippet_with_the_encoder_alone(vqvae_run, tmp_path):
