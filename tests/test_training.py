@@ -262,6 +262,18 @@ def test_resume_with_another_data_order_is_a_clear_error(tiny_flags, capsys, fla
     assert diff in capsys.readouterr().err
 
 
+def test_resume_on_a_dataset_of_another_size_warns(tiny_flags, capsys):
+    """A folder copied only in part (or changed) cannot replay the run's data order: the epoch's
+    permutation is over its images. The data position records them; a resume says so."""
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1"]) == 0   # 18 images, batch 4: mid-epoch
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--resume", "latest"]) == 0
+    assert "WARNING: the dataset" not in capsys.readouterr().out
+    os.remove(os.path.join(flag_value(tiny_flags, "--data_dir"), "class_2", "5.png"))
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "3", "--resume", "latest"]) == 0
+    assert "WARNING: the dataset has 17 images, the run resumed from had 18: its data order is not replayed " \
+           "(this epoch repeats some images and skips others)" in capsys.readouterr().out
+
+
 def test_resume_with_fewer_train_steps_than_done_is_a_clear_error(tiny_flags, capsys):
     """Not a silent 'final' checkpoint at step 2 whose config says train_steps 1; resuming a
     finished run with the same --train_steps stays allowed (nothing to do)."""
@@ -767,6 +779,7 @@ def test_the_grid_and_the_fid_sample_with_the_configs_time_shift_and_guidance_in
     monkeypatch.setattr(fid, "InceptionFeatures", lambda weights: StandIn())
     monkeypatch.setattr(fid, "reference_statistics", lambda image_set, extractor, *args, **kwargs: (
         fid.image_statistics(reference, extractor), len(reference), "in memory", True))
+    monkeypatch.setattr(fid, "class_counts", lambda image_set: [2, 2, 2])
     evaluator = PeriodicFID(dataclasses.replace(config, fid_every=1), torch.device("cpu"))
     expected = [(0.0, False), (0.1, True), (0.1, True), (0.25, True), (0.25, True), (0.5, False), (0.5, False)]
     for run in (lambda: objective.sample(model, str(tmp_path / "grid.png")), lambda: evaluator(model)):

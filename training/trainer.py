@@ -452,7 +452,8 @@ class Trainer:
         """The checkpoint (utils/checkpoint.py's format); `log_window` is _save's, averaged over ranks."""
         state = training_checkpoint(self.objective.kind, self.raw_model, self.ema, self.optimizer, self.scaler,
                                     self.step, self.config, self.epoch,
-                                    self.index * self.micro_batch * self.dist.world_size, log_window,
+                                    self.index * self.micro_batch * self.dist.world_size,
+                                    len(self.loader.sampler.dataset), log_window,
                                     self.objective.checkpoint_extras())
         if self.posthoc_emas:
             state["posthoc_ema"] = {"sigma_rels": self.posthoc_sigma_rels,
@@ -527,6 +528,11 @@ class Trainer:
                 print("optimizer settings from the current flags, not the checkpoint: " + "; ".join(changed))
             if ema_changed:
                 print("EMA settings from the current flags, not the checkpoint: " + "; ".join(ema_changed))
+            images, saved_images = len(self.loader.sampler.dataset), ckpt["data"].get("images")   # absent before 2026-12-07
+            if saved_images not in (None, images):
+                print(f"WARNING: the dataset has {images} images, the run resumed from had {saved_images}: its data "
+                      f"order is not replayed{' (this epoch repeats some images and skips others)' if self.index else ''}; "
+                      f"if the folder is an incomplete copy, stop and copy it whole")
 
     def _resume_posthoc(self, saved: Optional[Dict[str, Any]], path: str) -> None:
         """The post-hoc EMAs continue from the checkpoint's; they must have run from step 0 with the

@@ -4,8 +4,8 @@ Rebuilding a model from a checkpoint is rebuild.py's job (it needs models/, a la
 A checkpoint is a plain dict that `torch.load(weights_only=True)` reads:
     kind       "flow_matching" | "vqvae"   (which script wrote it)
     model, ema state dicts of the unwrapped modules (no `module.` / `_orig_mod.` prefixes)
-    optimizer, scaler (or None), step, config (dataclasses.asdict), rng, data {epoch, samples}
-               (the epoch and how many of its samples all ranks have read)
+    optimizer, scaler (or None), step, config (dataclasses.asdict), rng, data {epoch, samples, images}
+               (the epoch, how many of its samples all ranks have read, and the dataset's size)
     log_window {loss_sum, steps}: the open log window, so the first log line after a resume
                averages the same steps (absent in checkpoints from before 2026-12-06)
     plus any extras the objective adds (e.g. latent statistics).
@@ -65,16 +65,16 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def training_checkpoint(kind: str, model: torch.nn.Module, ema: torch.nn.Module, optimizer, scaler,
-                        step: int, config, epoch: int, samples: int, log_window: Dict[str, Any],
+                        step: int, config, epoch: int, samples: int, images: int, log_window: Dict[str, Any],
                         extras: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The dict a training run saves (the format in the module docstring): the unwrapped model
     and EMA, optimizer and GradScaler (None when off) state, step, config as a plain dict, RNG
-    state, data position (epoch, samples of it read by all ranks), log window and the objective's
-    extras."""
+    state, data position (epoch, samples of it read by all ranks, images in the dataset), log window
+    and the objective's extras."""
     return {"kind": kind, "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "step": step, "config": dataclasses.asdict(config), "rng": rng_state(),
-            "data": {"epoch": epoch, "samples": samples}, "log_window": log_window, **(extras or {})}
+            "data": {"epoch": epoch, "samples": samples, "images": images}, "log_window": log_window, **(extras or {})}
 
 
 def state_fingerprint(state: Dict[str, Any]) -> str:
