@@ -13,10 +13,10 @@ The repo's run is `train_flow_matching.py --preset proxy16` (DiT width 192 / dep
 them replaces proxy16; rows still show their config's difference from proxy16), trained by the
 script itself in a subprocess. 16x16 images (64 tokens) are the choice that lets a 2-core CPU train
 a 6-block DiT for ~1.5 epochs in a run, enough to separate recipes; FID on them is a proxy, not a
-CIFAR-10 FID. The checkpoint is then sampled (the reference's classes, balanced here; noise seeded by (--seed, i)) with
-each combination of --weights, --samplers, --num_steps_list, --cfg_scales, --time_shifts and
---guidance_intervals and scored with the repo's FID pipeline (TensorFlow Inception features)
-against a fixed random subset of the training images at the same resolution, whose statistics are
+CIFAR-10 FID. The checkpoint is then sampled (labels in the reference's class mix, balanced here;
+noise seeded by (--seed, i)) with each combination of --weights, --samplers, --num_steps_list,
+--cfg_scales, --time_shifts and --guidance_intervals and scored with the repo's FID pipeline
+(TensorFlow Inception features) against a fixed random subset of the training images at the same resolution, whose statistics are
 cached.
 
 --checkpoint PATH trains nothing: it scores the final checkpoint of a repo run (one this script
