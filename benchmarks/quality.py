@@ -16,8 +16,8 @@ a 6-block DiT for ~1.5 epochs in a run, enough to separate recipes; FID on them 
 CIFAR-10 FID. The checkpoint is then sampled (labels in the reference's class mix, balanced here;
 noise seeded by (--seed, i)) with each combination of --weights, --samplers, --num_steps_list,
 --cfg_scales, --time_shifts and --guidance_intervals and scored with the repo's FID pipeline
-(TensorFlow Inception features) against a fixed random subset of the training images at the same resolution, whose statistics are
-cached.
+(TensorFlow Inception features) against a fixed random subset of the training images at the same
+resolution, whose statistics are cached.
 
 --checkpoint PATH trains nothing: it scores the final checkpoint of a repo run (one this script
 trained, or train_flow_matching.py's) with the same flags, its own config and seed, in rows of the

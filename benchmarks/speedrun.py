@@ -272,7 +272,8 @@ def score(run: SamplingRun, args) -> List[dict]:
     guidance interval (labels in the reference's class mix, balanced for CIFAR-10; noise seeded by
     (its seed, i)) against every image of --ref_data_dir, with its own sampler or each of --samplers,
     at its own steps or each of --num_steps_list: evaluate_fid.py --checkpoint's sampling and
-    statistics. A setting's sample_s is its sampling alone (the first one's includes compiling the sampler on CUDA)."""
+    statistics. A setting's sample_s is its sampling alone (the first one's includes compiling the
+    sampler on CUDA)."""
     config = run.config
     cfg_scale, = run.cfg_scales(None, "--cfg_scale")
     time_shift, = run.time_shifts(None)
