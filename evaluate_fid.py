@@ -201,9 +201,7 @@ def evaluate(args, dist) -> None:
         rows.append(row)
 
     if args.checkpoint:
-        counts = fid.class_counts(ref) if run.num_classes else None
-        labels = fid.class_labels(args.num_samples or DEFAULT_NUM_SAMPLES, run.num_classes, counts)
-        mix = fid.label_mix(run.num_classes, counts)
+        labels, mix = fid.reference_labels(args.num_samples or DEFAULT_NUM_SAMPLES, run.num_classes, ref)
         if main:
             print(f"labels: {mix}")
         loaded = None

@@ -314,10 +314,9 @@ def train_peer(config, run_dir: str, device: torch.device, deadline: Optional[fl
 
 # ----------------------------------------------------------------------------- scoring
 
-def score(model, config, args, device, extractor, ref_stats, counts, grid_path: str):
-    """FID of each sampler x steps x cfg x shift x interval setting: [(fields, fid, seconds)]; saves a
-    grid of the first. Labels in the reference's class mix (`counts`, fid.class_counts)."""
-    labels = fid.class_labels(args.num_samples, config.num_classes, counts)
+def score(model, config, args, device, extractor, ref_stats, labels, grid_path: str):
+    """FID of each sampler x steps x cfg x shift x interval setting of `labels` (fid.reference_labels):
+    [(fields, fid, seconds)]; saves a grid of the first."""
     out = []
     for sampler, num_steps, cfg_scale, time_shift, interval in itertools.product(
             args.samplers or [config.sampler], args.num_steps_list or [config.num_sampling_steps],
@@ -699,7 +698,7 @@ def run(argv=None) -> int:
                        num_images=args.ref_num_images)
     ref_stats, ref_n, ref_path, _ = fid.reference_statistics(
         ref, extractor, config.fid_cache_dir, device, 100, config.num_workers, progress=True)
-    reference, counts = ref.describe(ref_n), fid.class_counts(ref)
+    reference = ref.describe(ref_n)
 
     start = time.perf_counter()
     if args.pipeline == "repo":
@@ -716,9 +715,10 @@ def run(argv=None) -> int:
         train_seconds, steps, models = round(time.perf_counter() - start, 1), config.train_steps, {"raw": model}
 
     diff = config_diff(config)
+    labels, _ = fid.reference_labels(args.num_samples, config.num_classes, ref)
     rows = []
     for weights, model in models.items():
-        for fields, value, seconds in score(model, config, args, device, extractor, ref_stats, counts,
+        for fields, value, seconds in score(model, config, args, device, extractor, ref_stats, labels,
                                             os.path.join(run_dir, f"grid_{weights}.png")):
             row = {"pipeline": args.pipeline, "config_diff": diff, "data": config.data_dir,
                    "seed": config.seed, "steps": steps,

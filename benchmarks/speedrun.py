@@ -283,7 +283,7 @@ def score(run: SamplingRun, args) -> List[dict]:
     ref_stats, ref_n, path, cached = fid.reference_statistics(
         ref, extractor, args.fid_cache_dir, run.device, FEATURE_BATCH, config["num_workers"], progress=True)
     print(f"reference: {ref.describe(ref_n)}; statistics {'read from' if cached else 'written to'} {path}")
-    labels = fid.class_labels(args.num_samples, run.num_classes, fid.class_counts(ref) if run.num_classes else None)
+    labels, _ = fid.reference_labels(args.num_samples, run.num_classes, ref)
     rows = []
     for sampler, num_steps in itertools.product(run.samplers(args.samplers, "--samplers"),
                                                 args.num_steps_list or [config["num_sampling_steps"]]):

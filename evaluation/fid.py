@@ -241,7 +241,7 @@ def class_labels(n: int, num_classes: int, counts: Optional[List[int]] = None) -
     classes are not the model's (another number of class folders: no mix to follow). -1s if K = 0."""
     if num_classes == 0:
         return torch.full((n,), -1, dtype=torch.long)
-    if counts is None or len(counts) != num_classes or len(set(counts)) == 1:
+    if not uneven_mix(num_classes, counts):
         return torch.arange(n) % num_classes
     quota = n * torch.tensor(counts, dtype=torch.float64) / sum(counts)
     share = quota.floor().long()
@@ -249,6 +249,11 @@ def class_labels(n: int, num_classes: int, counts: Optional[List[int]] = None) -
     # Class c's j-th sample sits (j + 1/2) / share_c of the way down the list: every prefix keeps the mix.
     position = torch.cat([(torch.arange(k, dtype=torch.float64) + 0.5) / k for k in share.tolist()])
     return torch.repeat_interleave(torch.arange(num_classes), share)[torch.argsort(position, stable=True)]
+
+
+def uneven_mix(num_classes: int, counts: Optional[List[int]]) -> bool:
+    """Whether `class_labels` follows `counts`: the model's classes, not all equally frequent."""
+    return bool(num_classes) and counts is not None and len(counts) == num_classes and len(set(counts)) > 1
 
 
 @dataclass
@@ -281,11 +286,11 @@ def label_mix(num_classes: int, counts: Optional[List[int]]) -> str:
     """How `class_labels` picks the labels for these counts, in words, for the log and the results."""
     if num_classes == 0:
         return "none (unconditional)"
+    if uneven_mix(num_classes, counts):
+        return f"the reference's class mix ({max(counts)} to {min(counts)} images a class)"
     if counts is not None and len(counts) != num_classes:
         return f"each class equally often (the reference has {len(counts)} classes, the model {num_classes})"
-    if counts is None or len(set(counts)) == 1:
-        return "each class equally often"
-    return f"the reference's class mix ({max(counts)} to {min(counts)} images a class)"
+    return "each class equally often"
 
 
 def class_counts(image_set: ImageSet) -> List[int]:
@@ -294,6 +299,13 @@ def class_counts(image_set: ImageSet) -> List[int]:
     the subset's own mix is the whole set's plus sampling noise (CIFAR-10's stays balanced)."""
     dataset, _ = _load(image_set)
     return torch.bincount(torch.as_tensor(dataset.targets), minlength=len(dataset.classes)).tolist()
+
+
+def reference_labels(n: int, num_classes: int, image_set: ImageSet) -> Tuple[torch.Tensor, str]:
+    """The labels of n samples scored against `image_set` (`class_labels` in its class mix) and
+    how they were picked, in words (`label_mix`)."""
+    counts = class_counts(image_set) if num_classes else None
+    return class_labels(n, num_classes, counts), label_mix(num_classes, counts)
 
 
 def image_set_statistics(image_set: ImageSet, extractor: torch.nn.Module, device="cpu",

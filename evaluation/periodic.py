@@ -36,15 +36,15 @@ class PeriodicFID:
         ref = fid.ImageSet("imagefolder" if config.fid_ref_dir else config.dataset,
                            config.fid_ref_dir or config.data_dir, config.image_size, config.in_channels,
                            num_images=config.fid_ref_num_images)
-        counts = fid.class_counts(ref) if config.num_classes else None   # every rank samples its share of these labels
-        self.labels = fid.class_labels(config.fid_num_samples, config.num_classes, counts)
+        # Every rank samples its share of these labels.
+        self.labels, mix = fid.reference_labels(config.fid_num_samples, config.num_classes, ref)
         if rank == 0:
             self.extractor = fid.InceptionFeatures(config.inception_weights).to(device).eval()
             self.reference, n, path, cached = fid.reference_statistics(
                 ref, self.extractor, config.fid_cache_dir, device, config.fid_batch_size,
                 config.num_workers, progress=True)
             print(f"FID reference: {ref.describe(n)}; statistics {'read from' if cached else 'written to'} {path}; "
-                  f"labels: {fid.label_mix(config.num_classes, counts)}")
+                  f"labels: {mix}")
         wait_for_all_ranks()  # the other ranks wait out rank 0's reference statistics here
 
     @torch.no_grad()
