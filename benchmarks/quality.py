@@ -75,7 +75,7 @@ from evaluation import fid, sampling  # noqa: E402
 from models.dit_2d import input_shape  # noqa: E402
 from rebuild import load_flow_model  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
-from utils.launch import USER_ERRORS, is_user_error  # noqa: E402
+from utils.launch import USER_ERRORS, user_message  # noqa: E402
 from training.optim import lr_factor  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.validation import check_guidance_interval  # noqa: E402
@@ -657,9 +657,10 @@ def main(argv=None) -> int:
     try:
         return run(argv)
     except USER_ERRORS as err:
-        if not is_user_error(err):
+        message = user_message(err)
+        if message is None:
             raise
-        print(f"quality.py: error: {err}", file=sys.stderr)
+        print(f"quality.py: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -9,7 +9,9 @@ every optimizer step sees the same images whatever the rank and micro-batch spli
 returns (image tensor in [-1, 1] shaped (C, H, W), int label) plugs in through `make_loader`.
 """
 
+import atexit
 import hashlib
+import multiprocessing
 import os
 import signal
 from typing import Iterator, Tuple
@@ -32,9 +34,12 @@ def load_image(path: str) -> Image.Image:
     """ImageFolder's loader, but 16-bit images (PIL modes I;16*, and I, which older Pillows give a
     16-bit PNG) are scaled to 8 bits first: PIL's convert("RGB") clips them, which turns a 16-bit
     photo almost white. 32-bit integer and floating-point images have no such scale: refused."""
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        image.load()
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+    except OSError as err:   # PIL's messages ("Truncated File Read") need not name the file
+        raise OSError(f"{path} cannot be read as an image ({err}): replace or delete it") from None
     if image.mode.startswith("I") or image.mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
         if image.mode == "F" or pixels.min() < 0 or pixels.max() > 65535:
@@ -206,11 +211,28 @@ def ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def kill_workers_at_exit() -> None:
+    """At interpreter exit, SIGKILL the daemonic worker processes still running. Python's own exit
+    handler stops them with SIGTERM, which ignore_stop_signals' workers ignore, and then joins them:
+    after an uncaught exception (a bug, CUDA out of memory), whose traceback keeps the loader's
+    iterator and so its workers alive, that join waited forever and the job hung instead of exiting.
+    atexit runs the last registered first, so this runs before that handler. SIGCHLD goes back to
+    its default first: torch's handler would report each killed worker as an error."""
+    if hasattr(signal, "SIGCHLD"):   # not on Windows
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, global_batch: int, seed: int, hflip: bool,
                 num_workers: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
     """The training loader over any (image, label) dataset: this rank's micro-batches of `batch_size`
     (ResumableSampler: epochs of whole `global_batch`es)."""
     sampler = ResumableSampler(dataset, global_batch, num_replicas=world_size, rank=rank, seed=seed, hflip=hflip)
+    if num_workers > 0:
+        atexit.unregister(kill_workers_at_exit)   # registered once, after multiprocessing's handler
+        atexit.register(kill_workers_at_exit)
     keyed = dataset if isinstance(dataset, FlipByIndex) else FlipByIndex(dataset)
     return DataLoader(keyed, batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=True,

@@ -832,6 +832,83 @@ def test_an_image_without_an_8_bit_scale_is_refused_by_name(tmp_path, pixels):
         load_image(str(path))
 
 
+@pytest.mark.parametrize("bad, data_loader", [("32_bit.tif", "workers"), ("truncated.jpg", "device")])
+def test_a_bad_image_read_by_a_worker_is_one_line_naming_it(tiny_flags, tmp_path, bad, data_loader):
+    """An image refused (ValueError) or unreadable (OSError) in a DataLoader worker, as the worker
+    loader reads it or the device loader decodes it: exit 2 and one line naming the file, not the
+    traceback torch re-raises it with."""
+    from PIL import Image
+    path = os.path.join(flag_value(tiny_flags, "--data_dir"), "class_0", bad)
+    if bad.endswith(".tif"):
+        Image.fromarray(np.full((8, 8), -1, np.int32)).save(path)
+    else:
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+        with open(path, "r+b") as f:
+            f.truncate(300)
+    flags = [*tiny_flags, "--num_workers", "1", "--data_loader", data_loader,
+             "--data_cache_dir", str(tmp_path / "cache"), "--train_steps", "2"]
+    result = subprocess.run([sys.executable, "train_flow_matching.py", *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"train_flow_matching.py: error: {path} ")
+    assert ("convert it to an 8- or 16-bit image" if bad.endswith(".tif") else "replace or delete it") in result.stderr
+
+
+class Raises(torch.utils.data.Dataset):
+    """A dataset whose items raise in the worker: a check's ValueError, a bug's, or an OSError."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        if self.kind == "check":
+            raise ValueError(f"item {index} is refused: replace it")
+        if self.kind == "bug":
+            return int("x")
+        raise OSError(f"item {index} cannot be read")
+
+
+def test_launch_judges_a_workers_error_by_the_workers_traceback(capsys):
+    """torch re-raises a worker's exception in the main process from its own code, the worker's
+    traceback as text in the message: a repo check's ValueError or an OSError is still one line
+    (the worker's message), a ValueError of Python's own (a bug) still keeps its traceback."""
+    from utils.launch import launch
+
+    def read(kind):
+        return lambda dist: next(iter(torch.utils.data.DataLoader(Raises(kind), num_workers=1)))
+
+    assert launch("prog", "cpu", read("check")) == 2
+    assert capsys.readouterr().err == "prog: error: item 0 is refused: replace it\n"
+    assert launch("prog", "cpu", read("oserror")) == 2
+    assert capsys.readouterr().err == "prog: error: item 0 cannot be read\n"
+    with pytest.raises(ValueError, match="DataLoader worker(.|\n)*invalid literal for int"):
+        launch("prog", "cpu", read("bug"))
+
+
+def test_a_crash_while_loader_workers_run_exits(tmp_path):
+    """An uncaught exception (a bug, CUDA out of memory) while the training loader's workers run:
+    its traceback keeps them alive to the interpreter's exit, where they ignore the SIGTERM Python
+    stops them with (ignore_stop_signals). The process must still exit, with no second error."""
+    script = ("import torch\n"
+              "from data.datasets import make_loader\n"
+              "data = torch.utils.data.TensorDataset(torch.zeros(8, 3, 4, 4), torch.zeros(8, dtype=torch.long))\n"
+              "def main():\n"
+              "    loader = make_loader(data, 4, global_batch=4, seed=0, hflip=True, num_workers=1)\n"
+              "    for batch in loader:   # the loader (as the Trainer's) lives on in the traceback's frame\n"
+              "        raise RuntimeError('a bug mid-step')\n"
+              "main()\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung at exit, waiting for its DataLoader workers")
+    assert result.returncode == 1
+    assert result.stderr.rstrip().endswith("RuntimeError: a bug mid-step"), result.stderr
+
+
 def test_flips_and_order_are_reproducible_and_resumable(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=2, per_class=6)
     config = make_config(FlowMatchingConfig, {"dataset": "imagefolder", "data_dir": root, "image_size": 8,

@@ -5,13 +5,15 @@ Exit codes: 0 done; 2 bad input (a value, a path, a missing optional package), a
 for a bad flag; 1 a run that stopped itself (a non-finite loss, a stop checkpoint it could not write). A traceback is kept for real bugs,
 including a ValueError raised inside a library (scipy, numpy, torch) or by Python itself in the
 repo's code (an unpacking, an int() of a bad string): only the repo's own checks, `raise
-ValueError(...)` statements, raise ValueErrors written for the user.
+ValueError(...)` statements, raise ValueErrors written for the user. An exception from a DataLoader
+worker (an image refused or unreadable) is judged and printed as the worker raised it.
 """
 
 import dis
 import os
+import re
 import sys
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 from utils.distributed import DistInfo, cleanup_distributed, setup_distributed
 
@@ -25,22 +27,53 @@ class RunFailed(RuntimeError):
     """A run that stopped itself for a reason the user must read (exit 1), e.g. a non-finite loss."""
 
 
-def is_user_error(err: BaseException) -> bool:
-    """A USER_ERRORS exception meant for the user: any OSError or ImportError; a ValueError only
-    when the innermost Python frame that raised it is a `raise` statement in this repo's code (not
-    an installed package's, nor a built-in operation's on a line of ours)."""
+def user_message(err: BaseException) -> Optional[str]:
+    """What to print for a USER_ERRORS exception meant for the user, None for a bug: any OSError or
+    ImportError; a ValueError only when the innermost Python frame that raised it is a `raise`
+    statement in this repo's code (not an installed package's, nor a built-in operation's on a line
+    of ours). An exception from a DataLoader worker (a refused or corrupt image) is judged, and
+    reported, by the worker's traceback, not by torch's re-raise in this process."""
+    worker = worker_traceback(str(err))
+    if worker is not None:
+        where, source, message = worker
+        return message if not isinstance(err, ValueError) or (ours(where) and source.startswith("raise")) else None
     if not isinstance(err, ValueError):
-        return True
+        return str(err)
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     if tb is None:
-        return False
+        return None
     code = tb.tb_frame.f_code
-    where = os.path.abspath(code.co_filename)
-    ours = where.startswith(REPO + os.sep) and "site-packages" not in where
     # The instruction that raised, read from the bytecode (the source may have changed since).
-    return ours and dis.opname[code.co_code[tb.tb_lasti]] == "RAISE_VARARGS"
+    raised = dis.opname[code.co_code[tb.tb_lasti]] == "RAISE_VARARGS"
+    return str(err) if ours(code.co_filename) and raised else None
+
+
+def ours(filename: str) -> bool:
+    where = os.path.abspath(filename)
+    return where.startswith(REPO + os.sep) and "site-packages" not in where
+
+
+# torch re-raises an exception from a DataLoader worker in the main process as its type, with the
+# worker's formatted traceback as the message.
+WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback \(most recent call last\):\n")
+FRAME = re.compile(r'^  File "(.*)", line \d+, in .*\n', re.M)
+
+
+def worker_traceback(text: str) -> Optional[Tuple[str, str, str]]:
+    """(file, first source line, message) of the innermost frame of a worker's traceback that torch
+    re-raised as `text`, or None when `text` is not one."""
+    if not WORKER_ERROR.match(text):
+        return None
+    frames = list(FRAME.finditer(text))
+    if not frames:
+        return None
+    rest = text[frames[-1].end():].split("\n")
+    source = [line.strip() for line in rest if line.startswith("    ")]   # the code, then ^^^ markers
+    error = "\n".join(line for line in rest if not line.startswith("    ")).strip()
+    name, _, message = error.partition(": ")   # "ValueError: ...", "PIL.UnidentifiedImageError: ..."
+    return frames[-1].group(1), source[0] if source else "", message or name
 
 
 def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
@@ -49,9 +82,10 @@ def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
         work(setup_distributed(device))
         return 0
     except USER_ERRORS as err:
-        if not is_user_error(err):
+        message = user_message(err)
+        if message is None:
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except RunFailed as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
