@@ -132,17 +132,17 @@ def generate(args, dist) -> None:
 
 
 def remove_earlier_samples(output_dir: str) -> None:
-    """Delete the images/NNNNNN*.png and samples.npz an earlier run wrote to `output_dir`."""
+    """Delete the images/NNNNNN*.png, grid.png and samples.npz an earlier run wrote to `output_dir`,
+    before this run writes any: a run that fails or is stopped midway leaves only its own files."""
     folder = os.path.join(output_dir, "images")
     old = [f for f in os.listdir(folder) if SAMPLE_NAME.fullmatch(f)] if os.path.isdir(folder) else []
-    npz = os.path.join(output_dir, "samples.npz")
-    if old or os.path.isfile(npz):
-        print(f"{output_dir}: replacing an earlier run's {len(old)} images"
-              + (" and samples.npz" if os.path.isfile(npz) else ""))
+    files = [name for name in ("grid.png", "samples.npz") if os.path.isfile(os.path.join(output_dir, name))]
+    if old or files:
+        print(f"{output_dir}: replacing an earlier run's {' and '.join([f'{len(old)} images'] + files)}")
     for name in old:
         os.remove(os.path.join(folder, name))
-    if os.path.isfile(npz):
-        os.remove(npz)
+    for name in files:
+        os.remove(os.path.join(output_dir, name))
 
 
 def write_images(output_dir: str, images: np.ndarray, labels: torch.Tensor, first: int, num_classes: int) -> None:

@@ -913,6 +913,10 @@ MUTATIONS: List[Mutation] = [
              "raise",
              ["tests/test_training.py::test_a_bad_image_read_by_a_worker_is_one_line_naming_it"],
              "a truncated image's error does not say which file"),
+    Mutation("generate_keeps_earlier_grid", "generate_flow_matching.py",
+             'for name in ("grid.png", "samples.npz")', 'for name in ("samples.npz",)',
+             ["tests/test_generate.py::test_a_run_that_fails_midway_leaves_no_earlier_runs_grid"],
+             "a generate run stopped midway leaves the earlier run's grid.png beside its own images"),
 ]
 
 

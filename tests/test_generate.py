@@ -115,9 +115,22 @@ def test_a_run_replaces_an_earlier_runs_samples(checkpoint, tmp_path, capsys):
     (tmp_path / "images" / "1000000_class0.png").write_bytes(b"")   # a run past 999,999 samples names 7 digits
     capsys.readouterr()
     assert run(checkpoint, tmp_path, "--num_samples", "2", "--class_label", "1") == 0
-    assert "replacing an earlier run's 6 images and samples.npz" in capsys.readouterr().out
+    assert "replacing an earlier run's 6 images and grid.png and samples.npz" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "images")) == ["000000_class1.png", "000001_class1.png", "notes.txt"]
     assert not (tmp_path / "samples.npz").exists()
+
+
+def test_a_run_that_fails_midway_leaves_no_earlier_runs_grid(checkpoint, tmp_path, monkeypatch, capsys):
+    """The earlier run's grid.png would look like this run's finished result."""
+    assert run(checkpoint, tmp_path, "--num_samples", "4", "--save_npz") == 0
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(generate_flow_matching, "write_images", disk_full)
+    assert run(checkpoint, tmp_path, "--num_samples", "2") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["images"] and os.listdir(tmp_path / "images") == []
 
 
 def test_weights_flag_selects_the_weights(checkpoint, tmp_path):
