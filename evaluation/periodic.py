@@ -5,7 +5,7 @@ Inception network and the reference statistics are loaded when it is built, befo
 step, so a missing weights file or reference folder fails at once rather than hours into a run.
 """
 
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -48,8 +48,9 @@ class PeriodicFID:
         wait_for_all_ranks()  # the other ranks wait out rank 0's reference statistics here
 
     @torch.no_grad()
-    def __call__(self, ema) -> Dict[str, float]:
-        """The metrics on rank 0, {} on the other ranks."""
+    def __call__(self, ema, stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
+        """The metrics on rank 0, {} on the other ranks; SamplingStopped when `stop` (asked on every
+        rank between batches) returns True."""
         c = self.config
         images, nfe = generate_images(
             ema, self.labels,
@@ -57,7 +58,7 @@ class PeriodicFID:
             num_steps=c.num_sampling_steps, sampler=c.sampler, cfg_scale=self.cfg_scale,
             guidance_interval=self.guidance_interval, time_shift=c.time_shift, batch_size=c.fid_batch_size,
             autocast_dtype=self.autocast_dtype, device=self.device, rank=self.rank, world_size=self.world_size,
-            decode=self.decode)
+            decode=self.decode, stop=stop)
         if self.rank != 0:
             return {}
         stats = fid.image_statistics(images, self.extractor, self.device, c.fid_batch_size)

@@ -31,6 +31,10 @@ from utils.images import to_uint8
 from utils.validation import check_guidance_interval, check_seed
 
 
+class SamplingStopped(Exception):
+    """generate_images' `stop` asked it to end before its last batch."""
+
+
 def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[int], num_classes: int,
                     seed: int, num_steps: int, sampler: str = "euler", cfg_scale: float = 1.0,
                     guidance_interval: Optional[Sequence[float]] = None, time_shift: float = 1.0,
@@ -38,7 +42,8 @@ def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[in
                     rank: int = 0, world_size: int = 1,
                     decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                     on_batch: Optional[Callable[[int, np.ndarray], None]] = None,
-                    progress: bool = False, pad_last_batch: bool = False) -> Tuple[Optional[np.ndarray], int]:
+                    progress: bool = False, pad_last_batch: bool = False,
+                    stop: Optional[Callable[[], bool]] = None) -> Tuple[Optional[np.ndarray], int]:
     """Sample one image per entry of `labels` (ignored when num_classes = 0) as uint8 (N, H, W, C).
 
     Sample i starts from flow_matching.per_sample_noise(seed, i), and batches of consecutive indices are dealt
@@ -51,20 +56,30 @@ def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[in
     pad_last_batch (for a model compiled once per batch shape): when there is more than one batch,
     the smaller last one runs at the full size and its extra rows are dropped, which costs less than
     compiling a second shape; every batch then has one shape whatever the number of ranks.
+
+    stop (the trainer's periodic FID, so that a stop signal need not wait out the sampling): asked
+    on every rank before each round of batches (one a rank), so a collective inside it agrees; when
+    it returns True, SamplingStopped is raised on every rank.
     """
     n = len(labels)
     nfe, mine = 0, {}
-    for first in tqdm(range(0, n, batch_size)[rank::world_size], disable=not progress, desc="sampling"):
-        stop = min(first + batch_size, n)
-        index = range(first, first + batch_size if pad_last_batch and n > batch_size else stop)
+    starts = range(0, n, batch_size)
+    for round_ in tqdm(range(0, len(starts), world_size), disable=not progress, desc="sampling"):
+        if stop is not None and stop():
+            raise SamplingStopped
+        if round_ + rank >= len(starts):   # the last round can have fewer batches than ranks
+            continue
+        first = starts[round_ + rank]
+        end = min(first + batch_size, n)
+        index = range(first, first + batch_size if pad_last_batch and n > batch_size else end)
         noise = flow_matching.per_sample_noise(seed, index, shape, device)
-        y = labels[first:stop].to(device) if num_classes else None
+        y = labels[first:end].to(device) if num_classes else None
         if y is not None and len(y) < len(index):   # the padding rows' class: any valid one
             y = torch.cat([y, y.new_zeros(len(index) - len(y))])
         x, nfe = flow_matching.sample(model, noise, y, num_classes=num_classes, num_steps=num_steps, sampler=sampler,
                         cfg_scale=cfg_scale, guidance_interval=guidance_interval, time_shift=time_shift,
                         autocast_dtype=autocast_dtype)
-        x = x[:stop - first]
+        x = x[:end - first]
         mine[first] = to_uint8(decode(x) if decode is not None else x)
         if on_batch is not None:
             on_batch(first, mine[first])

@@ -917,6 +917,18 @@ MUTATIONS: List[Mutation] = [
              'for name in ("grid.png", "samples.npz")', 'for name in ("samples.npz",)',
              ["tests/test_generate.py::test_a_run_that_fails_midway_leaves_no_earlier_runs_grid"],
              "a generate run stopped midway leaves the earlier run's grid.png beside its own images"),
+    Mutation("fid_sampling_ignores_stop", "evaluation/sampling.py",
+             "        if stop is not None and stop():\n", "        if False:\n",
+             ["tests/test_fid.py::test_a_stop_signal_during_fid_abandons_it_and_checkpoints_at_once"],
+             "a stop signal waits out the whole periodic FID, past the scheduler's grace"),
+    Mutation("trainer_fid_without_stop", "training/trainer.py",
+             "stop=lambda: any_rank(self.stop_signal is not None))", "stop=None)",
+             ["tests/test_fid.py::test_a_stop_signal_during_fid_abandons_it_and_checkpoints_at_once"],
+             "the trainer's FID is not told of a stop signal"),
+    Mutation("fid_stop_asked_by_batches_not_rounds", "evaluation/sampling.py",
+             "range(0, len(starts), world_size)", "range(0, len(starts) - rank, world_size)",
+             ["tests/test_fid.py::test_every_rank_asks_stop_as_often_whatever_its_share_of_batches"],
+             "a rank without a last batch skips the last stop check: the collective inside hangs"),
 ]
 
 

@@ -6,6 +6,7 @@ file (built by make_fid_inception_weights.py); everything else needs no download
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -282,6 +283,57 @@ def test_fid_every_logs_fid_to_metrics_jsonl(stand_in, image_folder, tmp_path):
     for r in fids:
         assert np.isfinite(r["fid"]) and r["fid_num_samples"] == 6 and r["fid_nfe"] == 2 and r["fid_cfg_scale"] == 3.0
     assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_a_stop_signal_during_fid_abandons_it_and_checkpoints_at_once(stand_in, image_folder, tmp_path,
+                                                                       monkeypatch, capsys):
+    """SIGTERM in the middle of a periodic FID's sampling: the FID is dropped after the batch in
+    flight and the stop checkpoint written, instead of first sampling the rest (a 10,000-sample FID
+    outlasts the 30 s torchrun and SLURM grant before SIGKILL, which left no stop checkpoint)."""
+    batches = []
+    real_sample = sampling.flow_matching.sample
+
+    def sample(*args, **kwargs):
+        batches.append(1)
+        if len(batches) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(sampling.flow_matching, "sample", sample)
+    flags = TINY_FLAGS + ["--data_dir", image_folder, "--checkpoint_dir", str(tmp_path / "ckpt"),
+                          "--sample_dir", str(tmp_path / "samples"), "--fid_cache_dir", str(tmp_path / "cache"),
+                          "--train_steps", "100", "--fid_every", "2", "--fid_num_samples", "40", "--fid_batch_size", "4"]
+    with pytest.raises(SystemExit) as stopped:
+        train_flow_matching.main(flags)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert len(batches) == 2                    # of the FID's 10 batches
+    out = capsys.readouterr().out
+    assert "FID of step 2 abandoned for the stop signal" in out and "stopped by SIGTERM after step 2" in out
+    assert os.path.isfile(tmp_path / "ckpt" / "checkpoint_0000002.pt")
+    with open(tmp_path / "ckpt" / "metrics.jsonl") as f:
+        assert not [r for r in map(json.loads, f) if "fid" in r]
+
+
+@pytest.mark.parametrize("n", [8, 7])
+def test_every_rank_asks_stop_as_often_whatever_its_share_of_batches(monkeypatch, n):
+    """`stop` may hold a collective (the trainer's any_rank): with 3 or 2 batches over 2 ranks, both
+    ranks ask it twice, once a round, even the rank with no batch in the last round."""
+    def gather(mine, parts, dst):   # one process plays both ranks: rank 0 gathers its own batches
+        if parts is not None:
+            parts[:] = [mine, {}]
+
+    monkeypatch.setattr(sampling.tdist, "gather_object", gather)
+    asked = {}
+    for rank in (0, 1):
+        asked[rank] = 0
+
+        def stop(rank=rank):
+            asked[rank] += 1
+            return False
+
+        sampling.generate_images(lambda x, t, y: -x, fid.class_labels(n, 3), shape=(3, 4, 4), num_classes=3,
+                                 seed=0, num_steps=1, batch_size=3, rank=rank, world_size=2, stop=stop)
+    assert asked == {0: 2, 1: 2}
 
 
 def test_fid_every_samples_at_fid_cfg_scale(stand_in, image_folder, tmp_path):

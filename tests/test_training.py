@@ -502,7 +502,7 @@ def test_the_other_ranks_wait_out_rank_zeros_grid_and_fid_on_the_long_barrier(ti
     class Evaluator:
         every = 2
 
-        def __call__(self, ema):
+        def __call__(self, ema, stop=None):
             events.append(f"fid {trainer.step}")
             return {}
 

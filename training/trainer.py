@@ -50,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from evaluation.posthoc_ema import SNAPSHOT_PATTERN, power_ema_decay, sigma_rel_to_gamma, snapshot, snapshot_dir
+from evaluation.sampling import SamplingStopped
 from utils.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, load_checkpoint, periodic_checkpoint,
                               prune_checkpoints, run_file, save_checkpoint, set_rng_state, training_checkpoint,
                               with_defaults)
@@ -413,8 +414,15 @@ class Trainer:
 
     def _evaluate(self, bar) -> None:
         self._check_finite()
-        metrics = self.evaluator(self.ema)   # rank 0 alone scores: up to an hour on a CPU
-        if self.dist.is_main:
+        try:
+            # A stop signal ends the sampling at once: a scheduler's grace before SIGKILL (30 s under
+            # torchrun and SLURM's defaults) is shorter than a 10,000-sample FID.
+            metrics = self.evaluator(self.ema, stop=lambda: any_rank(self.stop_signal is not None))
+        except SamplingStopped:
+            if self.dist.is_main:
+                bar.write(f"FID of step {self.step} abandoned for the stop signal")
+            return
+        if self.dist.is_main:   # rank 0 alone scores: up to an hour on a CPU
             self._write_record({"step": self.step, **metrics}, bar)
         wait_for_all_ranks()   # the others wait out rank 0's scoring here, not in a short-timeout collective
 
