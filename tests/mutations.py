@@ -929,6 +929,11 @@ MUTATIONS: List[Mutation] = [
              "range(0, len(starts), world_size)", "range(0, len(starts) - rank, world_size)",
              ["tests/test_fid.py::test_every_rank_asks_stop_as_often_whatever_its_share_of_batches"],
              "a rank without a last batch skips the last stop check: the collective inside hangs"),
+    Mutation("stale_temporary_files_of_that_path_only", "utils/checkpoint.py",
+             '    for stale in glob.glob(os.path.join(glob.escape(folder), "*" + glob.escape(marker) + "*")):',
+             '    for stale in glob.glob(glob.escape(path + marker) + "*"):',
+             ["tests/test_training.py::test_a_killed_writers_temporary_file_is_removed_by_the_next_write"],
+             "a killed stop checkpoint's temporary file stays for good: its name is never written again"),
 ]
 
 

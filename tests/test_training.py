@@ -359,17 +359,19 @@ def test_a_users_files_named_like_checkpoints_are_left_alone(tmp_path):
 # ----------------------------------------------------------------------------- saving
 
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
-    """A SIGKILLed save leaves c.pt.tmp-HOST-PID behind; a later save on that host removes it once
-    PID is gone and the file is older than STALE_TMP_S. Left alone: a running process's (another
-    rank's, another run's), a fresh one (a writer in another PID namespace under the same host
-    name), another host's (on a shared file system its PIDs are not ours to check)."""
+    """A SIGKILLed save leaves c.pt.tmp-HOST-PID behind; a later save into that folder on that host
+    (to any file: a stop checkpoint's name is never written again) removes it once PID is gone and
+    the file is older than STALE_TMP_S. Left alone: a running process's (another rank's, another
+    run's), a fresh one (a writer in another PID namespace under the same host name), another
+    host's (on a shared file system its PIDs are not ours to check)."""
     import socket
     path = str(tmp_path / "c.pt")
     here = f"{path}.tmp-{socket.gethostname()}-"
     dead, running, fresh = f"{here}99999999", f"{here}{os.getppid()}", f"{here}99999998"
+    stop = f"{tmp_path / 'checkpoint_0000137.pt'}.tmp-{socket.gethostname()}-99999999"
     elsewhere = f"{path}.tmp-other-node-99999999"
     old = time.time() - ckpt_lib.STALE_TMP_S - 60
-    for stale in (dead, running, fresh, elsewhere):
+    for stale in (dead, running, fresh, stop, elsewhere):
         open(stale, "wb").write(b"partial bytes")
         if stale != fresh:
             os.utime(stale, (old, old))

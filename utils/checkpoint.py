@@ -98,7 +98,8 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
 
     A crash, a SIGKILL or a full disk mid-write leaves the previous file at `path` untouched. The
     temporary file such a process leaves (`path`.tmp-HOST-PID, possibly a checkpoint's or a dataset
-    cache's size) is removed, best effort, by a later write to `path` from the same host once that
+    cache's size) is removed, best effort, by a later write into the same folder (to any path: a stop
+    checkpoint's name is never written again) from the same host once that
     process is gone and the file has not changed for STALE_TMP_S: another host's (a shared file
     system) has PIDs we cannot check, and a container sharing the host name but not its PID
     namespace is still writing to a file it keeps fresh. On POSIX the folder is fsynced too (best
@@ -106,14 +107,14 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    prefix = f"{path}.tmp-{socket.gethostname()}-"
-    for stale in glob.glob(glob.escape(prefix) + "*"):
-        pid = stale[len(prefix):]
+    marker = f".tmp-{socket.gethostname()}-"
+    for stale in glob.glob(os.path.join(glob.escape(folder), "*" + glob.escape(marker) + "*")):
+        pid = stale.rpartition(marker)[2]
         with contextlib.suppress(OSError):   # another writer may remove it first
             if (re.fullmatch("[0-9]+", pid) and not process_alive(int(pid))
                     and time.time() - os.path.getmtime(stale) > STALE_TMP_S):
                 os.remove(stale)
-    tmp = f"{prefix}{os.getpid()}"
+    tmp = f"{path}{marker}{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             write(f)
