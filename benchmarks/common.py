@@ -9,6 +9,8 @@ import json
 import os
 import platform
 import re
+import signal
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -102,6 +104,40 @@ def parse_benchmark(bench: argparse.ArgumentParser, argv, doc: str):
     if config.num_classes is None:
         config.num_classes = 10  # no dataset to count them from: CIFAR-10's
     return args, config, device
+
+
+def run_script(command: List[str], *, stop_after: Optional[float] = None, check: bool = False, **popen) -> int:
+    """Run a repo script in a subprocess to its end; its exit code. `stop_after` seconds: send it
+    SIGTERM then (a trainer saves and exits). A SIGTERM or SIGINT to this process is passed on to
+    it and waited for, then ends this process too (exit 128 + signal): subprocess.run would leave it
+    running, orphaned (SIGTERM), or kill it 0.25 s after a Ctrl-C, before its stop checkpoint.
+    Only the script is signalled, not its process group: DataLoader workers killed under a trainer
+    would fail its last batch instead of letting it save. `check`: CalledProcessError on exit != 0."""
+    child = subprocess.Popen(command, **popen)
+    stopped = []
+
+    def forward(signum, _frame):
+        stopped.append(signum)
+        child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            child.wait(timeout=stop_after)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGTERM)
+            child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if child.poll() is None:   # this process is failing for another reason: do not orphan the child
+            child.kill()
+            child.wait()
+    if stopped:
+        sys.exit(128 + stopped[0])
+    if check and child.returncode != 0:
+        raise subprocess.CalledProcessError(child.returncode, command)
+    return child.returncode
 
 
 def count_flops_per_image(config, backward: bool) -> int:

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import flow_matching  # noqa: E402
-from benchmarks.common import save_chart  # noqa: E402
+from benchmarks.common import run_script, save_chart  # noqa: E402
 from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
 from data.datasets import build_image_dataset  # noqa: E402
 from models.dit_2d import dit_from_config  # noqa: E402
@@ -206,8 +206,8 @@ def main(argv=None) -> int:
         # The training script itself, in a subprocess with this run's thread count.
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         with open(os.path.join(args.out, f"run{n}.log"), "w") as log:
-            code = subprocess.run([sys.executable, os.path.join(ROOT, "train_flow_matching.py"), *flags],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            code = run_script([sys.executable, os.path.join(ROOT, "train_flow_matching.py"), *flags],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
         if code != 0:
             print(f"error: run {spec!r} exited with code {code}; see {args.out}/run{n}.log", file=sys.stderr)
             return 2 if code == 2 else 1

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -32,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.common import clone_path, save_chart  # noqa: E402
+from benchmarks.common import clone_path, run_script, save_chart  # noqa: E402
 from evaluation.posthoc_ema import SNAPSHOT_DIR, SNAPSHOT_DTYPES, gamma_to_sigma_rel, power_ema_decay  # noqa: E402
 from utils.checkpoint import FINAL_NAMES, load_checkpoint  # noqa: E402
 
@@ -55,7 +54,7 @@ def score(run: str, args, sigma_rels, tag: dict) -> None:
                 str(args.ref_num_images), "--seed", str(config["seed"]), "--batch_size", "250",
                 "--inception_weights", args.inception_weights, "--output_jsonl", out, "--device", args.device]
         argv += ["--ema_sigma_rels", *map(str, sigma_rels)] if sigma_rels else []
-        subprocess.run([sys.executable, os.path.join(ROOT, "evaluate_fid.py"), *argv], check=True)
+        run_script([sys.executable, os.path.join(ROOT, "evaluate_fid.py"), *argv], check=True)
         rows = [json.loads(line) for line in open(out)]
     with open(args.results, "a") as f:
         for row in rows:

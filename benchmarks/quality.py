@@ -65,7 +65,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import flow_matching  # noqa: E402
-from benchmarks.common import clone_path, machine, save_chart  # noqa: E402
+from benchmarks.common import clone_path, machine, run_script, save_chart  # noqa: E402
 from benchmarks.posthoc_ema import summarize as posthoc_summary  # noqa: E402
 from configs.cli import ArgumentParser, finite_float  # noqa: E402
 from configs.flow_matching_config import FlowMatchingConfig, parse_flow_matching_config  # noqa: E402
@@ -236,7 +236,7 @@ def train_repo(flags, run_dir: str) -> str:
     command = [sys.executable, os.path.join(ROOT, "train_flow_matching.py"), "--preset", PRESET, *flags,
                "--checkpoint_dir", run_dir, "--sample_dir", os.path.join(run_dir, "samples")]
     print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    run_script(command, check=True)
     return os.path.join(run_dir, "flow_matching_final.pt")
 
 

@@ -69,7 +69,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from typing import List, Optional, Tuple  # noqa: E402
 
@@ -80,6 +79,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import quality  # noqa: E402
+from benchmarks.common import run_script  # noqa: E402
 from configs.cli import ArgumentParser  # noqa: E402
 import flow_matching  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig, parse_flow_matching_config  # noqa: E402
@@ -227,15 +227,7 @@ def train_repo(flags: List[str], config: FlowMatchingConfig, run_dir: str, deadl
         env.update({name: os.path.join(run_dir, folder) for name, folder in COMPILE_CACHES.items()})
     command = [sys.executable, os.path.join(ROOT, "train_flow_matching.py"), *flags]
     print("$ " + " ".join(command), flush=True)
-    trainer = subprocess.Popen(command, env=env)
-    try:
-        trainer.wait(timeout=max(0.0, deadline - time.perf_counter()))
-    except subprocess.TimeoutExpired:
-        # Only the trainer, not its process group: DataLoader workers killed under it would fail its
-        # last batch instead of letting it save.
-        trainer.send_signal(signal.SIGTERM)
-        trainer.wait()
-    code = trainer.returncode
+    code = run_script(command, stop_after=max(0.0, deadline - time.perf_counter()), env=env)
     if code in (0, 128 + signal.SIGTERM, -signal.SIGTERM):
         return find_latest(config.checkpoint_dir, "flow_matching"), code
     return None, code

@@ -934,6 +934,10 @@ MUTATIONS: List[Mutation] = [
              '    for stale in glob.glob(glob.escape(path + marker) + "*"):',
              ["tests/test_training.py::test_a_killed_writers_temporary_file_is_removed_by_the_next_write"],
              "a killed stop checkpoint's temporary file stays for good: its name is never written again"),
+    Mutation("benchmark_signal_not_forwarded", "benchmarks/common.py",
+             "        child.send_signal(signum)\n", "        pass\n",
+             ["tests/test_speedrun.py::test_a_signal_to_a_benchmark_reaches_the_script_it_runs"],
+             "a SIGTERM to a benchmark leaves its trainer running, orphaned, to its train_steps"),
 ]
 
 

@@ -291,7 +291,7 @@ def test_the_benchmark_names_a_capped_tracked_ema(tmp_path, monkeypatch, step, e
         with open(argv[argv.index("--output_jsonl") + 1], "w") as f:
             f.write(json.dumps({"fid": 50.0}) + "\n")
 
-    monkeypatch.setattr(bench.subprocess, "run", evaluate)
+    monkeypatch.setattr(bench, "run_script", evaluate)
     args = SimpleNamespace(num_samples=10, ref_num_images=10, inception_weights="w", device="cpu",
                            results=str(tmp_path / "rows.jsonl"))
     bench.score(str(tmp_path), args, None, {})

@@ -184,3 +184,26 @@ def test_the_budget_counts_from_the_process_start_not_the_import():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     started_before = float(out.stdout.strip().splitlines()[-1])   # seconds from the origin to `t`
     assert 0 <= started_before < 1.0, started_before
+
+
+def test_a_signal_to_a_benchmark_reaches_the_script_it_runs(tmp_path):
+    """SIGTERM to a benchmark while it waits for a training script (run_script): the script gets
+    the signal (a trainer writes its stop checkpoint) and the benchmark exits after it with 143,
+    instead of dying alone and leaving the trainer running to its train_steps."""
+    import signal
+    child = ("import os, pathlib, signal, sys, time\n"
+             f"done = pathlib.Path({str(tmp_path / 'stopped')!r})\n"
+             "signal.signal(signal.SIGTERM, lambda *_: (done.write_text(str(os.getpid())), sys.exit(143)))\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+    parent = ("import sys\n"
+              "from benchmarks.common import run_script\n"
+              f"sys.exit(run_script([sys.executable, '-c', {child!r}]))\n")
+    bench = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert bench.stdout.readline() == "ready\n"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+        assert (tmp_path / "stopped").exists()
+    finally:
+        bench.kill()
