@@ -938,6 +938,10 @@ MUTATIONS: List[Mutation] = [
              "        child.send_signal(signum)\n", "        pass\n",
              ["tests/test_speedrun.py::test_a_signal_to_a_benchmark_reaches_the_script_it_runs"],
              "a SIGTERM to a benchmark leaves its trainer running, orphaned, to its train_steps"),
+    Mutation("ctrl_c_as_traceback", "utils/launch.py",
+             "    except KeyboardInterrupt:", "    except RunFailed:",
+             ["tests/test_training.py::test_launch_reports_bad_input_in_one_line_and_keeps_a_librarys_traceback"],
+             "a Ctrl-C while generating or scoring prints a full traceback instead of one line"),
 ]
 
 

@@ -1053,3 +1053,13 @@ def test_launch_reports_bad_input_in_one_line_and_keeps_a_librarys_traceback(cap
         launch("prog", "cpu", bad_unpacking)
     with pytest.raises(ValueError, match="invalid literal for int"):
         launch("prog", "cpu", lambda dist: int("x"))
+
+    def ctrl_c(dist):   # Ctrl-C outside the training loop (decoding a cache, generating, scoring)
+        raise KeyboardInterrupt
+    capsys.readouterr()
+    try:
+        code = launch("prog", "cpu", ctrl_c)
+    except KeyboardInterrupt:   # caught here: left to pytest it would end the whole session
+        code = "a KeyboardInterrupt traceback"
+    assert code == 130
+    assert capsys.readouterr().err == "prog: interrupted\n"

@@ -2,7 +2,9 @@
 bad input as one line, ranks down.
 
 Exit codes: 0 done; 2 bad input (a value, a path, a missing optional package), as argparse uses
-for a bad flag; 1 a run that stopped itself (a non-finite loss, a stop checkpoint it could not write). A traceback is kept for real bugs,
+for a bad flag; 1 a run that stopped itself (a non-finite loss, a stop checkpoint it could not
+write); 130 a Ctrl-C outside the training loop (which turns one into a stop checkpoint instead),
+e.g. while generating or scoring, as the shell reports one. A traceback is kept for real bugs,
 including a ValueError raised inside a library (scipy, numpy, torch) or by Python itself in the
 repo's code (an unpacking, an int() of a bad string): only the repo's own checks, `raise
 ValueError(...)` statements, raise ValueErrors written for the user. An exception from a DataLoader
@@ -90,5 +92,8 @@ def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
     except RunFailed as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # the user knows where they pressed it: no traceback
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     finally:
         cleanup_distributed()
