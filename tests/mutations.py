@@ -942,6 +942,10 @@ MUTATIONS: List[Mutation] = [
              "    except KeyboardInterrupt:", "    except RunFailed:",
              ["tests/test_training.py::test_launch_reports_bad_input_in_one_line_and_keeps_a_librarys_traceback"],
              "a Ctrl-C while generating or scoring prints a full traceback instead of one line"),
+    Mutation("torchrun_summary_without_the_error", "utils/launch.py",
+             '    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")', "    error_file = None",
+             ["tests/test_training.py::test_under_torchrun_the_agents_summary_names_the_one_line_error"],
+             "torchrun's summary says 'To enable traceback see ...' instead of the run's one-line error"),
 ]
 
 

@@ -1030,6 +1030,22 @@ def test_train_script_end_to_end(tiny_flags, tmp_path):
     assert "config:" in result.stdout
 
 
+def test_under_torchrun_the_agents_summary_names_the_one_line_error(tmp_path, monkeypatch, capsys):
+    """torchrun's closing summary reads each failed rank's TORCHELASTIC_ERROR_FILE: launch writes
+    its one line there, so the summary's root cause is that line, not "To enable traceback see"."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+    from utils.launch import launch
+
+    def bad_value(dist):
+        raise ValueError("--data_dir /x is not a folder")
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert launch("prog", "cpu", bad_value) == 2
+    assert capsys.readouterr().err == "prog: error: --data_dir /x is not a folder\n"
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message == "prog: error: --data_dir /x is not a folder"
+
+
 def test_launch_reports_bad_input_in_one_line_and_keeps_a_librarys_traceback(capsys):
     """Exit 2 and one line for the repo's own ValueErrors and for OSErrors; a ValueError raised
     inside a library (here the standard library's statistics), or by Python on a line of ours (an

@@ -12,9 +12,11 @@ worker (an image refused or unreadable) is judged and printed as the worker rais
 """
 
 import dis
+import json
 import os
 import re
 import sys
+import time
 from typing import Callable, Optional, Tuple
 
 from utils.distributed import DistInfo, cleanup_distributed, setup_distributed
@@ -78,6 +80,21 @@ def worker_traceback(text: str) -> Optional[Tuple[str, str, str]]:
     return frames[-1].group(1), source[0] if source else "", message or name
 
 
+def report(line: str, code: int) -> int:
+    """Print `line` for the user and return `code`. Under torchrun, also hand it to the agent's
+    error file: its closing summary then names this line as the root cause instead of "To enable
+    traceback see ...", below the other ranks' tracebacks of their broken collectives."""
+    print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:   # the summary only loses the line; it is printed above
+            pass
+    return code
+
+
 def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
     """Run `work` on this process's rank and return the exit code (see the module docstring)."""
     try:
@@ -87,11 +104,9 @@ def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
         message = user_message(err)
         if message is None:
             raise
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
+        return report(f"{prog}: error: {message}", 2)
     except RunFailed as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
+        return report(f"{prog}: error: {err}", 1)
     except KeyboardInterrupt:   # the user knows where they pressed it: no traceback
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
