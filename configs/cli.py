@@ -9,8 +9,11 @@ and one line naming the flag or value (argparse's convention).
 
 import argparse
 import dataclasses
+import sys
 import typing
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Type, TypeVar
+
+from utils.launch import report
 
 T = TypeVar("T")
 
@@ -22,7 +25,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad input as one line (no usage dump) and exits with code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(report(f"{self.prog}: error: {message} (see --help)", 2))
 
 
 def _parse_bool(text: str) -> bool:

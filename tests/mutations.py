@@ -946,6 +946,11 @@ MUTATIONS: List[Mutation] = [
              '    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")', "    error_file = None",
              ["tests/test_training.py::test_under_torchrun_the_agents_summary_names_the_one_line_error"],
              "torchrun's summary says 'To enable traceback see ...' instead of the run's one-line error"),
+    Mutation("torchrun_summary_without_a_flag_error", "configs/cli.py",
+             '        sys.exit(report(f"{self.prog}: error: {message} (see --help)", 2))',
+             '        self.exit(2, f"{self.prog}: error: {message} (see --help)\\n")',
+             ["tests/test_training.py::test_under_torchrun_the_agents_summary_names_the_one_line_error"],
+             "torchrun's summary of a bad flag says 'To enable traceback see ...' instead of the flag's error"),
 ]
 
 

@@ -1044,6 +1044,13 @@ def test_under_torchrun_the_agents_summary_names_the_one_line_error(tmp_path, mo
     assert capsys.readouterr().err == "prog: error: --data_dir /x is not a folder\n"
     failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
     assert failure.message == "prog: error: --data_dir /x is not a folder"
+    # A bad flag, refused by the parser before launch, the same way.
+    from configs.flow_matching_config import parse_flow_matching_config
+    with pytest.raises(SystemExit) as exit:
+        parse_flow_matching_config(["--lr", "x"])
+    assert exit.value.code == 2
+    message = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file)).message
+    assert ": error: argument --lr: invalid float value: 'x'" in message and message in capsys.readouterr().err
 
 
 def test_launch_reports_bad_input_in_one_line_and_keeps_a_librarys_traceback(capsys):
