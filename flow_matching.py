@@ -61,8 +61,9 @@ def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Te
     Randomness (t, dropout, and the noise unless `noise` is given) comes from `generator`. With
     `rows`, the draws are made for a whole batch of `num_rows` samples and rows `rows` are kept:
     every split of one global batch over ranks and micro-batches then gives each sample the same
-    t, noise and dropout (the trainer passes each sample's own `noise` instead, so that no
-    micro-batch draws the noise of the whole batch).
+    t, noise and dropout (the trainer passes `noise` from its own generator, `Draws.normal`, drawn
+    for the whole batch the same way, so that the noise does not depend on how many t and dropout
+    draws a step makes).
     """
     B = data.shape[0]
     n = B if rows is None else num_rows
@@ -349,7 +350,8 @@ def sample(model: Callable, noise: torch.Tensor, y: Optional[torch.Tensor], *, n
     """
     if num_classes > 0:
         if y is None or y.shape[0] != noise.shape[0]:
-            raise ValueError("a class-conditional model needs one label per sample")
+            raise ValueError(f"a class-conditional model needs one label per sample: {noise.shape[0]} samples, "
+                             f"{'no labels' if y is None else f'{y.shape[0]} labels'}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(f"class labels must lie in [0, {num_classes - 1}], got min "
                              f"{int(y.min())}, max {int(y.max())}")

@@ -16,7 +16,7 @@ Writes to --output_dir:
                              most the first 256 samples otherwise)
     images/NNNNNN.png        every sample, NNNNNN its index (also _classK for conditional models)
     samples.npz              with --save_npz: images uint8 (N, H, W, C), labels int64 (N,)
-A run replaces what an earlier run wrote there (its images/NNNNNN*.png and samples.npz go first), so
+A run replaces what an earlier run wrote there (its images/NNNNNN*.png, grid.png and samples.npz go first), so
 the folder never mixes two runs' samples; other files are left alone.
 
 Sample i starts from noise seeded by (--seed, i), and batches are dealt to ranks whole, so the

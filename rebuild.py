@@ -72,7 +72,8 @@ def load_latent_space(ckpt: Dict, vqvae_checkpoint: Optional[str] = None,
     """The latent space of a latent flow checkpoint (its dict), or None for a pixel-space one.
 
     The VQ-VAE comes from `vqvae_checkpoint` when given, else from the path the flow config
-    recorded. ValueError when it is missing or is not the VQ-VAE the model was trained with.
+    recorded. ValueError when no path is known or the file is not the VQ-VAE the model was trained
+    with; FileNotFoundError when the file is missing.
     """
     if "latent" not in ckpt:
         if vqvae_checkpoint is not None:

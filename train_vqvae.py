@@ -52,7 +52,7 @@ def train(config, dist) -> None:
     eval_loader = get_vqvae_eval_loader(config) if config.eval_images and dist.is_main else None
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = vqvae_from_config(config)
-    announce_run(config, model, "vqvae", dist, micro)
+    announce_run(config, model, dist, micro)
     if dist.is_main:
         print(f"latents {'x'.join(map(str, model.latent_shape(config.image_size)))}, "
               f"{config.codebook_size} codes")

@@ -3,7 +3,8 @@
 Presets are applied before command-line flags: `cifar10` (the defaults), `tiny` (a CPU-sized
 run that finishes in a few minutes on 2 cores and still shows a falling loss), `proxy16` (the
 quality benchmark's proxy run, benchmarks/quality.py), and the recipe the ablations chose:
-`cifar10_qk_swiglu` (DiT-B/2) with its proxy twin `proxy16_qk_swiglu`.
+`cifar10_qk_swiglu` (DiT-B/2) with its proxy twin `proxy16_qk_swiglu`, and `cifar10_speedrun`
+(that recipe with a schedule for benchmarks/speedrun.py's fixed-time GPU run).
 """
 
 import importlib.util
@@ -97,14 +98,17 @@ class FlowMatchingConfig(TrainConfig):
                 raise ValueError("--latent_size / --latent_channels are filled from --vqvae_checkpoint; "
                                  "drop them or pass --vqvae_checkpoint PATH")
             if self.image_size % self.patch_size:
-                raise ValueError(f"--image_size {self.image_size} is not divisible by --patch_size {self.patch_size}")
+                raise ValueError(f"--image_size {self.image_size} is not divisible by --patch_size {self.patch_size}; "
+                                 f"pick a --patch_size that divides it")
         elif not os.path.isfile(self.vqvae_checkpoint):
             raise ValueError(f"--vqvae_checkpoint {self.vqvae_checkpoint} does not exist; train one with "
                              f"train_vqvae.py (it writes checkpoints/vqvae.pt) or pass its path")
         if self.latent_size is not None and self.latent_size % self.patch_size:
-            raise ValueError(f"--latent_size {self.latent_size} is not divisible by --patch_size {self.patch_size}")
+            raise ValueError(f"--latent_size {self.latent_size} is not divisible by --patch_size {self.patch_size}; "
+                             f"pick a --patch_size that divides it")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"--hidden_size {self.hidden_size} is not divisible by --num_heads {self.num_heads}")
+            raise ValueError(f"--hidden_size {self.hidden_size} is not divisible by --num_heads {self.num_heads}; "
+                             f"pick a --num_heads that divides it")
         if self.hidden_size % 4:
             raise ValueError(f"--hidden_size {self.hidden_size} must be divisible by 4: the 2D sin-cos positions "
                              f"give a quarter of the channels to each of sin and cos of rows and of columns")

@@ -1,7 +1,8 @@
 """Fields shared by every trainable model (flow model, VQ-VAE): optimization, precision, I/O.
 
 `training/trainer.py` reads only these fields, so any config that subclasses `TrainConfig` can be
-trained by the one trainer.
+trained by the one trainer (its resume check also compares `dataset` and `hflip` where a config
+has them).
 """
 
 import dataclasses
@@ -28,7 +29,7 @@ class TrainConfig:
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon momentum (Nesterov)"})
     muon_weight_decay: float = field(default=0.0, metadata={"help": "Muon decoupled weight decay: each step multiplies its matrices by 1 - lr * this (0, like --weight_decay: DiT trains without decay)"})
     muon_adjust_lr: Literal["match_rms_adamw", "original"] = field(default="match_rms_adamw", metadata={"help": "Muon step size per matrix shape: match_rms_adamw = 0.2*sqrt(max(rows, cols)) (AdamW-sized updates), original = sqrt(max(1, rows/cols)) (Keller Jordan's; the same steps need a --muon_lr 0.2*sqrt(width) times larger)"})
-    muon_split_fused: bool = field(default=True, metadata={"help": "Muon orthogonalizes q, k, v and the six adaLN chunks of the fused weights as separate matrices (false = each fused weight as one matrix, as torch.optim.Muon)"})
+    muon_split_fused: bool = field(default=True, metadata={"help": "Muon orthogonalizes q, k, v, the six adaLN chunks and SwiGLU's gate and value of the fused weights as separate matrices (false = each fused weight as one matrix, as torch.optim.Muon)"})
     warmup_steps: int = field(default=1000, metadata={"help": "linear LR warmup steps"})
     lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={"help": "LR after warmup"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine schedule ends at lr * min_lr_ratio"})
@@ -37,7 +38,7 @@ class TrainConfig:
     ema_decay: float = field(default=0.9999, metadata={"help": "final EMA decay per optimizer step (sampling uses the EMA); with --ema_warmup the decay of step k is min(ema_decay, (1 + k) / (ema_gamma + 2 + k))"})
     ema_gamma: float = field(default=8.0, metadata={"help": "shape of the --ema_warmup ramp: the decay of step k is min(ema_decay, (1 + k) / (gamma + 2 + k)), which weighs step j by ~j^gamma (EDM2's power-function EMA; sigma_rel 0.09 for 8, 0.05 for 17, 0.16 for 3): larger = a shorter average"})
     ema_warmup: bool = field(default=True, metadata={"help": "ramp the EMA decay with the step k: min(ema_decay, (1 + k) / (ema_gamma + 2 + k)). At the default --ema_gamma 8, until ema_decay takes over (step 891 for 0.99, 8,991 for 0.999, ~90k for 0.9999; before that ema_decay has no effect) the EMA weighs step j by ~j^8, EDM2's power-function EMA (sigma_rel 0.09): an average centred 10%% of the run back, 87%% of its weight in the last 20%%. false = ema_decay from the first step, which keeps the initial weights (zero output under adaLN-Zero) in the EMA for ~1 / (1 - ema_decay) steps"})
-    ema_snapshot_every: int = field(default=0, metadata={"help": "post-hoc EMA (EDM2; evaluation/posthoc_ema.py): keep two more power-function EMAs (--ema_snapshot_sigma_rels) and write both every this many steps and at the last step to CHECKPOINT_DIR/ema_snapshots, so that an EMA of any length can be rebuilt after training; the --save_every interval is a good value. 0 = off (no extra EMAs, no cost)"})
+    ema_snapshot_every: int = field(default=0, metadata={"help": "post-hoc EMA (EDM2; evaluation/posthoc_ema.py): keep one more power-function EMA per --ema_snapshot_sigma_rels entry (two by default) and write them all every this many steps and at the last step to CHECKPOINT_DIR/ema_snapshots, so that an EMA of any length can be rebuilt after training; the --save_every interval is a good value. 0 = off (no extra EMAs, no cost)"})
     ema_snapshot_sigma_rels: str = field(default="0.05,0.10", metadata={"help": "the relative widths (sigma_rel) of the post-hoc EMAs, comma-separated; every width between and around them can be rebuilt (EDM2's pair)"})
     ema_snapshot_dtype: Literal["fp32", "fp16", "bf16"] = field(default="fp16", metadata={"help": "dtype of the snapshot files (the EMAs themselves stay fp32): fp16 halves the disk; on a toy run its rebuilt weights differed from fp32's by ~2e-4 relative (1e-3 at sigma_rel 0.03), bf16's by ~2e-3; proxy FID moved by <= 0.01 (fp16) and <= 0.06 (bf16) at a seed spread of 2.0 (benchmarks/README.md, Post-hoc EMA)"})
     # Precision and speed
@@ -96,4 +97,4 @@ class TrainConfig:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"--batch_size {self.batch_size} is not divisible by "
-                             f"--micro_batch_size {self.micro_batch_size}")
+                             f"--micro_batch_size {self.micro_batch_size}; pick a --micro_batch_size that divides it")

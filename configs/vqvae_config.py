@@ -54,7 +54,7 @@ class VQVAEConfig(TrainConfig):
             raise ValueError(f"--downsample_factor must be a power of 2 (1, 2, 4, 8, ...), got {self.downsample_factor}")
         if self.image_size % self.downsample_factor:
             raise ValueError(f"--image_size {self.image_size} is not divisible by --downsample_factor "
-                             f"{self.downsample_factor}")
+                             f"{self.downsample_factor}; pick a smaller --downsample_factor")
         if not 0.0 <= self.codebook_decay < 1.0:
             raise ValueError(f"--codebook_decay must be in [0, 1), got {self.codebook_decay}")
 

@@ -2,8 +2,8 @@
 
     python -m evaluation.posthoc_ema checkpoints --sigma_rel 0.07 [--at_step N] -o checkpoints/ema_0.07.pt
 
-A run trained with --ema_snapshot_every N keeps two power-function EMAs (--ema_snapshot_sigma_rels,
-default 0.05 and 0.10) beside the sampling EMA and writes both every N steps (and at the last step) to
+A run trained with --ema_snapshot_every N keeps a power-function EMA per --ema_snapshot_sigma_rels
+entry (default 0.05 and 0.10) beside the sampling EMA and writes them all every N steps (and at the last step) to
 CHECKPOINT_DIR/ema_snapshots/ema_STEP.pt. Each snapshot is a known average of the trained weights
 theta_0..theta_T; any other power-function average -- another sigma_rel, or an earlier end point --
 is approximated by the linear combination of snapshots whose averaging weights are closest to the

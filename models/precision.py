@@ -62,7 +62,9 @@ def _forward_ad(x: torch.Tensor) -> bool:
     """True when x carries a forward-mode tangent (torch.func.jvp or forward_ad dual tensors).
 
     Never under torch.compile: dynamo cannot trace the functorch query (every attention call
-    would split the compiled graph), and MeanFlow takes its JVP on the eager, unwrapped model.
+    would split the compiled graph), and MeanFlow takes its JVP on the unwrapped model, where
+    blocks compiled in place (--compile_mode blocks) run eagerly on its functorch-wrapped tensors
+    (tests/test_meanflow.py checks that the target is the eager one).
     """
     if torch.compiler.is_compiling():
         return False

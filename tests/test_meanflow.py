@@ -126,6 +126,28 @@ def test_the_jvp_of_the_dit_equals_a_central_difference():
     assert (dudt - central).abs().max() < 1e-4 * dudt.abs().max()
 
 
+def test_the_target_through_blocks_compiled_in_place_equals_the_eager_ones():
+    """--objective meanflow --compile true --compile_mode blocks compiles the raw model's blocks in
+    place, so the JVP (taken on the unwrapped model) calls them on functorch-wrapped tensors, where
+    attention's forward-mode check is skipped under compile: the target must still be the eager
+    model's (dynamo runs such calls eagerly)."""
+    torch.manual_seed(0)
+    eager = DiT2D(8, 2, 3, 32, 2, 2, 4.0, 3, two_times=True)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.copy_(0.1 * torch.randn_like(p))   # not the zero-output initialization
+    compiled = DiT2D(8, 2, 3, 32, 2, 2, 4.0, 3, two_times=True)
+    compiled.load_state_dict(eager.state_dict())
+    for block in compiled.blocks:
+        block.compile()
+    x, v = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.rand(4)
+    r, y = t * torch.rand(4), torch.tensor([0, 1, 2, 3])   # one dropped label: guidance on three rows
+    targets = [fm.meanflow_target(m, x, t, r, y, v, num_classes=3, guidance_scale=1.0, guidance_mix=0.5)
+               for m in (eager, compiled)]
+    torch.testing.assert_close(targets[1], targets[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("num_steps", [1, 2, 3])
 def test_jumps_with_the_exact_u_land_on_the_flow_map_image(num_steps):
     x0 = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -139,10 +139,10 @@ def test_a_cpu_run_says_how_long_it_would_take(tiny_flags, capsys):
 @pytest.mark.parametrize("config_class", [FlowMatchingConfig, VQVAEConfig])
 def test_a_run_shorter_than_its_warmup_says_where_its_lr_ends(config_class, capsys):
     dist = DistInfo(0, 0, 1, torch.device("cpu"))
-    announce_run(config_class(train_steps=5, warmup_steps=20), torch.nn.Linear(2, 2), "run", dist, micro=4)
+    announce_run(config_class(train_steps=5, warmup_steps=20), torch.nn.Linear(2, 2), dist, micro=4)
     assert "note: --warmup_steps 20 is longer than --train_steps 5: the run ends mid-warmup, its learning rates at 25% " \
            "of their peak" in capsys.readouterr().out
-    announce_run(config_class(train_steps=20, warmup_steps=20), torch.nn.Linear(2, 2), "run", dist, micro=4)
+    announce_run(config_class(train_steps=20, warmup_steps=20), torch.nn.Linear(2, 2), dist, micro=4)
     assert "warmup" not in capsys.readouterr().out.split("parameters;")[1]   # the config listing above names the field
 
 

@@ -25,7 +25,7 @@ def check_run_folders(config, kind: str) -> None:
         check_writable(config.sample_dir, f"--sample_dir {config.sample_dir}")
 
 
-def announce_run(config, model: torch.nn.Module, kind: str, dist: DistInfo, micro: int) -> None:
+def announce_run(config, model: torch.nn.Module, dist: DistInfo, micro: int) -> None:
     """Print the resolved config and the model's size and batch split (`micro` images per forward
     on a rank; rank 0 only)."""
     if not dist.is_main:

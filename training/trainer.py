@@ -12,8 +12,11 @@ What differs between models is an *objective* with these members:
                                          adaptively weighted loss is ~1 whatever the error)
 An optional `evaluator` (built by the script, e.g. evaluation.periodic.PeriodicFID) has
     every                                steps between evaluations, and
-    __call__(ema_model)                  -> {name: number} (e.g. FID), called on every rank; rank
-                                         0's result joins metrics.jsonl as its own record
+    __call__(ema_model, stop)            -> {name: number} (e.g. FID), called on every rank; rank
+                                         0's result joins metrics.jsonl as its own record. `stop()`
+                                         (a collective: ask it as often on every rank) says a stop
+                                         signal came; the evaluator then raises
+                                         evaluation.sampling.SamplingStopped
 Everything else lives here: devices and torchrun, AMP, gradient accumulation, clipping, the LR
 schedule, EMA (its decay ramped up from the first step), logging to stdout, metrics.jsonl and
 optionally TensorBoard (with the loss of the EMA and of the raw weights on a fixed probe batch, so
@@ -350,7 +353,7 @@ class Trainer:
 
         The training loss is the raw model's, so it cannot show a bad EMA, which every sample
         comes from; the gap between these two can (an EMA that still holds the zero-output
-        initial weights scores near the loss of v = 0). Eval mode: a VQ-VAE's codebook stays put.
+        initial weights scores near the loss of v = 0). Eval mode: no gradient checkpointing.
         """
         x, y = (t.to(self.device) for t in batch)
         losses, training = {}, self.raw_model.training

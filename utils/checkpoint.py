@@ -166,7 +166,8 @@ def load_checkpoint(path: str, kind: Optional[str] = None) -> Dict[str, Any]:
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of this repo (no 'model' and 'config' keys)")
     if kind is not None and ckpt.get("kind") != kind:
-        raise ValueError(f"{path} is a {ckpt.get('kind')!r} checkpoint, not a {kind!r} one")
+        raise ValueError(f"{path} is a {ckpt.get('kind')!r} checkpoint, not a {kind!r} one; pass one that "
+                         f"train_{kind}.py wrote (its last is {FINAL_NAMES[kind]})")
     return ckpt
 
 

@@ -27,7 +27,7 @@ def check_writable(folder: str, flag: str) -> None:
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise ValueError(f"{flag} cannot be written ({probe} is not a writable folder)")
+        raise ValueError(f"{flag} cannot be written ({probe} is not a writable folder); pass a folder you can write to")
 
 
 def check_seed(seed: int, flag: str = "--seed") -> None:
