@@ -26,7 +26,6 @@ import datetime
 import itertools
 import json
 import os
-import sys
 import time
 import zipfile
 
@@ -37,7 +36,7 @@ from configs.cli import ArgumentParser, finite_float
 from data.datasets import build_image_dataset
 from evaluation import fid, posthoc_ema
 from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
-from utils.launch import launch
+from utils.launch import launch, run_main
 from utils.distributed import wait_for_all_ranks
 from utils.validation import check_fid_sample_count, check_sigma_rel
 
@@ -267,4 +266,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

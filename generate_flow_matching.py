@@ -29,7 +29,6 @@ import argparse
 import math
 import os
 import re
-import sys
 import time
 
 import numpy as np
@@ -39,7 +38,7 @@ from configs.cli import ArgumentParser
 from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
 from utils.checkpoint import write_atomically
 from utils.distributed import wait_for_all_ranks
-from utils.launch import launch
+from utils.launch import launch, run_main
 from utils.images import make_grid, save_image
 from utils.validation import check_writable
 
@@ -158,4 +157,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

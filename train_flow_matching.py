@@ -13,7 +13,6 @@ metrics.jsonl to --checkpoint_dir and EMA sample grids to --sample_dir.
 
 import dataclasses
 import os
-import sys
 
 import torch
 
@@ -22,7 +21,7 @@ from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from rebuild import initial_weights, load_vqvae
 from training.startup import announce_run, check_run_folders, save_run_config
-from utils.launch import launch
+from utils.launch import launch, run_main
 from evaluation.periodic import PeriodicFID
 from training.objectives import FlowMatchingObjective
 from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size
@@ -64,4 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

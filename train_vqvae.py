@@ -16,7 +16,6 @@ vqvae_config.json, vqvae_step_*.png), so the flow run can share checkpoints/ and
 
 import json
 import os
-import sys
 
 import torch
 
@@ -26,7 +25,7 @@ from evaluation.reconstruction import evaluate_reconstruction
 from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, vqvae_from_config
 from utils.checkpoint import run_file
 from training.startup import announce_run, check_run_folders, save_run_config
-from utils.launch import launch
+from utils.launch import launch, run_main
 from training.objectives import VQVAEObjective
 from training.trainer import Trainer, micro_batch_size
 
@@ -73,4 +72,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

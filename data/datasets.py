@@ -39,6 +39,8 @@ def load_image(path: str) -> Image.Image:
             image = Image.open(f)
             image.load()
     except OSError as err:   # PIL's messages ("Truncated File Read") need not name the file
+        if err.errno is not None:   # the system's (too many open files, a network share): the file may be fine
+            raise
         raise OSError(f"{path} cannot be read as an image ({err}): replace or delete it") from None
     if image.mode.startswith("I") or image.mode == "F":
         pixels = np.asarray(image, dtype=np.float64)

@@ -952,6 +952,18 @@ MUTATIONS: List[Mutation] = [
              '        self.exit(2, f"{self.prog}: error: {message} (see --help)\\n")',
              ["tests/test_training.py::test_under_torchrun_the_agents_summary_names_the_one_line_error"],
              "torchrun's summary of a bad flag says 'To enable traceback see ...' instead of the flag's error"),
+    Mutation("system_errors_blamed_on_the_image", "data/datasets.py",
+             "        if err.errno is not None:", "        if False:",
+             ["tests/test_training.py::test_a_system_error_reading_an_image_is_not_blamed_on_the_file"],
+             "too many open files reads as 'replace or delete' this image"),
+    Mutation("ctrl_c_exit_code_only", "utils/launch.py",
+             "    if code == 128 + signal.SIGINT and os.name == \"posix\":", "    if False:",
+             ["tests/test_training.py::test_a_ctrl_c_exit_ends_the_script_by_sigint_so_a_shell_loop_stops"],
+             "a Ctrl-C'd generate exits 130 and the shell loop running it goes on to its next command"),
+    Mutation("torchrun_root_cause_tie", "utils/launch.py",
+             '"timestamp": int(time.time()) - 1}', '"timestamp": int(time.time())}',
+             ["tests/test_training.py::test_under_torchrun_the_agents_summary_names_the_one_line_error"],
+             "torchrun names a rank that failed only in a collective as the root cause"),
 ]
 
 

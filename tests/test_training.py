@@ -834,6 +834,19 @@ def test_an_image_without_an_8_bit_scale_is_refused_by_name(tmp_path, pixels):
         load_image(str(path))
 
 
+def test_a_system_error_reading_an_image_is_not_blamed_on_the_file(tmp_path):
+    """An OSError with an errno (too many open files, a network share gone, here a folder) is the
+    system's: it keeps its type and message instead of "cannot be read as an image: replace or
+    delete it", which would have the user delete good images; a file PIL cannot decode gets that."""
+    from data.datasets import load_image
+    with pytest.raises(IsADirectoryError) as err:
+        load_image(str(tmp_path))
+    assert "replace or delete" not in str(err.value)
+    (tmp_path / "noise.png").write_bytes(b"not an image")
+    with pytest.raises(OSError, match=r"noise.png cannot be read as an image .*: replace or delete it"):
+        load_image(str(tmp_path / "noise.png"))
+
+
 @pytest.mark.parametrize("bad, data_loader", [("32_bit.tif", "workers"), ("truncated.jpg", "device")])
 def test_a_bad_image_read_by_a_worker_is_one_line_naming_it(tiny_flags, tmp_path, bad, data_loader):
     """An image refused (ValueError) or unreadable (OSError) in a DataLoader worker, as the worker
@@ -1033,7 +1046,7 @@ def test_train_script_end_to_end(tiny_flags, tmp_path):
 def test_under_torchrun_the_agents_summary_names_the_one_line_error(tmp_path, monkeypatch, capsys):
     """torchrun's closing summary reads each failed rank's TORCHELASTIC_ERROR_FILE: launch writes
     its one line there, so the summary's root cause is that line, not "To enable traceback see"."""
-    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
     from utils.launch import launch
 
     def bad_value(dist):
@@ -1042,8 +1055,12 @@ def test_under_torchrun_the_agents_summary_names_the_one_line_error(tmp_path, mo
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     assert launch("prog", "cpu", bad_value) == 2
     assert capsys.readouterr().err == "prog: error: --data_dir /x is not a folder\n"
-    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file=str(error_file))
     assert failure.message == "prog: error: --data_dir /x is not a folder"
+    # Rank 0, which then failed in a collective without a file, is stamped when the agent sees it,
+    # often in the same second; the root cause must still be rank 1's line.
+    other = ProcessFailure(local_rank=0, pid=2, exitcode=1, error_file=str(tmp_path / "none.json"))
+    assert ChildFailedError("prog", {0: other, 1: failure}).get_first_failure()[0] == 1
     # A bad flag, refused by the parser before launch, the same way.
     from configs.flow_matching_config import parse_flow_matching_config
     with pytest.raises(SystemExit) as exit:
@@ -1051,6 +1068,19 @@ def test_under_torchrun_the_agents_summary_names_the_one_line_error(tmp_path, mo
     assert exit.value.code == 2
     message = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file)).message
     assert ": error: argument --lr: invalid float value: 'x'" in message and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="ending by a signal is POSIX")
+@pytest.mark.parametrize("main, returncode", [("lambda: 130", -signal.SIGINT), ("stop", -signal.SIGINT),
+                                              ("lambda: 2", 2), ("lambda: 143", 143)])
+def test_a_ctrl_c_exit_ends_the_script_by_sigint_so_a_shell_loop_stops(main, returncode):
+    """run_main turns 130 (launch's 'interrupted', or the trainer's stop checkpoint's sys.exit) into
+    death by SIGINT: bash stops a loop or script only when its child died by the signal, and goes
+    on to the next command after a plain exit 130. Other codes pass through unchanged."""
+    code = ("import sys\nfrom utils.launch import run_main\n"
+            "def stop():\n    sys.exit(130)\n"
+            f"run_main({main})\n")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == returncode
 
 
 def test_launch_reports_bad_input_in_one_line_and_keeps_a_librarys_traceback(capsys):

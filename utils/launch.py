@@ -15,9 +15,10 @@ import dis
 import json
 import os
 import re
+import signal
 import sys
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, NoReturn, Optional, Tuple
 
 from utils.distributed import DistInfo, cleanup_distributed, setup_distributed
 
@@ -89,10 +90,32 @@ def report(line: str, code: int) -> int:
     if error_file:
         try:
             with open(error_file, "w") as f:
-                json.dump({"message": line, "timestamp": int(time.time())}, f)
+                # The agent names the failure with the earliest whole-second timestamp the root cause,
+                # and stamps a rank without an error file (one that failed in a collective because
+                # of this one) when it sees it, often within the same second: one second earlier
+                # wins that tie.
+                json.dump({"message": line, "timestamp": int(time.time()) - 1}, f)
         except OSError:   # the summary only loses the line; it is printed above
             pass
     return code
+
+
+def run_main(main: Callable[[], Optional[int]]) -> NoReturn:
+    """A script's `if __name__ == "__main__"`: run main() and end the process with its exit code.
+    A Ctrl-C (130 = 128 + SIGINT: launch's interrupted line or the trainer's stop checkpoint) ends
+    it by SIGINT itself, as an uncaught KeyboardInterrupt does: a shell loop or script running it
+    stops too, where a plain exit 130 would let it go on to its next command (bash's
+    wait-and-cooperative-exit)."""
+    try:
+        code = main()
+    except SystemExit as stop:   # the trainer's stop exit, argparse's
+        code = stop.code
+    if code == 128 + signal.SIGINT and os.name == "posix":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(code)
 
 
 def launch(prog: str, device: str, work: Callable[[DistInfo], None]) -> int:
