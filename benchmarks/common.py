@@ -27,6 +27,7 @@ from configs.cli import ArgumentParser  # noqa: E402
 from configs.flow_matching_config import parse_flow_matching_config  # noqa: E402
 from models.dit_2d import dit_from_config, input_shape  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
+from utils.launch import end_process  # noqa: E402
 
 
 # The fused SDPA kernels a benchmark may restrict attention to (PyTorch picks among them by default:
@@ -108,20 +109,31 @@ def parse_benchmark(bench: argparse.ArgumentParser, argv, doc: str):
 
 def run_script(command: List[str], *, stop_after: Optional[float] = None, check: bool = False, **popen) -> int:
     """Run a repo script in a subprocess to its end; its exit code. `stop_after` seconds: send it
-    SIGTERM then (a trainer saves and exits). A SIGTERM or SIGINT to this process is passed on to
-    it and waited for, then ends this process too (exit 128 + signal): subprocess.run would leave it
-    running, orphaned (SIGTERM), or kill it 0.25 s after a Ctrl-C, before its stop checkpoint.
-    Only the script is signalled, not its process group: DataLoader workers killed under a trainer
-    would fail its last batch instead of letting it save. `check`: CalledProcessError on exit != 0."""
-    child = subprocess.Popen(command, **popen)
-    stopped = []
+    SIGTERM then (a trainer saves and exits). On POSIX a SIGTERM or SIGINT to this process is passed
+    on to it and waited for, then ends this process too (as the script would: 128 + signal, or by
+    SIGINT): subprocess.run would leave it running, orphaned (SIGTERM), or kill it 0.25 s after a
+    Ctrl-C, before its stop checkpoint. The script runs in its own process group, so a terminal's
+    Ctrl-C (sent to the foreground group) reaches it once, forwarded, not twice (a second SIGINT
+    would interrupt its clean exit). Only the script is signalled, not its group: DataLoader workers
+    killed under a trainer would fail its last batch instead of letting it save. On Windows the
+    console gives Ctrl-C to every process itself. `check`: CalledProcessError on exit != 0."""
+    posix = os.name == "posix"
+    stopped, children = [], []
 
     def forward(signum, _frame):
         stopped.append(signum)
-        child.send_signal(signum)
+        for child in children:
+            child.send_signal(signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    # Installed before the script starts, so no signal in between orphans it; an ignored SIGINT
+    # (a background job of a non-interactive shell) stays ignored.
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)
+                if posix and signal.getsignal(signum) is not signal.SIG_IGN}
     try:
+        children.append(subprocess.Popen(command, **({"preexec_fn": os.setpgrp} if posix else {}), **popen))
+        child = children[0]
+        if stopped:   # a signal came while it started
+            child.send_signal(stopped[0])
         try:
             child.wait(timeout=stop_after)
         except subprocess.TimeoutExpired:
@@ -129,12 +141,13 @@ def run_script(command: List[str], *, stop_after: Optional[float] = None, check:
             child.wait()
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if child.poll() is None:   # this process is failing for another reason: do not orphan the child
-            child.kill()
-            child.wait()
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for child in children:
+            if child.poll() is None:   # this process is failing for another reason: do not orphan it
+                child.kill()
+                child.wait()
     if stopped:
-        sys.exit(128 + stopped[0])
+        end_process(128 + stopped[0])
     if check and child.returncode != 0:
         raise subprocess.CalledProcessError(child.returncode, command)
     return child.returncode

@@ -964,6 +964,14 @@ MUTATIONS: List[Mutation] = [
              '"timestamp": int(time.time()) - 1}', '"timestamp": int(time.time())}',
              ["tests/test_training.py::test_under_torchrun_the_agents_summary_names_the_one_line_error"],
              "torchrun names a rank that failed only in a collective as the root cause"),
+    Mutation("benchmark_script_in_its_group", "benchmarks/common.py",
+             '**({"preexec_fn": os.setpgrp} if posix else {})', "**{}",
+             ["tests/test_speedrun.py::test_a_terminal_ctrl_c_reaches_the_script_once_and_ends_the_benchmark_by_sigint"],
+             "a terminal's Ctrl-C reaches the script twice (the group's and the forwarded one)"),
+    Mutation("benchmark_ctrl_c_exit_code_only", "benchmarks/common.py",
+             "        end_process(128 + stopped[0])", "        sys.exit(128 + stopped[0])",
+             ["tests/test_speedrun.py::test_a_terminal_ctrl_c_reaches_the_script_once_and_ends_the_benchmark_by_sigint"],
+             "a Ctrl-C'd benchmark exits 130 and the shell script running it goes on"),
 ]
 
 

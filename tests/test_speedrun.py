@@ -207,3 +207,33 @@ def test_a_signal_to_a_benchmark_reaches_the_script_it_runs(tmp_path):
         assert (tmp_path / "stopped").exists()
     finally:
         bench.kill()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups and signal forwarding are POSIX")
+def test_a_terminal_ctrl_c_reaches_the_script_once_and_ends_the_benchmark_by_sigint(tmp_path):
+    """A terminal sends Ctrl-C's SIGINT to its foreground process group. run_script starts the script
+    in a group of its own, so it gets one SIGINT (forwarded), not a second one that would interrupt
+    its clean exit; the benchmark then ends by SIGINT, so a shell loop running it stops."""
+    import signal
+    count = tmp_path / "sigints"
+    child = ("import pathlib, signal, sys, time\n"
+             f"count = pathlib.Path({str(count)!r})\n"
+             "got = []\n"
+             "signal.signal(signal.SIGINT, lambda *_: got.append(1))\n"
+             "print('ready', flush=True)\n"
+             "while not got:\n    time.sleep(0.01)\n"
+             "time.sleep(1.0)\n"   # a second SIGINT, if any, lands here
+             "count.write_text(str(len(got)))\n"
+             "sys.exit(130)\n")
+    parent = ("import sys\n"
+              "from benchmarks.common import run_script\n"
+              f"sys.exit(run_script([sys.executable, '-c', {child!r}]))\n")
+    bench = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)   # its own group, as a terminal's job
+    try:
+        assert bench.stdout.readline() == "ready\n"
+        os.killpg(bench.pid, signal.SIGINT)
+        assert bench.wait(timeout=30) == -signal.SIGINT
+        assert count.read_text() == "1"
+    finally:
+        bench.kill()

@@ -110,6 +110,11 @@ def run_main(main: Callable[[], Optional[int]]) -> NoReturn:
         code = main()
     except SystemExit as stop:   # the trainer's stop exit, argparse's
         code = stop.code
+    end_process(code)
+
+
+def end_process(code: Optional[int]) -> NoReturn:
+    """sys.exit(code), except that 130 (128 + SIGINT) ends the process by SIGINT (see run_main)."""
     if code == 128 + signal.SIGINT and os.name == "posix":
         sys.stdout.flush()
         sys.stderr.flush()
