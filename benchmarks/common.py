@@ -118,11 +118,11 @@ def run_script(command: List[str], *, stop_after: Optional[float] = None, check:
     killed under a trainer would fail its last batch instead of letting it save. On Windows the
     console gives Ctrl-C to every process itself. `check`: CalledProcessError on exit != 0."""
     posix = os.name == "posix"
-    stopped, children = [], []
+    stopped, child = [], None
 
     def forward(signum, _frame):
         stopped.append(signum)
-        for child in children:
+        if child is not None:
             child.send_signal(signum)
 
     # Installed before the script starts, so no signal in between orphans it; an ignored SIGINT
@@ -130,8 +130,7 @@ def run_script(command: List[str], *, stop_after: Optional[float] = None, check:
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)
                 if posix and signal.getsignal(signum) is not signal.SIG_IGN}
     try:
-        children.append(subprocess.Popen(command, **({"preexec_fn": os.setpgrp} if posix else {}), **popen))
-        child = children[0]
+        child = subprocess.Popen(command, **({"preexec_fn": os.setpgrp} if posix else {}), **popen)
         if stopped:   # a signal came while it started
             child.send_signal(stopped[0])
         try:
@@ -142,10 +141,9 @@ def run_script(command: List[str], *, stop_after: Optional[float] = None, check:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        for child in children:
-            if child.poll() is None:   # this process is failing for another reason: do not orphan it
-                child.kill()
-                child.wait()
+        if child is not None and child.poll() is None:   # failing for another reason: do not orphan it
+            child.kill()
+            child.wait()
     if stopped:
         end_process(128 + stopped[0])
     if check and child.returncode != 0:

@@ -23,8 +23,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class FlowMatchingObjective:
-    """The flow-matching MSE (or, with --objective meanflow, MeanFlow's loss) for training; an EMA class grid (a row per class) for monitoring, sampled
-    with the config's settings (solver, steps, CFG scale and interval, time shift).
+    """The flow-matching MSE (or, with --objective meanflow, MeanFlow's loss) for training; an EMA
+    class grid (a row per class) for monitoring, sampled with the config's settings (solver, steps,
+    CFG scale and interval, time shift).
 
     With a `latent_space` (models.vqvae.LatentSpace) the model works on normalized VQ-VAE
     latents: grids are decoded to pixels and the checkpoint stores the normalization.
