@@ -224,3 +224,70 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
     assert not alive, "a rank hung"
     outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
     assert all("non-finite at step 2" in o for o in outcomes), outcomes
+
+
+def _stop_after_a_failed_periodic_write(rank, port, folder, out_dir):
+    from configs.cli import make_config
+    from configs.flow_matching_config import FlowMatchingConfig
+    from data.flow_matching_dataset import get_flow_matching_dataloader
+    from models.dit_2d import dit_from_config
+    from training import trainer as trainer_module
+    from training.objectives import FlowMatchingObjective
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    info = setup_distributed("cpu")
+    writes, real_save = [], trainer_module.save_checkpoint
+
+    def full_disk_once(obj, path):
+        writes.append(os.path.basename(path))
+        if len(writes) == 1:
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
+    trainer_module.save_checkpoint = full_disk_once
+    try:
+        config = make_config(FlowMatchingConfig, {
+            "dataset": "imagefolder", "data_dir": folder, "image_size": 8, "hidden_size": 32, "depth": 1,
+            "num_heads": 2, "batch_size": 4, "num_workers": 0, "mixed_precision": "no", "device": "cpu",
+            "train_steps": 100, "save_every": 1, "log_every": 100, "sample_every": 0,
+            "checkpoint_dir": os.path.join(out_dir, "ckpt")})
+        loader, data = get_flow_matching_dataloader(config, batch_size=2, rank=rank, world_size=2)
+        config = dataclasses.replace(config, **data.config_fields(config))
+        trainer = trainer_module.Trainer(config, dit_from_config(config), FlowMatchingObjective(config, info.device),
+                                         loader, info)
+        if rank == 1:
+            trainer.stop_signal = 15   # only rank 1 was signalled; the loop stops after its first step
+        try:
+            trainer.fit()
+            outcome = "finished"
+        except SystemExit as exit_:
+            outcome = f"exit {exit_.code}: {writes}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        cleanup_distributed()
+
+
+def test_a_stop_after_rank_zeros_periodic_write_failed_writes_it_on_every_rank_together(image_folder, tmp_path):
+    """Rank 0 could not write step 1's periodic checkpoint (a full disk) and rank 1 gets a stop
+    signal at that step: the ranks must agree to write it again (a collective), or rank 0 writes
+    alone while rank 1 waits elsewhere, and the run hangs instead of saving its stop checkpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_stop_after_a_failed_periodic_write, args=(rank, port, image_folder, str(tmp_path)))
+             for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung"
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert outcomes == ["exit 143: ['checkpoint_0000001.pt', 'checkpoint_0000001.pt']", "exit 143: []"], outcomes
+    assert load_checkpoint(str(tmp_path / "ckpt" / "checkpoint_0000001.pt"))["step"] == 1

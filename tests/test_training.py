@@ -480,6 +480,31 @@ def test_a_stop_signal_also_writes_the_steps_ema_snapshot(tiny_flags):
     assert reconstruct(ckpt_dir, 0.07, at_step=1)["posthoc_ema"]["snapshots"] == [1]
 
 
+@pytest.mark.parametrize("periodic_write_fails", [False, True])
+def test_a_stop_on_a_save_step_writes_its_checkpoint_once(tiny_flags, monkeypatch, periodic_write_fails):
+    """A stop signal on a step that has just been saved (and snapshotted) must not write the same
+    checkpoint and snapshot again: a DiT-B/2 checkpoint is ~2 GB, and the scheduler's grace before
+    SIGKILL is short. If that step's periodic write failed (a full disk), the stop writes it."""
+    from training import trainer as trainer_module
+    trainer, _ = tiny_trainer(tiny_flags, 8, train_steps=100, save_every=1, ema_snapshot_every=1, log_every=100,
+                              sample_every=0)
+    trainer.stop_signal = signal.SIGTERM   # as the handler sets it: the loop stops after its first step
+    writes, real_save = [], trainer_module.save_checkpoint
+
+    def counted_save(obj, path):
+        writes.append(os.path.basename(path))
+        if periodic_write_fails and writes == ["ema_0000001.pt", "checkpoint_0000001.pt"]:
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", counted_save)
+    with pytest.raises(SystemExit):
+        trainer.fit()
+    assert writes == ["ema_0000001.pt", "checkpoint_0000001.pt"] + ["checkpoint_0000001.pt"] * periodic_write_fails
+    ckpt_dir = flag_value(tiny_flags, "--checkpoint_dir")
+    assert load(os.path.join(ckpt_dir, "checkpoint_0000001.pt"))["step"] == 1
+
+
 class InfGradient(torch.autograd.Function):
     """The identity forward, an infinite gradient backward: a finite loss whose step would make NaN weights."""
 

@@ -57,7 +57,7 @@ from evaluation.sampling import SamplingStopped
 from utils.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, load_checkpoint, periodic_checkpoint,
                               prune_checkpoints, run_file, save_checkpoint, set_rng_state, training_checkpoint,
                               with_defaults)
-from utils.distributed import DistInfo, any_rank, wait_for_all_ranks
+from utils.distributed import DistInfo, all_ranks, any_rank, wait_for_all_ranks
 from utils.launch import RunFailed
 from utils.validation import parse_sigma_rels
 from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
@@ -210,6 +210,9 @@ class Trainer:
         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
         self.writer = None
         self.last_checkpoint: Optional[str] = None
+        # The steps of the last checkpoint and snapshot written (a checkpoint: on ranks > 0, attempted),
+        # so a stop on a save step does not write the same gigabytes again inside a scheduler's grace.
+        self.saved_step, self.snapshot_step = -1, -1
         self.final_path = os.path.join(config.checkpoint_dir, FINAL_NAMES[objective.kind])
         self.metrics_path = run_file(config.checkpoint_dir, objective.kind, "metrics.jsonl")
         if config.resume:
@@ -480,6 +483,7 @@ class Trainer:
             path = os.path.join(snapshot_dir(c.checkpoint_dir, kind), SNAPSHOT_PATTERN.format(step=self.step))
             save_checkpoint(snapshot(self.step, self.posthoc_sigma_rels, self.posthoc_emas, c.ema_snapshot_dtype,
                                      dataclasses.asdict(c), kind, self.objective.checkpoint_extras()), path)
+        self.snapshot_step = self.step
 
     def _save(self, path: str, required: bool = False) -> None:
         """The checkpoint to `path` (rank 0; atomic). A periodic one that cannot be written (a full
@@ -498,7 +502,7 @@ class Trainer:
                 return
             prune_checkpoints(self.config.checkpoint_dir, self.config.keep_checkpoints, self.objective.kind)
             tqdm.write(f"saved {path} (step {self.step})")
-        self.last_checkpoint = path
+        self.last_checkpoint, self.saved_step = path, self.step
 
     def _resume(self, resume: str) -> None:
         path = resume
@@ -578,9 +582,12 @@ class Trainer:
         path = periodic_checkpoint(self.config.checkpoint_dir, self.objective.kind, self.step)
         signum = self.stop_signal or signal.SIGTERM
         try:
-            if self.posthoc_emas:  # the post-hoc EMA at this checkpoint's step needs this step's snapshot
+            # The post-hoc EMA at this checkpoint's step needs this step's snapshot.
+            if self.posthoc_emas and self.snapshot_step != self.step:
                 self._snapshot()
-            self._save(path, required=True)
+            # Every rank must agree: rank 0's periodic write of this step may have failed.
+            if not all_ranks(self.saved_step == self.step):
+                self._save(path, required=True)
         except OSError as err:   # a requeued --resume latest would silently go back to an older one
             raise RunFailed(f"stopped by {signal.Signals(signum).name} after step {self.step}, but its checkpoint "
                             f"{path} could not be written ({err}); the last one written is "
