@@ -1,6 +1,7 @@
 """torchrun on CPU (gloo, 2 processes): training matches one process, sampling matches exactly,
 and a 2-rank checkpoint resumes on 1 rank; torchrun with 1 process takes the same path."""
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -173,12 +174,14 @@ class NaNOnRankOneAtStep2:
         return {}
 
 
-def _train_until_nan(rank, port, folder, out_dir):
+@contextlib.contextmanager
+def gloo_trainer(rank, port, folder, out_dir, objective, **overrides):
+    """Rank `rank` of 2 (gloo) of a tiny run on `folder`; `objective(config, device)` builds its objective."""
     from configs.cli import make_config
     from configs.flow_matching_config import FlowMatchingConfig
     from data.flow_matching_dataset import get_flow_matching_dataloader
     from models.dit_2d import dit_from_config
-    from training.trainer import NonFiniteLoss, Trainer
+    from training.trainer import Trainer
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -188,32 +191,22 @@ def _train_until_nan(rank, port, folder, out_dir):
         config = make_config(FlowMatchingConfig, {
             "dataset": "imagefolder", "data_dir": folder, "image_size": 8, "hidden_size": 32, "depth": 1,
             "num_heads": 2, "batch_size": 4, "num_workers": 0, "mixed_precision": "no", "device": "cpu",
-            "train_steps": 6, "save_every": 100, "log_every": 2, "sample_every": 0,
-            "checkpoint_dir": os.path.join(out_dir, "ckpt")})
+            "sample_every": 0, "checkpoint_dir": os.path.join(out_dir, "ckpt"), **overrides})
         loader, data = get_flow_matching_dataloader(config, batch_size=2, rank=rank, world_size=2)
         config = dataclasses.replace(config, **data.config_fields(config))
-        trainer = Trainer(config, dit_from_config(config), NaNOnRankOneAtStep2(rank), loader, info)
-        try:
-            trainer.fit()
-            outcome = "finished"
-        except NonFiniteLoss as err:
-            outcome = str(err)
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(outcome)
+        yield Trainer(config, dit_from_config(config), objective(config, info.device), loader, info)
     finally:
         cleanup_distributed()
 
 
-def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
-    """Only rank 1's loss is NaN (as under fp16, where GradScaler skips the step on every rank):
-    both ranks stop at the same check naming the same step, instead of one waiting forever in
-    the next collective for the other."""
+def on_two_ranks(target, folder, out_dir):
+    """Runs target(rank, port, folder, out_dir) in 2 spawned processes; returns what each wrote to
+    rank<r>.txt, after failing the test if a rank hung."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_train_until_nan, args=(rank, port, image_folder, str(tmp_path)))
-             for rank in range(2)]
+    procs = [ctx.Process(target=target, args=(rank, port, folder, str(out_dir))) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -222,22 +215,36 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
     for p in alive:
         p.kill()
     assert not alive, "a rank hung"
-    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    return [(out_dir / f"rank{rank}.txt").read_text() for rank in range(2)]
+
+
+def _train_until_nan(rank, port, folder, out_dir):
+    from training.trainer import NonFiniteLoss
+
+    with gloo_trainer(rank, port, folder, out_dir, lambda config, device: NaNOnRankOneAtStep2(rank),
+                      train_steps=6, save_every=100, log_every=2, mixed_precision="fp16") as trainer:
+        try:
+            trainer.fit()
+            outcome = "finished"
+        except NonFiniteLoss as err:
+            outcome = str(err)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(image_folder, tmp_path):
+    """Under fp16 only rank 1's loss is NaN; GradScaler skips the step on every rank, so rank 0's
+    own loss and weights stay finite (in fp32 or bf16 the all-reduced NaN gradient would show on
+    both ranks and hide a per-rank check): both ranks stop at the same check naming the same step, instead of one waiting forever in
+    the next collective for the other."""
+    outcomes = on_two_ranks(_train_until_nan, image_folder, tmp_path)
     assert all("non-finite at step 2" in o for o in outcomes), outcomes
 
 
 def _stop_after_a_failed_periodic_write(rank, port, folder, out_dir):
-    from configs.cli import make_config
-    from configs.flow_matching_config import FlowMatchingConfig
-    from data.flow_matching_dataset import get_flow_matching_dataloader
-    from models.dit_2d import dit_from_config
     from training import trainer as trainer_module
     from training.objectives import FlowMatchingObjective
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    info = setup_distributed("cpu")
     writes, real_save = [], trainer_module.save_checkpoint
 
     def full_disk_once(obj, path):
@@ -247,16 +254,8 @@ def _stop_after_a_failed_periodic_write(rank, port, folder, out_dir):
         real_save(obj, path)
 
     trainer_module.save_checkpoint = full_disk_once
-    try:
-        config = make_config(FlowMatchingConfig, {
-            "dataset": "imagefolder", "data_dir": folder, "image_size": 8, "hidden_size": 32, "depth": 1,
-            "num_heads": 2, "batch_size": 4, "num_workers": 0, "mixed_precision": "no", "device": "cpu",
-            "train_steps": 100, "save_every": 1, "log_every": 100, "sample_every": 0,
-            "checkpoint_dir": os.path.join(out_dir, "ckpt")})
-        loader, data = get_flow_matching_dataloader(config, batch_size=2, rank=rank, world_size=2)
-        config = dataclasses.replace(config, **data.config_fields(config))
-        trainer = trainer_module.Trainer(config, dit_from_config(config), FlowMatchingObjective(config, info.device),
-                                         loader, info)
+    with gloo_trainer(rank, port, folder, out_dir, FlowMatchingObjective,
+                      train_steps=100, save_every=1, log_every=100) as trainer:
         if rank == 1:
             trainer.stop_signal = 15   # only rank 1 was signalled; the loop stops after its first step
         try:
@@ -266,28 +265,12 @@ def _stop_after_a_failed_periodic_write(rank, port, folder, out_dir):
             outcome = f"exit {exit_.code}: {writes}"
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(outcome)
-    finally:
-        cleanup_distributed()
 
 
 def test_a_stop_after_rank_zeros_periodic_write_failed_writes_it_on_every_rank_together(image_folder, tmp_path):
     """Rank 0 could not write step 1's periodic checkpoint (a full disk) and rank 1 gets a stop
     signal at that step: the ranks must agree to write it again (a collective), or rank 0 writes
     alone while rank 1 waits elsewhere, and the run hangs instead of saving its stop checkpoint."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_stop_after_a_failed_periodic_write, args=(rank, port, image_folder, str(tmp_path)))
-             for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung"
-    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    outcomes = on_two_ranks(_stop_after_a_failed_periodic_write, image_folder, tmp_path)
     assert outcomes == ["exit 143: ['checkpoint_0000001.pt', 'checkpoint_0000001.pt']", "exit 143: []"], outcomes
     assert load_checkpoint(str(tmp_path / "ckpt" / "checkpoint_0000001.pt"))["step"] == 1
