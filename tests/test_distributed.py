@@ -175,6 +175,18 @@ class NaNOnRankOneAtStep2:
 
 
 @contextlib.contextmanager
+def gloo_rank(rank, port):
+    """This spawned process as rank `rank` of 2 (gloo, CPU); yields its DistInfo."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    try:
+        yield setup_distributed("cpu")
+    finally:
+        cleanup_distributed()
+
+
+@contextlib.contextmanager
 def gloo_trainer(rank, port, folder, out_dir, objective, **overrides):
     """Rank `rank` of 2 (gloo) of a tiny run on `folder`; `objective(config, device)` builds its objective."""
     from configs.cli import make_config
@@ -183,11 +195,7 @@ def gloo_trainer(rank, port, folder, out_dir, objective, **overrides):
     from models.dit_2d import dit_from_config
     from training.trainer import Trainer
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    info = setup_distributed("cpu")
-    try:
+    with gloo_rank(rank, port) as info:
         config = make_config(FlowMatchingConfig, {
             "dataset": "imagefolder", "data_dir": folder, "image_size": 8, "hidden_size": 32, "depth": 1,
             "num_heads": 2, "batch_size": 4, "num_workers": 0, "mixed_precision": "no", "device": "cpu",
@@ -195,8 +203,6 @@ def gloo_trainer(rank, port, folder, out_dir, objective, **overrides):
         loader, data = get_flow_matching_dataloader(config, batch_size=2, rank=rank, world_size=2)
         config = dataclasses.replace(config, **data.config_fields(config))
         yield Trainer(config, dit_from_config(config), objective(config, info.device), loader, info)
-    finally:
-        cleanup_distributed()
 
 
 def on_two_ranks(target, folder, out_dir):
@@ -274,3 +280,40 @@ def test_a_stop_after_rank_zeros_periodic_write_failed_writes_it_on_every_rank_t
     outcomes = on_two_ranks(_stop_after_a_failed_periodic_write, image_folder, tmp_path)
     assert outcomes == ["exit 143: ['checkpoint_0000001.pt', 'checkpoint_0000001.pt']", "exit 143: []"], outcomes
     assert load_checkpoint(str(tmp_path / "ckpt" / "checkpoint_0000001.pt"))["step"] == 1
+
+
+def codebook_before_a_step():
+    """A 4-code quantizer whose code 1 is dead (counted below the threshold), and a batch of 2 that
+    the other three codes share unevenly between its two halves."""
+    from models.vqvae import VectorQuantizer
+    q = VectorQuantizer(4, 2, decay=0.5, dead_code_threshold=1.0).train()
+    q.embedding.copy_(torch.tensor([[0.0, 0.0], [50.0, 50.0], [-5.0, 5.0], [5.0, -5.0]]))
+    q.cluster_size.copy_(torch.tensor([10.0, 0.5, 10.0, 10.0]))
+    q.embed_sum.copy_(q.embedding * q.cluster_size.unsqueeze(1))
+    z = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 4
+    return q, z
+
+
+def _vq_step_on_half_the_batch(rank, port, folder, out_dir):
+    with gloo_rank(rank, port):
+        q, z = codebook_before_a_step()
+        q(z[rank:rank + 1], torch.Generator().manual_seed(rank))   # each rank's own restart draws
+        torch.save(dict(q.state_dict()), os.path.join(out_dir, f"codebook{rank}.pt"))
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write("done")
+
+
+def test_two_ranks_update_one_codebook_as_one_process_would(tmp_path):
+    """VQ-VAE training under torchrun: each rank quantizes its half of the batch, and the codebook's
+    EMA counts and sums are summed over ranks, so both ranks hold the codebook one process makes from
+    the whole batch; a dead code restarts on rank 0's draw on every rank (not on each rank's own,
+    which would leave the ranks with different codebooks from then on)."""
+    assert on_two_ranks(_vq_step_on_half_the_batch, "", tmp_path) == ["done", "done"]
+    ranks = [torch.load(tmp_path / f"codebook{rank}.pt") for rank in range(2)]
+    one, z = codebook_before_a_step()
+    one(z, torch.Generator().manual_seed(0))
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        torch.testing.assert_close(ranks[0][key][[0, 2, 3]], one.state_dict()[key][[0, 2, 3]])
+    first_half = z[:1].permute(0, 2, 3, 1).reshape(-1, 2)
+    assert (first_half == ranks[0]["embedding"][1]).all(1).any()   # restarted on a vector of rank 0's half
