@@ -317,3 +317,27 @@ def test_two_ranks_update_one_codebook_as_one_process_would(tmp_path):
         torch.testing.assert_close(ranks[0][key][[0, 2, 3]], one.state_dict()[key][[0, 2, 3]])
     first_half = z[:1].permute(0, 2, 3, 1).reshape(-1, 2)
     assert (first_half == ranks[0]["embedding"][1]).all(1).any()   # restarted on a vector of rank 0's half
+
+
+def _pick_a_loader_with_less_memory_on_rank_one(rank, port, folder, out_dir):
+    from configs.cli import make_config
+    from configs.flow_matching_config import FlowMatchingConfig
+    from data import flow_matching_dataset
+
+    if rank == 1:   # this rank's device has almost no free memory: the decoded set does not fit
+        flow_matching_dataset.free_memory = lambda device: 1024
+    with gloo_rank(rank, port):
+        config = make_config(FlowMatchingConfig, {
+            "dataset": "imagefolder", "data_dir": folder, "image_size": 8, "batch_size": 4, "num_workers": 0,
+            "device": "cpu", "data_loader": "auto", "data_cache_dir": os.path.join(out_dir, "cache")})
+        loader, _ = flow_matching_dataset.get_flow_matching_dataloader(config, batch_size=2, rank=rank,
+                                                                       world_size=2)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(type(loader).__name__)
+
+
+def test_every_rank_picks_the_same_data_loader(image_folder, tmp_path):
+    """--data_loader auto where one rank's device lacks the memory for the decoded set: every rank
+    takes the worker loader, or rank 0 would wait alone in the device loader's cache barrier."""
+    outcomes = on_two_ranks(_pick_a_loader_with_less_memory_on_rank_one, image_folder, tmp_path)
+    assert outcomes == ["DataLoader", "DataLoader"], outcomes
