@@ -196,7 +196,10 @@ def test_a_signal_to_a_benchmark_reaches_the_script_it_runs(tmp_path):
              "signal.signal(signal.SIGTERM, lambda *_: (done.write_text(str(os.getpid())), sys.exit(143)))\n"
              "print('ready', flush=True)\n"
              "time.sleep(60)\n")
-    parent = ("import sys\n"
+    parent = ("import signal, sys\n"
+              # A terminal's job starts with SIGINT's default action even when this suite runs in the
+              # background, whose jobs inherit SIGINT ignored (and run_script keeps an ignored SIGINT).
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "from benchmarks.common import run_script\n"
               f"sys.exit(run_script([sys.executable, '-c', {child!r}]))\n")
     bench = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -225,7 +228,10 @@ def test_a_terminal_ctrl_c_reaches_the_script_once_and_ends_the_benchmark_by_sig
              "time.sleep(1.0)\n"   # a second SIGINT, if any, lands here
              "count.write_text(str(len(got)))\n"
              "sys.exit(130)\n")
-    parent = ("import sys\n"
+    parent = ("import signal, sys\n"
+              # A terminal's job starts with SIGINT's default action even when this suite runs in the
+              # background, whose jobs inherit SIGINT ignored (and run_script keeps an ignored SIGINT).
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "from benchmarks.common import run_script\n"
               f"sys.exit(run_script([sys.executable, '-c', {child!r}]))\n")
     bench = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True,
