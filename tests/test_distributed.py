@@ -44,7 +44,8 @@ def two_rank_run(tmp_path_factory):
     from tests.conftest import TINY_FLAGS, write_image_folder
     root = tmp_path_factory.mktemp("ddp")
     flags = TINY_FLAGS + ["--data_dir", write_image_folder(root / "images", classes=3, per_class=6),
-                          "--batch_size", "8", "--train_steps", "3", "--log_every", "1", "--save_every", "2",
+                          "--batch_size", "8", "--micro_batch_size", "2", "--train_steps", "3", "--log_every", "1",
+                          "--save_every", "2",
                           "--lr", "0.003", "--warmup_steps", "0", "--grad_clip", "0"]
     ckpt_dir = str(root / "ckpt2")
     torchrun("train_flow_matching.py", *flags, "--checkpoint_dir", ckpt_dir, "--sample_dir", str(root / "s2"))
@@ -52,7 +53,8 @@ def two_rank_run(tmp_path_factory):
 
 
 def test_two_ranks_match_one_process(two_rank_run):
-    """Same global batch, same samples, same per-sample draws, no clipping: the losses, the
+    """Same global batch, same samples, same per-sample draws, no clipping, two micro-batches a rank
+    (DDP all-reduces the accumulated gradient on the last one only): the losses, the
     gradient norms (a loss summed over ranks instead of averaged doubles them, which AdamW's
     weights would not show) and the weights agree up to float summation order (gloo's
     all-reduce vs. one batch), far below the step-to-step changes."""

@@ -101,6 +101,18 @@ def test_npz_of_the_reference_images_scores_zero_and_reuses_the_cache(stand_in, 
     assert len(os.listdir(tmp_path / "cache")) == 1
 
 
+def test_a_reference_folder_changed_in_place_is_scored_again(stand_in, folder, tmp_path, capsys):
+    """The reference statistics' cache is keyed on the folder's files: an image rewritten in place
+    (same name, same count) makes new statistics instead of reading the stale ones."""
+    assert run(tmp_path, "--images", folder, "--ref_data_dir", folder) == 0
+    first = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)[0]
+    Image.fromarray(random_images(1, 7)[0]).save(first)
+    capsys.readouterr()
+    assert run(tmp_path, "--images", folder, "--ref_data_dir", folder) == 0
+    assert "written to" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "cache")) == 2
+
+
 def test_images_source_and_reference_subsets(stand_in, folder, tmp_path):
     assert run(tmp_path, "--images", folder, "--ref_data_dir", folder) == 0
     assert run(tmp_path, "--images", folder, "--ref_data_dir", folder, "--ref_num_images", "9") == 0

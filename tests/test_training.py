@@ -440,10 +440,12 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         load(path)
 
 
-@pytest.mark.parametrize("workers, to_group", [(0, False), (1, True)])
-def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_flags, tmp_path, workers, to_group):
+@pytest.mark.parametrize("workers, to_group, signum", [(0, False, signal.SIGTERM), (1, True, signal.SIGTERM),
+                                                     (1, True, signal.SIGINT)])
+def test_a_stop_signal_writes_a_checkpoint_and_says_how_to_resume(tiny_flags, tmp_path, workers, to_group, signum):
     """SIGTERM to the process, or (as SLURM and `kill -- -PGID` send it) to its whole process
-    group, DataLoader workers included: the run still saves and exits 143."""
+    group, DataLoader workers included: the run still saves and exits 143. Ctrl-C (a terminal
+    sends SIGINT to the whole foreground group) saves too, and the run ends by SIGINT."""
     ckpt_dir = flag_value(tiny_flags, "--checkpoint_dir")
     proc = subprocess.Popen([sys.executable, "train_flow_matching.py", *tiny_flags, "--train_steps", "100000",
                              "--log_every", "1", "--save_every", "100000", "--num_workers", str(workers)],
@@ -457,11 +459,11 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_flags, tmp_path
         os.killpg(proc.pid, signal.SIGKILL) if to_group else proc.kill()
         pytest.fail(f"no step logged within 120 s, so the signal would test nothing: {proc.communicate()[0][-2000:]}")
     if to_group:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signum)
     else:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert proc.returncode == (-signal.SIGINT if signum == signal.SIGINT else 128 + signum), out
     assert "--resume latest" in out
     latest = ckpt_lib.find_latest(ckpt_dir, "flow_matching")
     assert latest is not None and load(latest)["step"] >= 1
@@ -503,6 +505,61 @@ def test_a_stop_on_a_save_step_writes_its_checkpoint_once(tiny_flags, monkeypatc
     assert writes == ["ema_0000001.pt", "checkpoint_0000001.pt"] + ["checkpoint_0000001.pt"] * periodic_write_fails
     ckpt_dir = flag_value(tiny_flags, "--checkpoint_dir")
     assert load(os.path.join(ckpt_dir, "checkpoint_0000001.pt"))["step"] == 1
+
+
+def test_fp16_clips_and_logs_the_unscaled_gradient(tiny_flags):
+    """Under fp16 the loss is scaled (2**16) for its backward: the gradient must be unscaled before
+    it is clipped and logged, or --grad_clip 1 cuts every step to ~1/65536 of it and the log shows a
+    norm 65536 times too large. One step's gradient norm matches fp32's up to fp16 rounding."""
+    norms = {}
+    for precision in ("no", "fp16"):
+        trainer, _ = tiny_trainer(tiny_flags, 8, mixed_precision=precision, train_steps=1)
+        _, grad_norm, _ = trainer.train_step([next(trainer.batches())])
+        norms[precision] = grad_norm.item()
+    assert norms["fp16"] == pytest.approx(norms["no"], rel=0.05), norms
+
+
+def test_grids_and_periodic_fid_sample_the_ema(tiny_flags, monkeypatch):
+    """The sample grids and the periodic FID come from the EMA (what generation samples by
+    default), not from the raw training weights."""
+    trainer, _ = tiny_trainer(tiny_flags, 8, train_steps=2, log_every=100, sample_every=2)
+    sampled = []
+
+    class Evaluator:
+        every = 2
+
+        def __call__(self, model, stop=None):
+            sampled.append(("fid", model))
+            return {}
+
+    monkeypatch.setattr(trainer.objective, "sample", lambda model, path: sampled.append(("grid", model)))
+    trainer.evaluator = Evaluator()
+    trainer.fit()
+    assert [(what, model is trainer.ema) for what, model in sampled] == [("grid", True), ("fid", True)]
+
+
+def test_gradient_checkpointing_runs_in_every_training_step(tiny_flags, monkeypatch):
+    """--gradient_checkpointing true reaches the model, and stays on after each log step's probe
+    (which runs the model in eval mode): every block of every step goes through checkpoint()."""
+    from models import dit_2d
+    calls, real = [], dit_2d.checkpoint
+    monkeypatch.setattr(dit_2d, "checkpoint", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    assert train_flow_matching.main(tiny_flags + ["--gradient_checkpointing", "true", "--train_steps", "3",
+                                                  "--log_every", "1", "--save_every", "100"]) == 0
+    assert len(calls) == 3 * 2   # 3 steps x 2 blocks (tiny_flags' --depth 2)
+
+
+def test_a_log_line_averages_the_steps_since_the_previous_one(tiny_flags, tmp_path):
+    """Each log line's loss is the mean over its own window: logging every 2 steps gives the mean
+    of the two lines that logging every step gives (the training itself is the same)."""
+    def losses(every, name):
+        ckpt_dir = str(tmp_path / name)
+        assert train_flow_matching.main(tiny_flags + ["--train_steps", "4", "--log_every", str(every),
+                                                      "--save_every", "100", "--checkpoint_dir", ckpt_dir]) == 0
+        return [json.loads(line)["loss"] for line in open(os.path.join(ckpt_dir, "metrics.jsonl"))]
+
+    each, pairs = losses(1, "each"), losses(2, "pairs")
+    assert pairs == pytest.approx([(each[0] + each[1]) / 2, (each[2] + each[3]) / 2], rel=1e-6)
 
 
 class InfGradient(torch.autograd.Function):
@@ -962,6 +1019,9 @@ def test_flips_and_order_are_reproducible_and_resumable(tmp_path):
     assert torch.equal(epoch[2], resumed[0]) and torch.equal(epoch[3], resumed[1])
     loader.sampler.set_position(2, 0)
     assert not torch.equal(torch.cat(epoch), torch.cat([x for x, _ in loader]))
+    reseeded, _ = get_flow_matching_dataloader(dataclasses.replace(config, seed=1))   # --seed sets order and flips
+    reseeded.sampler.set_position(1, 0)
+    assert not torch.equal(torch.cat(epoch), torch.cat([x for x, _ in reseeded]))
 
 
 @pytest.mark.parametrize("data_loader", ["workers", "device"])
