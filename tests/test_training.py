@@ -440,6 +440,31 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         load(path)
 
 
+class WorkerSignals(torch.utils.data.Dataset):
+    """Each item is whether the process reading it ignores SIGTERM and SIGINT."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        ignored = [signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT)]
+        return torch.tensor(ignored, dtype=torch.float32), 0
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_data_loader_workers_ignore_stop_signals(context, monkeypatch):
+    """SLURM's SIGTERM and a terminal's Ctrl-C go to the whole process group. A worker that died of
+    one would fail the batch the trainer is waiting for (a loader slower than the GPU), so the stop
+    ends in a crash instead of a checkpoint: the workers ignore both, however they are started
+    (fork inherits the trainer's handlers; spawn and Python 3.14's default forkserver do not)."""
+    from data import datasets
+    real = datasets.DataLoader
+    monkeypatch.setattr(datasets, "DataLoader", lambda *args, **kw: real(*args, multiprocessing_context=context, **kw))
+    loader = datasets.make_loader(WorkerSignals(), 2, global_batch=2, seed=0, hflip=False, num_workers=1)
+    for x, _ in loader:
+        assert x.bool().all(), x
+
+
 @pytest.mark.parametrize("workers, to_group, signum", [(0, False, signal.SIGTERM), (1, True, signal.SIGTERM),
                                                      (1, True, signal.SIGINT)])
 def test_a_stop_signal_writes_a_checkpoint_and_says_how_to_resume(tiny_flags, tmp_path, workers, to_group, signum):
