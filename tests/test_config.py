@@ -97,6 +97,8 @@ def test_presets_apply_before_flags():
     (["--grad_clip", "inf"], "--grad_clip must be a finite number"),
     (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
     (["--class_dropout_prob", "0"], "--cfg_scale 3.0 would guide"),
+    (["--class_dropout_prob", "1"], "--class_dropout_prob must be in [0, 1), got 1.0"),
+    (["--class_dropout_prob", "-0.1"], "--class_dropout_prob must be in [0, 1), got -0.1"),
     (["--in_channels", "4"], "--in_channels must be 3 (RGB) or 1 (grayscale), got 4"),
     (["--compile", "maybe"], "argument --compile: expected true, false or none, got 'maybe'"),
     (["--hidden_size", "66", "--num_heads", "2"], "--hidden_size 66 must be divisible by 4"),

@@ -16,7 +16,6 @@ from PIL import Image
 pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
 
 import evaluate_fid  # noqa: E402
-import flow_matching  # noqa: E402
 import train_flow_matching  # noqa: E402
 from evaluation import fid, sampling  # noqa: E402
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder  # noqa: E402
@@ -348,12 +347,34 @@ def test_every_rank_asks_stop_as_often_whatever_its_share_of_batches(monkeypatch
     assert asked == {0: 2, 1: 2}
 
 
-def test_fid_every_samples_at_fid_cfg_scale(stand_in, image_folder, tmp_path):
+def test_fid_every_samples_at_fid_cfg_scale(stand_in, image_folder, tmp_path, monkeypatch):
+    """The periodic FID guides at --fid_cfg_scale (not the grids' --cfg_scale), and says so."""
+    from evaluation import periodic
+    scales, real = [], periodic.generate_images
+    monkeypatch.setattr(periodic, "generate_images", lambda *a, **kw: scales.append(kw["cfg_scale"]) or real(*a, **kw))
     train_tiny(tmp_path, image_folder, "--train_steps", "2", "--fid_every", "2", "--fid_num_samples", "6",
-               "--fid_batch_size", "4", "--fid_cfg_scale", "1.5")
+               "--fid_batch_size", "4", "--fid_cfg_scale", "1.5", "--cfg_scale", "3")
     with open(tmp_path / "ckpt" / "metrics.jsonl") as f:
         fids = [r for r in map(json.loads, f) if "fid" in r]
     assert len(fids) == 1 and fids[0]["fid_cfg_scale"] == 1.5
+    assert scales == [1.5]
+
+
+def test_features_are_extracted_in_full_fp32_and_the_tf32_flags_restored(monkeypatch):
+    """Inception runs in true fp32 (FIDs comparable with published ones) even where the trainer
+    turned TF32 on for CUDA matmuls and convolutions; the flags are back on afterwards."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return torch.zeros(len(images), 4)
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    fid.extract_features(Recorder(), fid.array_batches(random_images(3, 0), 2))
+    assert seen == [(False, False)] * 2
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -397,13 +418,17 @@ def test_real_inception_matches_torch_fidelity_end_to_end(tmp_path):
     assert ours == pytest.approx(theirs, rel=1e-4)
 
 
-def test_a_bad_fid_cfg_scale_fails_before_the_first_step(stand_in, image_folder, tmp_path, capsys):
-    """An unconditional run cannot be guided: --fid_cfg_scale 1.5 is refused at start-up, not at the
-    first FID evaluation (hours in)."""
+@pytest.mark.parametrize("model, expected", [
+    (["--num_classes", "0"], "--fid_cfg_scale 1.5 needs a class-conditional model"),
+    (["--class_dropout_prob", "0"], "--fid_cfg_scale 1.5 guides with the null label, which this model never trained"),
+])
+def test_a_bad_fid_cfg_scale_fails_before_the_first_step(stand_in, image_folder, tmp_path, capsys, model, expected):
+    """An unconditional run, or one whose null label is never trained, cannot be guided:
+    --fid_cfg_scale 1.5 is refused at start-up, not at the first FID evaluation (hours in)."""
     flags = TINY_FLAGS + ["--data_dir", image_folder, "--checkpoint_dir", str(tmp_path / "ckpt"),
                           "--sample_dir", str(tmp_path / "samples"), "--fid_cache_dir", str(tmp_path / "cache"),
-                          "--num_classes", "0", "--cfg_scale", "1", "--train_steps", "4", "--fid_every", "4",
+                          *model, "--cfg_scale", "1", "--train_steps", "4", "--fid_every", "4",
                           "--fid_cfg_scale", "1.5"]
     assert train_flow_matching.main(flags) == 2
-    assert "--fid_cfg_scale 1.5 needs a class-conditional model" in capsys.readouterr().err
+    assert expected in capsys.readouterr().err
     assert not list((tmp_path / "ckpt").glob("*.pt")) and not (tmp_path / "ckpt" / "metrics.jsonl").exists()

@@ -358,6 +358,8 @@ def test_per_sample_noise_depends_only_on_seed_and_index():
     assert torch.equal(part[0], full[4]) and torch.equal(part[1], full[1])
     assert not torch.equal(fm.per_sample_noise(6, [1], (2, 3))[0], full[1])
     assert fm.sample_seed(0, 2 ** 31 - 1) != fm.sample_seed(1, 0)
+    # Neighbouring seeds share no sample's noise (seed + index would give seed 6 seed 5's, shifted).
+    assert len({fm.sample_seed(seed, i) for seed in range(4) for i in range(100)}) == 400
     # Different samples get different noise (one seed for all would pass the lines above).
     assert len({tuple(row.flatten().tolist()) for row in full}) == 6
 

@@ -302,14 +302,16 @@ def test_adaptive_weight_is_a_stop_gradient_power_of_the_error():
 
 def test_the_objective_passes_the_configs_meanflow_fields_to_the_loss():
     """FlowMatchingObjective's MeanFlow loss is meanflow_loss with every --meanflow_* field of the
-    config (ratio, tangent, adaptive weight, guidance), on the same draws; its `mse` is the unweighted
+    config (ratio, tangent, adaptive weight, guidance) and its --time_sampling, on the same draws; its `mse` is the unweighted
     error of those draws (meanflow_loss without the adaptive weight), apart from the weighted loss."""
     from configs.cli import make_config
     from training.objectives import FlowMatchingObjective
     from training.trainer import Draws
 
     fields = dict(meanflow_ratio=0.6, meanflow_tangent="predicted", meanflow_adaptive_p=0.5, meanflow_adaptive_c=0.1,
-                  meanflow_guidance_scale=0.8, meanflow_guidance_mix=0.3)
+                  meanflow_guidance_scale=0.8, meanflow_guidance_mix=0.3, time_sampling="logit_normal",
+                  logit_normal_mean=0.4, logit_normal_std=0.7)
+    times = dict(time_sampling="logit_normal", logit_normal_mean=0.4, logit_normal_std=0.7)
     config = make_config(FlowMatchingConfig, dict(objective="meanflow", num_classes=3, image_size=8, in_channels=1,
                                                   **fields))
     torch.manual_seed(0)
@@ -325,17 +327,38 @@ def test_the_objective_passes_the_configs_meanflow_fields_to_the_loss():
     loss, extras = FlowMatchingObjective(config, torch.device("cpu")).loss(model, (x, y), draws())
     d = draws()
     expected, _ = fm.meanflow_loss(model, x, y, num_classes=3, class_dropout_prob=0.1, ratio=0.6, tangent="predicted",
-                                adaptive_p=0.5, adaptive_c=0.1, guidance_scale=0.8, guidance_mix=0.3,
+                                adaptive_p=0.5, adaptive_c=0.1, guidance_scale=0.8, guidance_mix=0.3, **times,
                                 generator=d.generator, rows=d.rows, num_rows=6, noise=d.normal(x.shape[1:], x.dtype))
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
     d = draws()
     unweighted, _ = fm.meanflow_loss(model, x, y, num_classes=3, class_dropout_prob=0.1, ratio=0.6, tangent="predicted",
-                                     adaptive_p=0.0, guidance_scale=0.8, guidance_mix=0.3, generator=d.generator,
+                                     adaptive_p=0.0, guidance_scale=0.8, guidance_mix=0.3, **times, generator=d.generator,
                                      rows=d.rows, num_rows=6, noise=d.normal(x.shape[1:], x.dtype))
     torch.testing.assert_close(extras["mse"], unweighted, rtol=0, atol=0)
     assert (extras["mse"] - loss).abs() > 0.1
     d = draws()
     conditional, _ = fm.meanflow_loss(model, x, y, num_classes=3, class_dropout_prob=0.1, ratio=0.6, adaptive_p=0.5,
-                                   adaptive_c=0.1, guidance_scale=0.8, guidance_mix=0.3, generator=d.generator,
-                                   rows=d.rows, num_rows=6, noise=d.normal(x.shape[1:], x.dtype))
+                                   adaptive_c=0.1, guidance_scale=0.8, guidance_mix=0.3, **times,
+                                   generator=d.generator, rows=d.rows, num_rows=6, noise=d.normal(x.shape[1:], x.dtype))
     assert (loss - conditional).abs() > 1e-6   # the tangent matters on these draws
+
+
+def test_meanflow_drops_labels_to_the_null_label():
+    """class_dropout_prob of the labels the MeanFlow model is trained on are the null label (3 classes:
+    label 3), as in flow_matching_loss: the guided target's u(x_t, t, t | null) and CFG at sampling
+    need a trained null class."""
+    seen = []
+
+    def model(x_t, t, y, r):
+        seen.append(y)
+        return torch.zeros_like(x_t)
+
+    n = 20_000
+    y = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(1))
+    fm.meanflow_loss(model, torch.zeros(n, 1, 1, 1), y, num_classes=3, class_dropout_prob=0.1, ratio=0.0,
+                     generator=torch.Generator().manual_seed(0))
+    labels = torch.cat(seen)
+    assert len(labels) == n   # ratio 0, no guidance: the loss's own forward only
+    dropped = (labels == 3).float().mean().item()
+    assert 0.09 < dropped < 0.11, dropped   # binomial std 0.002 around 0.1
+    assert torch.equal(labels[labels != 3], y[labels != 3])

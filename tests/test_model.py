@@ -19,6 +19,15 @@ def test_fresh_model_outputs_exact_zeros():
     assert torch.equal(out, torch.zeros_like(out))
 
 
+def test_fresh_blocks_are_the_identity():
+    """adaLN-Zero: every block's gates start at zero, so each block passes its input through
+    unchanged (not only the output layer at zero), whatever the tokens and the conditioning."""
+    model = tiny()
+    x, c = torch.randn(4, 16, 32), torch.randn(4, 32)
+    for block in model.blocks:
+        assert torch.equal(block(x, c), x)
+
+
 @pytest.mark.parametrize("size,channels", [(32, 3), (8, 1), (16, 4)])
 def test_output_shape_matches_input(size, channels):
     model = tiny(input_size=size, in_channels=channels)

@@ -124,6 +124,8 @@ def test_dead_codes_restart_on_encoder_outputs_deterministically():
     for k in (1, 3):  # dead: restarted on a vector of the batch, counted at the threshold
         assert (flat == q.embedding[k]).all(1).any(), k
         assert q.cluster_size[k] == 1.0
+        # and its EMA sum restarts with it, or the next update pulls it back towards the old sum / count
+        assert torch.equal(q.embed_sum[k], q.embedding[k] * 1.0)
     assert q.cluster_size[2] == 5.0
     torch.testing.assert_close(q.embedding[2], torch.tensor([-100.0, 100.0]))
     assert torch.equal(restarted(0)[0].embedding, q.embedding)
