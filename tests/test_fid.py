@@ -149,6 +149,20 @@ def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder,
         assert line.split()[-1] == f"{r['fid']:.3f}"
 
 
+def test_a_checkpoint_is_scored_by_default_with_its_own_sampling_settings_against_its_training_data(
+        stand_in, folder, tmp_path):
+    """Without sweep flags evaluate_fid samples with the checkpoint's solver and steps; the
+    reference is its training data (for CIFAR-10 the train split, as published FIDs use)."""
+    from utils.checkpoint import load_checkpoint
+    checkpoint = train_tiny(tmp_path, folder, "--train_steps", "2", "--num_sampling_steps", "3")
+    assert run(tmp_path, "--checkpoint", checkpoint, "--num_samples", "6", "--batch_size", "4") == 0
+    row, = rows(tmp_path)
+    assert (row["sampler"], row["num_steps"]) == (load_checkpoint(checkpoint)["config"]["sampler"], 3)
+    args = evaluate_fid.build_parser().parse_args(["--checkpoint", checkpoint])
+    reference = evaluate_fid.reference_set(args, {"dataset": "cifar10", "data_dir": "data"}, 32, 3)
+    assert (reference.dataset, reference.split) == ("cifar10", "train")
+
+
 def test_fid_labels_follow_the_reference_class_mix():
     """A model that draws the data's own class mix must not be scored against another mix."""
     assert fid.class_labels(7, 3).tolist() == fid.class_labels(7, 3, [5, 5, 5]).tolist() == [0, 1, 2, 0, 1, 2, 0]

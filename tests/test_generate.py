@@ -1,6 +1,7 @@
 """generate_flow_matching.py: every flag and every bad input against tiny checkpoints."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -104,6 +105,14 @@ def test_solver_and_guidance_flags(checkpoint, tmp_path, capsys, base, flags, nf
     assert run(checkpoint, tmp_path / "flagged", "--num_samples", "2", "--save_npz", *base, *flags) == 0
     assert f"{nfe} NFE per sample" in capsys.readouterr().out
     assert not np.array_equal(npz(tmp_path / "flagged")[0], npz(tmp_path / "default")[0])
+
+
+def test_the_steps_default_to_the_checkpoints(checkpoint, tmp_path, capsys):
+    """Without --num_steps, generation takes the checkpoint's num_sampling_steps (2 in these runs;
+    Euler: 2 NFE), e.g. a MeanFlow model's one or two."""
+    assert generate_flow_matching.main(["--checkpoint", checkpoint, "--output_dir", str(tmp_path / "out"),
+                                        "--device", "cpu", "--num_samples", "2"]) == 0
+    assert re.search(r"\b2 NFE per sample", capsys.readouterr().out)
 
 
 def test_a_run_replaces_an_earlier_runs_samples(checkpoint, tmp_path, capsys):

@@ -18,7 +18,7 @@ from configs.flow_matching_config import PRESETS, FlowMatchingConfig
 from data.datasets import build_image_dataset
 from data.flow_matching_dataset import get_flow_matching_dataloader
 from data.latent_cache import load_latent_dataset
-from rebuild import load_vqvae
+from rebuild import load_latent_space, load_vqvae
 from utils.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder
@@ -211,6 +211,9 @@ def test_tiny_latent_run_trains_and_generates_pixel_images(vqvae_run, tmp_path, 
     assert (ckpt["config"]["latent_size"], ckpt["config"]["latent_channels"]) == (4, 3)
     assert ckpt["latent"]["mean"].shape == ckpt["latent"]["std"].shape == (3,)
     assert ckpt["latent"]["vqvae_fingerprint"] == load_vqvae(path).fingerprint()
+    space = load_latent_space(ckpt, None, torch.device("cpu"))   # as generation and evaluate_fid rebuild it
+    assert torch.equal(space.mean.flatten(), ckpt["latent"]["mean"].float())
+    assert torch.equal(space.std.flatten(), ckpt["latent"]["std"].float())
     # Other training images give other latent statistics: a resume on them would shift the space
     # the model learned, so it is refused; on the same images it goes on.
     other_images = write_image_folder(tmp_path / "other_images", seed=1)

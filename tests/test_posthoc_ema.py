@@ -14,7 +14,8 @@ import evaluate_fid
 import generate_flow_matching
 import train_flow_matching
 from evaluation import posthoc_ema
-from evaluation.posthoc_ema import profile_weights, reconstruct, sigma_rel_to_gamma, solve_coefficients
+from evaluation.posthoc_ema import (SNAPSHOT_PATTERN, profile_weights, reconstruct, sigma_rel_to_gamma, snapshot_dir,
+                                     solve_coefficients)
 from tests.conftest import StandIn
 from training.trainer import ema_decay_at, update_ema
 from utils import checkpoint as ckpt_lib
@@ -119,6 +120,13 @@ def test_the_reconstruction_of_a_tracked_ema_equals_it(posthoc_run):
     own = reconstruct(run, 0.05)["ema"]
     for name, weight in final["posthoc_ema"]["emas"][0].items():
         torch.testing.assert_close(own[name], weight, rtol=1e-6, atol=1e-7)
+    # A latent run's snapshots carry its latent statistics (the objective's extras); the rebuilt
+    # checkpoint keeps them, or generation would write the raw latents as images.
+    last = os.path.join(snapshot_dir(run, "flow_matching"), SNAPSHOT_PATTERN.format(step=300))
+    snap = torch.load(last, weights_only=True)
+    snap["extras"] = {"latent": {"mean": torch.arange(3.0)}}
+    ckpt_lib.save_checkpoint(snap, last)
+    assert torch.equal(reconstruct(run, 0.05)["latent"]["mean"], torch.arange(3.0))
 
 
 def test_fp16_snapshots_rebuild_the_tracked_ema_within_their_rounding(tiny_flags):
@@ -276,6 +284,12 @@ def test_evaluate_fid_scores_one_row_per_sigma_rel(posthoc_run, tmp_path, monkey
     assert evaluate_fid.main(["--checkpoint", tracked, "--weights", "ema", *common]) == 0
     direct = json.loads(open(out).read().splitlines()[-1])
     assert direct["weights"] == "ema" and direct["fid"] == pytest.approx(rows[0]["fid"], rel=1e-4)
+    # An earlier checkpoint's EMA is rebuilt at its own step (from the snapshots up to it), not at
+    # the run's last snapshot: a FID-against-step curve needs each step's own weights.
+    earlier = os.path.join(run, "checkpoint_0000200.pt")
+    assert evaluate_fid.main(["--checkpoint", earlier, "--ema_sigma_rels", "0.07", *common]) == 0
+    row = json.loads(open(out).read().splitlines()[-1])
+    assert row["step"] == 200 and abs(row["fid"] - rows[1]["fid"]) > 1e-6
 
 
 @pytest.mark.parametrize("step, ema_decay, kind", [(1000, 0.9999, "tracked"), (1000, 0.99, "tracked (capped)")])

@@ -243,3 +243,20 @@ def test_a_terminal_ctrl_c_reaches_the_script_once_and_ends_the_benchmark_by_sig
         assert count.read_text() == "1"
     finally:
         bench.kill()
+
+
+@pytest.mark.parametrize("cold_start", [True, False])
+def test_a_cold_start_trains_with_empty_compile_caches_of_its_own(tmp_path, monkeypatch, cold_start):
+    """--cold_start true points torch.compile's caches (inductor's, Triton's) into the run folder,
+    which starts empty, so a speedrun never reuses an earlier run's compiled kernels and its budget
+    includes compiling; without it the caches are the user's own."""
+    envs = []
+    monkeypatch.setattr(speedrun, "run_script", lambda command, stop_after, env: envs.append(env) or 1)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/shared/warm_cache")
+    config = speedrun.FlowMatchingConfig(checkpoint_dir=str(tmp_path / "ckpt"))
+    speedrun.train_repo([], config, str(tmp_path), time.perf_counter() + 60, cold_start)
+    caches = {envs[0]["TORCHINDUCTOR_CACHE_DIR"], envs[0].get("TRITON_CACHE_DIR")}
+    if cold_start:
+        assert caches == {str(tmp_path / "inductor_cache"), str(tmp_path / "triton_cache")}
+    else:
+        assert envs[0]["TORCHINDUCTOR_CACHE_DIR"] == "/shared/warm_cache"

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train_vqvae
+from configs.cli import make_config
+from configs.vqvae_config import VQVAEConfig
 from evaluation.reconstruction import psnr
 from models.vqvae import VQVAE, VectorQuantizer
 from rebuild import load_vqvae
+from tests.conftest import write_image_folder
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -249,3 +252,20 @@ def test_missing_data_folder_exits_2(tmp_path, capsys):
     flags = VQ_FLAGS + ["--data_dir", str(tmp_path / "nowhere"), "--checkpoint_dir", str(tmp_path / "ckpt")]
     assert train_vqvae.main(flags) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_the_report_reads_eval_data_dir_or_cifar10s_test_split(tmp_path, monkeypatch):
+    """The held-out report reads --eval_data_dir when given (not the training folder), and for
+    CIFAR-10 its test split, as its printed line says."""
+    from data import vqvae_dataset
+    train_dir = write_image_folder(tmp_path / "train", classes=2, per_class=3)
+    held_out = write_image_folder(tmp_path / "held_out", classes=2, per_class=2)
+    config = make_config(VQVAEConfig, {"dataset": "imagefolder", "data_dir": train_dir, "eval_data_dir": held_out,
+                                       "image_size": 8, "eval_images": 100, "num_workers": 0})
+    assert len(vqvae_dataset.get_vqvae_eval_loader(config).dataset) == 4
+    seen = []
+    monkeypatch.setattr(vqvae_dataset, "build_image_dataset",
+                        lambda dataset, root, size, channels, train=True: seen.append(train) or (list(range(5)), 2))
+    vqvae_dataset.get_vqvae_eval_loader(make_config(VQVAEConfig, {"dataset": "cifar10", "eval_images": 3,
+                                                                  "num_workers": 0}))
+    assert seen == [False]
