@@ -313,8 +313,8 @@ def image_set_statistics(image_set: ImageSet, extractor: torch.nn.Module, device
                          progress: bool = False) -> Tuple[Statistics, int]:
     """Statistics of an image set and the number of images they come from.
 
-    A subset is drawn with a fixed seed, so it is the same every time and spans every class of
-    an ImageFolder (whose files are sorted by class).
+    A subset is drawn at random with a fixed seed, so it is the same every time and is spread
+    over the whole set (an ImageFolder's files are sorted by class: its first files would be one).
     """
     dataset, n = _load(image_set)
     if n < len(dataset):

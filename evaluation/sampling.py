@@ -231,5 +231,9 @@ def load_sampling_run(args, device: torch.device) -> SamplingRun:
     model, ckpt = load_flow_model(args.checkpoint, args.weights, device)
     latent_space = load_latent_space(ckpt, args.vqvae_checkpoint, device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    compiled = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")
-    return SamplingRun(model, ckpt, latent_space, precision, device, compiled)
+    return SamplingRun(model, ckpt, latent_space, precision, device, compiles(args.compile, device))
+
+
+def compiles(choice: str, device: torch.device) -> bool:
+    """--compile true / false, or auto: on CUDA, where the compiled forward is faster (docs/speed.md)."""
+    return choice == "true" or (choice == "auto" and device.type == "cuda")

@@ -163,6 +163,42 @@ def test_a_checkpoint_is_scored_by_default_with_its_own_sampling_settings_agains
     assert (reference.dataset, reference.split) == ("cifar10", "train")
 
 
+def test_evaluate_fids_guidance_interval_seed_and_image_count_reach_what_it_scores(stand_in, folder, tmp_path):
+    """--guidance_interval and --seed change the samples scored (and are recorded), and
+    --images DIR --num_samples N scores N of the folder's images."""
+    checkpoint = train_tiny(tmp_path, folder, "--train_steps", "4", "--lr", "0.01", "--warmup_steps", "0")
+    base = ["--checkpoint", checkpoint, "--num_samples", "6", "--batch_size", "6", "--cfg_scales", "3"]
+    assert run(tmp_path, *base) == 0
+    assert run(tmp_path, *base, "--guidance_interval", "0.2", "0.8") == 0
+    assert run(tmp_path, *base, "--seed", "1") == 0
+    assert run(tmp_path, "--images", folder, "--num_samples", "9", "--ref_data_dir", folder) == 0
+    plain, interval, seeded, images = rows(tmp_path)
+    assert interval["guidance_interval"] == [0.2, 0.8] and interval["fid"] != plain["fid"]
+    assert seeded["seed"] == 1 and seeded["fid"] != plain["fid"]
+    assert images["num_samples"] == 9
+
+
+def test_a_reference_subset_is_drawn_across_a_sorted_folder(stand_in, folder, monkeypatch):
+    """--ref_num_images N takes a fixed random subset: an ImageFolder is sorted by class, so its
+    first N files would be one class (the first 6 of these 18 are all class 0); this one draws
+    from more than one."""
+    picked, real = [], fid.DataLoader
+    monkeypatch.setattr(fid, "DataLoader", lambda dataset, **kw: picked.append(dataset.indices) or real(dataset, **kw))
+    image_set = fid.ImageSet("imagefolder", folder, 8, num_images=6)
+    fid.image_set_statistics(image_set, stand_in())
+    dataset, _ = fid._load(image_set)
+    assert len({dataset.targets[i] for i in picked[0]}) > 1
+    assert picked[0] == sorted(picked[0]) and len(set(picked[0])) == 6
+
+
+def test_fid_every_scores_against_fid_ref_dir(stand_in, image_folder, tmp_path, capsys):
+    """--fid_ref_dir replaces the training folder as the periodic FID's reference."""
+    other = write_image_folder(tmp_path / "other", classes=3, per_class=3)
+    train_tiny(tmp_path, image_folder, "--train_steps", "2", "--fid_every", "2", "--fid_num_samples", "6",
+               "--fid_batch_size", "6", "--fid_ref_dir", other)
+    assert f"FID reference: 9 images of {other}" in capsys.readouterr().out
+
+
 def test_fid_labels_follow_the_reference_class_mix():
     """A model that draws the data's own class mix must not be scored against another mix."""
     assert fid.class_labels(7, 3).tolist() == fid.class_labels(7, 3, [5, 5, 5]).tolist() == [0, 1, 2, 0, 1, 2, 0]

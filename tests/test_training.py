@@ -915,6 +915,52 @@ def test_image_folder_loader(tmp_path, mode, channels, size):
     assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
 
 
+def test_a_larger_image_is_resized_whole_then_center_cropped(tmp_path):
+    """--image_size: the shorter side is resized to it, then the centre is cropped, so a square image
+    keeps its whole content (here a white 4-pixel border around a black 8x8 centre: a crop alone
+    would read only the black centre)."""
+    from PIL import Image
+    pixels = np.full((16, 16, 3), 255, np.uint8)
+    pixels[4:12, 4:12] = 0
+    os.makedirs(tmp_path / "imgs" / "a")
+    Image.fromarray(pixels).save(tmp_path / "imgs" / "a" / "0.png")
+    dataset, _ = build_image_dataset("imagefolder", str(tmp_path / "imgs"), 8, 3)
+    x, _ = dataset[0]
+    assert x[:, 0, 0].min() > 0.9 and x[:, 4, 4].max() < -0.9   # border white, centre black, at half the size
+
+
+def test_the_log_counts_images_per_second_over_the_global_batch(tiny_flags):
+    """images_per_sec in metrics.jsonl is steps x --batch_size / seconds (not steps / seconds)."""
+    trainer, _ = tiny_trainer(tiny_flags, 8, train_steps=1, log_every=1)
+    from tqdm import tqdm
+    trainer._log(torch.tensor(0.5), {}, 4, 2.0, tqdm(disable=True), None)
+    record = json.loads(open(trainer.metrics_path).read().splitlines()[-1])
+    assert record["images_per_sec"] == 4 * 8 / 2.0
+
+
+def test_the_grid_samples_the_same_noise_at_every_step(tiny_flags, tmp_path):
+    """Training grids start from fixed noise (seeded by --seed), so grids of different steps show the
+    same samples as the weights change: whatever the global RNG did in between, the same weights
+    give the same grid."""
+    trainer, _ = tiny_trainer(tiny_flags, 8, train_steps=1, num_sampling_steps=2)
+    torch.manual_seed(1)
+    first = trainer.objective.sample(trainer.ema, str(tmp_path / "a.png"))
+    torch.manual_seed(2)
+    assert np.array_equal(first, trainer.objective.sample(trainer.ema, str(tmp_path / "b.png")))
+
+
+def test_a_checkpoints_rng_state_restores_the_global_generators():
+    """Checkpoints carry Python's, NumPy's and torch's global RNG states (a dataset with random
+    transforms in the trainer's process replays them after a resume)."""
+    import random
+    state = ckpt_lib.rng_state()
+    drawn = (random.random(), np.random.rand(), torch.rand(3))
+    random.random(), np.random.rand(), torch.rand(3)
+    ckpt_lib.set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert drawn[:2] == again[:2] and torch.equal(drawn[2], again[2])
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_a_16_bit_image_reads_as_its_8_bit_copy(tmp_path, channels):
     """PIL's convert("RGB") clips 16-bit values (an image turned almost white); they are scaled instead."""
