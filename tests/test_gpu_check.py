@@ -114,3 +114,14 @@ def test_the_table_gives_a_sample_rows_mfu_and_ceiling():
            "mfu": 0.446, "images_per_s_at_peak": 316.2, "first_batch_seconds": 20.0}
     [(what, figure, note)] = describe(row)
     assert "(34 NFE)" in what and figure == "141.0 img/s, 4,794 NFE/s, MFU 44.6% (ceiling 316 img/s)"
+
+
+def test_the_job_reads_the_files_the_preparation_writes():
+    """Every input gpu_check.sh reads from $GPU_DIR is a name gpu_prepare.sh writes into .gpu/: a
+    renamed file would skip its stage on the GPU with one line (the smoke form reads other paths)."""
+    import re
+    check = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")).read()
+    prepare = open(os.path.join(ROOT, "benchmarks", "gpu_prepare.sh")).read()
+    read = set(re.findall(r'\$GPU_DIR"?/([\w.]+\.(?:pth|tar\.gz))', check))
+    written = set(re.findall(r"\.gpu/([\w.]+\.(?:pth|tar\.gz))", prepare))
+    assert read == written == {"cifar10_train.tar.gz", "fid_inception_fp16.pth"}, (read, written)

@@ -311,3 +311,18 @@ def test_the_benchmark_names_a_capped_tracked_ema(tmp_path, monkeypatch, step, e
     bench.score(str(tmp_path), args, None, {})
     [row] = [json.loads(line) for line in open(tmp_path / "rows.jsonl")]
     assert row["ema"] == kind and row["sigma_rel"] == pytest.approx(0.09045, abs=1e-4)
+
+
+def test_the_benchmarks_snapshot_copies_are_cast_to_their_dtype(posthoc_run, tmp_path):
+    """benchmarks/posthoc_ema.py scores the post-hoc EMA from fp16 and bf16 copies of the fp32
+    snapshots: each copy really holds that dtype, or its 'the dtype does not show in FID' verdict
+    would compare fp32 with itself."""
+    from benchmarks import posthoc_ema as bench
+    _, run = posthoc_run
+    for dtype, expected in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        copy = bench.cast_copy(run, dtype, str(tmp_path / dtype))
+        snaps = glob.glob(os.path.join(snapshot_dir(copy, "flow_matching"), "*.pt"))
+        assert len(snaps) == 30
+        for path in snaps[:3]:
+            for ema in torch.load(path, weights_only=True)["emas"]:
+                assert {v.dtype for v in ema.values() if v.is_floating_point()} == {expected}

@@ -18,7 +18,7 @@ from evaluation import fid, sampling
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
-SCORING = ["--num_samples", "6", "--ref_num_images", "12", "--num_steps_list", "2", "--cfg_scales", "1.5",
+SCORING = ["--num_samples", "6", "--ref_num_images", "12", "--num_steps_list", "2", "--cfg_scales", "2.5",
            "--time_shifts", "1", "3", "--guidance_intervals", "none", "0.5,1", "--sample_batch_size", "4"]
 # The proxy16 preset shrunk to seconds; a relative data folder keeps the run's folder name short.
 TRAINING = ["--dataset", "imagefolder", "--data_dir", "images", "--image_size", "8", "--hidden_size", "32",
@@ -49,6 +49,7 @@ def test_a_scored_checkpoint_gives_the_rows_of_its_training_run(bench, monkeypat
     sampled, generate_images = [], sampling.generate_images
 
     def spy(*args, **settings):
+        assert settings["cfg_scale"] == 2.5   # the swept scale, not the run's own (proxy16's 1.5)
         sampled.append((settings["time_shift"], settings["guidance_interval"]))
         return generate_images(*args, **settings)
 
@@ -67,6 +68,8 @@ def test_a_scored_checkpoint_gives_the_rows_of_its_training_run(bench, monkeypat
         assert t["train_seconds"] > 0 and s["train_seconds"] is None
     assert sampled == [(s, None if i is None else tuple(i)) for _, s, i in settings] * 2  # trained, then scored
     assert scored[0]["config_diff"]["hidden_size"] == 32 and scored[0]["steps"] == 3
+    # raw rows score the training weights, not the EMA (3 steps apart from each other)
+    assert all(trained[k]["fid"] != trained[k + 4]["fid"] for k in range(4))
     table = quality.summarize("results.jsonl").splitlines()
     lines = [line for line in table[2:] if line.startswith("| repo")]
     assert len(lines) == 8   # each setting's trained and scored rows share a line
@@ -76,6 +79,14 @@ def test_a_scored_checkpoint_gives_the_rows_of_its_training_run(bench, monkeypat
         assert cells[10] == "0" and cells[12] == "0.00" and cells[14] == f"{t['train_seconds']:.0f}"
     folder = os.path.basename(os.path.dirname(checkpoint))
     assert os.path.isfile(os.path.join("runs", f"scored_{folder}", "grid_ema.png"))
+    # An earlier checkpoint of the run is labelled with its own step, not the run's train_steps.
+    earlier = load_checkpoint(checkpoint)
+    earlier["step"] = 2
+    save_checkpoint(earlier, os.path.join(os.path.dirname(checkpoint), "checkpoint_0000002.pt"))
+    assert quality.main(bench + SCORING + ["--checkpoint", os.path.join(os.path.dirname(checkpoint),
+                                                                        "checkpoint_0000002.pt"),
+                                           "--seed", "0", "--device", "cpu", "--weights", "ema"]) == 0
+    assert {r["steps"] for r in results()[16:]} == {2}
 
 
 def test_the_peer_pipeline_trains_and_scores_its_rows(bench):

@@ -406,3 +406,79 @@ def test_sample_throughput_counts_the_rows_a_guidance_interval_saves(tmp_path):
         assert r["tflops"] == pytest.approx(r["images_per_s"] * r["rows_per_sample"] * flops / 1e12)
         assert r["mfu"] == pytest.approx(r["tflops"] / 2)
         assert r["images_per_s_at_peak"] == pytest.approx(2e12 / (r["rows_per_sample"] * flops))
+
+
+def fake_clock(monkeypatch):
+    """time.perf_counter as a list cell the test advances: benchmark timings become exact."""
+    import time
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    return clock
+
+
+def test_train_throughput_times_its_windows_and_counts_forward_and_backward(tmp_path, monkeypatch):
+    """With every step taking exactly 1 s: images/s is --steps x batch / a window's seconds (the
+    median window, warm-up excluded), and TFLOP/s counts a forward and a backward per image."""
+    from benchmarks import train_throughput
+    from training.trainer import Trainer
+    clock, real = fake_clock(monkeypatch), Trainer.train_step
+
+    def one_second(self, micro_batches):
+        out = real(self, micro_batches)
+        clock[0] += 1.0
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", one_second)
+    rows = tmp_path / "rows.jsonl"
+    train_throughput.main(["--preset", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
+                           "--image_size", "8", "--batch_size", "4", "--device", "cpu", "--steps", "3",
+                           "--windows", "2", "--warmup", "2", "--peak_tflops", "1", "--json", str(rows)])
+    row = json.loads(rows.read_text())
+    assert row["images_per_s"] == 4.0
+    flops = count_flops_per_image(make_config(FlowMatchingConfig, {"hidden_size": 32, "depth": 1, "num_heads": 2,
+                                                                   "image_size": 8, "num_classes": 10}),
+                                  backward=True)
+    assert row["tflops"] == pytest.approx(4.0 * flops / 1e12)
+
+
+def test_sample_throughput_times_the_run_after_its_warm_up_batch(tmp_path, monkeypatch):
+    """With every sample taking exactly 1 s: images/s is 1, the first (warm-up, compiling) batch left
+    out of the timed run."""
+    from benchmarks import sample_throughput
+    clock, real = fake_clock(monkeypatch), sample_throughput.generate_images
+
+    def one_second_a_sample(model, labels, **settings):
+        out = real(model, labels, **settings)
+        clock[0] += len(labels)
+        return out
+
+    monkeypatch.setattr(sample_throughput, "generate_images", one_second_a_sample)
+    out = tmp_path / "rows.jsonl"
+    assert sample_throughput.main(["--preset", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
+                                   "--image_size", "8", "--device", "cpu", "--num_samples", "6", "--batch_sizes", "4",
+                                   "--cfg_modes", "guided", "--compile_modes", "none", "--num_steps", "1",
+                                   "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["seconds"] == 6.0 and row["images_per_s"] == 1.0
+
+
+def test_kernel_timings_are_per_call(tmp_path, monkeypatch):
+    """kernel_choices times --iters calls in each of --repeats windows: a row's ms is one call's."""
+    from benchmarks import kernel_choices
+    monkeypatch.setattr(kernel_choices, "time_call", lambda fn, device: (fn(), 3.0)[1])   # 3 calls, 3 s
+    out = tmp_path / "rows.jsonl"
+    kernel_choices.main(["--preset", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2",
+                         "--image_size", "8", "--batch_size", "4", "--sample_batch", "4", "--iters", "3",
+                         "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    timed = [r for r in map(json.loads, out.read_text().splitlines()) if r.get("ms") is not None]
+    assert timed and all(r["ms"] == 1000.0 for r in timed)
+
+
+def test_timing_waits_for_the_gpu(monkeypatch):
+    """On CUDA a timed call is bracketed by device synchronizations: kernels run asynchronously, and
+    without them a benchmark times the launches only."""
+    from benchmarks import common
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    common.time_call(lambda: events.append("call"), torch.device("cuda"))
+    assert events == ["sync", "call", "sync"]
