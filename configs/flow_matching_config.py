@@ -131,8 +131,6 @@ class FlowMatchingConfig(TrainConfig):
             raise ValueError(f"--class_dropout_prob 0 trains no null-label velocity, so --cfg_scale "
                              f"{self.cfg_scale} would guide with an untrained one; pass --cfg_scale 1 "
                              f"or a --class_dropout_prob > 0")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"--mlp_ratio must be > 0, got {self.mlp_ratio}")
         data_dir, cache = os.path.abspath(self.data_dir), os.path.abspath(self.data_cache_dir)
         if os.path.commonpath([data_dir, cache]) == data_dir:
             raise ValueError(f"--data_cache_dir {self.data_cache_dir} lies inside --data_dir {self.data_dir}, "

@@ -108,6 +108,20 @@ def test_presets_apply_before_flags():
     (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
     (["--seed", str(2 ** 45)], "--seed must be in [0, 2^32)"),
     (["--objective", "meanflow", "--class_dropout_prob", "0", "--cfg_scale", "1"], "--meanflow_guidance_mix 0.5) is built"),
+    (["--num_classes", "-1"], "--num_classes must be >= 0 (0 = unconditional), got -1"),
+    (["--mlp_ratio", "-1"], "--mlp_ratio -1.0 leaves the gelu MLP no hidden unit"),
+    (["--meanflow_ratio", "2"], "--meanflow_ratio must be in [0, 1], got 2.0"),
+    (["--meanflow_adaptive_p", "-1"], "--meanflow_adaptive_p must be >= 0 and --meanflow_adaptive_c > 0, got -1.0"),
+    (["--meanflow_guidance_mix", "1"], "--meanflow_guidance_mix must be < 1"),
+    (["--logit_normal_std", "0"], "--logit_normal_std must be > 0, got 0.0"),
+    (["--fid_batch_size", "0"], "--fid_batch_size must be >= 1, got 0"),
+    (["--fid_ref_num_images", "1"], "--fid_ref_num_images must be 0 (all) or >= 2, got 1"),
+    (["--muon_momentum", "1"], "--muon_momentum must be in [0, 1), got 1.0"),
+    (["--ema_gamma", "0"], "--ema_gamma must be > 0, got 0.0"),
+    (["--ema_decay", "1"], "--ema_decay must be in [0, 1), got 1.0"),
+    (["--ema_snapshot_every", "-1"], "--ema_snapshot_every must be >= 0 (0 = off), got -1"),
+    (["--min_lr_ratio", "2"], "--min_lr_ratio must be in [0, 1], got 2.0"),
+    (["--latent_size", "4"], "--latent_size / --latent_channels are filled from --vqvae_checkpoint"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
