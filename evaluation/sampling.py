@@ -225,6 +225,11 @@ class SamplingRun:
             pad_last_batch=self.compiled, **settings)
 
 
+def compiles(choice: str, device: torch.device) -> bool:
+    """--compile true / false, or auto: on CUDA, where the compiled forward is faster (docs/speed.md)."""
+    return choice == "true" or (choice == "auto" and device.type == "cuda")
+
+
 def load_sampling_run(args, device: torch.device) -> SamplingRun:
     """The checkpoint of `args.checkpoint` with `args.weights`, its VQ-VAE decoder if it is a latent
     model, and the forward precision of `args.precision`."""
@@ -233,7 +238,3 @@ def load_sampling_run(args, device: torch.device) -> SamplingRun:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     return SamplingRun(model, ckpt, latent_space, precision, device, compiles(args.compile, device))
 
-
-def compiles(choice: str, device: torch.device) -> bool:
-    """--compile true / false, or auto: on CUDA, where the compiled forward is faster (docs/speed.md)."""
-    return choice == "true" or (choice == "auto" and device.type == "cuda")
