@@ -410,7 +410,7 @@ def test_fid_every_samples_at_fid_cfg_scale(stand_in, image_folder, tmp_path, mo
     assert scales == [1.5]
 
 
-def test_features_are_extracted_in_full_fp32_and_the_tf32_flags_restored(monkeypatch):
+def test_features_are_extracted_in_full_fp32_and_the_tf32_flags_restored():
     """Inception runs in true fp32 (FIDs comparable with published ones) even where the trainer
     turned TF32 on for CUDA matmuls and convolutions; the flags are back on afterwards."""
     seen = []
@@ -420,11 +420,15 @@ def test_features_are_extracted_in_full_fp32_and_the_tf32_flags_restored(monkeyp
             seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
             return torch.zeros(len(images), 4)
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    fid.extract_features(Recorder(), fid.array_batches(random_images(3, 0), 2))
-    assert seen == [(False, False)] * 2
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    # Set and restored by hand: torch 2.11's cuBLAS flags object defeats monkeypatch's undo.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        fid.extract_features(Recorder(), fid.array_batches(random_images(3, 0), 2))
+        assert seen == [(False, False)] * 2
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("flags, expected", [
