@@ -122,6 +122,12 @@ def test_presets_apply_before_flags():
     (["--ema_snapshot_every", "-1"], "--ema_snapshot_every must be >= 0 (0 = off), got -1"),
     (["--min_lr_ratio", "2"], "--min_lr_ratio must be in [0, 1], got 2.0"),
     (["--latent_size", "4"], "--latent_size / --latent_channels are filled from --vqvae_checkpoint"),
+    (["--positions", "sincos_rope", "--hidden_size", "48", "--num_heads", "8"],
+     "--positions sincos_rope rotates pairs of each head's channels by rows and by columns: the head dimension "
+     "--hidden_size / --num_heads = 6 must be divisible by 4"),
+    (["--warmup_steps", "-1"], "--warmup_steps must be >= 0, got -1"),
+    (["--ema_snapshot_sigma_rels", "0.05,x"], "--ema_snapshot_sigma_rels must be comma-separated numbers"),
+    (["--ema_snapshot_sigma_rels", "0.05,0.05"], "--ema_snapshot_sigma_rels must list distinct values, got '0.05,0.05'"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:

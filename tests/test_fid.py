@@ -268,6 +268,8 @@ def test_a_checkpoint_and_fid_every_sample_the_reference_class_mix(stand_in, tmp
     (["--samples", "NPY", "--ref_data_dir", "REF"], "is not a samples.npz with an 'images' array (TypeError"),
     (["--samples", "EMPTY", "--ref_data_dir", "REF"], "is not a samples.npz with an 'images' array (EOFError"),
     (["--samples", "NPZ", "--ref_data_dir", "REF", "JSONL_IS_A_FOLDER"], "fid.jsonl is a folder or a read-only file"),
+    (["--samples", "ONE", "--ref_data_dir", "REF"], "holds 1 image(s); FID needs at least 2"),
+    (["--samples", "FLOATS", "--ref_data_dir", "REF"], "'images' must be uint8 (N, H, H, C) with C = 1 or 3, got float32"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(stand_in, folder, tmp_path, capsys, flags, expected):
     npz = tmp_path / "samples.npz"
@@ -283,8 +285,11 @@ def test_bad_input_is_one_line_and_exit_code_2(stand_in, folder, tmp_path, capsy
     if "JSONL_IS_A_FOLDER" in flags:
         flags = [f for f in flags if f != "JSONL_IS_A_FOLDER"]
         (tmp_path / "fid.jsonl").mkdir()
+    one, floats = tmp_path / "one.npz", tmp_path / "floats.npz"
+    np.savez(one, images=random_images(1, 0))
+    np.savez(floats, images=random_images(4, 0).astype(np.float32))
     subst = {"NPZ": str(npz), "REF": folder, "ROOT": str(root), "TRUNCATED": str(truncated), "NPY": str(npy),
-             "EMPTY": str(empty)}
+             "EMPTY": str(empty), "ONE": str(one), "FLOATS": str(floats)}
     flags = [subst.get(f, f.replace("REF", folder)) for f in flags]
     expected = expected.replace("ROOT", str(root)).replace("REF", folder)
     try:
