@@ -192,3 +192,15 @@ def test_the_winning_presets_are_one_recipe_at_two_sizes():
         assert all(winner[k] == v for k, v in options.items()), name
     dit = parse_flow_matching_config(["--preset", "cifar10_qk_swiglu"])
     assert {k: getattr(dit, k) for k in brief} == brief
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"hidden_szie": 64}, "unknown FlowMatchingConfig field(s): hidden_szie"),
+    ({"mixed_precision": "fp8"}, "--mixed_precision 'fp8' is not one of bf16, fp16, no"),
+])
+def test_a_config_built_from_a_mapping_is_checked_like_the_flags(values, message):
+    """make_config (configs from code, e.g. the benchmarks' runs and the tests): a misspelt field is
+    an error, not a silently ignored key, and a value outside a field's choices is refused, as a
+    flag would be."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_config(FlowMatchingConfig, values)
