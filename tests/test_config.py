@@ -204,3 +204,15 @@ def test_a_config_built_from_a_mapping_is_checked_like_the_flags(values, message
     flag would be."""
     with pytest.raises(ValueError, match=re.escape(message)):
         make_config(FlowMatchingConfig, values)
+
+
+def test_tensorboard_without_the_package_is_refused_at_parse_time(monkeypatch, capsys):
+    """--tensorboard true where the package is missing fails before the run, naming the fix, not at
+    the first log line after the data and the model were built."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_flow_matching_config(["--tensorboard", "true"])
+    assert exit_info.value.code == 2
+    assert "--tensorboard true needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
