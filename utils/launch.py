@@ -5,10 +5,9 @@ Exit codes: 0 done; 2 bad input (a value, a path, a missing optional package), a
 for a bad flag; 1 a run that stopped itself (a non-finite loss, a stop checkpoint it could not
 write); 130 a Ctrl-C outside the training loop (which turns one into a stop checkpoint instead),
 e.g. while generating or scoring, which run_main turns into an end by SIGINT (the shell shows 130).
-A traceback is kept for real bugs,
-including a ValueError raised inside a library (scipy, numpy, torch) or by Python itself in the
-repo's code (an unpacking, an int() of a bad string): only the repo's own checks, `raise
-ValueError(...)` statements, raise ValueErrors written for the user. An exception from a DataLoader
+A traceback is kept for real bugs, including a ValueError raised inside a library (scipy, numpy,
+torch) or by Python itself in the repo's code (an unpacking, an int() of a bad string): only the
+repo's own checks, `raise ValueError(...)` statements, raise ValueErrors written for the user. An exception from a DataLoader
 worker (an image refused or unreadable) is judged and printed as the worker raised it.
 """
 
