@@ -39,7 +39,9 @@ def target_velocity(noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 
 def sample_time(batch: int, device, scheme: str = "uniform", mean: float = 0.0, std: float = 1.0,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Training times t (batch,): U(0, 1), or logit-normal (sigmoid of N(mean, std^2), SD3)."""
+    """Training times t (batch,): U(0, 1), or logit-normal (sigmoid of N(mean, std^2), SD3); mean
+    and std are --logit_normal_mean / --logit_normal_std, which only logit_normal reads. SD3 writes
+    t for the noise level (1 - t here): a mean taken from its paper flips sign."""
     if scheme == "uniform":
         return torch.rand(batch, device=device, generator=generator)
     if scheme == "logit_normal":
@@ -331,6 +333,7 @@ def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int, sampler: st
             x = x + dt * velocity(x, t0)
             nfe += 1
         else:
+            assert sampler == "midpoint", f"integrate has no step for the sampler {sampler!r}"
             v0 = velocity(x, t0)
             x = x + dt * velocity(x + 0.5 * dt * v0, t0 + 0.5 * dt)
             nfe += 2

@@ -14,7 +14,7 @@ from typing import Any, Dict, Literal, Optional, Set
 
 import torch
 
-from configs.cli import parse_config
+from configs.cli import field_choices, parse_config
 from configs.train_config import TrainConfig
 from utils.validation import check_fid_sample_count, check_guidance_interval, mlp_inner_width
 
@@ -140,8 +140,9 @@ class FlowMatchingConfig(TrainConfig):
         if self.time_shift <= 0:
             raise ValueError(f"--time_shift must be > 0 (1 = a uniform grid), got {self.time_shift}")
         if self.sampler == "meanflow" and self.objective != "meanflow":
+            ode_samplers = ", ".join(s for s in field_choices(type(self), "sampler") if s != "meanflow")
             raise ValueError("--sampler meanflow needs a MeanFlow model (--objective meanflow); a flow-matching "
-                             "model samples with --sampler euler, heun, midpoint or ab2")
+                             f"model samples with --sampler {ode_samplers}")
         if not 0.0 <= self.meanflow_ratio <= 1.0:
             raise ValueError(f"--meanflow_ratio must be in [0, 1], got {self.meanflow_ratio}")
         if self.meanflow_adaptive_p < 0 or self.meanflow_adaptive_c <= 0:

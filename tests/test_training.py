@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import flow_matching as fm
 import train_flow_matching
 from configs.cli import make_config
 from configs.flow_matching_config import FlowMatchingConfig
@@ -846,9 +847,19 @@ def test_the_optimizer_gets_the_configs_settings(optimizer):
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("scheme, mean, std", [("logit_normal", -1.0, 0.5), ("uniform", 0.0, 1.0)])
-def test_the_objective_draws_t_as_the_config_says(scheme, mean, std):
-    """FlowMatchingObjective passes --time_sampling and its mean/std to the loss."""
+# Per --time_sampling: (logit_normal_mean, logit_normal_std, a check of 100,000 drawn t).
+TIME_SAMPLING_CHECKS = {
+    "uniform": (0.0, 1.0, lambda t, mean, std: abs(t.mean().item() - 0.5) < 0.005 and abs(t.var().item() - 1 / 12) < 0.002),
+    "logit_normal": (-1.0, 0.5, lambda t, mean, std: abs(torch.logit(t).mean().item() - mean) < 0.01
+                     and abs(torch.logit(t).std().item() / std - 1) < 0.01),
+}
+
+
+@pytest.mark.parametrize("scheme", fm.TIME_SAMPLINGS)
+def test_the_objective_draws_t_as_the_config_says(scheme):
+    """FlowMatchingObjective passes --time_sampling and its mean/std to the loss (a scheme added to
+    TIME_SAMPLINGS needs its row in TIME_SAMPLING_CHECKS)."""
+    mean, std, check = TIME_SAMPLING_CHECKS[scheme]
     config = make_config(FlowMatchingConfig, {"num_classes": 3, "time_sampling": scheme,
                                               "logit_normal_mean": mean, "logit_normal_std": std})
     seen = {}
@@ -860,12 +871,7 @@ def test_the_objective_draws_t_as_the_config_says(scheme, mean, std):
     n = 100_000
     draws = Draws(torch.Generator().manual_seed(0), torch.arange(n), n, 0)
     FlowMatchingObjective(config, torch.device("cpu")).loss(model, (torch.zeros(n, 1, 1, 1), torch.zeros(n, dtype=torch.long)), draws)
-    t = seen["t"]
-    if scheme == "uniform":
-        assert abs(t.mean().item() - 0.5) < 0.005 and abs(t.var().item() - 1 / 12) < 0.002
-    else:
-        z = torch.logit(t)
-        assert abs(z.mean().item() - mean) < 0.01 and abs(z.std().item() / std - 1) < 0.01
+    assert check(seen["t"], mean, std)
 
 
 def test_the_grid_and_the_fid_sample_with_the_configs_time_shift_and_guidance_interval(tmp_path, monkeypatch):
