@@ -194,7 +194,10 @@ def main(argv=None) -> int:
         parser.error(str(err))
     print("median ms per step: " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()), flush=True)
     curves, held_out = {}, {}
-    for n, spec in enumerate(args.runs):
+    # A spec given twice (the same run again, e.g. for the spread of its timing) gets a row of its own.
+    labels = [spec if args.runs.count(spec) == 1 else f"{spec} #{args.runs[:n + 1].count(spec)}"
+              for n, spec in enumerate(args.runs)]
+    for n, (spec, label) in enumerate(zip(args.runs, labels)):
         folder = os.path.join(args.out, f"run{n}")
         if os.path.exists(os.path.join(folder, "metrics.jsonl")):
             os.remove(os.path.join(folder, "metrics.jsonl"))
@@ -211,26 +214,26 @@ def main(argv=None) -> int:
         if code != 0:
             print(f"error: run {spec!r} exited with code {code}; see {args.out}/run{n}.log", file=sys.stderr)
             return 2 if code == 2 else 1
-        curves[spec] = read_curve(folder)
-        held_out[spec] = held_out_loss(os.path.join(folder, "flow_matching_final.pt"), eval_dir,
-                                       args.eval_images, args.device)
-        last = curves[spec][-1]
-        print(f"    {last['seconds']:.1f} s, last-window loss {last['loss']:.4f}, held-out {held_out[spec]:.4f}", flush=True)
+        curves[label] = read_curve(folder)
+        held_out[label] = held_out_loss(os.path.join(folder, "flow_matching_final.pt"), eval_dir,
+                                        args.eval_images, args.device)
+        last = curves[label][-1]
+        print(f"    {last['seconds']:.1f} s, last-window loss {last['loss']:.4f}, held-out {held_out[label]:.4f}", flush=True)
 
     budget = min(c[-1]["seconds"] for c in curves.values())
     print(f"\nthreads {torch.get_num_threads()}, steps {args.steps}, flags {' '.join(flags_of(args.set)) or '(tiny preset)'}")
     print(f"| run | loss @ {args.steps} steps | held-out loss @ {args.steps} steps | s / step "
           f"| step reached @ {budget:.0f} s | loss @ {budget:.0f} s |")
     print("|---|---|---|---|---|---|")
-    for spec, curve in curves.items():
-        print(f"| {spec} | {curve[-1]['loss']:.4f} | {held_out[spec]:.4f} | {curve[-1]['seconds'] / args.steps:.2f} "
+    for label, curve in curves.items():
+        print(f"| {label} | {curve[-1]['loss']:.4f} | {held_out[label]:.4f} | {curve[-1]['seconds'] / args.steps:.2f} "
               f"| {step_at_time(curve, budget)} | {loss_at_time(curve, budget):.4f} |")
 
     with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "step", "seconds", "loss"])
-        for spec, curve in curves.items():
-            writer.writerows([spec, p["step"], f"{p['seconds']:.3f}", f"{p['loss']:.6f}"] for p in curve)
+        for label, curve in curves.items():
+            writer.writerows([label, p["step"], f"{p['seconds']:.3f}", f"{p['loss']:.6f}"] for p in curve)
     plot(curves, os.path.join(args.out, "loss.png"))
     print(f"wrote {args.out}/runs.csv and {args.out}/loss.png")
     return 0
