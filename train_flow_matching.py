@@ -44,7 +44,7 @@ def train(config, dist) -> None:
         # Every field of the network but the objective: a flow-matching run may start a MeanFlow one.
         fields = [f for f in ARCHITECTURE_FIELDS if f != "objective"]
         model.load_state_dict(initial_weights(config.init_from, model, config, fields, info.latent_space), strict=True)
-    announce_run(config, model, dist, micro)
+    announce_run(config, model, dist, micro, info.first_image_size)
     autocast_dtype = AUTOCAST_DTYPES[config.mixed_precision]
     objective = FlowMatchingObjective(config, dist.device, autocast_dtype, latent_space=info.latent_space)
     evaluator = (PeriodicFID(config, dist.device, autocast_dtype, dist.rank, dist.world_size,

@@ -20,6 +20,7 @@ import os
 import torch
 
 from configs.vqvae_config import parse_vqvae_config
+from data.datasets import first_image_size
 from data.vqvae_dataset import get_vqvae_dataloader, get_vqvae_eval_loader, grid_images
 from evaluation.reconstruction import evaluate_reconstruction
 from models.vqvae import VQVAE_ARCHITECTURE_FIELDS, vqvae_from_config
@@ -51,7 +52,7 @@ def train(config, dist) -> None:
     eval_loader = get_vqvae_eval_loader(config) if config.eval_images and dist.is_main else None
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = vqvae_from_config(config)
-    announce_run(config, model, dist, micro)
+    announce_run(config, model, dist, micro, first_image_size(loader.dataset.base))
     if dist.is_main:
         print(f"latents {'x'.join(map(str, model.latent_shape(config.image_size)))}, "
               f"{config.codebook_size} codes")

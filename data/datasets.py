@@ -14,7 +14,7 @@ import hashlib
 import multiprocessing
 import os
 import signal
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -104,10 +104,22 @@ def _image_folder(data_dir: str, transform, flag: str = "--data_dir") -> Dataset
     except (FileNotFoundError, OSError) as err:
         raise FileNotFoundError(f"{flag} {data_dir} is not a readable ImageFolder ({err}); it "
                                 f"needs one subfolder per class holding {'/'.join(IMAGE_EXTENSIONS)} files") from None
-    if len(folder.classes) > 1 and set(folder.classes) <= SPLIT_NAMES:
-        raise ValueError(f"{flag} {data_dir} holds the splits {', '.join(folder.classes)}, not classes: pass "
-                         f"one split's folder, e.g. {os.path.join(data_dir, folder.classes[-1])}")
+    if set(folder.classes) <= SPLIT_NAMES:   # one too high: a dataset of 1 class "train", or 2, "test" and "train"
+        raise ValueError(f"{flag} {data_dir} holds the split{'s' * (len(folder.classes) > 1)} "
+                         f"{', '.join(folder.classes)}, not classes: pass one split's folder, e.g. "
+                         f"{os.path.join(data_dir, folder.classes[-1])} (a class folder may not be named "
+                         f"{', '.join(sorted(SPLIT_NAMES))})")
     return folder
+
+
+def first_image_size(dataset: Dataset) -> Optional[Tuple[int, int]]:
+    """(width, height) of an ImageFolder's first file (its header only), None for other datasets:
+    what a run reports when --image_size resizes its images."""
+    samples = getattr(dataset, "samples", None)
+    if not samples:
+        return None
+    with Image.open(samples[0][0]) as image:
+        return image.size
 
 
 def listing_fingerprint(dataset: Dataset, root: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from data.datasets import build_image_dataset, listing_fingerprint, make_loader
+from data.datasets import build_image_dataset, first_image_size, listing_fingerprint, make_loader
 from data.device_loader import device_loader
 from data.latent_cache import latent_dataset
 from models.vqvae import LatentSpace
@@ -27,12 +27,14 @@ class DataInfo:
 
     num_classes: the classes of the dataset; input_shape: (C, H, W) of what the model sees (the
     images, or a latent run's latents); latent_space and vqvae_checkpoint: a latent run's
-    normalization and decoder, and the VQ-VAE file it came from (None in pixel space).
+    normalization and decoder, and the VQ-VAE file it came from (None in pixel space);
+    first_image_size: (width, height) of an ImageFolder's first file, for the run's report.
     """
     num_classes: int
     input_shape: Tuple[int, int, int]
     latent_space: Optional[LatentSpace] = None
     vqvae_checkpoint: Optional[str] = None
+    first_image_size: Optional[Tuple[int, int]] = None
 
     def config_fields(self, config) -> Dict[str, Any]:
         """The config values this data fixes: num_classes when it was left unset; a latent run's
@@ -94,14 +96,15 @@ def get_flow_matching_dataloader(config, vqvae_encoder=None, *, batch_size: Opti
     dataset, found = rank_zero_first(rank, lambda: build_image_dataset(
         config.dataset, config.data_dir, config.image_size, config.in_channels, train=True))
     check_num_classes(config, found)
+    first_size = first_image_size(dataset)
     batch_size = batch_size or config.batch_size
     device = torch.device(device or "cpu")
     if vqvae_encoder is not None or config.vqvae_checkpoint is not None:
         latents = latent_dataset(config, dataset, vqvae_encoder, rank)
-        info = DataInfo(found, latents.latent_shape, latents.latent_space, latents.vqvae_checkpoint)
+        info = DataInfo(found, latents.latent_shape, latents.latent_space, latents.vqvae_checkpoint, first_size)
         dataset = latents
     else:
-        info = DataInfo(found, (config.in_channels, config.image_size, config.image_size))
+        info = DataInfo(found, (config.in_channels, config.image_size, config.image_size), first_image_size=first_size)
         if use_device_loader(config, len(dataset), device):
             return device_loader(config, listing_fingerprint(dataset, config.data_dir), batch_size, device,
                                  rank, world_size), info

@@ -18,6 +18,7 @@ import torch
 
 import flow_matching as fm
 import train_flow_matching
+import train_vqvae
 from configs.cli import make_config
 from configs.flow_matching_config import FlowMatchingConfig
 from configs.vqvae_config import VQVAEConfig
@@ -26,7 +27,8 @@ from data.flow_matching_dataset import get_flow_matching_dataloader
 from models.dit_2d import dit_from_config
 from evaluation import fid
 from evaluation.periodic import PeriodicFID
-from tests.conftest import ROOT, StandIn, write_image_folder
+from tests.conftest import ROOT, TINY_FLAGS, StandIn, write_image_folder
+from tests.test_vqvae import vq_flags
 from utils import checkpoint as ckpt_lib
 from utils.distributed import DistInfo
 from training.objectives import FlowMatchingObjective
@@ -145,6 +147,40 @@ def test_a_run_shorter_than_its_warmup_says_where_its_lr_ends(config_class, caps
            "of their peak" in capsys.readouterr().out
     announce_run(config_class(train_steps=20, warmup_steps=20), torch.nn.Linear(2, 2), dist, micro=4)
     assert "warmup" not in capsys.readouterr().out.split("parameters;")[1]   # the config listing above names the field
+
+
+@pytest.mark.parametrize("config_class", [FlowMatchingConfig, VQVAEConfig])
+def test_images_not_at_image_size_get_a_note(config_class, capsys):
+    dist = DistInfo(0, 0, 1, torch.device("cpu"))
+    announce_run(config_class(image_size=32), torch.nn.Linear(2, 2), dist, micro=4, first_image_size=(48, 40))
+    assert "note: the images of --data_dir are 48x40 (its first file); training resizes them (shorter side) and " \
+           "center-crops them to --image_size 32" in capsys.readouterr().out
+    for size in ((32, 32), None):   # at size already, or not an ImageFolder
+        announce_run(config_class(image_size=32), torch.nn.Linear(2, 2), dist, micro=4, first_image_size=size)
+        assert "images of --data_dir" not in capsys.readouterr().out
+
+
+def test_both_training_scripts_report_the_size_of_their_images(tmp_path, capsys):
+    """The folder's 12x10 images train at --image_size 8: each script says so (flow matching through
+    the DataInfo of its data loader, the VQ-VAE through its loader's dataset)."""
+    images = write_image_folder(tmp_path / "images", size=(12, 10))
+    note = "note: the images of --data_dir are 12x10 (its first file)"
+    assert train_flow_matching.main(TINY_FLAGS + ["--data_dir", images, "--checkpoint_dir", str(tmp_path / "fm"),
+                                                  "--train_steps", "1"]) == 0
+    assert note in capsys.readouterr().out
+    assert train_vqvae.main(vq_flags(images, tmp_path) + ["--train_steps", "1", "--eval_images", "0"]) == 0
+    assert note in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("splits", [["train"], ["test", "train"]])
+def test_a_data_dir_one_level_too_high_is_refused(tmp_path, splits):
+    """A folder holding only split folders is not a dataset of classes named after them: with
+    train/ alone it trained a 1-class model, silently."""
+    for split in splits:
+        write_image_folder(tmp_path / "data" / split, classes=2, per_class=1)
+    with pytest.raises(ValueError, match=f"--data_dir {tmp_path / 'data'} holds the splits? {', '.join(splits)}, not "
+                                         f"classes: pass one split's folder, e.g. {tmp_path / 'data' / 'train'}"):
+        build_image_dataset("imagefolder", str(tmp_path / "data"), 8, 3)
 
 
 def test_fp16_trains_with_a_grad_scaler_and_resumes_exactly(tiny_flags, tmp_path):

@@ -2,6 +2,7 @@
 config, the model's size and batch split, and the run's config.json."""
 
 import json
+from typing import Optional, Tuple
 
 import torch
 
@@ -25,9 +26,11 @@ def check_run_folders(config, kind: str) -> None:
         check_writable(config.sample_dir, f"--sample_dir {config.sample_dir}")
 
 
-def announce_run(config, model: torch.nn.Module, dist: DistInfo, micro: int) -> None:
+def announce_run(config, model: torch.nn.Module, dist: DistInfo, micro: int,
+                 first_image_size: Optional[Tuple[int, int]] = None) -> None:
     """Print the resolved config and the model's size and batch split (`micro` images per forward
-    on a rank; rank 0 only)."""
+    on a rank; rank 0 only), and a note when the images (as the first of an ImageFolder shows,
+    `first_image_size` = (width, height)) are not at --image_size."""
     if not dist.is_main:
         return
     print(f"config:\n{format_config(config)}")
@@ -38,6 +41,12 @@ def announce_run(config, model: torch.nn.Module, dist: DistInfo, micro: int) -> 
     if config.warmup_steps > config.train_steps:   # allowed (a short trial of a long recipe), but never silent
         print(f"note: --warmup_steps {config.warmup_steps} is longer than --train_steps {config.train_steps}: the run "
               f"ends mid-warmup, its learning rates at {config.train_steps / config.warmup_steps:.0%} of their peak")
+    if first_image_size is not None and first_image_size != (config.image_size, config.image_size):
+        # Allowed (CIFAR-10 at 16px is the quality proxy), but a folder at 48px trained at the default
+        # 32px is more often a forgotten --image_size.
+        width, height = first_image_size
+        print(f"note: the images of --data_dir are {width}x{height} (its first file); training resizes them "
+              f"(shorter side) and center-crops them to --image_size {config.image_size}")
 
 
 def save_run_config(config, kind: str, dist: DistInfo) -> None:
