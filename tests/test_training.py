@@ -85,10 +85,12 @@ def test_resume_is_bit_exact(tiny_flags, tmp_path, options):
                       load(os.path.join(half_dir, "flow_matching_final.pt")))
 
 
-def test_the_log_lines_after_a_resume_match_the_uninterrupted_run(tiny_flags, tmp_path):
-    """A checkpoint in the middle of a log window (step 3, logs every 2) keeps the window's loss:
-    the resumed run logs the losses of steps 4 and 6 that the uninterrupted run logged."""
-    common = tiny_flags + ["--train_steps", "6", "--save_every", "3"]
+@pytest.mark.parametrize("options", [[], MEANFLOW], ids=["flow_matching", "meanflow"])
+def test_the_log_lines_after_a_resume_match_the_uninterrupted_run(tiny_flags, tmp_path, options):
+    """A checkpoint in the middle of a log window (step 3, logs every 2) keeps the window's loss
+    and extra metrics (MeanFlow's mse): the resumed run logs the values of steps 4 and 6 that the
+    uninterrupted run logged."""
+    common = tiny_flags + ["--train_steps", "6", "--save_every", "3", *options]
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     assert train_flow_matching.main(common + ["--checkpoint_dir", str(full_dir)]) == 0
     resumed_dir.mkdir()
@@ -98,6 +100,8 @@ def test_the_log_lines_after_a_resume_match_the_uninterrupted_run(tiny_flags, tm
     full, resumed = ([json.loads(line) for line in open(d / "metrics.jsonl")] for d in (full_dir, resumed_dir))
     assert [r["step"] for r in full] == [2, 4, 6] and [r["step"] for r in resumed] == [4, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full[1:]]
+    if options:
+        assert [r["mse"] for r in resumed] == [r["mse"] for r in full[1:]]
 
 
 def test_tensorboard_gets_every_record_and_grid(tiny_flags):
@@ -611,17 +615,32 @@ def test_gradient_checkpointing_runs_in_every_training_step(tiny_flags, monkeypa
     assert len(calls) == 3 * 2   # 3 steps x 2 blocks (tiny_flags' --depth 2)
 
 
-def test_a_log_line_averages_the_steps_since_the_previous_one(tiny_flags, tmp_path):
-    """Each log line's loss is the mean over its own window: logging every 2 steps gives the mean
-    of the two lines that logging every step gives (the training itself is the same)."""
-    def losses(every, name):
+@pytest.mark.parametrize("key, options", [("loss", []), ("mse", MEANFLOW)])
+def test_a_log_line_averages_the_steps_since_the_previous_one(tiny_flags, tmp_path, key, options):
+    """Each log line's loss and extra metrics (MeanFlow's mse) are means over its own window:
+    logging every 2 steps gives the mean of the two lines that logging every step gives (the
+    training itself is the same)."""
+    def values(every, name):
         ckpt_dir = str(tmp_path / name)
-        assert train_flow_matching.main(tiny_flags + ["--train_steps", "4", "--log_every", str(every),
+        assert train_flow_matching.main(tiny_flags + ["--train_steps", "4", "--log_every", str(every), *options,
                                                       "--save_every", "100", "--checkpoint_dir", ckpt_dir]) == 0
-        return [json.loads(line)["loss"] for line in open(os.path.join(ckpt_dir, "metrics.jsonl"))]
+        return [json.loads(line)[key] for line in open(os.path.join(ckpt_dir, "metrics.jsonl"))]
 
-    each, pairs = losses(1, "each"), losses(2, "pairs")
+    each, pairs = values(1, "each"), values(2, "pairs")
     assert pairs == pytest.approx([(each[0] + each[1]) / 2, (each[2] + each[3]) / 2], rel=1e-6)
+
+
+def test_a_log_lines_extra_metrics_average_the_micro_batches(tiny_flags, tmp_path):
+    """MeanFlow's logged mse of the first step (same weights either way) is the whole batch's,
+    whether the batch of 4 runs as one forward or as two micro-batches of 2 (not the last one's)."""
+    def first_mse(micro):
+        ckpt_dir = str(tmp_path / f"micro{micro}")
+        assert train_flow_matching.main(tiny_flags + ["--train_steps", "1", "--log_every", "1", *MEANFLOW,
+                                                      "--mixed_precision", "no", "--micro_batch_size", str(micro),
+                                                      "--checkpoint_dir", ckpt_dir]) == 0
+        return json.loads(open(os.path.join(ckpt_dir, "metrics.jsonl")).readline())["mse"]
+
+    assert first_mse(2) == pytest.approx(first_mse(4), rel=1e-5)
 
 
 class InfGradient(torch.autograd.Function):
@@ -975,7 +994,7 @@ def test_the_log_counts_images_per_second_over_the_global_batch(tiny_flags):
     """images_per_sec in metrics.jsonl is steps x --batch_size / seconds (not steps / seconds)."""
     trainer, _ = tiny_trainer(tiny_flags, 8, train_steps=1, log_every=1)
     from tqdm import tqdm
-    trainer._log(torch.tensor(0.5), {}, 4, 2.0, tqdm(disable=True), None)
+    trainer._log(torch.tensor(0.5), 4, 2.0, tqdm(disable=True), None)
     record = json.loads(open(trainer.metrics_path).read().splitlines()[-1])
     assert record["images_per_sec"] == 4 * 8 / 2.0
 

@@ -205,9 +205,11 @@ class Trainer:
         self.step, self.epoch, self.index = 0, 0, 0
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.stop_signal: Optional[int] = None
-        # The open log window's loss sum (averaged over ranks when saved) and step count: checkpoints
-        # keep them, so the first log line after a resume averages the same steps as without one.
+        # The open log window's sums of the loss and of the objective's extra metrics (averaged over
+        # ranks when saved) and its step count: checkpoints keep them, so the first log line after a
+        # resume averages the same steps as without one.
         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
+        self.window_extras: Dict[str, torch.Tensor] = {}
         self.writer = None
         self.last_checkpoint: Optional[str] = None
         # The steps of the last checkpoint and snapshot written (a checkpoint: on ranks > 0, attempted),
@@ -235,6 +237,7 @@ class Trainer:
             while self.step < c.train_steps:
                 loss, grad_norm, extras = self.train_step(next(batches) for _ in range(self.accum_steps))
                 self.window_loss += loss
+                self.window_extras = {k: self.window_extras.get(k, 0) + v for k, v in extras.items()}
                 self.window_steps += 1
                 rate_steps += 1
                 bar.update(1)
@@ -244,8 +247,9 @@ class Trainer:
                     self._estimate_cpu_time(time.perf_counter() - timed, bar)
 
                 if self.step % c.log_every == 0 or self.step == c.train_steps:
-                    self._log(grad_norm, extras, rate_steps, time.perf_counter() - window_start, bar, probe)
+                    self._log(grad_norm, rate_steps, time.perf_counter() - window_start, bar, probe)
                     self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
+                    self.window_extras = {}
                     rate_steps, window_start = 0, time.perf_counter()
                 if c.sample_every and self.step % c.sample_every == 0:
                     self._sample_grid()
@@ -307,13 +311,14 @@ class Trainer:
         loss, scaled for accumulation and backward (DDP all-reduces the gradient on the last one
         only); unscale, clip, step; EMA.
 
-        Returns (mean loss, grad norm, the last micro-batch's extra metrics) as device tensors:
+        Returns (mean loss, grad norm, the mean of the objective's extra metrics over the
+        micro-batches) as device tensors:
         nothing here reads a value back to the host (the loop does that only on log steps), so on
         CUDA the host runs ahead of the GPU. Benchmarks time this same method.
         """
         c, world = self.config, self.dist.world_size
         set_lr(self.optimizer, lr_factor(self.step, c))
-        loss_sum, extras = torch.zeros((), device=self.device), {}
+        loss_sum, extras_sum = torch.zeros((), device=self.device), {}
         positions = torch.arange(self.micro_batch, device=self.device)
         for micro, batch in enumerate(micro_batches):
             x, y = (t.to(self.device, non_blocking=True) for t in batch)
@@ -330,6 +335,7 @@ class Trainer:
                     loss, extras = self.objective.loss(self.model, (x, y), draws)
                 self.scaler.scale(loss / self.accum_steps).backward()
             loss_sum += loss.detach()
+            extras_sum = {k: extras_sum.get(k, 0) + v.detach().float() for k, v in extras.items()}
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), c.grad_clip or math.inf)
         self.scaler.step(self.optimizer)
@@ -344,7 +350,7 @@ class Trainer:
             finite = finite & torch.isfinite(grad_norm)   # a finite loss with an inf gradient stepped to NaN weights
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, self.step, self.first_bad_step)
         self.step += 1
-        return loss, grad_norm, {k: v.detach() for k, v in extras.items()}
+        return loss, grad_norm, {k: v / self.accum_steps for k, v in extras_sum.items()}
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -397,15 +403,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------- logging
 
-    def _log(self, grad_norm, extras: Dict[str, torch.Tensor], steps: int, seconds: float, bar, probe) -> None:
-        """The window's mean loss; the last step's grad norm and extras; images/s over `steps` in `seconds`."""
+    def _log(self, grad_norm, steps: int, seconds: float, bar, probe) -> None:
+        """The window's mean loss and extra metrics; the last step's grad norm; images/s over
+        `steps` in `seconds`."""
         self._check_finite()
-        values = torch.stack([self.window_loss / max(self.window_steps, 1), grad_norm.float(),
-                              *[v.detach().float() for v in extras.values()]])
+        window = max(self.window_steps, 1)
+        values = torch.stack([self.window_loss / window, grad_norm.float(),
+                              *[v / window for v in self.window_extras.values()]])
         values = self._mean_over_ranks(values).tolist()
         record = {"step": self.step, "loss": values[0], **learning_rates(self.optimizer),
                   "grad_norm": values[1],
-                  **{k: v for k, v in zip(extras, values[2:])},
+                  **{k: v for k, v in zip(self.window_extras, values[2:])},
                   "images_per_sec": steps * self.config.batch_size / max(seconds, 1e-9),
                   "peak_mem_gb": peak_memory_gb(self.device)}
         if self.dist.is_main:
@@ -490,7 +498,8 @@ class Trainer:
         disk) is skipped with a warning and tried again at the next save; a `required` one (the
         final and the stop checkpoints) raises the OSError."""
         self._check_finite()
-        window = {"loss_sum": self._mean_over_ranks(self.window_loss).cpu(), "steps": self.window_steps}
+        sums = self._mean_over_ranks(torch.stack([self.window_loss, *self.window_extras.values()])).cpu()
+        window = {"loss_sum": sums[0], "extras_sum": dict(zip(self.window_extras, sums[1:])), "steps": self.window_steps}
         if self.dist.is_main:
             try:
                 save_checkpoint(self.state_dict(window), path)
@@ -533,6 +542,8 @@ class Trainer:
         if "log_window" in ckpt:  # absent in checkpoints from before 2026-12-06
             self.window_loss = ckpt["log_window"]["loss_sum"].to(self.device)
             self.window_steps = ckpt["log_window"]["steps"]
+            self.window_extras = {k: v.to(self.device)   # absent before 2026-12-07
+                                  for k, v in ckpt["log_window"].get("extras_sum", {}).items()}
         self.epoch = ckpt["data"]["epoch"]
         self.index = ckpt["data"]["samples"] // (self.micro_batch * self.dist.world_size)
         set_rng_state(ckpt["rng"])
