@@ -1,11 +1,13 @@
 """The DiT2D options beyond the brief's DiT: qk-norm, SwiGLU, 2D rotary positions, an fp32 residual
 stream. Each test pins the option's math, so that a one-line slip in it fails here."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from configs.flow_matching_config import ARCHITECTURE_FIELDS, FlowMatchingConfig
 from models.dit_2d import DiT2D, dit_from_config
 from models.layers import Attention, Mlp, RMSNorm, SwiGLU, apply_rope, rope_2d_angles
 from optimizers.muon import muon_param_groups
@@ -180,3 +182,36 @@ def test_a_checkpoint_config_from_before_the_options_builds_the_briefs_dit():
     assert not model.fp32_residual and isinstance(model.blocks[0].attn.q_norm, torch.nn.Identity)
     new = dit_from_config(dict(old, qk_norm=True, mlp="swiglu", positions="rope", fp32_residual=True))
     assert isinstance(new.blocks[0].mlp, SwiGLU) and new.pos_embed is None and new.fp32_residual
+
+
+# ----------------------------------------------------------------------------- every field reaches the model
+
+# A changed value for each config field dit_from_config builds from (ARCHITECTURE_FIELDS, whose
+# latent_* only count with a VQ-VAE, and fp32_residual, which changes no weight): a field added there
+# without its row here fails with a KeyError instead of going unchecked.
+CHANGED = {"image_size": 16, "in_channels": 1, "num_classes": 4, "patch_size": 4, "hidden_size": 64, "depth": 3,
+           "num_heads": 4, "mlp_ratio": 2.0, "qk_norm": True, "mlp": "swiglu", "positions": "rope",
+           "objective": "meanflow", "fp32_residual": True}
+
+
+def model_fingerprint(config: dict):
+    """(names and shapes of the weights and tables, a forward of the randomized model under bf16
+    autocast): what a config field must change to have reached the model."""
+    model = randomized(dit_from_config(config))
+    shapes = [(k, tuple(v.shape)) for k, v in [*model.named_parameters(), *model.named_buffers()]]
+    channels, size = config["in_channels"], config["image_size"]
+    x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, torch.tensor([0.3, 0.7]), torch.tensor([0, 1]))
+    return shapes, out.float()
+
+
+@pytest.mark.parametrize("field", [f for f in ARCHITECTURE_FIELDS if not f.startswith("latent_")] + ["fp32_residual"])
+def test_every_architecture_field_reaches_the_built_model(field):
+    """A field that parses, is saved and is compared on resume, but that dit_from_config never
+    passes to DiT2D, would train the default network under another name."""
+    base = {**{f.name: f.default for f in dataclasses.fields(FlowMatchingConfig)},
+            "image_size": 8, "hidden_size": 32, "depth": 2, "num_heads": 2, "num_classes": 3}
+    assert base[field] != CHANGED[field]
+    (shapes, out), (changed_shapes, changed_out) = model_fingerprint(base), model_fingerprint({**base, field: CHANGED[field]})
+    assert shapes != changed_shapes or not torch.equal(out, changed_out)
