@@ -37,14 +37,21 @@ def load_model(path: str, kind: str, build: Callable[[Dict[str, Any]], torch.nn.
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     ckpt = load_checkpoint(path, kind=kind)
     model = build(ckpt["config"])
+    load_weights(model, ckpt[weights], path, weights)
+    return model.to(device).eval().requires_grad_(False), ckpt
+
+
+def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: str, weights: str,
+                 config: str = "its own config") -> None:
+    """model.load_state_dict(state, strict=True), where a state of other names or shapes than the
+    model built from `config` (a checkpoint of other code, or edited) is a ValueError naming it."""
     try:
-        model.load_state_dict(ckpt[weights], strict=True)
-    except RuntimeError as err:   # weights of another shape than its own config describes
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
-        raise ValueError(f"checkpoint {path}: its {weights!r} weights do not fit the model its own config "
+        raise ValueError(f"checkpoint {path}: its {weights!r} weights do not fit the model {config} "
                          f"describes ({detail}); it was written by other code or edited: retrain it, or use "
                          f"the code that wrote it") from None
-    return model.to(device).eval().requires_grad_(False), ckpt
 
 
 def load_flow_model(path: str, weights: str = "ema", device="cpu") -> Tuple[DiT2D, Dict[str, Any]]:
@@ -119,8 +126,10 @@ def initial_weights(path: str, model: DiT2D, config, fields, latent_space: Optio
     state = dict(ckpt["model"])
     missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
     if unexpected or any(not k.startswith("r_embedder.") for k in missing):
+        meanflow = unexpected and all(k.startswith("r_embedder.") for k in unexpected)
         raise ValueError(f"--init_from {path}: its weights do not fit this model (missing "
-                         f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); a MeanFlow "
-                         f"checkpoint only initializes a MeanFlow run")
+                         f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); "
+                         + ("a MeanFlow checkpoint only initializes a MeanFlow run" if meanflow else
+                            "it was written by other code or edited: use the code that wrote it"))
     state.update({k: own[k] for k in missing})
     return state

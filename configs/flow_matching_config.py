@@ -18,7 +18,9 @@ from configs.cli import field_choices, parse_config
 from configs.train_config import TrainConfig
 from utils.validation import check_fid_sample_count, check_guidance_interval, mlp_inner_width
 
-# Fields that fix the network's shape: a checkpoint only loads into a config that agrees on them.
+# Fields that fix the network: resume and --init_from refuse a config that differs from the
+# checkpoint's on them (generation rebuilds from the checkpoint's own config). dit_from_config must
+# read each one (tests/test_architecture_options.py checks that each changes the built model).
 ARCHITECTURE_FIELDS = ("image_size", "in_channels", "num_classes", "patch_size", "hidden_size",
                        "depth", "num_heads", "mlp_ratio", "latent_size", "latent_channels", "qk_norm",
                        "mlp", "positions", "objective")

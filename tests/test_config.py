@@ -15,7 +15,7 @@ from evaluation import posthoc_ema
 from models import dit_2d
 from optimizers import muon
 from tests.conftest import ROOT
-from training import trainer
+from training import optim, trainer
 
 
 def test_defaults_are_the_seed_run():
@@ -174,7 +174,8 @@ def test_make_config_rejects_unknown_keys_and_bad_choices():
 @pytest.mark.parametrize("name, choices", [
     ("sampler", flow_matching.SAMPLERS), ("time_sampling", flow_matching.TIME_SAMPLINGS),
     ("positions", dit_2d.POSITIONS), ("muon_adjust_lr", muon.ADJUST_LR_FNS),
-    ("mixed_precision", tuple(trainer.AUTOCAST_DTYPES)), ("ema_snapshot_dtype", tuple(posthoc_ema.SNAPSHOT_DTYPES))])
+    ("mixed_precision", tuple(trainer.AUTOCAST_DTYPES)), ("ema_snapshot_dtype", tuple(posthoc_ema.SNAPSHOT_DTYPES)),
+    ("lr_schedule", optim.LR_SCHEDULES)])
 def test_a_fields_choices_are_the_ones_its_code_implements(name, choices):
     """A choice field's Literal and the tuple of the code that implements it are two lists (configs
     may not import the layer beside it): a new sampler added to one of them alone is a flag that

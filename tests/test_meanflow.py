@@ -14,7 +14,7 @@ import train_flow_matching
 from models.dit_2d import DiT2D, dit_from_config
 from rebuild import initial_weights
 from configs.flow_matching_config import ARCHITECTURE_FIELDS, FlowMatchingConfig
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 
 MU, S = 0.7, 0.4   # data ~ N(MU, S^2) per element; noise ~ N(0, 1)
 
@@ -280,6 +280,23 @@ def test_init_from_a_checkpoint_of_another_shape_is_a_clear_error(tiny_flags, tm
                                                   "--checkpoint_dir", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "A run started with --init_from needs a --checkpoint_dir of its own" in err and "--resume" not in err
+
+
+def test_init_from_weights_that_do_not_fit_says_why(tiny_flags, tmp_path, capsys):
+    """A MeanFlow checkpoint cannot start a flow-matching run (its interval embedding has no place
+    there); weights of other names (other code, or edited) are not blamed on MeanFlow."""
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1", "--objective", "meanflow",
+                                                  "--checkpoint_dir", str(tmp_path / "mf")]) == 0
+    meanflow = str(tmp_path / "mf" / "flow_matching_final.pt")
+    assert train_flow_matching.main(tiny_flags + ["--init_from", meanflow, "--checkpoint_dir", str(tmp_path / "a")]) == 2
+    assert "a MeanFlow checkpoint only initializes a MeanFlow run" in capsys.readouterr().err
+    edited = load_checkpoint(meanflow)
+    edited["model"]["registers"] = torch.zeros(4, 32)
+    save_checkpoint(edited, meanflow)
+    assert train_flow_matching.main(tiny_flags + ["--objective", "meanflow", "--init_from", meanflow,
+                                                  "--checkpoint_dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "unexpected ['registers']" in err and "written by other code or edited" in err and "MeanFlow" not in err
 
 
 def test_adaptive_weight_is_a_stop_gradient_power_of_the_error():

@@ -62,7 +62,8 @@ def assert_same_state(a, b):
 ALL_OPTIONS = ["--qk_norm", "true", "--mlp", "swiglu", "--positions", "sincos_rope", "--fp32_residual", "true",
                "--mixed_precision", "bf16", "--time_sampling", "logit_normal", "--logit_normal_mean", "0.3",
                "--ema_gamma", "4", "--adam_beta2", "0.95", "--time_shift", "2", "--guidance_interval_start", "0.2",
-               "--num_sampling_steps", "3", "--sampler", "heun"]
+               "--num_sampling_steps", "3", "--sampler", "heun",
+               "--lr_schedule", "cosine", "--warmup_steps", "4"]   # the resume at step 3 is inside the warmup
 
 
 MEANFLOW = ["--objective", "meanflow", "--meanflow_ratio", "0.5", "--meanflow_adaptive_p", "0.5",
@@ -260,6 +261,22 @@ def test_resume_takes_optimizer_settings_from_the_flags(tiny_flags, capsys, opti
     assert {g["name"]: g[key] for g in groups}[group] == 2e-3
 
 
+def test_a_resume_that_changes_the_lr_schedule_says_what_changed(tiny_flags, capsys):
+    """Like the EMA's, the schedule's fields may change on resume (a longer cosine, another warmup),
+    and the learning rates from the resumed step on then differ from the checkpoint's run's: the
+    run names each changed field. A longer run under a constant LR changes nothing to report."""
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1"]) == 0
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--resume", "latest"]) == 0
+    assert "LR schedule" not in capsys.readouterr().out
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "4", "--resume", "latest", "--lr_schedule", "cosine",
+                                                  "--warmup_steps", "1", "--min_lr_ratio", "0.5"]) == 0
+    assert ("LR schedule from the current flags, not the checkpoint: lr_schedule: 'constant' -> 'cosine'; "
+            "warmup_steps: 2 -> 1; min_lr_ratio: 0.1 -> 0.5; train_steps: 2 -> 4") in capsys.readouterr().out
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "5", "--resume", "latest", "--lr_schedule", "cosine",
+                                                  "--warmup_steps", "1", "--min_lr_ratio", "0.5"]) == 0
+    assert "LR schedule from the current flags, not the checkpoint: train_steps: 4 -> 5" in capsys.readouterr().out
+
+
 def test_resume_with_a_different_architecture_is_a_clear_error(tiny_flags, tmp_path, capsys):
     """...and the refused run leaves the run's config.json as it was (it describes the checkpoints)."""
     assert train_flow_matching.main(tiny_flags + ["--train_steps", "1"]) == 0
@@ -269,6 +286,22 @@ def test_resume_with_a_different_architecture_is_a_clear_error(tiny_flags, tmp_p
     assert code == 2
     assert "depth: checkpoint 2 vs now 3" in capsys.readouterr().err
     assert open(saved).read() == before
+
+
+@pytest.mark.parametrize("weights", ["model", "ema"])
+def test_resume_from_weights_that_do_not_fit_their_config_is_a_clear_error(tiny_flags, capsys, weights):
+    """Weights of other names than the config builds (a checkpoint of other code or edited, or an
+    architecture option its config does not record) are a one-line error naming the file, not a
+    load_state_dict traceback."""
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1"]) == 0
+    path = os.path.join(flag_value(tiny_flags, "--checkpoint_dir"), "flow_matching_final.pt")
+    ckpt = load(path)
+    ckpt[weights]["registers"] = torch.zeros(4, 32)
+    ckpt_lib.save_checkpoint(ckpt, path)
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {path}: its '{weights}' weights do not fit the model this run's config describes" in err
+    assert "Traceback" not in err and 'Unexpected key(s) in state_dict: "registers"' in err
 
 
 def test_an_unwritable_sample_dir_is_refused_before_training(tiny_flags, tmp_path, capsys):

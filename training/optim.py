@@ -57,6 +57,11 @@ def describe_param_groups(optimizer: Optimizer) -> str:
     return "\n".join(lines)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+# The config fields lr_factor reads besides the step (train_steps: the cosine's end).
+SCHEDULE_FIELDS = ("lr_schedule", "warmup_steps", "min_lr_ratio", "train_steps")
+
+
 def lr_factor(step: int, config) -> float:
     """Multiplier on the peak LR for optimizer step `step` (0-based): linear warmup, then
     constant or cosine down to min_lr_ratio at train_steps."""
@@ -64,6 +69,7 @@ def lr_factor(step: int, config) -> float:
         return (step + 1) / config.warmup_steps
     if config.lr_schedule == "constant":
         return 1.0
+    assert config.lr_schedule == "cosine", f"lr_factor has no schedule {config.lr_schedule!r}"
     span = max(1, config.train_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -94,6 +100,15 @@ def _same(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return tuple(a) == tuple(b)
     return a == b
+
+
+def schedule_changes(saved: dict, current: dict) -> List[str]:
+    """The LR schedule's fields that a resume changes, as 'key: saved -> now': the schedule may
+    change (a longer run, another warmup), but the learning rates from the resumed step on are then
+    not the checkpoint's run's. train_steps counts only where a cosine ends at it."""
+    cosine = "cosine" in (saved["lr_schedule"], current["lr_schedule"])
+    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in SCHEDULE_FIELDS
+            if saved[k] != current[k] and (k != "train_steps" or cosine)]
 
 
 def set_lr(optimizer: Optimizer, factor: float) -> None:

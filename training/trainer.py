@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from evaluation.posthoc_ema import SNAPSHOT_PATTERN, power_ema_decay, sigma_rel_to_gamma, snapshot, snapshot_dir
 from evaluation.sampling import SamplingStopped
+from rebuild import load_weights
 from utils.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, load_checkpoint, periodic_checkpoint,
                               prune_checkpoints, run_file, save_checkpoint, set_rng_state, training_checkpoint,
                               with_defaults)
@@ -61,7 +62,7 @@ from utils.distributed import DistInfo, all_ranks, any_rank, wait_for_all_ranks
 from utils.launch import RunFailed
 from utils.validation import parse_sigma_rels
 from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
-                            lr_factor, set_lr)
+                            lr_factor, schedule_changes, set_lr)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 # A CPU run times steps ESTIMATE_AFTER[0]..[1] after its start to estimate the whole run.
@@ -531,9 +532,10 @@ class Trainer:
                              f"({ckpt['step']}): pass --train_steps > {ckpt['step']} to train on from it")
         check_config_fits(saved, current, (*self.architecture_fields, *OPTIMIZER_FIELDS, *RESUME_FIELDS), path)
         ema_changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in EMA_FIELDS if saved[k] != current[k]]
+        schedule_changed = schedule_changes(saved, current)
         self.objective.check_resume(ckpt, path)
-        self.raw_model.load_state_dict(ckpt["model"], strict=True)
-        self.ema.load_state_dict(ckpt["ema"], strict=True)
+        load_weights(self.raw_model, ckpt["model"], path, "model", "this run's config")
+        load_weights(self.ema, ckpt["ema"], path, "ema", "this run's config")
         self._resume_posthoc(ckpt.get("posthoc_ema"), path)
         changed = load_optimizer_state(self.optimizer, ckpt["optimizer"])
         if ckpt["scaler"] is not None and self.scaler.is_enabled():
@@ -554,6 +556,8 @@ class Trainer:
                 print("optimizer settings from the current flags, not the checkpoint: " + "; ".join(changed))
             if ema_changed:
                 print("EMA settings from the current flags, not the checkpoint: " + "; ".join(ema_changed))
+            if schedule_changed:
+                print("LR schedule from the current flags, not the checkpoint: " + "; ".join(schedule_changed))
             images, saved_images = len(self.loader.sampler.dataset), ckpt["data"].get("images")   # absent before 2026-12-07
             if saved_images not in (None, images):
                 print(f"WARNING: the dataset has {images} images, the run resumed from had {saved_images}: its data "
