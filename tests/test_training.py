@@ -31,6 +31,7 @@ from tests.conftest import ROOT, TINY_FLAGS, StandIn, write_image_folder
 from tests.test_vqvae import vq_flags
 from utils import checkpoint as ckpt_lib
 from utils.distributed import DistInfo
+from training import optim
 from training.objectives import FlowMatchingObjective
 from training.startup import announce_run
 from training.trainer import Draws, NonFiniteLoss, Trainer
@@ -255,7 +256,8 @@ def test_resume_takes_optimizer_settings_from_the_flags(tiny_flags, capsys, opti
     assert train_flow_matching.main(common + ["--train_steps", "1", flag, "1e-3"]) == 0
     capsys.readouterr()
     assert train_flow_matching.main(common + ["--train_steps", "2", flag, "2e-3", "--resume", "latest"]) == 0
-    assert f"{group}.{key}: 0.001 -> 0.002" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{group}.{key}: 0.001 -> 0.002" in out and "training settings" not in out   # said once
     final = load(os.path.join(flag_value(tiny_flags, "--checkpoint_dir"), "flow_matching_final.pt"))
     groups = final["optimizer"]["param_groups"] if optimizer == "adamw" else final["optimizer"]["muon"]["param_groups"]
     assert {g["name"]: g[key] for g in groups}[group] == 2e-3
@@ -271,10 +273,45 @@ def test_a_resume_that_changes_the_lr_schedule_says_what_changed(tiny_flags, cap
     assert train_flow_matching.main(tiny_flags + ["--train_steps", "4", "--resume", "latest", "--lr_schedule", "cosine",
                                                   "--warmup_steps", "1", "--min_lr_ratio", "0.5"]) == 0
     assert ("LR schedule from the current flags, not the checkpoint: lr_schedule: 'constant' -> 'cosine'; "
-            "warmup_steps: 2 -> 1; min_lr_ratio: 0.1 -> 0.5; train_steps: 2 -> 4") in capsys.readouterr().out
+            "warmup_steps: 2 -> 1; min_lr_ratio: 0.1 -> 0.5; train_steps: 2 -> 4") in (out := capsys.readouterr().out)
+    assert "training settings" not in out   # said once
     assert train_flow_matching.main(tiny_flags + ["--train_steps", "5", "--resume", "latest", "--lr_schedule", "cosine",
                                                   "--warmup_steps", "1", "--min_lr_ratio", "0.5"]) == 0
     assert "LR schedule from the current flags, not the checkpoint: train_steps: 4 -> 5" in capsys.readouterr().out
+
+
+# A changed value of each training.optim.OPTIMIZER_SETTINGS field (KeyError for a field without one).
+CHANGED_SETTINGS = {"lr": 2e-4, "weight_decay": 0.5, "adam_beta1": 0.8, "adam_beta2": 0.9, "muon_lr": 0.05,
+                    "muon_momentum": 0.8, "muon_weight_decay": 0.3, "muon_adjust_lr": "original", "muon_split_fused": False}
+
+
+@pytest.mark.parametrize("field", optim.OPTIMIZER_SETTINGS)
+def test_every_optimizer_setting_is_held_by_the_param_groups(field):
+    """A resume reports these fields' changes through the param groups (load_optimizer_state), and
+    leaves them out of its other report: each must change a setting of some group, or its change
+    on resume would go unreported."""
+    base = {"num_classes": 3, "image_size": 8, "hidden_size": 32, "depth": 2, "num_heads": 2, "optimizer": "muon"}
+
+    def settings(config):
+        optimizer = optim.build_optimizer(dit_from_config(config), config, torch.device("cpu"))
+        return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    assert CHANGED_SETTINGS[field] != getattr(FlowMatchingConfig(), field)
+    assert settings(make_config(FlowMatchingConfig, base)) != settings(make_config(FlowMatchingConfig, {**base, field: CHANGED_SETTINGS[field]}))
+
+
+def test_a_resume_reports_every_other_training_setting_it_changes(tiny_flags, capsys):
+    """The fields no other rule covers (the objective's, clipping, precision) may change on resume,
+    and are printed; what only moves files, logs or grids, or computes the same step, is not."""
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "1"]) == 0
+    capsys.readouterr()
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--resume", "latest", "--log_every", "1",
+                                                  "--micro_batch_size", "2", "--cfg_scale", "2", "--sampler", "heun",
+                                                  "--ema_snapshot_every", "0"]) == 0
+    assert "training settings" not in capsys.readouterr().out
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "3", "--resume", "latest", "--grad_clip", "0.5",
+                                                  "--class_dropout_prob", "0.2", "--time_sampling", "logit_normal"]) == 0
+    assert ("training settings from the current flags, not the checkpoint: grad_clip: 1.0 -> 0.5; "
+            "class_dropout_prob: 0.1 -> 0.2; time_sampling: 'uniform' -> 'logit_normal'") in capsys.readouterr().out
 
 
 def test_resume_with_a_different_architecture_is_a_clear_error(tiny_flags, tmp_path, capsys):

@@ -17,6 +17,10 @@ Optimizer = Union[torch.optim.Optimizer, MuonAdamW]
 # same values. Its other settings (lr, weight decay, betas, ...) may change on resume:
 # `load_optimizer_state` keeps the ones the current flags built.
 OPTIMIZER_FIELDS = ("optimizer",)
+# The config fields those other settings come from: a resume reports their changes through the
+# param groups (`load_optimizer_state`), group by group.
+OPTIMIZER_SETTINGS = ("lr", "weight_decay", "adam_beta1", "adam_beta2", "muon_lr", "muon_momentum",
+                      "muon_weight_decay", "muon_adjust_lr", "muon_split_fused")
 
 
 def adamw_param_groups(params, weight_decay: float, lr: float):

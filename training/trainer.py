@@ -61,8 +61,8 @@ from utils.checkpoint import (FINAL_NAMES, check_config_fits, find_latest, load_
 from utils.distributed import DistInfo, all_ranks, any_rank, wait_for_all_ranks
 from utils.launch import RunFailed
 from utils.validation import parse_sigma_rels
-from training.optim import (OPTIMIZER_FIELDS, build_optimizer, describe_param_groups, load_optimizer_state,
-                            lr_factor, schedule_changes, set_lr)
+from training.optim import (OPTIMIZER_FIELDS, OPTIMIZER_SETTINGS, SCHEDULE_FIELDS, build_optimizer,
+                            describe_param_groups, load_optimizer_state, lr_factor, schedule_changes, set_lr)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 # A CPU run times steps ESTIMATE_AFTER[0]..[1] after its start to estimate the whole run.
@@ -73,6 +73,18 @@ PROBE_SIZE = 64  # images in the fixed batch on which the EMA and the raw weight
 RESUME_FIELDS = ("seed", "batch_size", "dataset", "hflip")
 # A resume may change these (the decay of every later update follows the flags), and says which it changed.
 EMA_FIELDS = ("ema_decay", "ema_gamma", "ema_warmup")
+# Fields a resume may change without a word: where the run reads and writes, how often it logs and
+# saves, the devices, kernels and memory trade-offs that compute the same step, and what the grids
+# and FIDs sample (not what is trained). Every other field a resume changes is printed: a field
+# added to a config is reported by default, never silently changed.
+QUIET_ON_RESUME = ("micro_batch_size", "compile", "compile_mode", "gradient_checkpointing", "num_workers", "device",
+                   "log_every", "save_every", "sample_every", "keep_checkpoints", "tensorboard", "checkpoint_dir",
+                   "sample_dir", "resume", "init_from", "data_dir", "data_loader", "data_cache_dir", "vqvae_checkpoint",
+                   "ema_snapshot_every", "ema_snapshot_sigma_rels", "ema_snapshot_dtype",   # checked by _resume_posthoc
+                   "num_sampling_steps", "sampler", "cfg_scale", "guidance_interval_start", "guidance_interval_end",
+                   "time_shift", "grid_samples_per_class", "fid_every", "fid_num_samples", "fid_cfg_scale",
+                   "fid_batch_size", "fid_ref_dir", "fid_ref_num_images", "fid_cache_dir", "inception_weights",
+                   "grid_images", "eval_data_dir", "eval_images")
 
 
 class NonFiniteLoss(RunFailed):
@@ -533,6 +545,10 @@ class Trainer:
         check_config_fits(saved, current, (*self.architecture_fields, *OPTIMIZER_FIELDS, *RESUME_FIELDS), path)
         ema_changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in EMA_FIELDS if saved[k] != current[k]]
         schedule_changed = schedule_changes(saved, current)
+        said = {*self.architecture_fields, *OPTIMIZER_FIELDS, *RESUME_FIELDS,   # refused above when they differ
+                *OPTIMIZER_SETTINGS, *EMA_FIELDS, *SCHEDULE_FIELDS, *QUIET_ON_RESUME}
+        other_changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()
+                         if k not in said and saved.get(k, v) != v]
         self.objective.check_resume(ckpt, path)
         load_weights(self.raw_model, ckpt["model"], path, "model", "this run's config")
         load_weights(self.ema, ckpt["ema"], path, "ema", "this run's config")
@@ -558,6 +574,8 @@ class Trainer:
                 print("EMA settings from the current flags, not the checkpoint: " + "; ".join(ema_changed))
             if schedule_changed:
                 print("LR schedule from the current flags, not the checkpoint: " + "; ".join(schedule_changed))
+            if other_changed:
+                print("training settings from the current flags, not the checkpoint: " + "; ".join(other_changed))
             images, saved_images = len(self.loader.sampler.dataset), ckpt["data"].get("images")   # absent before 2026-12-07
             if saved_images not in (None, images):
                 print(f"WARNING: the dataset has {images} images, the run resumed from had {saved_images}: its data "
