@@ -20,7 +20,8 @@ from utils.validation import check_fid_sample_count, check_guidance_interval, ml
 
 # Fields that fix the network: resume and --init_from refuse a config that differs from the
 # checkpoint's on them (generation rebuilds from the checkpoint's own config). dit_from_config must
-# read each one (tests/test_architecture_options.py checks that each changes the built model).
+# read each one (tests/test_architecture_options.py checks that each changes the built model; the
+# latent_* fields only with a VQ-VAE, through input_shape, which tests/test_latent_flow.py covers).
 ARCHITECTURE_FIELDS = ("image_size", "in_channels", "num_classes", "patch_size", "hidden_size",
                        "depth", "num_heads", "mlp_ratio", "latent_size", "latent_channels", "qk_norm",
                        "mlp", "positions", "objective")

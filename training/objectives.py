@@ -33,6 +33,7 @@ class FlowMatchingObjective:
 
     kind = "flow_matching"
     probe_ema = True  # samples come from the EMA: the log compares its loss with the raw weights
+    split_invariant = True  # a step is the same whatever its micro-batch split (its draws are the global batch's)
 
     def __init__(self, config, device: torch.device, autocast_dtype=None, latent_space=None):
         self.config, self.device, self.autocast_dtype = config, device, autocast_dtype
@@ -105,6 +106,7 @@ class VQVAEObjective:
 
     kind = "vqvae"
     probe_ema = False  # the trained weights encode and decode (above); the weight EMA is unused
+    split_invariant = False  # the codebook moves once per forward: the micro-batch split changes the run
 
     def __init__(self, config, model, grid_images: torch.Tensor):
         self.config, self.model, self.grid_images = config, model, grid_images

@@ -109,10 +109,10 @@ def _same(a, b) -> bool:
 def schedule_changes(saved: dict, current: dict) -> List[str]:
     """The LR schedule's fields that a resume changes, as 'key: saved -> now': the schedule may
     change (a longer run, another warmup), but the learning rates from the resumed step on are then
-    not the checkpoint's run's. train_steps counts only where a cosine ends at it."""
+    not the checkpoint's run's. train_steps and min_lr_ratio count only where a cosine reads them."""
     cosine = "cosine" in (saved["lr_schedule"], current["lr_schedule"])
     return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in SCHEDULE_FIELDS
-            if saved[k] != current[k] and (k != "train_steps" or cosine)]
+            if saved[k] != current[k] and (k not in ("train_steps", "min_lr_ratio") or cosine)]
 
 
 def set_lr(optimizer: Optimizer, factor: float) -> None:

@@ -74,9 +74,10 @@ RESUME_FIELDS = ("seed", "batch_size", "dataset", "hflip")
 # A resume may change these (the decay of every later update follows the flags), and says which it changed.
 EMA_FIELDS = ("ema_decay", "ema_gamma", "ema_warmup")
 # Fields a resume may change without a word: where the run reads and writes, how often it logs and
-# saves, the devices, kernels and memory trade-offs that compute the same step, and what the grids
-# and FIDs sample (not what is trained). Every other field a resume changes is printed: a field
-# added to a config is reported by default, never silently changed.
+# saves, the devices, kernels and memory trade-offs that compute the same step (micro_batch_size only
+# where the objective is split-invariant), and what the grids and FIDs sample (not what is trained).
+# Every other field a resume changes is printed: a field added to a config is reported by default,
+# never silently changed.
 QUIET_ON_RESUME = ("micro_batch_size", "compile", "compile_mode", "gradient_checkpointing", "num_workers", "device",
                    "log_every", "save_every", "sample_every", "keep_checkpoints", "tensorboard", "checkpoint_dir",
                    "sample_dir", "resume", "init_from", "data_dir", "data_loader", "data_cache_dir", "vqvae_checkpoint",
@@ -222,7 +223,8 @@ class Trainer:
         # ranks when saved) and its step count: checkpoints keep them, so the first log line after a
         # resume averages the same steps as without one.
         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
-        self.window_extras: Dict[str, torch.Tensor] = {}
+        # The extras' own step count: a checkpoint from before they were kept resumes with none.
+        self.window_extras, self.extras_steps = {}, 0
         self.writer = None
         self.last_checkpoint: Optional[str] = None
         # The steps of the last checkpoint and snapshot written (a checkpoint: on ranks > 0, attempted),
@@ -252,6 +254,7 @@ class Trainer:
                 self.window_loss += loss
                 self.window_extras = {k: self.window_extras.get(k, 0) + v for k, v in extras.items()}
                 self.window_steps += 1
+                self.extras_steps += 1
                 rate_steps += 1
                 bar.update(1)
                 if self.step - first == ESTIMATE_AFTER[0]:  # the first steps warm up: time the next ones
@@ -262,7 +265,7 @@ class Trainer:
                 if self.step % c.log_every == 0 or self.step == c.train_steps:
                     self._log(grad_norm, rate_steps, time.perf_counter() - window_start, bar, probe)
                     self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
-                    self.window_extras = {}
+                    self.window_extras, self.extras_steps = {}, 0
                     rate_steps, window_start = 0, time.perf_counter()
                 if c.sample_every and self.step % c.sample_every == 0:
                     self._sample_grid()
@@ -420,9 +423,8 @@ class Trainer:
         """The window's mean loss and extra metrics; the last step's grad norm; images/s over
         `steps` in `seconds`."""
         self._check_finite()
-        window = max(self.window_steps, 1)
-        values = torch.stack([self.window_loss / window, grad_norm.float(),
-                              *[v / window for v in self.window_extras.values()]])
+        values = torch.stack([self.window_loss / max(self.window_steps, 1), grad_norm.float(),
+                              *[v / max(self.extras_steps, 1) for v in self.window_extras.values()]])
         values = self._mean_over_ranks(values).tolist()
         record = {"step": self.step, "loss": values[0], **learning_rates(self.optimizer),
                   "grad_norm": values[1],
@@ -512,7 +514,8 @@ class Trainer:
         final and the stop checkpoints) raises the OSError."""
         self._check_finite()
         sums = self._mean_over_ranks(torch.stack([self.window_loss, *self.window_extras.values()])).cpu()
-        window = {"loss_sum": sums[0], "extras_sum": dict(zip(self.window_extras, sums[1:])), "steps": self.window_steps}
+        window = {"loss_sum": sums[0], "steps": self.window_steps,
+                  "extras_sum": dict(zip(self.window_extras, sums[1:])), "extras_steps": self.extras_steps}
         if self.dist.is_main:
             try:
                 save_checkpoint(self.state_dict(window), path)
@@ -547,6 +550,8 @@ class Trainer:
         schedule_changed = schedule_changes(saved, current)
         said = {*self.architecture_fields, *OPTIMIZER_FIELDS, *RESUME_FIELDS,   # refused above when they differ
                 *OPTIMIZER_SETTINGS, *EMA_FIELDS, *SCHEDULE_FIELDS, *QUIET_ON_RESUME}
+        if not self.objective.split_invariant:
+            said.discard("micro_batch_size")
         other_changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()
                          if k not in said and saved.get(k, v) != v]
         self.objective.check_resume(ckpt, path)
@@ -562,6 +567,7 @@ class Trainer:
             self.window_steps = ckpt["log_window"]["steps"]
             self.window_extras = {k: v.to(self.device)   # absent before 2026-12-07
                                   for k, v in ckpt["log_window"].get("extras_sum", {}).items()}
+            self.extras_steps = ckpt["log_window"].get("extras_steps", 0)
         self.epoch = ckpt["data"]["epoch"]
         self.index = ckpt["data"]["samples"] // (self.micro_batch * self.dist.world_size)
         set_rng_state(ckpt["rng"])

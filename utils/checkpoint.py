@@ -6,7 +6,7 @@ A checkpoint is a plain dict that `torch.load(weights_only=True)` reads:
     model, ema state dicts of the unwrapped modules (no `module.` / `_orig_mod.` prefixes)
     optimizer, scaler (or None), step, config (dataclasses.asdict), rng, data {epoch, samples, images}
                (the epoch, how many of its samples all ranks have read, and the dataset's size)
-    log_window {loss_sum, extras_sum, steps}: the open log window, so the first log line after a resume
+    log_window {loss_sum, steps, extras_sum, extras_steps}: the open log window, so the first log line after a resume
                averages the same steps (absent in checkpoints from before 2026-12-06)
     plus any extras the objective adds (e.g. latent statistics).
 """
