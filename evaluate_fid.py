@@ -32,10 +32,11 @@ import zipfile
 import numpy as np
 from PIL import Image
 
+import flow_matching
 from configs.cli import ArgumentParser, finite_float
 from data.datasets import build_image_dataset
 from evaluation import fid, posthoc_ema
-from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
+from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run, unguided_note
 from utils.launch import launch, run_main
 from utils.distributed import wait_for_all_ranks
 from utils.validation import check_fid_sample_count, check_sigma_rel
@@ -212,6 +213,10 @@ def evaluate(args, dist) -> None:
                                                   run.ckpt["step"], verbose=main)
                 run.model.load_state_dict(rebuilt["ema"], strict=True)
                 loaded = sigma_rel
+            guided = flow_matching.guided_nfe(num_steps, sampler, time_shift, cfg_scale, guidance_interval)
+            note = unguided_note(sampler, num_steps, cfg_scale, guidance_interval, guided)
+            if note and main:
+                print(note)
             start = time.perf_counter()
             images, nfe = run.generate(
                 labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
@@ -222,7 +227,7 @@ def evaluate(args, dist) -> None:
                 print(f"sampled {len(images)} in {sampling:.1f}s: {len(images) / sampling:.1f} samples/s, "
                       f"{len(images) * nfe / sampling:.0f} NFE/s on {dist.world_size} rank(s)")
                 stats = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True)
-                report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe,
+                report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe, guided_nfe=guided,
                        sampling_seconds=round(sampling, 1), samples_per_s=round(len(images) / sampling, 1),
                        cfg_scale=cfg_scale, time_shift=time_shift, guidance_interval=guidance_interval,
                        labels=mix, step=run.ckpt["step"], weights=args.weights if sigma_rel is None else "posthoc_ema",

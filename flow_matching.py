@@ -228,6 +228,11 @@ def guidance_interval_or_none(start: float, end: float) -> Optional[Tuple[float,
     return None if (start, end) == (0.0, 1.0) else (start, end)
 
 
+def guides_at(t: float, guidance_interval: Optional[Sequence[float]]) -> bool:
+    """Whether CFG applies at time t: at every t without an interval, else at a <= t <= b."""
+    return guidance_interval is None or guidance_interval[0] <= t <= guidance_interval[1]
+
+
 def guided_velocity(model: Callable, y: Optional[torch.Tensor], *, num_classes: int,
                     cfg_scale: float = 1.0,
                     guidance_interval: Optional[Sequence[float]] = None) -> VelocityFn:
@@ -246,8 +251,7 @@ def guided_velocity(model: Callable, y: Optional[torch.Tensor], *, num_classes: 
 
     def velocity(x: torch.Tensor, t: float, r: Optional[float] = None) -> torch.Tensor:
         B = x.shape[0]
-        guided = y_both is not None and (guidance_interval is None
-                                         or guidance_interval[0] <= t <= guidance_interval[1])
+        guided = y_both is not None and guides_at(t, guidance_interval)
         rows = 2 * B if guided else B
         times = [torch.full((rows,), t, device=x.device)]
         if r is not None:
@@ -338,6 +342,22 @@ def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int, sampler: st
             x = x + dt * velocity(x + 0.5 * dt * v0, t0 + 0.5 * dt)
             nfe += 2
     return x, nfe
+
+
+def guided_nfe(num_steps: int, sampler: str = "euler", time_shift: float = 1.0, cfg_scale: float = 1.0,
+               guidance_interval: Optional[Sequence[float]] = None) -> int:
+    """How many of a sample's NFE run guided, i.e. forward CFG's two rows (the cost of a sample is
+    NFE + this many rows): those at the times a <= t <= b of guidance_interval, none at cfg_scale 1.
+    Counted by running the solver on a field that records its times."""
+    if cfg_scale == 1.0:
+        return 0
+    times = []
+
+    def record(x: torch.Tensor, t: float, r: Optional[float] = None) -> torch.Tensor:
+        times.append(t)
+        return torch.zeros_like(x)
+    integrate(record, torch.zeros(1), num_steps, sampler, time_shift)
+    return sum(guides_at(t, guidance_interval) for t in times)
 
 
 @torch.no_grad()

@@ -34,8 +34,9 @@ import time
 import numpy as np
 import torch
 
+import flow_matching
 from configs.cli import ArgumentParser
-from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run
+from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run, unguided_note
 from utils.checkpoint import write_atomically
 from utils.distributed import wait_for_all_ranks
 from utils.launch import launch, run_main
@@ -99,6 +100,10 @@ def generate(args, dist) -> None:
     [cfg_scale] = run.cfg_scales([args.cfg_scale] if args.cfg_scale is not None else None, "--cfg_scale")
     [time_shift] = run.time_shifts([args.time_shift] if args.time_shift is not None else None)
     guidance_interval = run.guidance_interval(args.guidance_interval)
+    guided = flow_matching.guided_nfe(num_steps, sampler, time_shift, cfg_scale, guidance_interval)
+    note = unguided_note(sampler, num_steps, cfg_scale, guidance_interval, guided)
+    if note and dist.is_main:
+        print(note)
     labels = plan_labels(args, num_classes)
     n = len(labels)
     if dist.is_main:
@@ -123,7 +128,7 @@ def generate(args, dist) -> None:
         write_atomically(os.path.join(args.output_dir, "samples.npz"),
                          lambda f: np.savez(f, images=images, labels=labels.numpy()))
     seconds = time.perf_counter() - start
-    print(f"{n} samples, {nfe} NFE per sample ({sampler}, {num_steps} steps, time_shift {time_shift:g}, cfg_scale "
+    print(f"{n} samples, {nfe} NFE per sample, {guided} of them guided ({sampler}, {num_steps} steps, time_shift {time_shift:g}, cfg_scale "
           f"{cfg_scale}, guidance_interval {guidance_interval or 'all t'}), "
           f"{seconds:.1f}s ({n / seconds:.1f} images/s, {n * nfe / seconds:.0f} NFE/s on {dist.world_size} rank(s)); wrote "
           f"{os.path.join(args.output_dir, 'grid.png')}, {os.path.join(args.output_dir, 'images')}/"

@@ -139,8 +139,8 @@ def test_checkpoint_sweep_prints_a_table_and_appends_every_row(stand_in, folder,
     assert table[1].split() == ["samples", "sampler", "steps", "NFE", "shift", "cfg_scale", "interval", "FID"]
     got = rows(tmp_path)
     assert len(got) == 8 == len(table) - 3   # header, column names, rows, "appended ..."
-    assert [(r["sampler"], r["num_steps"], r["nfe"], r["cfg_scale"]) for r in got[:4]] == [
-        ("euler", 1, 1, 1.0), ("euler", 1, 1, 2.5), ("euler", 2, 2, 1.0), ("euler", 2, 2, 2.5)]
+    assert [(r["sampler"], r["num_steps"], r["nfe"], r["cfg_scale"], r["guided_nfe"]) for r in got[:4]] == [
+        ("euler", 1, 1, 1.0, 0), ("euler", 1, 1, 2.5, 1), ("euler", 2, 2, 1.0, 0), ("euler", 2, 2, 2.5, 2)]
     assert {r["nfe"] for r in got[4:]} == {1, 3}   # heun: 2 NFE a step, the last one 1
     for r, line in zip(got, table[2:]):
         assert r["num_samples"] == 6 and r["step"] == 2 and r["weights"] == "ema" and r["source"] == "checkpoint"
@@ -176,6 +176,16 @@ def test_evaluate_fids_guidance_interval_seed_and_image_count_reach_what_it_scor
     assert interval["guidance_interval"] == [0.2, 0.8] and interval["fid"] != plain["fid"]
     assert seeded["seed"] == 1 and seeded["fid"] != plain["fid"]
     assert images["num_samples"] == 9
+
+
+def test_evaluate_fid_says_when_its_guidance_interval_holds_no_evaluation(stand_in, folder, tmp_path, capsys):
+    """Euler at 2 steps evaluates at t = 0 and 0.5: the interval 0.6..0.9 guides none of them, so the
+    row is cfg 1's samples; the run says so, and records 0 guided NFE."""
+    checkpoint = train_tiny(tmp_path, folder, "--train_steps", "1")
+    assert run(tmp_path, "--checkpoint", checkpoint, "--num_samples", "4", "--batch_size", "4", "--cfg_scales", "3",
+               "--guidance_interval", "0.6", "0.9") == 0
+    assert "note: euler at 2 steps evaluates the model at no t in the guidance interval 0.6..0.9" in capsys.readouterr().out
+    assert rows(tmp_path)[0]["guided_nfe"] == 0
 
 
 def test_a_reference_subset_is_drawn_across_a_sorted_folder(stand_in, folder, monkeypatch):

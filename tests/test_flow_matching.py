@@ -262,6 +262,18 @@ def test_solver_counts_the_evaluations_it_makes(sampler):
         assert fm.integrate(field, torch.ones(2, dtype=torch.float64), steps, sampler)[1] == len(calls) == NFE[sampler](steps)
 
 
+@pytest.mark.parametrize("sampler", FLOW_SAMPLERS)
+@pytest.mark.parametrize("interval", [None, (0.25, 0.75), (0.3, 0.45), (0.9, 0.95)])
+def test_guided_nfe_counts_the_forwards_that_run_both_rows(sampler, interval):
+    """guided_nfe's dry run of the solver agrees with sample(): the forwards whose batch holds both
+    CFG rows, at 4 steps with time shift 3 (grid 0, 0.1, 0.25, 0.5, 1); none at cfg_scale 1."""
+    model = LabelModel()
+    fm.sample(model, torch.randn(3, 2), torch.tensor([0, 1, 2]), num_classes=3, num_steps=4, sampler=sampler,
+              cfg_scale=2.0, guidance_interval=interval, time_shift=3.0)
+    assert fm.guided_nfe(4, sampler, 3.0, 2.0, interval) == sum(rows == 6 for rows in model.calls)
+    assert fm.guided_nfe(4, sampler, 3.0, 1.0, interval) == 0
+
+
 def test_solver_bad_arguments():
     field = gaussian_field(0.0, 1.0)
     x = torch.zeros(2, dtype=torch.float64)

@@ -108,6 +108,23 @@ def test_solver_and_guidance_flags(checkpoint, tmp_path, capsys, base, flags, nf
     assert not np.array_equal(npz(tmp_path / "flagged")[0], npz(tmp_path / "default")[0])
 
 
+def test_an_interval_no_evaluation_falls_in_is_said_and_samples_as_unguided(checkpoint, tmp_path, capsys):
+    """Euler at 5 steps evaluates at t = 0, 0.2, ..., 0.8: a guidance interval of 0.85..0.95 holds
+    none of them, so CFG 3 gives cfg 1's samples; the run says so instead of printing a scale it
+    did not apply (and counts its guided NFE: 0; 2 with the interval 0.3..0.7)."""
+    common = ["--num_samples", "2", "--save_npz", "--num_steps", "5", "--cfg_scale", "3"]
+    assert run(checkpoint, tmp_path / "none", *common, "--guidance_interval", "0.85", "0.95") == 0
+    out = capsys.readouterr().out
+    assert ("note: euler at 5 steps evaluates the model at no t in the guidance interval 0.85..0.95: these samples "
+            "are unguided (as at cfg_scale 1)") in out and "5 NFE per sample, 0 of them guided" in out
+    assert run(checkpoint, tmp_path / "unguided", *common[:-1], "1") == 0
+    assert np.array_equal(npz(tmp_path / "none")[0], npz(tmp_path / "unguided")[0])
+    capsys.readouterr()
+    assert run(checkpoint, tmp_path / "some", *common, "--guidance_interval", "0.3", "0.7") == 0
+    out = capsys.readouterr().out
+    assert "5 NFE per sample, 2 of them guided" in out and "note:" not in out
+
+
 def test_the_steps_default_to_the_checkpoints(checkpoint, tmp_path, capsys):
     """Without --num_steps, generation takes the checkpoint's num_sampling_steps (2 in these runs;
     Euler: 2 NFE), e.g. a MeanFlow model's one or two."""
