@@ -194,7 +194,7 @@ def evaluate(args, dist) -> None:
                "time": datetime.datetime.now().isoformat(timespec="seconds")}
         print(f"FID {row['fid']:.3f} from {n} images" + (
             f" ({row['sampler']}, {row['num_steps']} steps, NFE {row['nfe']}, time_shift {row['time_shift']:g}, "
-            f"cfg_scale {row['cfg_scale']}, guidance_interval {row['guidance_interval']})"
+            f"cfg_scale {row['cfg_scale']}, guidance_interval {row['guidance_interval'] or 'all t'})"
             if "nfe" in row else ""))
         with open(args.output_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
