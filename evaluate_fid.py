@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception_weights", default=None,
                    help="local FID Inception weights (default: torch-fidelity downloads them)")
     p.add_argument("--feature_batch_size", type=int, default=200, help="images per Inception forward pass (default: %(default)s)")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers reading image sets (default: %(default)s)")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers reading image sets (default: 4, or the CPU count when smaller: %(default)s)")
     p.add_argument("--output_jsonl", default="fid_results.jsonl", help="every result row is appended here (default: %(default)s)")
     return p
 

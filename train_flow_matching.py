@@ -28,7 +28,7 @@ from training.trainer import AUTOCAST_DTYPES, Trainer, micro_batch_size
 
 
 def train(config, dist) -> None:
-    check_run_folders(config, "flow_matching")
+    check_run_folders(config, "flow_matching", dist.is_main)
     micro = micro_batch_size(config, dist.world_size)
     vqvae = (load_vqvae(config.vqvae_checkpoint, device=dist.device)
              if config.vqvae_checkpoint else None)

@@ -45,7 +45,7 @@ def report(config, model, eval_loader, device, step: int) -> None:
 
 
 def train(config, dist) -> None:
-    check_run_folders(config, "vqvae")
+    check_run_folders(config, "vqvae", dist.is_main)
     micro = micro_batch_size(config, dist.world_size)
     loader = get_vqvae_dataloader(config, batch_size=micro, rank=dist.rank, world_size=dist.world_size)
     # Built before training so that a bad --eval_data_dir fails at once, not after the run.

@@ -372,6 +372,27 @@ def test_an_unwritable_sample_dir_is_refused_before_training(tiny_flags, tmp_pat
     assert not os.path.exists(flag_value(tiny_flags, "--checkpoint_dir"))   # before any work
 
 
+def test_grids_are_drawn_every_sample_every_steps_and_at_the_last(tiny_flags):
+    """A run whose length is not a multiple of --sample_every still ends with the grid of its final
+    weights (a run cut short by --train_steps showed none of its last steps)."""
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "3", "--sample_every", "2"]) == 0
+    assert sorted(os.listdir(flag_value(tiny_flags, "--sample_dir"))) == ["step_0000002.png", "step_0000003.png"]
+
+
+def test_a_new_run_says_when_its_grids_replace_an_earlier_runs(tiny_flags, tmp_path, capsys):
+    """Checkpoints of another run in --checkpoint_dir refuse a new run; grids are not worth a refusal,
+    but a new run in another --checkpoint_dir with the same --sample_dir says that it overwrites
+    them. A resumed run continues its own grids."""
+    flags = tiny_flags + ["--train_steps", "1", "--sample_every", "1"]
+    assert train_flow_matching.main(flags) == 0
+    assert "grid(s) of an earlier run" not in capsys.readouterr().out
+    assert train_flow_matching.main(flags + ["--checkpoint_dir", str(tmp_path / "second")]) == 0
+    assert (f"note: --sample_dir {flag_value(tiny_flags, '--sample_dir')} holds 1 grid(s) of an earlier run "
+            f"(step_0000001.png, ...): this run's grids of the same steps replace them") in capsys.readouterr().out
+    assert train_flow_matching.main(tiny_flags + ["--train_steps", "2", "--sample_every", "1", "--resume", "latest"]) == 0
+    assert "grid(s) of an earlier run" not in capsys.readouterr().out
+
+
 def test_a_grid_that_cannot_be_written_is_a_warning(tiny_flags, monkeypatch, capsys):
     """A full disk at a grid step must not end the run before its next checkpoint."""
     from training import objectives

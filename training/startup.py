@@ -1,7 +1,9 @@
 """A training run's start: the checks of its folders before any work, the report of the resolved
 config, the model's size and batch split, and the run's config.json."""
 
+import glob
 import json
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -13,9 +15,10 @@ from utils.distributed import DistInfo
 from utils.validation import check_writable
 
 
-def check_run_folders(config, kind: str) -> None:
+def check_run_folders(config, kind: str, is_main: bool = True) -> None:
     """ValueError before any work (decoding, encoding, compiling, the first grid step) when the run's
-    folders are another run's or cannot be written."""
+    folders are another run's or cannot be written; a note (rank 0) when a new run's grids would
+    replace an earlier run's."""
     new_run = getattr(config, "init_from", None) and not config.resume   # a new run: resuming is not the fix
     check_nothing_ahead(config.checkpoint_dir, kind, config.resume,
                         fix="A run started with --init_from needs a --checkpoint_dir of its own (or move them "
@@ -24,6 +27,11 @@ def check_run_folders(config, kind: str) -> None:
     check_writable(config.checkpoint_dir, f"--checkpoint_dir {config.checkpoint_dir}")
     if config.sample_every:
         check_writable(config.sample_dir, f"--sample_dir {config.sample_dir}")
+        grids = [] if config.resume else sorted(glob.glob(run_file(config.sample_dir, kind, "step_*.png")))
+        if grids and is_main:
+            print(f"note: --sample_dir {config.sample_dir} holds {len(grids)} grid(s) of an earlier run "
+                  f"({os.path.basename(grids[0])}, ...): this run's grids of the same steps replace them; "
+                  f"give it a --sample_dir of its own to keep them")
 
 
 def announce_run(config, model: torch.nn.Module, dist: DistInfo, micro: int,

@@ -267,7 +267,7 @@ class Trainer:
                     self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
                     self.window_extras, self.extras_steps = {}, 0
                     rate_steps, window_start = 0, time.perf_counter()
-                if c.sample_every and self.step % c.sample_every == 0:
+                if c.sample_every and (self.step % c.sample_every == 0 or self.step == c.train_steps):
                     self._sample_grid()
                     rate_steps, window_start = 0, time.perf_counter()
                 if self.evaluator is not None and self.step % self.evaluator.every == 0:
@@ -635,5 +635,5 @@ class Trainer:
         wait_for_all_ranks()
         if self.dist.is_main:
             tqdm.write(f"stopped by {signal.Signals(signum).name} after step {self.step}; checkpoint {path}. "
-                       f"Resume with the same command plus --resume latest (or --resume {path})")
+                       f"Resume with the same command and --resume latest (or --resume {path})")
         sys.exit(128 + signum)

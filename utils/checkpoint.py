@@ -232,8 +232,8 @@ def check_nothing_ahead(checkpoint_dir: str, kind: str, resume: Optional[str], f
     if ahead:
         names = ", ".join(f"{os.path.basename(p)} (step {checkpoint_step(p)})" for p in ahead)
         raise ValueError(f"--checkpoint_dir {checkpoint_dir} holds checkpoints past step {step}, where this "
-                         f"run starts: {names}. " + (fix or "Pass --resume latest to continue from the newest, "
-                                                     "another --checkpoint_dir, or move them away"))
+                         f"run starts: {names}. " + (fix or "Pass --resume latest to continue that run (with its "
+                                                     "flags), another --checkpoint_dir for a new run, or move them away"))
 
 
 def prune_checkpoints(checkpoint_dir: str, keep: int, kind: str = "flow_matching") -> None:
