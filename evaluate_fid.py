@@ -32,11 +32,10 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-import flow_matching
 from configs.cli import ArgumentParser, finite_float
 from data.datasets import build_image_dataset
 from evaluation import fid, posthoc_ema
-from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run, unguided_note
+from evaluation.sampling import add_sampling_flags, check_sampling_flags, guided_evaluations, load_sampling_run
 from utils.launch import launch, run_main
 from utils.distributed import wait_for_all_ranks
 from utils.validation import check_fid_sample_count, check_sigma_rel
@@ -214,10 +213,7 @@ def evaluate(args, dist) -> None:
                                                   run.ckpt["step"], verbose=main)
                 run.model.load_state_dict(rebuilt["ema"], strict=True)
                 loaded = sigma_rel
-            guided = flow_matching.guided_nfe(num_steps, sampler, time_shift, cfg_scale, guidance_interval)
-            note = unguided_note(sampler, num_steps, cfg_scale, guidance_interval, guided)
-            if note and main:
-                print(note)
+            guided = guided_evaluations(sampler, num_steps, time_shift, cfg_scale, guidance_interval, main)
             start = time.perf_counter()
             images, nfe = run.generate(
                 labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,

@@ -34,9 +34,8 @@ import time
 import numpy as np
 import torch
 
-import flow_matching
 from configs.cli import ArgumentParser
-from evaluation.sampling import add_sampling_flags, check_sampling_flags, load_sampling_run, unguided_note
+from evaluation.sampling import add_sampling_flags, check_sampling_flags, guided_evaluations, load_sampling_run
 from utils.checkpoint import write_atomically
 from utils.distributed import wait_for_all_ranks
 from utils.launch import launch, run_main
@@ -100,10 +99,7 @@ def generate(args, dist) -> None:
     [cfg_scale] = run.cfg_scales([args.cfg_scale] if args.cfg_scale is not None else None, "--cfg_scale")
     [time_shift] = run.time_shifts([args.time_shift] if args.time_shift is not None else None)
     guidance_interval = run.guidance_interval(args.guidance_interval)
-    guided = flow_matching.guided_nfe(num_steps, sampler, time_shift, cfg_scale, guidance_interval)
-    note = unguided_note(sampler, num_steps, cfg_scale, guidance_interval, guided)
-    if note and dist.is_main:
-        print(note)
+    guided = guided_evaluations(sampler, num_steps, time_shift, cfg_scale, guidance_interval, dist.is_main)
     labels = plan_labels(args, num_classes)
     n = len(labels)
     if dist.is_main:

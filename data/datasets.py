@@ -107,9 +107,10 @@ def _image_folder(data_dir: str, transform, flag: str = "--data_dir") -> Dataset
     # One level too high: splits read as classes ("test" and "train"; or "train" alone, its class
     # folders flattened into one class). A split folder that holds its images directly is a
     # one-class set (an unconditional dataset, or images to score).
-    nested = any(os.path.dirname(path) != os.path.join(folder.root, folder.classes[label])
-                 for path, label in folder.samples)
-    if set(folder.classes) <= SPLIT_NAMES and (len(folder.classes) > 1 or nested):
+    def nested() -> bool:   # only asked of a folder of split names: a big dataset's listing is not walked
+        return any(os.path.dirname(path) != os.path.join(folder.root, folder.classes[label])
+                   for path, label in folder.samples)
+    if set(folder.classes) <= SPLIT_NAMES and (len(folder.classes) > 1 or nested()):
         raise ValueError(f"{flag} {data_dir} holds the split{'s' * (len(folder.classes) > 1)} "
                          f"{', '.join(folder.classes)}, not classes: pass one split's folder, e.g. "
                          f"{os.path.join(data_dir, folder.classes[-1])} (a class folder may not be named "

@@ -225,14 +225,17 @@ class SamplingRun:
             pad_last_batch=self.compiled, **settings)
 
 
-def unguided_note(sampler: str, num_steps: int, cfg_scale: float, guidance_interval, guided: int) -> Optional[str]:
-    """A note when CFG was asked for but the guidance interval holds none of the solver's
-    evaluation times (`guided`: flow_matching.guided_nfe): the samples are those of cfg_scale 1."""
-    if cfg_scale == 1.0 or guided:
-        return None
-    return (f"note: {sampler} at {num_steps} steps evaluates the model at no t in the guidance interval "
-            f"{guidance_interval[0]:g}..{guidance_interval[1]:g}: these samples are unguided (as at cfg_scale 1); "
-            f"widen the interval or take more steps")
+def guided_evaluations(sampler: str, num_steps: int, time_shift: float, cfg_scale: float, guidance_interval,
+                       main: bool) -> int:
+    """flow_matching.guided_nfe of these settings; on the main rank, a note when CFG was asked for
+    but the guidance interval holds none of the solver's evaluation times (the samples are then
+    those of cfg_scale 1)."""
+    guided = flow_matching.guided_nfe(num_steps, sampler, time_shift, cfg_scale, guidance_interval)
+    if cfg_scale != 1.0 and not guided and main:
+        print(f"note: {sampler} at {num_steps} steps evaluates the model at no t in the guidance interval "
+              f"{guidance_interval[0]:g}..{guidance_interval[1]:g}: these samples are unguided (as at cfg_scale 1); "
+              f"widen the interval or take more steps")
+    return guided
 
 
 def compiles(choice: str, device: torch.device) -> bool:
