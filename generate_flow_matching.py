@@ -43,6 +43,7 @@ from utils.images import make_grid, save_image
 from utils.validation import check_writable
 
 MAX_GRID_IMAGES = 256
+NUM_SAMPLES, SAMPLES_PER_CLASS = 16, 8   # defaults of --num_samples and of --class_grid's --samples_per_class
 SAMPLE_NAME = re.compile(r"\d{6,}(_class\d+)?\.png")  # write_images' names (index zero-padded to 6 digits, more past 999,999)
 
 
@@ -50,10 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, allow_abbrev=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="flow-matching checkpoint (.pt) written by training")
-    p.add_argument("--num_samples", type=int, default=16, help="samples to draw (ignored with --class_grid; default: %(default)s)")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help=f"samples to draw (default: {NUM_SAMPLES}; --class_grid draws classes x --samples_per_class)")
     p.add_argument("--class_label", type=int, default=None, help="draw every sample from class K (default: random classes)")
     p.add_argument("--class_grid", action="store_true", help="a row per class, --samples_per_class columns")
-    p.add_argument("--samples_per_class", type=int, default=8, help="columns of --class_grid (default: %(default)s)")
+    p.add_argument("--samples_per_class", type=int, default=None,
+                   help=f"columns of --class_grid (default: {SAMPLES_PER_CLASS})")
     p.add_argument("--output_dir", default="generated", help="where images (and samples.npz) go (default: %(default)s)")
     p.add_argument("--save_npz", action="store_true", help="also write samples.npz (the input of FID tools)")
     add_sampling_flags(p, sweep=False)
@@ -71,8 +74,6 @@ def plan_labels(args, num_classes: int) -> torch.Tensor:
         if args.class_label is not None:
             raise ValueError(f"--class_grid draws every class; it cannot be combined with --class_label "
                              f"{args.class_label}: drop one of the two")
-        if args.samples_per_class < 1:
-            raise ValueError(f"--samples_per_class must be >= 1, got {args.samples_per_class}")
         return torch.arange(num_classes).repeat_interleave(args.samples_per_class)
     if args.class_label is not None:
         if not 0 <= args.class_label < num_classes:
@@ -84,8 +85,22 @@ def plan_labels(args, num_classes: int) -> torch.Tensor:
 
 
 def validate(args) -> None:
-    if args.num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    """ValueError for flags that cannot sample or that this run would ignore; fills in the defaults of
+    --num_samples and --samples_per_class (which depend on --class_grid)."""
+    if args.class_grid:
+        if args.num_samples is not None:
+            raise ValueError(f"--num_samples {args.num_samples} with --class_grid: the grid draws (classes x "
+                             f"--samples_per_class) samples; drop --num_samples, or --class_grid")
+        args.samples_per_class = SAMPLES_PER_CLASS if args.samples_per_class is None else args.samples_per_class
+        if args.samples_per_class < 1:
+            raise ValueError(f"--samples_per_class must be >= 1, got {args.samples_per_class}")
+    else:
+        if args.samples_per_class is not None:
+            raise ValueError(f"--samples_per_class {args.samples_per_class} sets the columns of --class_grid: "
+                             f"add --class_grid, or use --num_samples for random classes")
+        args.num_samples = NUM_SAMPLES if args.num_samples is None else args.num_samples
+        if args.num_samples < 1:
+            raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     check_sampling_flags(args, sweep=False)
     check_writable(args.output_dir, f"--output_dir {args.output_dir}")
 
@@ -106,16 +121,24 @@ def generate(args, dist) -> None:
         remove_earlier_samples(args.output_dir)
     wait_for_all_ranks()
 
+    writing = 0.0   # seconds in PNG writes, kept out of the sampling rate
+
+    def write(first: int, batch: np.ndarray) -> None:
+        nonlocal writing
+        begin = time.perf_counter()
+        write_images(args.output_dir, batch, labels[first:first + len(batch)], first, num_classes)
+        writing += time.perf_counter() - begin
+
     start = time.perf_counter()
     images, nfe = run.generate(
         labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
         guidance_interval=guidance_interval, time_shift=time_shift, batch_size=args.batch_size, rank=dist.rank,
-        world_size=dist.world_size, progress=dist.is_main,
-        on_batch=lambda first, batch: write_images(args.output_dir, batch, labels[first:first + len(batch)],
-                                                   first, num_classes))
+        world_size=dist.world_size, progress=dist.is_main, on_batch=write)
+    sampling = time.perf_counter() - start - writing
     if not dist.is_main:
         return
     assert images.shape[0] == n
+    begin = time.perf_counter()
     nrow = args.samples_per_class if args.class_grid else math.ceil(math.sqrt(min(n, MAX_GRID_IMAGES)))
     shown = images if args.class_grid else images[:MAX_GRID_IMAGES]
     save_image(make_grid(shown, nrow), os.path.join(args.output_dir, "grid.png"))
@@ -123,10 +146,11 @@ def generate(args, dist) -> None:
         # Atomic: a run killed mid-write leaves no truncated samples.npz for a FID tool to read.
         write_atomically(os.path.join(args.output_dir, "samples.npz"),
                          lambda f: np.savez(f, images=images, labels=labels.numpy()))
-    seconds = time.perf_counter() - start
+    writing += time.perf_counter() - begin
     print(f"{n} samples, {nfe} NFE per sample, {guided} of them guided ({sampler}, {num_steps} steps, time_shift {time_shift:g}, cfg_scale "
-          f"{cfg_scale}, guidance_interval {guidance_interval or 'all t'}), "
-          f"{seconds:.1f}s ({n / seconds:.1f} images/s, {n * nfe / seconds:.0f} NFE/s on {dist.world_size} rank(s)); wrote "
+          f"{cfg_scale}, guidance_interval {guidance_interval or 'all t'}): sampling {sampling:.1f}s "
+          f"({n / sampling:.1f} images/s, {n * nfe / sampling:.0f} NFE/s on {dist.world_size} rank(s)"
+          f"{', the first batch compiling' if run.compiled else ''}), writing {writing:.1f}s; wrote "
           f"{os.path.join(args.output_dir, 'grid.png')}, {os.path.join(args.output_dir, 'images')}/"
           + (f", {os.path.join(args.output_dir, 'samples.npz')}" if args.save_npz else ""))
 

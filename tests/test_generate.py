@@ -57,6 +57,32 @@ def test_random_samples_write_grid_images_and_npz(checkpoint, tmp_path, capsys):
     assert "2 NFE per sample" in out and "samples.npz" in out
 
 
+def test_the_sampling_rate_leaves_out_the_time_spent_writing_files(checkpoint, tmp_path, monkeypatch, capsys):
+    """images/s and NFE/s are the sampler's (what benchmarks and GPU budgets compare), not the disk's:
+    PNG and npz writes are timed apart."""
+    import time as time_module
+    clock = [0.0]
+    monkeypatch.setattr(time_module, "perf_counter", lambda: clock[0])
+    write_images = generate_flow_matching.write_images
+
+    def slow_disk(*args):
+        clock[0] += 10.0
+        write_images(*args)
+
+    monkeypatch.setattr(generate_flow_matching, "write_images", slow_disk)
+    from evaluation.sampling import SamplingRun
+    sample = SamplingRun.generate
+
+    def sample_in_2s(self, labels, **settings):
+        clock[0] += 2.0
+        return sample(self, labels, **settings)
+
+    monkeypatch.setattr(SamplingRun, "generate", sample_in_2s)
+    assert run(checkpoint, tmp_path, "--num_samples", "4", "--batch_size", "2") == 0
+    out = capsys.readouterr().out
+    assert "sampling 2.0s (2.0 images/s, 4 NFE/s on 1 rank(s)), writing 20.0s" in out, out
+
+
 def test_a_run_killed_while_writing_the_npz_leaves_no_partial_file(checkpoint, tmp_path, monkeypatch):
     def savez_then_die(file, **arrays):   # the first bytes land, then the process is stopped
         (open(file, "wb") if isinstance(file, str) else file).write(b"PK\x03\x04 half a zip")
@@ -231,6 +257,9 @@ def truncated(checkpoint, tmp_path):
     ("shift_inf", "--time_shift: must be a finite number, got 'inf'"),
     ("untrained_null", "--cfg_scale 4.0 guides with the null label, which this model never trained"),
     ("grid_and_label", "--class_grid draws every class; it cannot be combined with --class_label 1"),
+    ("grid_and_count", "--num_samples 5 with --class_grid: the grid draws (classes x --samples_per_class)"),
+    ("per_class_no_grid", "--samples_per_class 4 sets the columns of --class_grid: add --class_grid"),
+    ("per_class_zero", "--samples_per_class must be >= 1, got 0"),
     ("seed_wide", "--seed must be in [0, 2^32), got 4294967296"),   # would alias --seed 0's noise
     ("config_edited", "weights do not fit the model its own config describes"),
 ])
@@ -257,6 +286,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(checkpoint, uncond_checkpo
         "shift_inf": ["--checkpoint", checkpoint, "--time_shift", "inf"],
         "untrained_null": ["--checkpoint", without_label_dropout(checkpoint, tmp_path), "--cfg_scale", "4"],
         "grid_and_label": ["--checkpoint", checkpoint, "--class_grid", "--class_label", "1"],
+        "grid_and_count": ["--checkpoint", checkpoint, "--class_grid", "--num_samples", "5"],
+        "per_class_no_grid": ["--checkpoint", checkpoint, "--samples_per_class", "4"],
+        "per_class_zero": ["--checkpoint", checkpoint, "--class_grid", "--samples_per_class", "0"],
         "seed_wide": ["--checkpoint", checkpoint, "--seed", str(2 ** 32)],
         "config_edited": ["--checkpoint", config_edited(checkpoint, tmp_path)],
     }[case]
