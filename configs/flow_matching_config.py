@@ -24,7 +24,7 @@ from utils.validation import check_fid_sample_count, check_guidance_interval, ml
 # latent_* fields only with a VQ-VAE, through input_shape, which tests/test_latent_flow.py covers).
 ARCHITECTURE_FIELDS = ("image_size", "in_channels", "num_classes", "patch_size", "hidden_size",
                        "depth", "num_heads", "mlp_ratio", "latent_size", "latent_channels", "qk_norm",
-                       "mlp", "positions", "objective")
+                       "mlp", "positions", "time_embed_scale", "objective")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class FlowMatchingConfig(TrainConfig):
     qk_norm: bool = field(default=False, metadata={"help": "RMS-normalize queries and keys per head (learned gain) before attention (SD3, ViT-22B): bounds the attention logits"})
     mlp: Literal["gelu", "swiglu"] = field(default="gelu", metadata={"help": "feed-forward branch: gelu = DiT's Linear-GELU-Linear; swiglu = SiLU-gated (LLaMA), inner width 2/3 * mlp_ratio * width so the parameter count stays"})
     positions: Literal["sincos", "rope", "sincos_rope"] = field(default="sincos", metadata={"help": "token positions: sincos = DiT's fixed 2D table added to the tokens; rope = 2D rotary positions in attention (rows rotate half of each head, columns the other half); sincos_rope = both (LightningDiT)"})
+    time_embed_scale: float = field(default=1000.0, metadata={"help": "the timestep embedders see sin-cos features of S * t for t in [0, 1] (and of S * (r - t) for MeanFlow): 1000 = DiT's (diffusion's step numbers; fast in t); 1 = SiT's (t as is: smooth in t, which MeanFlow's du/dt target differentiates; docs/meanflow.md)"})
     fp32_residual: bool = field(default=False, metadata={"help": "keep the residual stream in fp32 under bf16/fp16 autocast (DiT, SiT); false = the stream in the autocast dtype (half the memory traffic; adaLN-Zero updates below half a bf16 ulp of the stream are rounded away)"})
     class_dropout_prob: float = field(default=0.1, metadata={"help": "probability a label is replaced by the null label (trains CFG)"})
     # Objective
@@ -116,6 +117,8 @@ class FlowMatchingConfig(TrainConfig):
             raise ValueError(f"--hidden_size {self.hidden_size} must be divisible by 4: the 2D sin-cos positions "
                              f"give a quarter of the channels to each of sin and cos of rows and of columns")
         mlp_inner_width(self.hidden_size, self.mlp_ratio, self.mlp)
+        if not self.time_embed_scale > 0:
+            raise ValueError(f"--time_embed_scale must be > 0 (1000 = DiT's, 1 = t as is), got {self.time_embed_scale}")
         if self.positions != "sincos" and (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"--positions {self.positions} rotates pairs of each head's channels by rows and by "
                              f"columns: the head dimension --hidden_size / --num_heads = "

@@ -7,8 +7,9 @@ With `two_times` (the MeanFlow objective) the conditioning also embeds the inter
 embedder's output layer starts at zero, so a flow-matching checkpoint loads into it and predicts
 its own velocity, and r = t (or r omitted) always asks for the instantaneous velocity.
 
-The original DiT (Peebles & Xie: sin-cos positions, GELU MLP) is the default; `qk_norm`, `mlp="swiglu"`, `positions` ("rope" or "sincos_rope")
-and `fp32_residual` are the options of models/layers.py and of the stream's precision.
+The original DiT (Peebles & Xie: sin-cos positions, GELU MLP, times embedded as 1000 t) is the default;
+`qk_norm`, `mlp="swiglu"`, `positions` ("rope" or "sincos_rope"), `time_embed_scale` and `fp32_residual` are
+the options of models/layers.py and of the stream's precision.
 
 Labels are 0..num_classes-1; label `num_classes` is the null label used for classifier-free
 guidance; num_classes=0 builds an unconditional model (y is ignored and may be None). The model
@@ -32,7 +33,7 @@ class DiT2D(nn.Module):
                  hidden_size: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, num_classes: int = 10, qk_norm: bool = False,
                  mlp: str = "gelu", positions: str = "sincos", fp32_residual: bool = False,
-                 two_times: bool = False):
+                 two_times: bool = False, time_embed_scale: float = 1000.0):
         super().__init__()
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
@@ -51,9 +52,9 @@ class DiT2D(nn.Module):
         grid = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, scale=time_embed_scale)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
-        self.r_embedder = TimestepEmbedder(hidden_size) if two_times else None   # embeds r - t
+        self.r_embedder = TimestepEmbedder(hidden_size, scale=time_embed_scale) if two_times else None   # embeds r - t
         # Fixed tables, rebuilt from the config: non-persistent buffers (not in checkpoints).
         table = sincos_2d(hidden_size, grid).unsqueeze(0) if positions != "rope" else None  # (1, N, D)
         angles = rope_2d_angles(hidden_size // num_heads, grid) if positions != "sincos" else None  # (N, Dh/2)
@@ -156,5 +157,6 @@ def options(config) -> dict:
     get = config.get if isinstance(config, dict) else lambda k, default: getattr(config, k)
     return dict(qk_norm=get("qk_norm", False), mlp=get("mlp", "gelu"), positions=get("positions", "sincos"),
                 fp32_residual=get("fp32_residual", False),
-                two_times=get("objective", "flow_matching") == "meanflow")
+                two_times=get("objective", "flow_matching") == "meanflow",
+                time_embed_scale=get("time_embed_scale", 1000.0))
 

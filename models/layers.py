@@ -139,13 +139,18 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> (B, D): sinusoidal features of 1000*t, then a two-layer MLP.
+    """t in [0, 1] -> (B, D): sinusoidal features of scale*t, then a two-layer MLP.
 
-    The 1000x scale puts flow time on the range the usual diffusion frequencies were made for.
+    scale = 1000 (DiT's) puts flow time on the range of diffusion's integer steps, which the usual
+    frequencies were made for: the fastest feature turns 1000 radians over t in [0, 1]. A model's
+    output then wiggles fast in t, which flow matching never asks about but MeanFlow's target does
+    (its du/dt differentiates the embedding); scale = 1 (SiT's t as is) is smooth in t.
     """
 
-    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10000.0):
+    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10000.0,
+                 scale: float = 1000.0):
         super().__init__()
+        self.scale = scale
         half = frequency_size // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)
@@ -153,7 +158,7 @@ class TimestepEmbedder(nn.Module):
                                  Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = (1000.0 * t.to(self.freqs.dtype)).unsqueeze(1) * self.freqs.unsqueeze(0)  # (B, F/2), fp32 or a float64 model
+        args = (self.scale * t.to(self.freqs.dtype)).unsqueeze(1) * self.freqs.unsqueeze(0)  # (B, F/2), fp32 or a float64 model
         features = torch.cat([args.cos(), args.sin()], dim=-1)             # (B, F)
         return self.mlp(features)                                          # (B, D)
 

@@ -191,7 +191,7 @@ def test_a_checkpoint_config_from_before_the_options_builds_the_briefs_dit():
 # without its row here fails with a KeyError instead of going unchecked.
 CHANGED = {"image_size": 16, "in_channels": 1, "num_classes": 4, "patch_size": 4, "hidden_size": 64, "depth": 3,
            "num_heads": 4, "mlp_ratio": 2.0, "qk_norm": True, "mlp": "swiglu", "positions": "rope",
-           "objective": "meanflow", "fp32_residual": True}
+           "time_embed_scale": 1.0, "objective": "meanflow", "fp32_residual": True}
 
 
 def model_fingerprint(config: dict):
