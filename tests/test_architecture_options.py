@@ -172,6 +172,25 @@ def test_fp32_residual_keeps_the_stream_fp32_under_bf16_autocast():
     assert outputs[True] < outputs[False]
 
 
+# ----------------------------------------------------------------------------- time embedding scale
+
+@pytest.mark.parametrize("two_times", [False, True])
+def test_time_embed_scale_multiplies_every_time_the_embedders_see(two_times):
+    """Both embedders (t, and MeanFlow's r - t) see S times their time: a model at S = 1 given t and r
+    is the model at DiT's S = 1000 given t / 1000 and r / 1000 (the same weights)."""
+    dit, smooth = (DiT2D(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=3, two_times=two_times,
+                         time_embed_scale=s) for s in (1000.0, 1.0))
+    randomized(dit)
+    smooth.load_state_dict(dit.state_dict())
+    x, y = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2])
+    t, r = torch.tensor([0.0, 0.3, 0.9]), torch.tensor([0.5, 0.3, 1.0])
+    extra = ((r,), (r / 1000,)) if two_times else ((), ())
+    with torch.no_grad():
+        out, scaled = smooth(x, t, y, *extra[0]), dit(x, t / 1000, y, *extra[1])
+        assert torch.allclose(out, scaled, atol=1e-5)
+        assert not torch.allclose(out, dit(x, t, y, *extra[0]), atol=1e-3)   # the scale matters
+
+
 # ----------------------------------------------------------------------------- configs
 
 def test_a_checkpoint_config_from_before_the_options_builds_the_briefs_dit():

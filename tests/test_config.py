@@ -115,6 +115,7 @@ def test_presets_apply_before_flags():
     (["--objective", "meanflow", "--class_dropout_prob", "0", "--cfg_scale", "1"], "--meanflow_guidance_mix 0.5) is built"),
     (["--num_classes", "-1"], "--num_classes must be >= 0 (0 = unconditional), got -1"),
     (["--mlp_ratio", "-1"], "--mlp_ratio -1.0 leaves the gelu MLP no hidden unit"),
+    (["--time_embed_scale", "0"], "--time_embed_scale must be > 0 (1000 = DiT's, 1 = t as is), got 0.0"),
     (["--meanflow_ratio", "2"], "--meanflow_ratio must be in [0, 1], got 2.0"),
     (["--meanflow_adaptive_p", "-1"], "--meanflow_adaptive_p must be >= 0 and --meanflow_adaptive_c > 0, got -1.0"),
     (["--meanflow_guidance_mix", "1"], "--meanflow_guidance_mix must be < 1"),
