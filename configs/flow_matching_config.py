@@ -55,7 +55,7 @@ class FlowMatchingConfig(TrainConfig):
     qk_norm: bool = field(default=False, metadata={"help": "RMS-normalize queries and keys per head (learned gain) before attention (SD3, ViT-22B): bounds the attention logits"})
     mlp: Literal["gelu", "swiglu"] = field(default="gelu", metadata={"help": "feed-forward branch: gelu = DiT's Linear-GELU-Linear; swiglu = SiLU-gated (LLaMA), inner width 2/3 * mlp_ratio * width so the parameter count stays"})
     positions: Literal["sincos", "rope", "sincos_rope"] = field(default="sincos", metadata={"help": "token positions: sincos = DiT's fixed 2D table added to the tokens; rope = 2D rotary positions in attention (rows rotate half of each head, columns the other half); sincos_rope = both (LightningDiT)"})
-    time_embed_scale: float = field(default=1000.0, metadata={"help": "the timestep embedders see sin-cos features of S * t for t in [0, 1] (and of S * (r - t) for MeanFlow): 1000 = DiT's (diffusion's step numbers; fast in t); 1 = SiT's (t as is: smooth in t, which MeanFlow's du/dt target differentiates; docs/meanflow.md)"})
+    time_embed_scale: float = field(default=1000.0, metadata={"help": "the timestep embedders see sin-cos features of S * t for t in [0, 1] (and of S * (r - t) for MeanFlow): 1000 = DiT's (diffusion's step numbers; fast in t); 1 = SiT's (t as is: smooth in t, which MeanFlow's du/dt target differentiates; the default of --objective meanflow, docs/meanflow.md)"})
     fp32_residual: bool = field(default=False, metadata={"help": "keep the residual stream in fp32 under bf16/fp16 autocast (DiT, SiT); false = the stream in the autocast dtype (half the memory traffic; adaLN-Zero updates below half a bf16 ulp of the stream are rounded away)"})
     class_dropout_prob: float = field(default=0.1, metadata={"help": "probability a label is replaced by the null label (trains CFG)"})
     # Objective
@@ -223,14 +223,20 @@ PRESETS["cifar10_speedrun"] = dict(
 # over the preset's unless given as flags: one average-velocity jump (the point of the objective),
 # and no CFG on top of the guidance its training target already holds.
 MEANFLOW_SAMPLING = {"sampler": "meanflow", "num_sampling_steps": 1, "cfg_scale": 1.0}
+# ... and its time embedding: t and r - t as they are (SiT's), not DiT's 1000 t, whose fast wiggles in
+# t MeanFlow's du/dt target reads as steep slopes (docs/meanflow.md; measured on the CPU proxy). Not
+# with --init_from, whose checkpoint fixes the network (a flow-matching run's default is DiT's).
+MEANFLOW_MODEL = {"time_embed_scale": 1.0}
 
 
 def resolve_flow_matching_fields(values: Dict[str, Any], given: Set[str]) -> None:
     """The fields that follow from others, filled in before the config is validated: a MeanFlow
-    run's sampling defaults (over the preset's, unless given as flags), and --compile none's choice
-    (on for flow-matching training on CUDA), so the config saved with the run says what ran."""
+    run's sampling and (without --init_from) time-embedding defaults (over the preset's, unless given as
+    flags), and --compile none's choice (on for flow-matching training on CUDA), so the config saved
+    with the run says what ran."""
     if values["objective"] == "meanflow":
-        values.update({k: v for k, v in MEANFLOW_SAMPLING.items() if k not in given})
+        defaults = {**MEANFLOW_SAMPLING, **(MEANFLOW_MODEL if values["init_from"] is None else {})}
+        values.update({k: v for k, v in defaults.items() if k not in given})
     if values["compile"] is None:
         cuda = values["device"] == "cuda" or (values["device"] == "auto" and torch.cuda.is_available())
         values["compile"] = cuda and values["objective"] == "flow_matching"

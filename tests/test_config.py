@@ -157,12 +157,18 @@ def test_a_given_none_overrides_the_presets_value():
                                        "--compile", "none"]).compile is False   # none = auto: eager on the CPU
 
 
-def test_a_meanflow_run_samples_with_one_jump_and_no_cfg_unless_told():
+def test_a_meanflow_run_samples_with_one_jump_and_no_cfg_and_embeds_t_as_is_unless_told(tmp_path):
     config = parse_flow_matching_config(["--preset", "tiny", "--objective", "meanflow"])
-    assert (config.sampler, config.num_sampling_steps, config.cfg_scale) == ("meanflow", 1, 1.0)
+    assert (config.sampler, config.num_sampling_steps, config.cfg_scale, config.time_embed_scale) == ("meanflow", 1, 1.0, 1.0)
     config = parse_flow_matching_config(["--preset", "tiny", "--objective", "meanflow", "--num_sampling_steps", "2",
-                                         "--cfg_scale", "1.5", "--sampler", "euler"])
-    assert (config.sampler, config.num_sampling_steps, config.cfg_scale) == ("euler", 2, 1.5)
+                                         "--cfg_scale", "1.5", "--sampler", "euler", "--time_embed_scale", "10"])
+    assert (config.sampler, config.num_sampling_steps, config.cfg_scale, config.time_embed_scale) == ("euler", 2, 1.5, 10)
+    assert parse_flow_matching_config(["--preset", "tiny"]).time_embed_scale == 1000   # flow matching: DiT's
+    # --init_from's checkpoint fixes the network: a flow-matching run's default, unless given
+    start = tmp_path / "fm.pt"
+    start.write_bytes(b"")
+    config = parse_flow_matching_config(["--preset", "tiny", "--objective", "meanflow", "--init_from", str(start)])
+    assert (config.sampler, config.time_embed_scale) == ("meanflow", 1000)
 
 
 def test_make_config_rejects_unknown_keys_and_bad_choices():

@@ -284,9 +284,10 @@ def test_init_from_a_checkpoint_of_another_shape_is_a_clear_error(tiny_flags, tm
 
 def test_init_from_weights_that_do_not_fit_says_why(tiny_flags, tmp_path, capsys):
     """A MeanFlow checkpoint cannot start a flow-matching run (its interval embedding has no place
-    there); weights of other names (other code, or edited) are not blamed on MeanFlow."""
+    there); weights of other names (other code, or edited) are not blamed on MeanFlow. (At DiT's time
+    scale, a flow-matching run's: MeanFlow's own default would be refused first, as another network.)"""
     assert train_flow_matching.main(tiny_flags + ["--train_steps", "1", "--objective", "meanflow",
-                                                  "--checkpoint_dir", str(tmp_path / "mf")]) == 0
+                                                  "--time_embed_scale", "1000", "--checkpoint_dir", str(tmp_path / "mf")]) == 0
     meanflow = str(tmp_path / "mf" / "flow_matching_final.pt")
     assert train_flow_matching.main(tiny_flags + ["--init_from", meanflow, "--checkpoint_dir", str(tmp_path / "a")]) == 2
     assert "a MeanFlow checkpoint only initializes a MeanFlow run" in capsys.readouterr().err
