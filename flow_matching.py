@@ -126,8 +126,8 @@ def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor]
 
     per sample, with the adaptive weight w = 1 / (||.||^2 + c)^p (the mean square over elements;
     p = 0 is plain MSE). Returns (loss, mse): the weighted loss to minimize and the unweighted mean
-    square error, detached, which is what shows progress (at p = 1 the loss is mean(e / (e + c)),
-    ~1 for any error e >> c). At r = t the target is v_g: the flow-matching loss. du/dt is taken by
+    square error, detached (at p = 1 the loss is mean(e / (e + c)), ~1 for any error e >> c; the mse's
+    target moves with the model's du/dt, so it can grow while the model improves: docs/meanflow.md). At r = t the target is v_g: the flow-matching loss. du/dt is taken by
     forward-mode AD (torch.func.jvp) only on the samples with r != t, without a graph (it is a
     target); `jvp_model` is the model to differentiate (the unwrapped module under DDP or compile:
     the gradient still comes from `model`'s own forward, which DDP all-reduces).

@@ -569,17 +569,19 @@ def seed_columns(values: Dict[int, float], digits: int) -> List[str]:
 def meanflow_table(meanflow: str, recipe: str) -> str:
     """MeanFlow against flow matching at 1-35 NFE: the rows of `meanflow` and the baseline's rows of
     `recipe` at 10 and 34-35 NFE (the same runs); flow matching first by NFE, then MeanFlow from
-    scratch, fine-tuned (by steps), with the predicted tangent, raw weights."""
+    scratch (DiT's time embedding, then t as is), fine-tuned (by steps), with the predicted tangent, raw
+    weights."""
     groups = read_groups(recipe)
     rows = read_rows(meanflow) + [r for s in (dict(nfe=10), MID5, dict(sampler="midpoint", nfe=34), dict(nfe=35))
                                   for r in pick(groups, **s)]
     models: Dict[tuple, Dict[int, float]] = {}
     for r in rows:
         diff = r["config_diff"]
+        t_as_is = diff.get("time_embed_scale") == 1.0
         order = (diff.get("objective") == "meanflow", "init_from" in diff, r["weights"] == "raw",
-                 diff.get("meanflow_tangent", ""), r["steps"], r["nfe"], r["sampler"])
+                 diff.get("meanflow_tangent", ""), t_as_is, r["steps"], r["nfe"], r["sampler"])
         label = (f"flow matching, {r['steps']:,} steps" if not order[0] else
-                 f"MeanFlow from scratch, {r['steps']:,} steps" if not order[1] else
+                 f"MeanFlow from scratch, {r['steps']:,} steps" + (", t as is" if t_as_is else "") if not order[1] else
                  f"MeanFlow from the FM run, +{r['steps']} steps" + (" (predicted tangent)" if order[3] else "")
                  + (" (raw weights)" if order[2] else ""))
         models.setdefault((order, label, r["sampler"], r["num_steps"], r["nfe"], f"{r['cfg_scale']:.1f}"),

@@ -303,7 +303,7 @@ def test_init_from_weights_that_do_not_fit_says_why(tiny_flags, tmp_path, capsys
 def test_adaptive_weight_is_a_stop_gradient_power_of_the_error():
     """loss = mean_i sg(w_i) * e_i with e_i the sample's mean square error and w_i = 1 / (e_i + c)^p:
     its value is mean_i e_i / (e_i + c)^p and its gradient that of the weighted MSE. The unweighted
-    mean_i e_i comes with it, as the number that shows progress."""
+    mean_i e_i comes with it, detached, for the log."""
     u = torch.nn.Parameter(torch.tensor([[0.5, -1.0], [2.0, 0.0]]).reshape(2, 1, 1, 2))
     data = torch.zeros(2, 1, 1, 2)
     noise = torch.zeros(2, 1, 1, 2)     # target v = data - noise = 0 (r = t: ratio 0)
