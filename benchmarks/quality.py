@@ -603,7 +603,8 @@ def gap_table(path: str) -> str:
         where, step = r["checkpoint"], r["step"]
         label = (f"flow-matching run (K Euler steps, CFG {r['cfg_scale']:g})" if r["objective"] != "meanflow" else
                  f"MeanFlow from it{' (predicted tangent)' if 'tangent_predicted' in where else ''}, +{step} steps"
-                 if "init_from" in where else f"MeanFlow from scratch, {step} steps")
+                 if "init_from" in where else f"MeanFlow from scratch, {step} steps"
+                 + (", t as is" if "time_embed_scale_1_" in where else ""))
         seed = int(re.search(r"repo_seed(\d+)", where).group(1))
         for jumps in ("gap_1", "gap_2"):
             models.setdefault(label, {}).setdefault(jumps, {})[seed] = r[jumps]
@@ -627,6 +628,7 @@ TABLES = {
     "guidance interval": lambda: summarize(results("guidance_interval.jsonl")),
     "meanflow": lambda: meanflow_table(results("meanflow.jsonl"), results("recipe.jsonl")),
     "meanflow gap": lambda: gap_table(results("meanflow_gap.jsonl")),
+    "meanflow time scale": lambda: summarize(results("meanflow_time_scale.jsonl")),
     "posthoc ema": lambda: posthoc_summary(results("posthoc_ema.jsonl")),
 }
 
