@@ -35,7 +35,8 @@ from PIL import Image
 from configs.cli import ArgumentParser, finite_float
 from data.datasets import build_image_dataset
 from evaluation import fid, posthoc_ema
-from evaluation.sampling import add_sampling_flags, check_sampling_flags, guided_evaluations, load_sampling_run
+from evaluation.sampling import (add_sampling_flags, check_sampling_flags, guided_evaluations, load_sampling_run,
+                                 settings_from_flags)
 from utils.launch import launch, run_main
 from utils.distributed import wait_for_all_ranks
 from utils.validation import check_fid_sample_count, check_sigma_rel
@@ -162,12 +163,10 @@ def evaluate(args, dist) -> None:
         run = load_sampling_run(args, device)
         config = run.config
         image_size, in_channels = config["image_size"], config["in_channels"]
-        cfg_scales = run.cfg_scales(args.cfg_scales, "--cfg_scales")
-        samplers = run.samplers(args.samplers, "--samplers")
-        guidance_interval = run.guidance_interval(args.guidance_interval)
+        sweep = settings_from_flags(config, args, sweep=True)
         if args.cfg_scales is None and run.num_classes and main:
-            print(f"cfg_scale {cfg_scales[0]}: the checkpoint's sampling default, a visual setting; the "
-                  f"lowest FID is often at a smaller scale: sweep with --cfg_scales 1 1.5 2 {cfg_scales[0]:g}")
+            print(f"cfg_scale {sweep[0].cfg_scale}: the checkpoint's sampling default, a visual setting; the "
+                  f"lowest FID is often at a smaller scale: sweep with --cfg_scales 1 1.5 2 {sweep[0].cfg_scale:g}")
     elif args.samples:
         images = load_npz(args.samples, args.num_samples)
         image_size, in_channels = images.shape[1], images.shape[-1]
@@ -205,28 +204,23 @@ def evaluate(args, dist) -> None:
         if main:
             print(f"labels: {mix}")
         loaded = None
-        for sigma_rel, sampler, num_steps, cfg_scale, time_shift in itertools.product(
-                args.ema_sigma_rels or [None], samplers, args.num_steps_list or [config["num_sampling_steps"]],
-                cfg_scales, run.time_shifts(args.time_shifts)):
+        for sigma_rel, settings in itertools.product(args.ema_sigma_rels or [None], sweep):
             if sigma_rel != loaded:  # in place: a compiled forward keeps its graphs
                 rebuilt = posthoc_ema.reconstruct(os.path.dirname(os.path.abspath(args.checkpoint)), sigma_rel,
                                                   run.ckpt["step"], verbose=main)
                 run.model.load_state_dict(rebuilt["ema"], strict=True)
                 loaded = sigma_rel
-            guided = guided_evaluations(sampler, num_steps, time_shift, cfg_scale, guidance_interval, main)
+            guided = guided_evaluations(settings, main)
             start = time.perf_counter()
-            images, nfe = run.generate(
-                labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-                guidance_interval=guidance_interval, time_shift=time_shift, batch_size=args.batch_size,
-                rank=dist.rank, world_size=dist.world_size, progress=main)
+            images, nfe = run.generate(labels, settings, seed=args.seed, batch_size=args.batch_size,
+                                       rank=dist.rank, world_size=dist.world_size, progress=main)
             sampling = time.perf_counter() - start
             if main:
                 print(f"sampled {len(images)} in {sampling:.1f}s: {len(images) / sampling:.1f} samples/s, "
                       f"{len(images) * nfe / sampling:.0f} NFE/s on {dist.world_size} rank(s)")
                 stats = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True)
-                report(stats, len(images), start, sampler=sampler, num_steps=num_steps, nfe=nfe, guided_nfe=guided,
+                report(stats, len(images), start, **settings.fields(), nfe=nfe, guided_nfe=guided,
                        sampling_seconds=round(sampling, 1), samples_per_s=round(len(images) / sampling, 1),
-                       cfg_scale=cfg_scale, time_shift=time_shift, guidance_interval=guidance_interval,
                        labels=mix, step=run.ckpt["step"], weights=args.weights if sigma_rel is None else "posthoc_ema",
                        **({} if sigma_rel is None else {"ema_sigma_rel": sigma_rel}),
                        seed=args.seed, precision=run.precision)

@@ -10,7 +10,8 @@ this module; nothing else carries a sampling loop.
 """
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -344,29 +345,66 @@ def integrate(velocity: VelocityFn, x: torch.Tensor, num_steps: int, sampler: st
     return x, nfe
 
 
-def guided_nfe(num_steps: int, sampler: str = "euler", time_shift: float = 1.0, cfg_scale: float = 1.0,
-               guidance_interval: Optional[Sequence[float]] = None) -> int:
-    """How many of a sample's NFE run guided, i.e. forward CFG's two rows (the cost of a sample is
-    NFE + this many rows): those at the times a <= t <= b of guidance_interval, none at cfg_scale 1.
-    Counted by running the solver on a field that records its times."""
-    if cfg_scale == 1.0:
-        return 0
-    times = []
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a batch goes from noise to data: the solver, its steps and time grid, and the guidance.
+    The one value sample(), evaluation.sampling, the trainer and the scripts pass along, so that a new
+    setting is a field here and the lines that use it; a run's own settings: from_config."""
+    sampler: str = "euler"
+    num_steps: int = 50
+    cfg_scale: float = 1.0
+    guidance_interval: Optional[Tuple[float, float]] = None   # CFG only at a <= t <= b; None: every t
+    time_shift: float = 1.0                                     # time_grid's shift; 1: uniform
 
-    def record(x: torch.Tensor, t: float, r: Optional[float] = None) -> torch.Tensor:
-        times.append(t)
-        return torch.zeros_like(x)
-    integrate(record, torch.zeros(1), num_steps, sampler, time_shift)
-    return sum(guides_at(t, guidance_interval) for t in times)
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, sampler: Optional[str] = None,
+                    num_steps: Optional[int] = None, cfg_scale: Optional[float] = None,
+                    guidance_interval: Optional[Sequence[float]] = None, time_shift: Optional[float] = None,
+                    cfg_flag: str = "cfg_scale") -> "SamplingSettings":
+        """A run's settings (`config`: a checkpoint's config dict, or a training config's asdict),
+        each given one in place of its own. A checkpoint older than the guidance-interval and
+        time-shift fields guides every step of a uniform grid. The scale passes resolve_cfg_scale
+        (1 for an unconditional model; ValueError naming `cfg_flag`)."""
+        start, end = guidance_interval or (config.get("guidance_interval_start", 0.0),
+                                           config.get("guidance_interval_end", 1.0))
+        return cls(sampler=sampler or config["sampler"], num_steps=num_steps or config["num_sampling_steps"],
+                   cfg_scale=resolve_cfg_scale(cfg_scale, config["num_classes"], config["cfg_scale"], cfg_flag,
+                                               config.get("class_dropout_prob", 0.1)),
+                   guidance_interval=guidance_interval_or_none(start, end),
+                   time_shift=config.get("time_shift", 1.0) if time_shift is None else time_shift)
+
+    def guided_nfe(self) -> int:
+        """How many of a sample's NFE run guided, i.e. forward CFG's two rows (the cost of a sample
+        is NFE + this many rows): those at the times a <= t <= b of the guidance interval, none at
+        cfg_scale 1. Counted by running the solver on a field that records its times."""
+        if self.cfg_scale == 1.0:
+            return 0
+        times = []
+
+        def record(x: torch.Tensor, t: float, r: Optional[float] = None) -> torch.Tensor:
+            times.append(t)
+            return torch.zeros_like(x)
+        integrate(record, torch.zeros(1), self.num_steps, self.sampler, self.time_shift)
+        return sum(guides_at(t, self.guidance_interval) for t in times)
+
+    def fields(self) -> Dict[str, Any]:
+        """The settings as a results row holds them (JSON: the interval a list or None)."""
+        return dict(sampler=self.sampler, num_steps=self.num_steps, cfg_scale=self.cfg_scale,
+                    time_shift=self.time_shift,
+                    guidance_interval=list(self.guidance_interval) if self.guidance_interval else None)
+
+    def __str__(self) -> str:
+        interval = "all t" if self.guidance_interval is None else "{:g}..{:g}".format(*self.guidance_interval)
+        return (f"{self.sampler}, {self.num_steps} steps, time_shift {self.time_shift:g}, cfg_scale "
+                f"{self.cfg_scale:g}, guidance_interval {interval}")
 
 
 @torch.no_grad()
-def sample(model: Callable, noise: torch.Tensor, y: Optional[torch.Tensor], *, num_classes: int,
-           num_steps: int = 50, sampler: str = "euler", cfg_scale: float = 1.0,
-           guidance_interval: Optional[Sequence[float]] = None, time_shift: float = 1.0,
+def sample(model: Callable, noise: torch.Tensor, y: Optional[torch.Tensor],
+           settings: SamplingSettings = SamplingSettings(), *, num_classes: int,
            autocast_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, int]:
-    """Generate from noise (t = 0) to data (t = 1) on time_grid(num_steps, time_shift). Returns
-    (samples, NFE per sample).
+    """Generate from noise (t = 0) to data (t = 1) with `settings` (solver, steps on
+    time_grid(num_steps, time_shift), CFG scale and interval). Returns (samples, NFE per sample).
 
     The state is integrated in float32; `autocast_dtype` (e.g. torch.bfloat16) applies to the
     model's forward passes only.
@@ -386,9 +424,9 @@ def sample(model: Callable, noise: torch.Tensor, y: Optional[torch.Tensor], *, n
                             enabled=autocast_dtype is not None):
             return model(x, t, labels, *r).float()
 
-    field = guided_velocity(forward, y, num_classes=num_classes, cfg_scale=cfg_scale,
-                            guidance_interval=guidance_interval)
-    return integrate(field, noise.float(), num_steps, sampler, time_shift)
+    field = guided_velocity(forward, y, num_classes=num_classes, cfg_scale=settings.cfg_scale,
+                            guidance_interval=settings.guidance_interval)
+    return integrate(field, noise.float(), settings.num_steps, settings.sampler, settings.time_shift)
 
 
 # ----------------------------------------------------------------------------- noise

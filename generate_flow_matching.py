@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from configs.cli import ArgumentParser
-from evaluation.sampling import add_sampling_flags, check_sampling_flags, guided_evaluations, load_sampling_run
+from evaluation.sampling import (add_sampling_flags, check_sampling_flags, guided_evaluations, load_sampling_run,
+                                 settings_from_flags)
 from utils.checkpoint import write_atomically
 from utils.distributed import wait_for_all_ranks
 from utils.launch import launch, run_main
@@ -109,12 +110,8 @@ def generate(args, dist) -> None:
     validate(args)
     run = load_sampling_run(args, dist.device)
     num_classes = run.num_classes
-    num_steps = args.num_steps or run.config["num_sampling_steps"]
-    sampler, = run.samplers([args.sampler] if args.sampler else None, "--sampler")
-    [cfg_scale] = run.cfg_scales([args.cfg_scale] if args.cfg_scale is not None else None, "--cfg_scale")
-    [time_shift] = run.time_shifts([args.time_shift] if args.time_shift is not None else None)
-    guidance_interval = run.guidance_interval(args.guidance_interval)
-    guided = guided_evaluations(sampler, num_steps, time_shift, cfg_scale, guidance_interval, dist.is_main)
+    [settings] = settings_from_flags(run.config, args, sweep=False)
+    guided = guided_evaluations(settings, dist.is_main)
     labels = plan_labels(args, num_classes)
     n = len(labels)
     if dist.is_main:
@@ -130,10 +127,8 @@ def generate(args, dist) -> None:
         writing += time.perf_counter() - begin
 
     start = time.perf_counter()
-    images, nfe = run.generate(
-        labels, seed=args.seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-        guidance_interval=guidance_interval, time_shift=time_shift, batch_size=args.batch_size, rank=dist.rank,
-        world_size=dist.world_size, progress=dist.is_main, on_batch=write)
+    images, nfe = run.generate(labels, settings, seed=args.seed, batch_size=args.batch_size, rank=dist.rank,
+                               world_size=dist.world_size, progress=dist.is_main, on_batch=write)
     sampling = time.perf_counter() - start - writing
     if not dist.is_main:
         return
@@ -147,8 +142,7 @@ def generate(args, dist) -> None:
         write_atomically(os.path.join(args.output_dir, "samples.npz"),
                          lambda f: np.savez(f, images=images, labels=labels.numpy()))
     writing += time.perf_counter() - begin
-    print(f"{n} samples, {nfe} NFE per sample, {guided} of them guided ({sampler}, {num_steps} steps, time_shift {time_shift:g}, cfg_scale "
-          f"{cfg_scale}, guidance_interval {guidance_interval or 'all t'}): sampling {sampling:.1f}s "
+    print(f"{n} samples, {nfe} NFE per sample, {guided} of them guided ({settings}): sampling {sampling:.1f}s "
           f"({n / sampling:.1f} images/s, {n * nfe / sampling:.0f} NFE/s on {dist.world_size} rank(s)"
           f"{', the first batch compiling' if run.compiled else ''}), writing {writing:.1f}s; wrote "
           f"{os.path.join(args.output_dir, 'grid.png')}, {os.path.join(args.output_dir, 'images')}/"

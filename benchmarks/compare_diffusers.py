@@ -109,8 +109,8 @@ class Contender:
         forward and fp32 state of flow_matching.sample; for diffusers' DiT this is the ten-line
         loop a researcher writes."""
         self.module.eval()
-        flow_matching.sample(self.velocity, x, y, num_classes=self.config.num_classes, num_steps=num_steps,
-                             sampler="midpoint", cfg_scale=cfg_scale, autocast_dtype=self.autocast_dtype)
+        flow_matching.sample(self.velocity, x, y, flow_matching.SamplingSettings("midpoint", num_steps, cfg_scale),
+                             num_classes=self.config.num_classes, autocast_dtype=self.autocast_dtype)
 
 
 def main(argv=None) -> int:

@@ -78,8 +78,8 @@ def main(argv=None) -> int:
 
         def run(sampler: str, steps: int):
             with torch.no_grad():
-                return flow_matching.sample(model, noise, y, num_classes=num_classes, num_steps=steps,
-                                            sampler=sampler, cfg_scale=config["cfg_scale"])
+                return flow_matching.sample(model, noise, y, flow_matching.SamplingSettings(
+                    sampler=sampler, num_steps=steps, cfg_scale=config["cfg_scale"]), num_classes=num_classes)
 
         reference = run("midpoint", args.reference_steps)[0]
         reference_variance = float(f"{reference.var().item():.4g}")   # 4 significant digits: a gap can be 1e-4

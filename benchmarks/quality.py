@@ -47,7 +47,6 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import itertools
 import json
 import math
 import os
@@ -318,21 +317,20 @@ def score(model, config, args, device, extractor, ref_stats, labels, grid_path: 
     """FID of each sampler x steps x cfg x shift x interval setting of `labels` (fid.reference_labels):
     [(fields, fid, seconds)]; saves a grid of the first."""
     out = []
-    for sampler, num_steps, cfg_scale, time_shift, interval in itertools.product(
-            args.samplers or [config.sampler], args.num_steps_list or [config.num_sampling_steps],
-            args.cfg_scales or [config.cfg_scale], args.time_shifts or [config.time_shift], args.guidance_intervals):
+    # quality.py's interval "none" is every step, not the run's own interval: (0, 1)
+    for settings in sampling.sampling_sweep(
+            dataclasses.asdict(config), samplers=args.samplers, num_steps=args.num_steps_list,
+            cfg_scales=args.cfg_scales, time_shifts=args.time_shifts,
+            guidance_intervals=[interval or (0.0, 1.0) for interval in args.guidance_intervals]):
         start = time.perf_counter()
         images, nfe = sampling.generate_images(
-            model, labels, shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
-            num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale, guidance_interval=interval,
-            time_shift=time_shift, batch_size=args.sample_batch_size, device=device, progress=True)
+            model, labels, settings, shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
+            batch_size=args.sample_batch_size, device=device, progress=True)
         if not out:  # 10 samples of each class, a row per class
             order = labels[:10 * config.num_classes].argsort(stable=True).numpy()
             save_image(make_grid(images[order], 10), grid_path)
         stats = fid.image_statistics(images, extractor, device, 100, progress=True)
-        out.append((dict(sampler=sampler, num_steps=num_steps, nfe=nfe, cfg_scale=cfg_scale, time_shift=time_shift,
-                         guidance_interval=list(interval) if interval else None),
-                    fid.frechet_distance(stats, ref_stats), time.perf_counter() - start))
+        out.append((dict(settings.fields(), nfe=nfe), fid.frechet_distance(stats, ref_stats), time.perf_counter() - start))
     return out
 
 

@@ -17,6 +17,7 @@ samples/s that peak would give at these settings: the arithmetic ceiling a sampl
 """
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -69,7 +70,6 @@ def main(argv=None) -> int:
     num_steps = args.num_steps or config.num_sampling_steps
     model = dit_from_config(config).to(device).eval().requires_grad_(False)
     compile_modes = args.compile_modes or (["default"] if config.compile else ["none"])
-    interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start, config.guidance_interval_end)
     labels = torch.arange(args.num_samples) % max(config.num_classes, 1)
     autocast = torch.bfloat16 if args.precision == "bf16" else None
     row_flops = count_flops_per_image(config, backward=False)   # one model row's forward
@@ -82,7 +82,9 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         net = model if compile_mode == "none" else torch.compile(model, mode=compile_mode, dynamic=False)
         for batch_size, mode in itertools.product(args.batch_sizes, modes):
-            cfg_scale = config.cfg_scale if mode == "guided" and config.num_classes else 1.0
+            settings = flow_matching.SamplingSettings.from_config(
+                dataclasses.asdict(config), num_steps=num_steps, cfg_scale=None if mode == "guided" else 1.0)
+            cfg_scale = settings.cfg_scale
 
             rows = [0]
 
@@ -94,9 +96,8 @@ def main(argv=None) -> int:
                 """The images of generate_flow_matching.py (its noise, labels, solver, interval, shift, and a
                 compiled model's padded last batch); NFE."""
                 return generate_images(
-                    counted, labels[:count], shape=input_shape(config), num_classes=config.num_classes, seed=config.seed,
-                    num_steps=num_steps, sampler=config.sampler, cfg_scale=cfg_scale, guidance_interval=interval,
-                    time_shift=config.time_shift, batch_size=batch_size, autocast_dtype=autocast, device=device,
+                    counted, labels[:count], settings, shape=input_shape(config), num_classes=config.num_classes,
+                    seed=config.seed, batch_size=batch_size, autocast_dtype=autocast, device=device,
                     pad_last_batch=compile_mode != "none")[1]
 
             warm_start = time.perf_counter()

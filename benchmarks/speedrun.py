@@ -64,7 +64,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import importlib.util  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
@@ -84,7 +83,8 @@ from configs.cli import ArgumentParser  # noqa: E402
 import flow_matching  # noqa: E402
 from configs.flow_matching_config import PRESETS, FlowMatchingConfig, parse_flow_matching_config  # noqa: E402
 from evaluation import fid  # noqa: E402
-from evaluation.sampling import SamplingRun, add_sampling_flags, load_sampling_run, samplers_for  # noqa: E402
+from evaluation.sampling import (SamplingRun, add_sampling_flags, load_sampling_run, samplers_for,  # noqa: E402
+                                 sampling_sweep)
 from utils.checkpoint import find_latest, load_checkpoint  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 
@@ -267,9 +267,6 @@ def score(run: SamplingRun, args) -> List[dict]:
     statistics. A setting's sample_s is its sampling alone (the first one's includes compiling the
     sampler on CUDA)."""
     config = run.config
-    cfg_scale, = run.cfg_scales(None, "--cfg_scale")
-    time_shift, = run.time_shifts(None)
-    interval = run.guidance_interval(None)
     extractor = fid.InceptionFeatures(args.inception_weights).to(run.device).eval()
     ref = fid.ImageSet("imagefolder", args.ref_data_dir, config["image_size"], config["in_channels"])
     ref_stats, ref_n, path, cached = fid.reference_statistics(
@@ -277,18 +274,13 @@ def score(run: SamplingRun, args) -> List[dict]:
     print(f"reference: {ref.describe(ref_n)}; statistics {'read from' if cached else 'written to'} {path}")
     labels, _ = fid.reference_labels(args.num_samples, run.num_classes, ref)
     rows = []
-    for sampler, num_steps in itertools.product(run.samplers(args.samplers, "--samplers"),
-                                                args.num_steps_list or [config["num_sampling_steps"]]):
+    for settings in sampling_sweep(config, samplers=args.samplers, num_steps=args.num_steps_list):
         start = time.perf_counter()
-        images, nfe = run.generate(
-            labels, seed=config["seed"], num_steps=num_steps,
-            sampler=sampler, cfg_scale=cfg_scale, guidance_interval=interval, time_shift=time_shift,
-            batch_size=args.sample_batch_size, progress=True)
+        images, nfe = run.generate(labels, settings, seed=config["seed"], batch_size=args.sample_batch_size,
+                                   progress=True)
         sample_s = time.perf_counter() - start   # generate returns host arrays: the device is done
         stats = fid.image_statistics(images, extractor, run.device, FEATURE_BATCH, progress=True)
-        rows.append(dict(sampler=sampler, num_steps=num_steps, nfe=nfe, cfg_scale=cfg_scale, time_shift=time_shift,
-                         guidance_interval=list(interval) if interval else None,
-                         fid=fid.frechet_distance(stats, ref_stats), num_samples=len(images),
+        rows.append(dict(**settings.fields(), nfe=nfe, fid=fid.frechet_distance(stats, ref_stats), num_samples=len(images),
                          reference=ref.describe(ref_n), reference_num_images=ref_n, sample_s=round(sample_s, 3),
                          samples_per_s=round(len(images) / sample_s, 1)))
     return rows

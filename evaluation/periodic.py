@@ -5,6 +5,7 @@ Inception network and the reference statistics are loaded when it is built, befo
 step, so a missing weights file or reference folder fails at once rather than hours into a run.
 """
 
+import dataclasses
 from typing import Callable, Dict, Optional
 
 import torch
@@ -28,11 +29,8 @@ class PeriodicFID:
         self.config, self.device, self.autocast_dtype = config, device, autocast_dtype
         self.rank, self.world_size, self.decode = rank, world_size, decode
         self.every = config.fid_every
-        self.cfg_scale = flow_matching.resolve_cfg_scale(config.fid_cfg_scale, config.num_classes,
-                                                         config.cfg_scale, "--fid_cfg_scale",
-                                                         config.class_dropout_prob)
-        self.guidance_interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start,
-                                                                         config.guidance_interval_end)
+        self.sampling = flow_matching.SamplingSettings.from_config(
+            dataclasses.asdict(config), cfg_scale=config.fid_cfg_scale, cfg_flag="--fid_cfg_scale")
         ref = fid.ImageSet("imagefolder" if config.fid_ref_dir else config.dataset,
                            config.fid_ref_dir or config.data_dir, config.image_size, config.in_channels,
                            num_images=config.fid_ref_num_images)
@@ -53,14 +51,11 @@ class PeriodicFID:
         rank between batches) returns True."""
         c = self.config
         images, nfe = generate_images(
-            ema, self.labels,
-            shape=input_shape(c), num_classes=c.num_classes, seed=c.seed,
-            num_steps=c.num_sampling_steps, sampler=c.sampler, cfg_scale=self.cfg_scale,
-            guidance_interval=self.guidance_interval, time_shift=c.time_shift, batch_size=c.fid_batch_size,
-            autocast_dtype=self.autocast_dtype, device=self.device, rank=self.rank, world_size=self.world_size,
+            ema, self.labels, self.sampling, shape=input_shape(c), num_classes=c.num_classes, seed=c.seed,
+            batch_size=c.fid_batch_size, autocast_dtype=self.autocast_dtype, device=self.device, rank=self.rank, world_size=self.world_size,
             decode=self.decode, stop=stop)
         if self.rank != 0:
             return {}
         stats = fid.image_statistics(images, self.extractor, self.device, c.fid_batch_size)
         return {"fid": fid.frechet_distance(stats, self.reference), "fid_num_samples": len(images),
-                "fid_nfe": nfe, "fid_cfg_scale": self.cfg_scale}
+                "fid_nfe": nfe, "fid_cfg_scale": self.sampling.cfg_scale}

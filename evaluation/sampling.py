@@ -4,7 +4,8 @@ sampling settings. The math of one batch (noise, CFG, the ODE solvers) is flow_m
 
     add_sampling_flags(parser, sweep=False)   # --sampler/--num_steps/--cfg_scale/--time_shift (sweep: lists)
     run = load_sampling_run(args, device)     # model rebuilt from the checkpoint's own config
-    images, nfe = run.generate(labels, seed=..., num_steps=..., sampler=..., cfg_scale=..., ...)
+    for settings in settings_from_flags(run.config, args, sweep=False):   # flow_matching.SamplingSettings
+        images, nfe = run.generate(labels, settings, seed=..., batch_size=...)
 
 Settings left unset come from the checkpoint (its sampler, steps, CFG scale, guidance interval and
 time shift; a checkpoint older than the last two fields guides every step of a uniform grid); an
@@ -14,6 +15,7 @@ false; the ODE state is always fp32.
 """
 
 import argparse
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -35,16 +37,15 @@ class SamplingStopped(Exception):
     """generate_images' `stop` asked it to end before its last batch."""
 
 
-def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[int], num_classes: int,
-                    seed: int, num_steps: int, sampler: str = "euler", cfg_scale: float = 1.0,
-                    guidance_interval: Optional[Sequence[float]] = None, time_shift: float = 1.0,
-                    batch_size: int = 64, autocast_dtype: Optional[torch.dtype] = None, device="cpu",
+def generate_images(model: Callable, labels: torch.Tensor, settings: flow_matching.SamplingSettings, *,
+                    shape: Sequence[int], num_classes: int, seed: int, batch_size: int = 64, autocast_dtype: Optional[torch.dtype] = None, device="cpu",
                     rank: int = 0, world_size: int = 1,
                     decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                     on_batch: Optional[Callable[[int, np.ndarray], None]] = None,
                     progress: bool = False, pad_last_batch: bool = False,
                     stop: Optional[Callable[[], bool]] = None) -> Tuple[Optional[np.ndarray], int]:
-    """Sample one image per entry of `labels` (ignored when num_classes = 0) as uint8 (N, H, W, C).
+    """Sample one image per entry of `labels` (ignored when num_classes = 0) as uint8 (N, H, W, C),
+    with `settings` (flow_matching.sample's).
 
     Sample i starts from flow_matching.per_sample_noise(seed, i), and batches of consecutive indices are dealt
     to ranks whole, so a seed gives the same images whatever the number of ranks. `decode` maps
@@ -76,9 +77,7 @@ def generate_images(model: Callable, labels: torch.Tensor, *, shape: Sequence[in
         y = labels[first:end].to(device) if num_classes else None
         if y is not None and len(y) < len(index):   # the padding rows' class: any valid one
             y = torch.cat([y, y.new_zeros(len(index) - len(y))])
-        x, nfe = flow_matching.sample(model, noise, y, num_classes=num_classes, num_steps=num_steps, sampler=sampler,
-                        cfg_scale=cfg_scale, guidance_interval=guidance_interval, time_shift=time_shift,
-                        autocast_dtype=autocast_dtype)
+        x, nfe = flow_matching.sample(model, noise, y, settings, num_classes=num_classes, autocast_dtype=autocast_dtype)
         x = x[:end - first]
         mine[first] = to_uint8(decode(x) if decode is not None else x)
         if on_batch is not None:
@@ -192,49 +191,56 @@ class SamplingRun:
     def num_classes(self) -> int:
         return self.config["num_classes"]
 
-    def cfg_scales(self, given: Optional[Sequence[float]], flag: str) -> List[float]:
-        """The scales to sample at: `given` (the values of `flag`), or the checkpoint's; [1] for an
-        unconditional model; ValueError for a scale other than 1 on a model trained without label
-        dropout."""
-        return [flow_matching.resolve_cfg_scale(s, self.num_classes, self.config["cfg_scale"], flag,
-                                                self.config.get("class_dropout_prob", 0.1))
-                for s in (given or [None])]
-
-    def samplers(self, given: Optional[Sequence[str]], flag: str) -> List[str]:
-        """The solvers to sample this checkpoint with: see samplers_for."""
-        return samplers_for(self.config, given, flag)
-
-    def time_shifts(self, given: Optional[Sequence[float]]) -> List[float]:
-        """The time-grid shifts to sample at: `given`, or the checkpoint's (1 before the field existed)."""
-        return list(given or [self.config.get("time_shift", 1.0)])
-
-    def guidance_interval(self, given: Optional[Sequence[float]]) -> Optional[Tuple[float, float]]:
-        """The interval of t that CFG applies in: `given`, or the checkpoint's (every step before the
-        fields existed); None for (0, 1), every step."""
-        start, end = given or (self.config.get("guidance_interval_start", 0.0),
-                               self.config.get("guidance_interval_end", 1.0))
-        return flow_matching.guidance_interval_or_none(start, end)
-
-    def generate(self, labels: torch.Tensor, **settings):
+    def generate(self, labels: torch.Tensor, settings: flow_matching.SamplingSettings, **options):
         """generate_images for this checkpoint (its shape, classes, precision and decoder);
-        `settings` are generate_images' sampling keywords."""
+        `options` are generate_images' other keywords (seed, batch size, ranks, ...)."""
         return generate_images(
-            self.forward_model, labels, shape=input_shape(self.config), num_classes=self.num_classes,
+            self.forward_model, labels, settings, shape=input_shape(self.config), num_classes=self.num_classes,
             autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None, device=self.device,
             decode=self.latent_space.decode if self.latent_space is not None else None,
-            pad_last_batch=self.compiled, **settings)
+            pad_last_batch=self.compiled, **options)
 
 
-def guided_evaluations(sampler: str, num_steps: int, time_shift: float, cfg_scale: float, guidance_interval,
-                       main: bool) -> int:
-    """flow_matching.guided_nfe of these settings; on the main rank, a note when CFG was asked for
-    but the guidance interval holds none of the solver's evaluation times (the samples are then
-    those of cfg_scale 1)."""
-    guided = flow_matching.guided_nfe(num_steps, sampler, time_shift, cfg_scale, guidance_interval)
-    if cfg_scale != 1.0 and not guided and main:
-        print(f"note: {sampler} at {num_steps} steps evaluates the model at no t in the guidance interval "
-              f"{guidance_interval[0]:g}..{guidance_interval[1]:g}: these samples are unguided (as at cfg_scale 1); "
-              f"widen the interval or take more steps")
+def sampling_sweep(config: Dict[str, Any], *, samplers: Optional[Sequence[str]] = None,
+                   num_steps: Optional[Sequence[int]] = None, cfg_scales: Optional[Sequence[float]] = None,
+                   time_shifts: Optional[Sequence[float]] = None,
+                   guidance_intervals: Optional[Sequence[Sequence[float]]] = None,
+                   flags: Tuple[str, str] = ("--samplers", "--cfg_scales")) -> List[flow_matching.SamplingSettings]:
+    """Every combination of samplers x step counts x CFG scales x time shifts x guidance intervals,
+    in that order, for a run of `config` (a checkpoint's config dict); a list left None holds the
+    run's own setting (flow_matching.SamplingSettings.from_config). All are checked before any is
+    sampled: the solvers by samplers_for, the scales by resolve_cfg_scale (ValueErrors naming the
+    `flags` of the solvers and the scales)."""
+    sampler_flag, cfg_flag = flags
+    return [flow_matching.SamplingSettings.from_config(config, sampler=sampler, num_steps=steps, cfg_scale=scale,
+                                                       guidance_interval=interval, time_shift=shift, cfg_flag=cfg_flag)
+            for sampler, steps, scale, shift, interval in itertools.product(
+                samplers_for(config, samplers, sampler_flag), num_steps or [None], cfg_scales or [None],
+                time_shifts or [None], guidance_intervals or [None])]
+
+
+def settings_from_flags(config: Dict[str, Any], args, sweep: bool) -> List[flow_matching.SamplingSettings]:
+    """The settings add_sampling_flags' flags ask of a run of `config`: with `sweep`, every combination
+    of the lists (sampling_sweep); without, the one setting."""
+    if sweep:
+        lists, flags = (args.samplers, args.num_steps_list, args.cfg_scales, args.time_shifts), ("--samplers", "--cfg_scales")
+    else:
+        lists = tuple(None if v is None else [v] for v in (args.sampler, args.num_steps, args.cfg_scale, args.time_shift))
+        flags = ("--sampler", "--cfg_scale")
+    samplers, num_steps, cfg_scales, time_shifts = lists
+    return sampling_sweep(config, samplers=samplers, num_steps=num_steps, cfg_scales=cfg_scales, time_shifts=time_shifts,
+                          guidance_intervals=None if args.guidance_interval is None else [args.guidance_interval],
+                          flags=flags)
+
+
+def guided_evaluations(settings: flow_matching.SamplingSettings, main: bool) -> int:
+    """settings.guided_nfe(); on the main rank, a note when CFG was asked for but the guidance
+    interval holds none of the solver's evaluation times (the samples are then those of cfg_scale 1)."""
+    guided = settings.guided_nfe()
+    if settings.cfg_scale != 1.0 and not guided and main:
+        print(f"note: {settings.sampler} at {settings.num_steps} steps evaluates the model at no t in the guidance "
+              f"interval {settings.guidance_interval[0]:g}..{settings.guidance_interval[1]:g}: these samples are "
+              f"unguided (as at cfg_scale 1); widen the interval or take more steps")
     return guided
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
 
 import evaluate_fid  # noqa: E402
+from flow_matching import SamplingSettings  # noqa: E402
 import train_flow_matching  # noqa: E402
 from evaluation import fid, sampling  # noqa: E402
 from tests.conftest import TINY_FLAGS, StandIn, write_image_folder  # noqa: E402
@@ -241,13 +242,15 @@ def test_a_checkpoint_and_fid_every_sample_the_reference_class_mix(stand_in, tmp
     periodic_labels, checkpoint_labels = [], []
     from evaluation import periodic
     monkeypatch.setattr(periodic, "generate_images",
-                        lambda ema, labels, **kw: (periodic_labels.append(labels), sampling.generate_images(ema, labels, **kw))[1])
+                        lambda ema, labels, settings, **kw: (periodic_labels.append(labels),
+                                                             sampling.generate_images(ema, labels, settings, **kw))[1])
     checkpoint = train_tiny(tmp_path, uneven, "--train_steps", "2", "--fid_every", "2", "--fid_num_samples", "9",
                             "--fid_batch_size", "9")
     assert "labels: the reference's class mix (6 to 1 images a class)" in capsys.readouterr().out
     generate = sampling.SamplingRun.generate
     monkeypatch.setattr(sampling.SamplingRun, "generate",
-                        lambda self, labels, **kw: (checkpoint_labels.append(labels), generate(self, labels, **kw))[1])
+                        lambda self, labels, settings, **kw: (checkpoint_labels.append(labels),
+                                                              generate(self, labels, settings, **kw))[1])
     assert run(tmp_path, "--checkpoint", checkpoint, "--num_samples", "18", "--batch_size", "18") == 0
     assert "labels: the reference's class mix (6 to 1 images a class)" in capsys.readouterr().out
     assert [torch.bincount(labels).tolist() for labels in periodic_labels + checkpoint_labels] == [[6, 2, 1], [12, 4, 2]]
@@ -318,7 +321,7 @@ def test_generate_images_is_the_same_for_any_batch_size():
     labels = fid.class_labels(7, 3)
     assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
     seen = []
-    kwargs = dict(shape=(3, 4, 4), num_classes=3, seed=5, num_steps=3, sampler="heun", cfg_scale=1.0)
+    kwargs = dict(settings=SamplingSettings("heun", 3), shape=(3, 4, 4), num_classes=3, seed=5)
     whole, nfe = sampling.generate_images(model, labels, batch_size=7, **kwargs)
     parts, _ = sampling.generate_images(model, labels, batch_size=3, **kwargs,
                                         on_batch=lambda first, batch: seen.append((first, len(batch))))
@@ -335,7 +338,7 @@ def test_a_padded_last_batch_keeps_the_forward_at_one_shape_and_the_same_samples
         return -x + y.float().reshape(-1, 1, 1, 1) / 3
 
     labels = fid.class_labels(7, 3)
-    kwargs = dict(shape=(3, 4, 4), num_classes=3, seed=5, num_steps=2, sampler="euler", cfg_scale=2.0)
+    kwargs = dict(settings=SamplingSettings("euler", 2, cfg_scale=2.0), shape=(3, 4, 4), num_classes=3, seed=5)
     plain, _ = sampling.generate_images(model, labels, batch_size=3, **kwargs)
     assert sorted(set(rows)) == [2, 6]          # CFG doubles the rows: the last batch of 1 is a second shape
     rows.clear()
@@ -407,8 +410,8 @@ def test_every_rank_asks_stop_as_often_whatever_its_share_of_batches(monkeypatch
             asked[rank] += 1
             return False
 
-        sampling.generate_images(lambda x, t, y: -x, fid.class_labels(n, 3), shape=(3, 4, 4), num_classes=3,
-                                 seed=0, num_steps=1, batch_size=3, rank=rank, world_size=2, stop=stop)
+        sampling.generate_images(lambda x, t, y: -x, fid.class_labels(n, 3), SamplingSettings(num_steps=1),
+                                 shape=(3, 4, 4), num_classes=3, seed=0, batch_size=3, rank=rank, world_size=2, stop=stop)
     assert asked == {0: 2, 1: 2}
 
 
@@ -416,7 +419,8 @@ def test_fid_every_samples_at_fid_cfg_scale(stand_in, image_folder, tmp_path, mo
     """The periodic FID guides at --fid_cfg_scale (not the grids' --cfg_scale), and says so."""
     from evaluation import periodic
     scales, real = [], periodic.generate_images
-    monkeypatch.setattr(periodic, "generate_images", lambda *a, **kw: scales.append(kw["cfg_scale"]) or real(*a, **kw))
+    monkeypatch.setattr(periodic, "generate_images", lambda ema, labels, settings, **kw: scales.append(settings.cfg_scale)
+                        or real(ema, labels, settings, **kw))
     train_tiny(tmp_path, image_folder, "--train_steps", "2", "--fid_every", "2", "--fid_num_samples", "6",
                "--fid_batch_size", "4", "--fid_cfg_scale", "1.5", "--cfg_scale", "3")
     with open(tmp_path / "ckpt" / "metrics.jsonl") as f:

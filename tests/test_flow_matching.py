@@ -1,5 +1,6 @@
 """The flow-matching module against analytic fields: path, loss, solvers' order, CFG, noise."""
 
+import dataclasses
 import math
 
 import pytest
@@ -268,10 +269,10 @@ def test_guided_nfe_counts_the_forwards_that_run_both_rows(sampler, interval):
     """guided_nfe's dry run of the solver agrees with sample(): the forwards whose batch holds both
     CFG rows, at 4 steps with time shift 3 (grid 0, 0.1, 0.25, 0.5, 1); none at cfg_scale 1."""
     model = LabelModel()
-    fm.sample(model, torch.randn(3, 2), torch.tensor([0, 1, 2]), num_classes=3, num_steps=4, sampler=sampler,
-              cfg_scale=2.0, guidance_interval=interval, time_shift=3.0)
-    assert fm.guided_nfe(4, sampler, 3.0, 2.0, interval) == sum(rows == 6 for rows in model.calls)
-    assert fm.guided_nfe(4, sampler, 3.0, 1.0, interval) == 0
+    settings = fm.SamplingSettings(sampler, 4, cfg_scale=2.0, guidance_interval=interval, time_shift=3.0)
+    fm.sample(model, torch.randn(3, 2), torch.tensor([0, 1, 2]), settings, num_classes=3)
+    assert settings.guided_nfe() == sum(rows == 6 for rows in model.calls)
+    assert dataclasses.replace(settings, cfg_scale=1.0).guided_nfe() == 0
 
 
 def test_solver_bad_arguments():
@@ -307,7 +308,7 @@ def test_sample_gives_the_model_the_time_of_the_convention(sampler):
         seen.append(t.clone())
         return torch.zeros_like(x)
 
-    fm.sample(model, torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 2]), num_classes=3, num_steps=4, sampler=sampler)
+    fm.sample(model, torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 2]), fm.SamplingSettings(sampler, 4), num_classes=3)
     assert [t[0].item() for t in seen] == pytest.approx(TIMES_4_STEPS[sampler])
     assert all(torch.equal(t, t[:1].expand_as(t)) for t in seen)
 
@@ -322,8 +323,8 @@ def test_generate_images_steps_through_the_shifted_grid(sampler):
         seen.append(t[0].item())
         return torch.zeros_like(x)
 
-    sampling.generate_images(model, torch.tensor([0, 1]), shape=(1, 2, 2), num_classes=3, seed=0, num_steps=4,
-                             sampler=sampler, time_shift=3.0)
+    sampling.generate_images(model, torch.tensor([0, 1]), fm.SamplingSettings(sampler, 4, time_shift=3.0),
+                             shape=(1, 2, 2), num_classes=3, seed=0)
     assert seen == pytest.approx(TIMES_4_STEPS_SHIFT_3[sampler], rel=1e-6)  # the model gets t in float32
 
 
@@ -343,8 +344,8 @@ def test_guidance_interval_includes_both_of_its_ends(sampler, interval, guided):
         seen.append(bool(null.any()))
         return torch.zeros_like(x)
 
-    fm.sample(model, torch.randn(2, 1, 2, 2), torch.tensor([0, 2]), num_classes=3, num_steps=4, sampler=sampler,
-              cfg_scale=2.0, guidance_interval=interval)
+    fm.sample(model, torch.randn(2, 1, 2, 2), torch.tensor([0, 2]),
+              fm.SamplingSettings(sampler, 4, cfg_scale=2.0, guidance_interval=interval), num_classes=3)
     assert seen == guided
 
 
@@ -390,8 +391,8 @@ def test_sample_checks_labels():
     model = DiT2D(input_size=4, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3)
     noise = torch.randn(2, 1, 4, 4)
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
-        fm.sample(model, noise, torch.tensor([0, 3]), num_classes=3, num_steps=1)
-    x, nfe = fm.sample(model, noise, torch.tensor([0, 2]), num_classes=3, num_steps=3, cfg_scale=2.0)
+        fm.sample(model, noise, torch.tensor([0, 3]), fm.SamplingSettings(num_steps=1), num_classes=3)
+    x, nfe = fm.sample(model, noise, torch.tensor([0, 2]), fm.SamplingSettings(num_steps=3, cfg_scale=2.0), num_classes=3)
     assert torch.equal(x, noise) and nfe == 3  # a fresh DiT predicts v = 0
 
 

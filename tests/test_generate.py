@@ -73,9 +73,9 @@ def test_the_sampling_rate_leaves_out_the_time_spent_writing_files(checkpoint, t
     from evaluation.sampling import SamplingRun
     sample = SamplingRun.generate
 
-    def sample_in_2s(self, labels, **settings):
+    def sample_in_2s(self, labels, settings, **options):
         clock[0] += 2.0
-        return sample(self, labels, **settings)
+        return sample(self, labels, settings, **options)
 
     monkeypatch.setattr(SamplingRun, "generate", sample_in_2s)
     assert run(checkpoint, tmp_path, "--num_samples", "4", "--batch_size", "2") == 0
@@ -332,3 +332,24 @@ def test_compile_flag_samples_through_one_static_shape_compile(checkpoint, tmp_p
     (a, la), (b, lb) = npz(tmp_path / "a"), npz(tmp_path / "b")
     assert a.shape == b.shape and np.array_equal(la, lb)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float summation order only
+
+
+def test_the_readmes_python_sampling_makes_the_scripts_samples(checkpoint, tmp_path):
+    """README's "From Python" lines run as printed (on this checkpoint's 3 classes) and give the
+    samples generate_flow_matching.py makes with the same settings, seed and labels."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    code = re.search(r"From Python.*?```python\n(.*?)```", readme, re.S).group(1)
+    for text, here in (('"checkpoints/flow_matching_final.pt"', repr(checkpoint)), ("torch.arange(8)", "torch.arange(3)"),
+                       (" range(8)", " range(3)")):
+        assert text in code
+        code = code.replace(text, here)
+    scope = {}
+    exec(code, scope)
+    assert scope["nfe"] == 20
+    assert run(checkpoint, tmp_path, "--class_grid", "--samples_per_class", "1", "--num_steps", "20",
+               "--cfg_scale", "2", "--seed", "0", "--save_npz") == 0
+    images, labels = npz(tmp_path)
+    assert labels.tolist() == [0, 1, 2]
+    from utils.images import to_uint8
+    assert np.abs(to_uint8(scope["x"]).astype(int) - images.astype(int)).max() <= 1

@@ -212,7 +212,7 @@ def test_tiny_dit_learns_one_step_generation_of_eight_images():
     noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(5))
 
     def one_step_error():
-        images, nfe = fm.sample(model.eval(), noise, y, num_classes=8, num_steps=1, sampler="meanflow")
+        images, nfe = fm.sample(model.eval(), noise, y, fm.SamplingSettings("meanflow", 1), num_classes=8)
         model.train()
         assert nfe == 1
         return (images - data).pow(2).mean().item()

@@ -51,8 +51,8 @@ def _sampler_of(checkpoint, seed, num_samples):
 
     def run(sampler, steps):
         with torch.no_grad():
-            return flow_matching.sample(model, noise, y, num_classes=config["num_classes"], num_steps=steps,
-                                        sampler=sampler, cfg_scale=config["cfg_scale"])[0]
+            return flow_matching.sample(model, noise, y, flow_matching.SamplingSettings(
+                sampler, steps, cfg_scale=config["cfg_scale"]), num_classes=config["num_classes"])[0]
     return run, config
 
 

@@ -170,9 +170,11 @@ def test_labels_out_of_range_are_an_error_where_they_enter(label):
     compile): labels are checked where they enter, here the sampler; the scripts' flags and the
     data layer have their own tests."""
     with pytest.raises(ValueError, match=r"\[0, 9\]"):
-        flow_matching.sample(tiny(), torch.randn(1, 3, 8, 8), torch.tensor([label]), num_classes=10, num_steps=1)
+        flow_matching.sample(tiny(), torch.randn(1, 3, 8, 8), torch.tensor([label]), flow_matching.SamplingSettings(num_steps=1),
+                             num_classes=10)
 
 
 def test_missing_labels_for_conditional_model():
     with pytest.raises(ValueError, match="label"):
-        flow_matching.sample(tiny(), torch.randn(1, 3, 8, 8), None, num_classes=10, num_steps=1)
+        flow_matching.sample(tiny(), torch.randn(1, 3, 8, 8), None, flow_matching.SamplingSettings(num_steps=1),
+                             num_classes=10)

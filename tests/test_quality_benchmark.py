@@ -48,10 +48,10 @@ def test_a_scored_checkpoint_gives_the_rows_of_its_training_run(bench, monkeypat
     pytest.importorskip("torch_fidelity", reason="FID needs requirements-eval.txt")
     sampled, generate_images = [], sampling.generate_images
 
-    def spy(*args, **settings):
-        assert settings["cfg_scale"] == 2.5   # the swept scale, not the run's own (proxy16's 1.5)
-        sampled.append((settings["time_shift"], settings["guidance_interval"]))
-        return generate_images(*args, **settings)
+    def spy(model, labels, settings, **options):
+        assert settings.cfg_scale == 2.5   # the swept scale, not the run's own (proxy16's 1.5)
+        sampled.append((settings.time_shift, settings.guidance_interval))
+        return generate_images(model, labels, settings, **options)
 
     monkeypatch.setattr(sampling, "generate_images", spy)
     assert quality.main(bench + SCORING + TRAINING) == 0

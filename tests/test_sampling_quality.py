@@ -101,9 +101,11 @@ def direct(checkpoint, labels, weights="ema", **settings):
     """The samples flow_matching makes itself for the script's defaults (seed 0) and `settings`."""
     model, ckpt = load_flow_model(checkpoint, weights)
     config = ckpt["config"]
+    autocast_dtype = settings.pop("autocast_dtype", None)
     images, _ = sampling.generate_images(
-        model, torch.as_tensor(labels), shape=input_shape(config), num_classes=config["num_classes"], seed=0,
-        num_steps=NUM_STEPS, sampler=settings.pop("sampler", "euler"), batch_size=64, **settings)
+        model, torch.as_tensor(labels), flow_matching.SamplingSettings(num_steps=NUM_STEPS, **settings),
+        shape=input_shape(config), num_classes=config["num_classes"], seed=0, batch_size=64,
+        autocast_dtype=autocast_dtype)
     return images
 
 

@@ -447,8 +447,8 @@ def test_sample_throughput_times_the_run_after_its_warm_up_batch(tmp_path, monke
     from benchmarks import sample_throughput
     clock, real = fake_clock(monkeypatch), sample_throughput.generate_images
 
-    def one_second_a_sample(model, labels, **settings):
-        out = real(model, labels, **settings)
+    def one_second_a_sample(model, labels, settings, **options):
+        out = real(model, labels, settings, **options)
         clock[0] += len(labels)
         return out
 

@@ -1,6 +1,8 @@
 """What the trainer optimizes for each model: the loss, the sample grid and checkpoint extras.
 Evaluation during training (FID) is built by the script from evaluation/ and handed to the Trainer."""
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,8 +40,7 @@ class FlowMatchingObjective:
     def __init__(self, config, device: torch.device, autocast_dtype=None, latent_space=None):
         self.config, self.device, self.autocast_dtype = config, device, autocast_dtype
         self.latent_space = latent_space
-        self.guidance_interval = flow_matching.guidance_interval_or_none(config.guidance_interval_start,
-                                                                         config.guidance_interval_end)
+        self.sampling = flow_matching.SamplingSettings.from_config(dataclasses.asdict(config))
 
     def loss(self, model, batch, draws):
         x, y = batch
@@ -83,11 +84,8 @@ class FlowMatchingObjective:
         c = self.config
         y = self.grid_labels()
         noise = flow_matching.per_sample_noise(c.seed, range(len(y)), input_shape(c), self.device)
-        images, _ = flow_matching.sample(
-            ema, noise, y.to(self.device) if c.num_classes else None, num_classes=c.num_classes,
-            num_steps=c.num_sampling_steps, sampler=c.sampler,
-            cfg_scale=flow_matching.resolve_cfg_scale(None, c.num_classes, c.cfg_scale),
-            guidance_interval=self.guidance_interval, time_shift=c.time_shift, autocast_dtype=self.autocast_dtype)
+        images, _ = flow_matching.sample(ema, noise, y.to(self.device) if c.num_classes else None, self.sampling,
+                                         num_classes=c.num_classes, autocast_dtype=self.autocast_dtype)
         if self.latent_space is not None:
             images = self.latent_space.decode(images)
         return save_grid(images, c.grid_samples_per_class, path)
