@@ -38,28 +38,37 @@ def target_velocity(noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return data - noise
 
 
-def sample_time(batch: int, device, scheme: str = "uniform", mean: float = 0.0, std: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Training times t (batch,): U(0, 1), or logit-normal (sigmoid of N(mean, std^2), SD3); mean
-    and std are --logit_normal_mean / --logit_normal_std, which only logit_normal reads. SD3 writes
-    t for the noise level (1 - t here): a mean taken from its paper flips sign."""
-    if scheme == "uniform":
+@dataclass(frozen=True)
+class TimeDistribution:
+    """The training times t: "uniform", U(0, 1), or "logit_normal", the sigmoid of N(mean, std^2)
+    (SD3), which alone reads mean and std (--logit_normal_mean / --logit_normal_std). SD3 writes t
+    for the noise level (1 - t here): a mean taken from its paper flips sign. The losses take it
+    whole, so a new scheme is its name in TIME_SAMPLINGS, its parameters as fields and its branch in
+    sample (and the config fields the trainer builds it from)."""
+    scheme: str = "uniform"
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self):
+        if self.scheme not in TIME_SAMPLINGS:
+            raise ValueError(f"unknown time sampling {self.scheme!r}; choose from {', '.join(TIME_SAMPLINGS)}")
+
+    def sample(self, batch: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """t (batch,) in [0, 1]."""
+        if self.scheme == "logit_normal":
+            return torch.sigmoid(self.mean + self.std * torch.randn(batch, device=device, generator=generator))
         return torch.rand(batch, device=device, generator=generator)
-    if scheme == "logit_normal":
-        return torch.sigmoid(mean + std * torch.randn(batch, device=device, generator=generator))
-    raise ValueError(f"unknown time sampling {scheme!r}; choose from {', '.join(TIME_SAMPLINGS)}")
 
 
 def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor], *,
                        num_classes: int, class_dropout_prob: float = 0.1,
-                       time_sampling: str = "uniform", logit_normal_mean: float = 0.0,
-                       logit_normal_std: float = 1.0, generator: Optional[torch.Generator] = None,
+                       times: TimeDistribution = TimeDistribution(), generator: Optional[torch.Generator] = None,
                        rows: Optional[torch.Tensor] = None, num_rows: Optional[int] = None,
                        noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MSE between model(x_t, t, y') and data - noise, averaged over every element.
 
-    y' is y with labels dropped to the null label (`num_classes`) with probability
-    `class_dropout_prob`; an unconditional model (num_classes = 0) gets y = None.
+    t is drawn from `times`; y' is y with labels dropped to the null label (`num_classes`) with
+    probability `class_dropout_prob`; an unconditional model (num_classes = 0) gets y = None.
 
     Randomness (t, dropout, and the noise unless `noise` is given) comes from `generator`. With
     `rows`, the draws are made for a whole batch of `num_rows` samples and rows `rows` are kept:
@@ -74,7 +83,7 @@ def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Te
     def keep(drawn: torch.Tensor) -> torch.Tensor:
         return drawn if rows is None else drawn[rows]
 
-    t = keep(sample_time(n, data.device, time_sampling, logit_normal_mean, logit_normal_std, generator))
+    t = keep(times.sample(n, data.device, generator))
     if noise is None:
         noise = keep(torch.randn((n, *data.shape[1:]), device=data.device, dtype=data.dtype, generator=generator))
     if num_classes > 0 and class_dropout_prob > 0:
@@ -88,21 +97,20 @@ def flow_matching_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Te
 
 # ----------------------------------------------------------------------------- MeanFlow
 
-def sample_time_pair(batch: int, device, ratio: float, scheme: str = "uniform", mean: float = 0.0,
-                     std: float = 1.0, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """MeanFlow's (t, r), each (batch,), t <= r: two draws of sample_time, t the smaller (nearer
+def sample_time_pair(batch: int, device, ratio: float, times: TimeDistribution = TimeDistribution(),
+                     generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MeanFlow's (t, r), each (batch,), t <= r: two draws of `times`, t the smaller (nearer
     noise); then r = t (an instantaneous velocity) for all but a share `ratio` of the samples."""
-    a = sample_time(batch, device, scheme, mean, std, generator)
-    b = sample_time(batch, device, scheme, mean, std, generator)
+    a = times.sample(batch, device, generator)
+    b = times.sample(batch, device, generator)
     t, r = torch.minimum(a, b), torch.maximum(a, b)
     keep = torch.rand(batch, device=device, generator=generator) < ratio
     return t, torch.where(keep, r, t)
 
 
 def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor], *, num_classes: int,
-                  class_dropout_prob: float = 0.1, ratio: float = 0.25, time_sampling: str = "uniform",
-                  logit_normal_mean: float = 0.0, logit_normal_std: float = 1.0,
-                  guidance_scale: float = 1.0, guidance_mix: float = 0.0, adaptive_p: float = 1.0,
+                  class_dropout_prob: float = 0.1, ratio: float = 0.25,
+                  times: TimeDistribution = TimeDistribution(), guidance_scale: float = 1.0, guidance_mix: float = 0.0, adaptive_p: float = 1.0,
                   adaptive_c: float = 1e-3, tangent: str = "conditional", jvp_model: Optional[Callable] = None,
                   generator: Optional[torch.Generator] = None, rows: Optional[torch.Tensor] = None,
                   num_rows: Optional[int] = None, noise: Optional[torch.Tensor] = None
@@ -152,7 +160,7 @@ def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor]
     def keep(drawn: torch.Tensor) -> torch.Tensor:
         return drawn if rows is None else drawn[rows]
 
-    t, r = sample_time_pair(n, data.device, ratio, time_sampling, logit_normal_mean, logit_normal_std, generator)
+    t, r = sample_time_pair(n, data.device, ratio, times, generator)
     t, r = keep(t), keep(r)
     if noise is None:
         noise = keep(torch.randn((n, *data.shape[1:]), device=data.device, dtype=data.dtype, generator=generator))

@@ -97,13 +97,13 @@ def test_any_split_of_a_batch_gets_the_same_draws():
 
 @pytest.mark.parametrize("mean, std", [(0.0, 1.0), (0.5, 0.7), (-1.0, 1.6)])
 def test_logit_normal_time_has_the_asked_mean_and_std(mean, std):
-    t = fm.sample_time(200_000, "cpu", "logit_normal", mean, std, generator=torch.Generator().manual_seed(0))
+    t = fm.TimeDistribution("logit_normal", mean, std).sample(200_000, "cpu", generator=torch.Generator().manual_seed(0))
     z = torch.logit(t.double())
     assert abs(z.mean().item() - mean) < 0.01 and abs(z.std().item() / std - 1) < 0.01
 
 
 def test_uniform_time_is_uniform():
-    t = fm.sample_time(200_000, "cpu", "uniform", generator=torch.Generator().manual_seed(0)).double()
+    t = fm.TimeDistribution("uniform").sample(200_000, "cpu", generator=torch.Generator().manual_seed(0)).double()
     assert abs(t.mean().item() - 0.5) < 0.003 and abs(t.var().item() - 1 / 12) < 0.001
     assert abs((t < 0.1).double().mean().item() - 0.1) < 0.003
 
@@ -112,17 +112,17 @@ def test_uniform_time_is_uniform():
 def test_every_time_sampling_draws_t_in_the_unit_interval(scheme):
     """t is a time of the path: a scheme that drew outside [0, 1] would train on extrapolated
     x_t with nothing downstream to notice (the loss reads no t back, so no check in the step)."""
-    t = fm.sample_time(100_000, "cpu", scheme, generator=torch.Generator().manual_seed(0))
+    t = fm.TimeDistribution(scheme).sample(100_000, "cpu", generator=torch.Generator().manual_seed(0))
     assert t.shape == (100_000,) and t.dtype == torch.float32
     assert 0 <= t.min() and t.max() <= 1
 
 
 def test_logit_normal_time_lies_in_unit_interval_and_centres():
-    t = fm.sample_time(50_000, "cpu", "logit_normal", generator=torch.Generator().manual_seed(0))
+    t = fm.TimeDistribution("logit_normal").sample(50_000, "cpu", generator=torch.Generator().manual_seed(0))
     assert 0 < t.min() and t.max() < 1
     assert abs(t.median().item() - 0.5) < 0.01
     with pytest.raises(ValueError, match="unknown time sampling"):
-        fm.sample_time(2, "cpu", "no_such_scheme")
+        fm.TimeDistribution("no_such_scheme")
 
 
 # ----------------------------------------------------------------------------- solvers

@@ -329,7 +329,7 @@ def test_the_objective_passes_the_configs_meanflow_fields_to_the_loss():
     fields = dict(meanflow_ratio=0.6, meanflow_tangent="predicted", meanflow_adaptive_p=0.5, meanflow_adaptive_c=0.1,
                   meanflow_guidance_scale=0.8, meanflow_guidance_mix=0.3, time_sampling="logit_normal",
                   logit_normal_mean=0.4, logit_normal_std=0.7)
-    times = dict(time_sampling="logit_normal", logit_normal_mean=0.4, logit_normal_std=0.7)
+    times = dict(times=fm.TimeDistribution("logit_normal", 0.4, 0.7))
     config = make_config(FlowMatchingConfig, dict(objective="meanflow", num_classes=3, image_size=8, in_channels=1,
                                                   **fields))
     torch.manual_seed(0)

@@ -41,6 +41,8 @@ class FlowMatchingObjective:
         self.config, self.device, self.autocast_dtype = config, device, autocast_dtype
         self.latent_space = latent_space
         self.sampling = flow_matching.SamplingSettings.from_config(dataclasses.asdict(config))
+        self.times = flow_matching.TimeDistribution(config.time_sampling, config.logit_normal_mean,
+                                                    config.logit_normal_std)
 
     def loss(self, model, batch, draws):
         x, y = batch
@@ -48,8 +50,7 @@ class FlowMatchingObjective:
         if c.objective == "meanflow":
             loss, mse = flow_matching.meanflow_loss(
                 model, x, y, num_classes=c.num_classes, class_dropout_prob=c.class_dropout_prob,
-                ratio=c.meanflow_ratio, time_sampling=c.time_sampling, logit_normal_mean=c.logit_normal_mean,
-                logit_normal_std=c.logit_normal_std, guidance_scale=c.meanflow_guidance_scale,
+                ratio=c.meanflow_ratio, times=self.times, guidance_scale=c.meanflow_guidance_scale,
                 guidance_mix=c.meanflow_guidance_mix, adaptive_p=c.meanflow_adaptive_p,
                 adaptive_c=c.meanflow_adaptive_c, tangent=c.meanflow_tangent, jvp_model=unwrap(model), generator=draws.generator,
                 rows=draws.rows, num_rows=draws.total, noise=draws.normal(x.shape[1:], x.dtype))
@@ -61,10 +62,8 @@ class FlowMatchingObjective:
         x, y = batch
         c = self.config
         return flow_matching.flow_matching_loss(
-            model, x, y, num_classes=c.num_classes, class_dropout_prob=c.class_dropout_prob,
-            time_sampling=c.time_sampling, logit_normal_mean=c.logit_normal_mean,
-            logit_normal_std=c.logit_normal_std, generator=draws.generator, rows=draws.rows,
-            num_rows=draws.total, noise=draws.normal(x.shape[1:], x.dtype))
+            model, x, y, num_classes=c.num_classes, class_dropout_prob=c.class_dropout_prob, times=self.times,
+            generator=draws.generator, rows=draws.rows, num_rows=draws.total, noise=draws.normal(x.shape[1:], x.dtype))
 
     def probe_loss(self, model, batch, draws) -> torch.Tensor:
         """The error the log compares between the EMA and the raw weights: the flow-matching loss for
