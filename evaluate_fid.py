@@ -183,18 +183,18 @@ def evaluate(args, dist) -> None:
     wait_for_all_ranks()  # the other ranks wait out rank 0's reference (NCCL's own timeout is 10 min)
     rows = []
 
-    def report(stats, n, start, **fields) -> None:
-        """Score one image set, print it and append it to the JSONL at once (a long sweep may be cut short)."""
+    def report(stats, n, start, settings=None, **fields) -> None:
+        """Score one image set (sampled with `settings`, a flow_matching.SamplingSettings, for a
+        checkpoint), print it and append it to the JSONL at once (a long sweep may be cut short)."""
         row = {"fid": fid.frechet_distance(stats, ref_stats), "num_samples": n,
                "source": "checkpoint" if args.checkpoint else "samples" if args.samples else "images",
-               "path": args.checkpoint or args.samples or args.images, **fields,
+               "path": args.checkpoint or args.samples or args.images,
+               **(settings.fields() if settings is not None else {}), **fields,
                "reference": reference, "reference_num_images": ref_n, "features": extractor.name,
                "seconds": round(time.perf_counter() - start, 1),
                "time": datetime.datetime.now().isoformat(timespec="seconds")}
-        print(f"FID {row['fid']:.3f} from {n} images" + (
-            f" ({row['sampler']}, {row['num_steps']} steps, NFE {row['nfe']}, time_shift {row['time_shift']:g}, "
-            f"cfg_scale {row['cfg_scale']}, guidance_interval {row['guidance_interval'] or 'all t'})"
-            if "nfe" in row else ""))
+        print(f"FID {row['fid']:.3f} from {n} images"
+              + (f" ({settings}; NFE {row['nfe']})" if settings is not None else ""))
         with open(args.output_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
@@ -219,7 +219,7 @@ def evaluate(args, dist) -> None:
                 print(f"sampled {len(images)} in {sampling:.1f}s: {len(images) / sampling:.1f} samples/s, "
                       f"{len(images) * nfe / sampling:.0f} NFE/s on {dist.world_size} rank(s)")
                 stats = fid.image_statistics(images, extractor, device, args.feature_batch_size, progress=True)
-                report(stats, len(images), start, **settings.fields(), nfe=nfe, guided_nfe=guided,
+                report(stats, len(images), start, settings, nfe=nfe, guided_nfe=guided,
                        sampling_seconds=round(sampling, 1), samples_per_s=round(len(images) / sampling, 1),
                        labels=mix, step=run.ckpt["step"], weights=args.weights if sigma_rel is None else "posthoc_ema",
                        **({} if sigma_rel is None else {"ema_sigma_rel": sigma_rel}),
