@@ -52,8 +52,8 @@ class PeriodicFID:
         c = self.config
         images, nfe = generate_images(
             ema, self.labels, self.sampling, shape=input_shape(c), num_classes=c.num_classes, seed=c.seed,
-            batch_size=c.fid_batch_size, autocast_dtype=self.autocast_dtype, device=self.device, rank=self.rank, world_size=self.world_size,
-            decode=self.decode, stop=stop)
+            batch_size=c.fid_batch_size, autocast_dtype=self.autocast_dtype, device=self.device, rank=self.rank,
+            world_size=self.world_size, decode=self.decode, stop=stop)
         if self.rank != 0:
             return {}
         stats = fid.image_statistics(images, self.extractor, self.device, c.fid_batch_size)

@@ -223,7 +223,8 @@ def settings_from_flags(config: Dict[str, Any], args, sweep: bool) -> List[flow_
     """The settings add_sampling_flags' flags ask of a run of `config`: with `sweep`, every combination
     of the lists (sampling_sweep); without, the one setting."""
     if sweep:
-        lists, flags = (args.samplers, args.num_steps_list, args.cfg_scales, args.time_shifts), ("--samplers", "--cfg_scales")
+        lists = (args.samplers, args.num_steps_list, args.cfg_scales, args.time_shifts)
+        flags = ("--samplers", "--cfg_scales")
     else:
         lists = tuple(None if v is None else [v] for v in (args.sampler, args.num_steps, args.cfg_scale, args.time_shift))
         flags = ("--sampler", "--cfg_scale")
