@@ -109,8 +109,8 @@ def sample_time_pair(batch: int, device, ratio: float, times: TimeDistribution =
 
 
 def meanflow_loss(model: Callable, data: torch.Tensor, y: Optional[torch.Tensor], *, num_classes: int,
-                  class_dropout_prob: float = 0.1, ratio: float = 0.25,
-                  times: TimeDistribution = TimeDistribution(), guidance_scale: float = 1.0, guidance_mix: float = 0.0, adaptive_p: float = 1.0,
+                  class_dropout_prob: float = 0.1, ratio: float = 0.25, times: TimeDistribution = TimeDistribution(),
+                  guidance_scale: float = 1.0, guidance_mix: float = 0.0, adaptive_p: float = 1.0,
                   adaptive_c: float = 1e-3, tangent: str = "conditional", jvp_model: Optional[Callable] = None,
                   generator: Optional[torch.Generator] = None, rows: Optional[torch.Tensor] = None,
                   num_rows: Optional[int] = None, noise: Optional[torch.Tensor] = None

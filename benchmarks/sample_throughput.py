@@ -84,7 +84,6 @@ def main(argv=None) -> int:
         for batch_size, mode in itertools.product(args.batch_sizes, modes):
             settings = flow_matching.SamplingSettings.from_config(
                 dataclasses.asdict(config), num_steps=num_steps, cfg_scale=None if mode == "guided" else 1.0)
-            cfg_scale = settings.cfg_scale
 
             rows = [0]
 
@@ -115,12 +114,12 @@ def main(argv=None) -> int:
             mem = peak_memory_gb(device)
             achieved = rate * rows_per_sample * row_flops / 1e12
             mfu, ceiling = (achieved / peak, peak * 1e12 / (rows_per_sample * row_flops)) if peak else (None, None)
-            print(f"  compile {compile_mode}, batch {batch_size}, cfg_scale {cfg_scale:g}: {args.num_samples} samples in "
+            print(f"  compile {compile_mode}, batch {batch_size}, cfg_scale {settings.cfg_scale:g}: {args.num_samples} samples in "
                   f"{seconds:.2f}s = {rate:.2f} images/s, {rate * nfe:.1f} NFE/s ({nfe} NFE per sample, {rows_per_sample:g} model "
                   f"rows per sample), first batch (compile) {warm:.1f}s, peak memory {mem:.2f} GiB")
             print(f"    counted forward {achieved:.2f} TFLOP/s ({row_flops / 1e9:.2f} GFLOP a row)"
                   + mfu_text(mfu, peak, card) + (f": at 100% of it {ceiling:.0f} images/s" if ceiling else ""))
-            record = {"bench": "sample", "machine": machine(device), "config": vars(config), "cfg_scale": cfg_scale,
+            record = {"bench": "sample", "machine": machine(device), "config": vars(config), "cfg_scale": settings.cfg_scale,
                       "compile_mode": compile_mode, "num_steps": num_steps, "nfe": nfe, "batch_size": batch_size,
                       "num_samples": args.num_samples, "seconds": seconds, "images_per_s": rate,
                       "nfe_per_s": rate * nfe, "rows_per_sample": rows_per_sample, "flops_per_row": row_flops,

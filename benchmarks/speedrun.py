@@ -280,7 +280,8 @@ def score(run: SamplingRun, args) -> List[dict]:
                                    progress=True)
         sample_s = time.perf_counter() - start   # generate returns host arrays: the device is done
         stats = fid.image_statistics(images, extractor, run.device, FEATURE_BATCH, progress=True)
-        rows.append(dict(**settings.fields(), nfe=nfe, fid=fid.frechet_distance(stats, ref_stats), num_samples=len(images),
+        rows.append(dict(**settings.fields(), nfe=nfe, fid=fid.frechet_distance(stats, ref_stats),
+                         num_samples=len(images),
                          reference=ref.describe(ref_n), reference_num_images=ref_n, sample_s=round(sample_s, 3),
                          samples_per_s=round(len(images) / sample_s, 1)))
     return rows
